@@ -1,0 +1,112 @@
+"""The base configuration (the embedded digits demo) and its validation.
+
+Every file under ``configs/`` starts from :func:`get_config` and overrides a few
+fields, so :func:`validate` can reject unknown keys and bad values before any
+work starts. This file is itself a config file: ``--config=jackpot_jax/config.py``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from jackpot_jax import data, models, search, sparsity
+
+MODES = ('demo', 'pretrain', 'search', 'evaluate')
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Digits demo: pretrain a small CNN, then search a 90%-sparse jackpot in it."""
+    config = ml_collections.ConfigDict()
+    config.mode = 'demo'
+    config.seed = 0
+    # Dense weights to search in; '' means WORKDIR/pretrained (made by 'pretrain').
+    config.pretrained = ''
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = 'digits'
+    config.data.data_dir = ''  # '' = the dataset's default location.
+    config.data.eval_batch_size = 500
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = 'small_cnn'
+    config.model.width = 64  # keyword arguments of the model besides its name.
+
+    config.pretrain = ml_collections.ConfigDict()
+    config.pretrain.epochs = 30
+    config.pretrain.batch_size = 64
+    config.pretrain.learning_rate = 0.05
+    config.pretrain.weight_decay = 5e-4
+    config.pretrain.momentum = 0.9
+    config.pretrain.label_smoothing = 0.0
+
+    config.search = ml_collections.ConfigDict()
+    config.search.sparsity = 0.9  # fraction of prunable weights removed.
+    config.search.allocation = 'global_magnitude'  # | 'uniform' | 'erk'
+    config.search.epochs = 10
+    config.search.batch_size = 64
+    config.search.learning_rate = 0.1
+    config.search.weight_decay = 5e-4
+    config.search.momentum = 0.9
+    config.search.label_smoothing = 0.0
+    config.search.pruned_score = 0.99  # initial score of magnitude-pruned weights.
+    config.search.mask_update = 'short_restriction'  # | 'edge_popup'
+    config.search.rate_schedule = 'all'  # | 'poly4' | 'cosine'
+    config.search.bn_mode = 'train'  # | 'frozen': keep the pre-trained running statistics.
+    config.search.prune_include = sparsity.DEFAULT_INCLUDE  # regex over parameter paths.
+    config.search.prune_exclude = sparsity.DEFAULT_EXCLUDE  # default: the classifier.
+    return config
+
+
+def _check_keys(
+    config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, prefix: str = ''
+) -> None:
+    for key, value in config.items():
+        name = prefix + key
+        if key not in base:
+            raise ValueError(f"unknown config key '{name}'; known keys here: {sorted(base.keys())}")
+        if isinstance(base[key], ml_collections.ConfigDict) and name != 'model':
+            if not isinstance(value, ml_collections.ConfigDict):
+                raise ValueError(f"config key '{name}' must be a group of fields, got {value!r}")
+            _check_keys(value, base[key], name + '.')
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f'{name} must be positive, got {value!r}')
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad field and how to fix it."""
+    _check_keys(config, get_config())
+    _check_choice('mode', config.mode, MODES)
+    _check_choice('dataset', config.data.name, data.DATASETS)
+    _check_choice('model', config.model.name, tuple(models.MODELS))
+    s = config.search
+    if not 0.0 <= s.sparsity < 1.0:
+        raise ValueError(
+            f'search.sparsity must be in [0, 1), got {s.sparsity!r}; it is the '
+            'fraction of prunable weights removed (0.9 keeps 10%)'
+        )
+    _check_choice('allocation', s.allocation, sparsity.ALLOCATIONS)
+    _check_choice('mask_update', s.mask_update, sparsity.MASK_UPDATES)
+    _check_choice('rate_schedule', s.rate_schedule, sparsity.RATE_SCHEDULES)
+    _check_choice('bn_mode', s.bn_mode, search.BN_MODES)
+    if not 0.0 <= s.pruned_score < 1.0:
+        raise ValueError(
+            f'search.pruned_score must be in [0, 1) so magnitude-kept weights '
+            f'(score 1.0) rank first, got {s.pruned_score!r}'
+        )
+    for group in ('pretrain', 'search'):
+        for field in ('epochs', 'batch_size', 'learning_rate'):
+            _check_positive(f'{group}.{field}', config[group][field])
+        if not 0.0 <= config[group].label_smoothing < 1.0:
+            raise ValueError(
+                f'{group}.label_smoothing must be in [0, 1), '
+                f'got {config[group].label_smoothing!r}'
+            )
+    _check_positive('data.eval_batch_size', config.data.eval_batch_size)

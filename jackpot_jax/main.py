@@ -1,0 +1,38 @@
+"""Command line: ``python -m jackpot_jax.main --config=configs/<file>.py --workdir=DIR``.
+
+With no flags it runs the embedded demo on scikit-learn's digits. Fields can be
+overridden on the command line, e.g. ``--config.search.sparsity=0.95``.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jackpot_jax import config as config_lib
+from jackpot_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config',
+    os.path.abspath(config_lib.__file__),
+    'Path to a config file (see configs/).',
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Folder for weights, jackpots, metrics.')
+_MODE = flags.DEFINE_enum('mode', None, list(config_lib.MODES), 'Overrides config.mode.')
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    config = _CONFIG.value
+    if _MODE.value:
+        config.mode = _MODE.value
+    config_lib.validate(config)
+    os.makedirs(_WORKDIR.value, exist_ok=True)
+    logging.info('mode %s, workdir %s\n%s', config.mode, _WORKDIR.value, config)
+    train.MODES[config.mode](config, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+    app.run(main)

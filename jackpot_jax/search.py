@@ -1,0 +1,160 @@
+"""The jackpot search step: learn scores over frozen params, then update the masks.
+
+One jitted call runs forward, backward (to the scores only), the optax update and
+the mask update, with the state donated. Nothing in ``frozen_params`` ever changes.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jackpot_jax import sparsity
+
+Metrics = dict[str, Any]
+BN_MODES = ('train', 'frozen')
+
+
+@flax.struct.dataclass
+class SearchState:
+    """Everything a search carries from step to step, as plain pytrees."""
+
+    frozen_params: Any
+    scores: dict[str, jax.Array]
+    masks: dict[str, jax.Array]
+    batch_stats: Any
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+def epoch_cosine(base: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
+    """``base * 0.5 * (1 + cos(pi * e / E))`` with e = the epoch of the step (stepped per epoch)."""
+
+    def schedule(step):
+        epoch = jnp.minimum(step // steps_per_epoch, epochs - 1)
+        return base * 0.5 * (1.0 + jnp.cos(jnp.pi * epoch / epochs))
+
+    return schedule
+
+
+def sgd_optimizer(
+    learning_rate: float, weight_decay: float, momentum: float, epochs: int, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """PyTorch-style SGD: decay added to the gradient before momentum; per-epoch cosine LR."""
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(epoch_cosine(learning_rate, epochs, steps_per_epoch), momentum=momentum),
+    )
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean softmax cross-entropy against integer labels, optionally smoothed."""
+    targets = jax.nn.one_hot(labels, logits.shape[-1])
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def init_search_state(
+    frozen_params: Mapping,
+    batch_stats: Mapping,
+    masks: dict[str, jax.Array],
+    scores: dict[str, jax.Array],
+    optimizer: optax.GradientTransformation,
+) -> SearchState:
+    """A fresh search state; the optimizer only ever sees the scores."""
+    return SearchState(
+        frozen_params=frozen_params,
+        scores=scores,
+        masks=masks,
+        batch_stats=batch_stats,
+        opt_state=optimizer.init(scores),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def search_step(
+    state: SearchState,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    counts: Mapping[str, int],
+    steps_per_epoch: int,
+    epochs: int,
+    mask_update: str = 'short_restriction',
+    rate_schedule: str = 'all',
+    bn_mode: str = 'train',
+    label_smoothing: float = 0.0,
+) -> tuple[SearchState, Metrics]:
+    """One search step (pure; see :func:`make_search_step` for the jitted form)."""
+    train_bn = bn_mode == 'train'
+
+    def loss_fn(scores):
+        params = sparsity.masked_params(state.frozen_params, state.masks, scores)
+        variables = {'params': params, 'batch_stats': state.batch_stats}
+        if train_bn:
+            logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+            batch_stats = updates['batch_stats']
+        else:
+            logits, batch_stats = model.apply(variables, images, train=False), state.batch_stats
+        return cross_entropy(logits, labels, label_smoothing), (logits, batch_stats)
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.scores)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.scores)
+    scores = optax.apply_updates(state.scores, updates)
+
+    epoch = state.step // steps_per_epoch
+    rate = None if rate_schedule == 'all' else sparsity.swap_rate(rate_schedule, epoch, epochs)
+    masks, changes = sparsity.update_masks(scores, state.masks, counts, mode=mask_update, rate=rate)
+
+    metrics = {
+        'loss': loss,
+        'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
+        'mask_changes': sum(changes.values()),
+        'mask_changes_per_layer': changes,
+        'swap_rate': jnp.float32(1.0) if rate is None else rate,
+    }
+    new_state = state.replace(
+        scores=scores,
+        masks=masks,
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        step=state.step + 1,
+    )
+    return new_state, metrics
+
+
+def make_search_step(
+    **settings,
+) -> Callable[[SearchState, jax.Array, jax.Array], tuple[SearchState, Metrics]]:
+    """The jitted search step with the state donated. ``settings`` are search_step's keywords."""
+    if settings.get('bn_mode', 'train') not in BN_MODES:
+        raise ValueError(f"unknown bn_mode {settings['bn_mode']!r}; choose one of {BN_MODES}")
+    return jax.jit(functools.partial(search_step, **settings), donate_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def eval_step(
+    params: Mapping,
+    batch_stats: Mapping,
+    images: jax.Array,
+    labels: jax.Array,
+    valid: jax.Array,
+    *,
+    model: nn.Module,
+) -> dict[str, jax.Array]:
+    """Counts of correct top-1 / top-5 predictions over the valid examples of a batch."""
+    logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hit1 = (top5[:, 0] == labels) & valid
+    hit5 = jnp.any(top5 == labels[:, None], axis=-1) & valid
+    return {'correct1': jnp.sum(hit1), 'correct5': jnp.sum(hit5), 'count': jnp.sum(valid)}
