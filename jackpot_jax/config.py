@@ -19,6 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.mode = 'demo'
     config.seed = 0
+    config.num_devices = 0  # devices of the data-parallel mesh; 0 = all.
     # Dense weights to search in; '' means WORKDIR/pretrained (made by 'pretrain').
     config.pretrained = ''
 

@@ -4,6 +4,7 @@ With no flags it runs the embedded demo on scikit-learn's digits. Fields can be
 overridden on the command line, e.g. ``--config.search.sparsity=0.95``.
 """
 
+import logging as std_logging
 import os
 
 from absl import app, flags, logging
@@ -22,9 +23,17 @@ _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Folder for weights, j
 _MODE = flags.DEFINE_enum('mode', None, list(config_lib.MODES), 'Overrides config.mode.')
 
 
+class _QuietLibraries(std_logging.Filter):
+    """Drops orbax's per-save INFO chatter; its warnings and errors still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     config = _CONFIG.value
     if _MODE.value:
         config.mode = _MODE.value

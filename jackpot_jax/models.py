@@ -1,4 +1,4 @@
-"""Flax Linen model zoo: small CNN, CIFAR ResNets, VGG-19 (CIFAR) and torchvision ResNets.
+"""Flax Linen model zoo: small CNN, CIFAR ResNets, VGG-19 (CIFAR), torchvision ResNets and VGG-BNs.
 
 Every model is called as ``model(x, train=...)`` on NHWC float32 input and returns
 float32 logits ``[B, num_classes]``. ``dtype`` is the computation dtype; parameters are
@@ -6,8 +6,9 @@ always float32.
 
 Module names mirror PyTorch state-dict names with '.' replaced by '_' (e.g. torch
 ``layer1.0.downsample.0.weight`` -> flax ``layer1_0/downsample_0/kernel``), so weight
-conversion is a plain name table. All convs are bias-free with explicit symmetric
-padding (never 'SAME', which pads asymmetrically on strided convs and breaks parity).
+conversion is a plain name table. All convs are bias-free (the torchvision VGGs' excepted)
+with explicit symmetric padding (never 'SAME', which pads asymmetrically on strided convs
+and breaks parity).
 """
 
 from __future__ import annotations
@@ -238,6 +239,95 @@ class VGG(nn.Module):
         return x.astype(jnp.float32)
 
 
+def _adaptive_bounds(size: int, out: int) -> list[tuple[int, int]]:
+    """torch AdaptiveAvgPool bins: bin i spans [floor(i n / o), ceil((i + 1) n / o))."""
+    return [((i * size) // out, -((-(i + 1) * size) // out)) for i in range(out)]
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
+    """``torch.nn.AdaptiveAvgPool2d`` on NHWC input (bins may overlap or repeat).
+
+    Exact reshape-mean when the input divides evenly, else separable static slices.
+    """
+    b, h, w, c = x.shape
+    oh, ow = output_size
+    if h % oh == 0 and w % ow == 0:
+        return x.reshape(b, oh, h // oh, ow, w // ow, c).mean(axis=(2, 4))
+    rows = [x[:, s:e].mean(axis=1) for s, e in _adaptive_bounds(h, oh)]
+    x = jnp.stack(rows, axis=1)
+    cols = [x[:, :, s:e].mean(axis=2) for s, e in _adaptive_bounds(w, ow)]
+    return jnp.stack(cols, axis=2)
+
+
+VGG_BN_CFGS = {
+    'vgg11_bn': (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M'),
+    'vgg13_bn': (64, 64, 'M', 128, 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M'),
+    'vgg16_bn': (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M',
+                 512, 512, 512, 'M', 512, 512, 512, 'M'),
+    'vgg19_bn': VGG19_CFG,
+}
+
+
+class TorchvisionVGG(nn.Module):
+    """torchvision ``vgg*_bn``: conv(bias)-BN-ReLU features, adaptive 7x7 pool, 3-layer classifier.
+
+    Names follow torchvision's flat sequences: ``features_i`` (conv with bias) and
+    ``features_{i+1}`` (BN) per conv entry, and ``classifier_0``/``classifier_3``/
+    ``classifier_6`` Dense layers (ReLU and Dropout between them). The pooled map is
+    flattened in PyTorch's (C, H, W) order so the Dense kernels are plain transposes.
+    Dropout acts only when ``train`` and a ``'dropout'`` rng is supplied.
+    """
+
+    num_classes: int
+    cfg: Sequence[int | str] = VGG19_CFG
+    dropout_rate: float = 0.5
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        dt = self.dtype
+        x = x.astype(dt)
+        index = 0
+        for item in self.cfg:
+            if item == 'M':
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+                index += 1
+            else:
+                x = nn.Conv(
+                    item,
+                    (3, 3),
+                    padding=((1, 1), (1, 1)),
+                    use_bias=True,
+                    kernel_init=_CONV_INIT,
+                    dtype=dt,
+                    param_dtype=jnp.float32,
+                    name=f'features_{index}',
+                )(x)
+                x = nn.relu(_bn(train, dt, f'features_{index + 1}')(x))
+                index += 3
+        x = adaptive_avg_pool(x, (7, 7))
+        self.sow('intermediates', 'avgpool', x)
+        x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+        deterministic = not (train and self.has_rng('dropout'))
+        for i, features in enumerate((4096, 4096)):
+            x = nn.Dense(
+                features,
+                kernel_init=nn.initializers.normal(0.01),
+                dtype=dt,
+                param_dtype=jnp.float32,
+                name=f'classifier_{3 * i}',
+            )(x)
+            x = nn.Dropout(self.dropout_rate, deterministic=deterministic)(nn.relu(x))
+        x = nn.Dense(
+            self.num_classes,
+            kernel_init=nn.initializers.normal(0.01),
+            dtype=dt,
+            param_dtype=jnp.float32,
+            name='classifier_6',
+        )(x)
+        return x.astype(jnp.float32)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     'small_cnn': SmallCNN,
     'resnet20': functools.partial(CifarResNet, depth=20, width=16),
@@ -249,6 +339,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'resnet50': functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 6, 3)),
     'resnet101': functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 4, 23, 3)),
     'resnet152': functools.partial(ResNet, block=Bottleneck, stage_sizes=(3, 8, 36, 3)),
+    'vgg11_bn': functools.partial(TorchvisionVGG, cfg=VGG_BN_CFGS['vgg11_bn']),
+    'vgg13_bn': functools.partial(TorchvisionVGG, cfg=VGG_BN_CFGS['vgg13_bn']),
+    'vgg16_bn': functools.partial(TorchvisionVGG, cfg=VGG_BN_CFGS['vgg16_bn']),
+    'vgg19_bn': functools.partial(TorchvisionVGG, cfg=VGG_BN_CFGS['vgg19_bn']),
 }
 
 

@@ -129,7 +129,7 @@ def erk_allocation(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict
     keep = kept_total(sum(sizes.values()), sparsity)
     raw = {p: sum(s) / math.prod(s) for p, s in shapes.items()}
     dense: set[str] = set()
-    while True:
+    while len(dense) < len(shapes):  # all dense (sparsity 0): nothing left to scale
         budget = keep - sum(sizes[p] for p in dense)
         scale = budget / sum(raw[p] * sizes[p] for p in shapes if p not in dense)
         too_dense = {p for p in shapes if p not in dense and scale * raw[p] >= 1}
@@ -252,7 +252,8 @@ def masked_params(
         gate = mask.astype(w.dtype)
         if scores is not None:
             s = scores[path].astype(w.dtype)
-            gate = gate + s - jax.lax.stop_gradient(s)
+            # s - sg(s) is exactly 0, so the value is W * B bit for bit ((B + s) - s is not).
+            gate = gate + (s - jax.lax.stop_gradient(s))
         flat[path] = w * gate
     return unflatten(flat)
 

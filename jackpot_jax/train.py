@@ -13,11 +13,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from tqdm import auto as tqdm
 
-from jackpot_jax import checkpoint, data, models, search, sparsity
+from jackpot_jax import checkpoint, data, dense, models, parallel, search, sparsity
 from jackpot_jax.metrics import JsonlWriter, to_python
 
 PRETRAINED_DIR = 'pretrained'
@@ -32,32 +31,46 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Modul
     return models.get_model(config.model.name, num_classes, **kwargs)
 
 
-def _weights_meta(config: ml_collections.ConfigDict, dataset: data.ArrayDataset) -> dict[str, Any]:
-    return {
-        'model': config.model.to_dict(),
-        'dataset': config.data.name,
-        'num_classes': dataset.num_classes,
-        'image_shape': list(dataset.image_shape),
-    }
+def _weights_meta(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
+    return {'model': config.model.to_dict(), 'num_classes': num_classes, 'source': 'pretrain'}
 
 
 def pretrained_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.pretrained or os.path.join(workdir, PRETRAINED_DIR)
 
 
+def check_tree_matches(expected: Any, actual: Any, what: str) -> None:
+    """Raises ValueError listing every missing, unexpected or wrong-shaped leaf."""
+    want = {p: tuple(np.shape(x)) for p, x in sparsity.flatten(expected).items()}
+    got = {p: tuple(np.shape(x)) for p, x in sparsity.flatten(actual).items()}
+    problems = [f'missing {p} {s}' for p, s in want.items() if p not in got]
+    problems += [f'unexpected {p} {s}' for p, s in got.items() if p not in want]
+    problems += [
+        f'{p}: expected shape {s}, got {got[p]}'
+        for p, s in want.items()
+        if p in got and got[p] != s
+    ]
+    if problems:
+        raise ValueError(f'{what} do not fit the configured model:\n  ' + '\n  '.join(problems))
+
+
 def load_pretrained(
-    config: ml_collections.ConfigDict, workdir: str, dataset: data.ArrayDataset
+    config: ml_collections.ConfigDict, workdir: str, model: nn.Module, image_shape: tuple[int, ...]
 ) -> tuple[dict, dict]:
-    """Frozen params and batch statistics, checked against the configured model and data."""
+    """Frozen params and batch statistics, checked leaf by leaf against the configured model."""
     path = pretrained_path(config, workdir)
     params, batch_stats, meta = checkpoint.load_weights(path)
-    expected = _weights_meta(config, dataset)
-    if meta != expected:
+    saved_model = meta.get('model', {}).get('name')
+    if saved_model != config.model.name:
         raise ValueError(
-            f'the weights at {path} were made for {meta}, but this run is configured '
-            f'for {expected}; point config.pretrained at matching weights or use '
-            'another --workdir'
+            f'the weights at {path} are for model {saved_model!r}, but config.model.name is '
+            f'{config.model.name!r}; point config.pretrained at matching weights or use another '
+            '--workdir'
         )
+    sample = jnp.zeros((1, *image_shape), jnp.float32)
+    expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), sample)
+    check_tree_matches(expected['params'], params, f'the params at {path}')
+    check_tree_matches(expected['batch_stats'], batch_stats, f'the batch statistics at {path}')
     return params, batch_stats
 
 
@@ -65,14 +78,17 @@ def evaluate(
     model: nn.Module,
     params: Any,
     batch_stats: Any,
-    images: np.ndarray,
-    labels: np.ndarray,
+    dataset: data.ArrayDataset,
     batch_size: int,
+    mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (fractions) over every example exactly once."""
+    """Test top-1 / top-5 accuracy (fractions), every test example counted exactly once."""
+    parallel.check_batch_size(batch_size, mesh)
     totals = {'correct1': 0, 'correct5': 0, 'count': 0}
-    for x, y, valid in data.eval_batches(images, labels, batch_size):
-        counts = search.eval_step(params, batch_stats, x, y, valid, model=model)
+    for batch in data.eval_batches(dataset.test_images, dataset.test_labels, batch_size):
+        counts = search.eval_step(
+            params, batch_stats, *parallel.shard_batch(mesh, *batch), model=model
+        )
         totals = {k: totals[k] + v for k, v in counts.items()}
     totals = to_python(totals)
     return {
@@ -104,65 +120,39 @@ def _progress(total: int, desc: str):
 # ----------------------------------------------------------------------------
 # Dense pre-training.
 # ----------------------------------------------------------------------------
-@functools.partial(
-    jax.jit, static_argnames=('model', 'optimizer', 'label_smoothing'), donate_argnums=(0, 1, 2)
-)
-def _dense_train_step(
-    params, batch_stats, opt_state, images, labels, *, model, optimizer, label_smoothing
-):
-    def loss_fn(params):
-        logits, updates = model.apply(
-            {'params': params, 'batch_stats': batch_stats},
-            images,
-            train=True,
-            mutable=['batch_stats'],
-        )
-        return search.cross_entropy(logits, labels, label_smoothing), updates['batch_stats']
-
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), new_stats, opt_state, loss
-
-
 def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains the dense model and saves it as the frozen starting point of searches."""
     cfg = config.pretrain
+    mesh = parallel.make_mesh(config.num_devices or None)
+    parallel.check_batch_size(cfg.batch_size, mesh)
     dataset = data.load_dataset(config.data.name, config.data.data_dir or None)
     model = build_model(config, dataset.num_classes)
     variables = model.init(jax.random.key(config.seed), dataset.train_images[:1], train=False)
-    params, batch_stats = variables['params'], variables['batch_stats']
     steps = data.steps_per_epoch(len(dataset.train_images), cfg.batch_size)
     optimizer = search.sgd_optimizer(
         cfg.learning_rate, cfg.weight_decay, cfg.momentum, cfg.epochs, steps
     )
-    opt_state = optimizer.init(params)
+    state = parallel.replicate(
+        dense.init_train_state(variables['params'], variables['batch_stats'], optimizer), mesh
+    )
+    step_fn = dense.make_train_step(
+        model=model, optimizer=optimizer, label_smoothing=cfg.label_smoothing
+    )
     writer = JsonlWriter(workdir)
-    for epoch in range(cfg.epochs):
-        losses = []
-        for x, y in data.train_batches(
-            dataset.train_images, dataset.train_labels, cfg.batch_size, config.seed, epoch
-        ):
-            params, batch_stats, opt_state, loss = _dense_train_step(
-                params,
-                batch_stats,
-                opt_state,
-                x,
-                y,
-                model=model,
-                optimizer=optimizer,
-                label_smoothing=cfg.label_smoothing,
-            )
-            losses.append(loss)
-        writer.write(
-            {'mode': 'pretrain', 'epoch': epoch + 1, 'loss': float(np.mean(jax.device_get(losses)))}
-        )
+    with _progress(cfg.epochs * steps, 'pretrain') as bar:
+        for epoch in range(cfg.epochs):
+            step_metrics = []
+            for batch in data.train_batches(
+                dataset.train_images, dataset.train_labels, cfg.batch_size, config.seed, epoch
+            ):
+                state, metrics = step_fn(state, *parallel.shard_batch(mesh, *batch))
+                step_metrics.append(metrics)
+                bar.update()
+            record = {'mode': 'pretrain', 'epoch': epoch + 1, **_epoch_metrics(step_metrics)}
+            writer.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
     result = evaluate(
-        model,
-        params,
-        batch_stats,
-        dataset.test_images,
-        dataset.test_labels,
-        config.data.eval_batch_size,
+        model, state.params, state.batch_stats, dataset, config.data.eval_batch_size, mesh
     )
     writer.write(
         {
@@ -174,7 +164,10 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
     )
     logging.info('dense model: test top-1 %.4f', result['top1'])
     checkpoint.save_weights(
-        pretrained_path(config, workdir), params, batch_stats, _weights_meta(config, dataset)
+        pretrained_path(config, workdir),
+        state.params,
+        state.batch_stats,
+        _weights_meta(config, dataset.num_classes),
     )
     return result
 
@@ -190,20 +183,25 @@ def initial_pruning(config: ml_collections.ConfigDict, params: dict) -> tuple[di
         p: flat[p] for p in sparsity.prunable_paths(params, s.prune_include, s.prune_exclude)
     }
     counts = sparsity.pruned_counts(kernels, s.sparsity, s.allocation)
-    return counts, sparsity.magnitude_masks(kernels, counts)
+    masks = jax.jit(functools.partial(sparsity.magnitude_masks, counts=counts))(kernels)
+    return counts, masks
 
 
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Searches a jackpot in the frozen pre-trained weights and saves scores and masks."""
     s = config.search
+    mesh = parallel.make_mesh(config.num_devices or None)
+    parallel.check_batch_size(s.batch_size, mesh)
     dataset = data.load_dataset(config.data.name, config.data.data_dir or None)
     model = build_model(config, dataset.num_classes)
-    params, batch_stats = load_pretrained(config, workdir, dataset)
+    params, batch_stats = load_pretrained(config, workdir, model, dataset.image_shape)
     counts, masks = initial_pruning(config, params)
     scores = sparsity.init_scores(masks, s.pruned_score)
     steps = data.steps_per_epoch(len(dataset.train_images), s.batch_size)
     optimizer = search.sgd_optimizer(s.learning_rate, s.weight_decay, s.momentum, s.epochs, steps)
-    state = search.init_search_state(params, batch_stats, masks, scores, optimizer)
+    state = parallel.replicate(
+        search.init_search_state(params, batch_stats, masks, scores, optimizer), mesh
+    )
     step_fn = search.make_search_step(
         model=model,
         optimizer=optimizer,
@@ -221,10 +219,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     with _progress(s.epochs * steps, 'search') as bar:
         for epoch in range(s.epochs):
             step_metrics = []
-            for x, y in data.train_batches(
+            for batch in data.train_batches(
                 dataset.train_images, dataset.train_labels, s.batch_size, config.seed, epoch
             ):
-                state, metrics = step_fn(state, x, y)
+                state, metrics = step_fn(state, *parallel.shard_batch(mesh, *batch))
                 step_metrics.append(metrics)
                 bar.update()
             record = {'mode': 'search', 'epoch': epoch + 1, **_epoch_metrics(step_metrics)}
@@ -232,9 +230,9 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                 model,
                 sparsity.masked_params(state.frozen_params, state.masks),
                 state.batch_stats,
-                dataset.test_images,
-                dataset.test_labels,
+                dataset,
                 config.data.eval_batch_size,
+                mesh,
             )
             record.update(test_top1=test['top1'], test_top5=test['top5'])
             history.append(record)
@@ -281,17 +279,19 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 # ----------------------------------------------------------------------------
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Evaluates the jackpot saved in the workdir; prints its sparsity report."""
+    mesh = parallel.make_mesh(config.num_devices or None)
     dataset = data.load_dataset(config.data.name, config.data.data_dir or None)
     model = build_model(config, dataset.num_classes)
-    params, _ = load_pretrained(config, workdir, dataset)
+    params, _ = load_pretrained(config, workdir, model, dataset.image_shape)
     _, masks, batch_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, JACKPOT_DIR))
+    params, masks, batch_stats = parallel.replicate((params, masks, batch_stats), mesh)
     result = evaluate(
         model,
         sparsity.masked_params(params, masks),
         batch_stats,
-        dataset.test_images,
-        dataset.test_labels,
+        dataset,
         config.data.eval_batch_size,
+        mesh,
     )
     report = sparsity.sparsity_report(params, masks)
     print(sparsity.format_sparsity_report(report))
@@ -302,45 +302,35 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrain -> search -> compare with magnitude and random masks; writes summary.json."""
     total_start = time.perf_counter()
+    mesh = parallel.make_mesh(config.num_devices or None)
     dataset = data.load_dataset(config.data.name, config.data.data_dir or None)
     model = build_model(config, dataset.num_classes)
     if os.path.isdir(pretrained_path(config, workdir)):
         logging.info('using the pre-trained weights at %s', pretrained_path(config, workdir))
     else:
         run_pretrain(config, workdir)
-    params, batch_stats = load_pretrained(config, workdir, dataset)
+    params, batch_stats = parallel.replicate(
+        load_pretrained(config, workdir, model, dataset.image_shape), mesh
+    )
+    counts, magnitude = initial_pruning(config, params)
+    random = jax.jit(functools.partial(sparsity.random_masks, counts=counts))(
+        jax.random.key(config.seed + 1), magnitude
+    )
 
     def accuracy(masks):
-        return evaluate(
-            model,
-            sparsity.masked_params(params, masks),
-            batch_stats,
-            dataset.test_images,
-            dataset.test_labels,
-            config.data.eval_batch_size,
-        )['top1']
+        masked = params if masks is None else sparsity.masked_params(params, masks)
+        return evaluate(model, masked, batch_stats, dataset, config.data.eval_batch_size, mesh)[
+            'top1'
+        ]
 
-    counts, magnitude = initial_pruning(config, params)
-    random = sparsity.random_masks(jax.random.key(config.seed + 1), magnitude, counts)
     summary = {
-        'dense_top1': evaluate(
-            model,
-            params,
-            batch_stats,
-            dataset.test_images,
-            dataset.test_labels,
-            config.data.eval_batch_size,
-        )['top1'],
+        'dense_top1': accuracy(None),
         'magnitude_top1': accuracy(magnitude),
         'random_top1': accuracy(random),
     }
     found = run_search(config, workdir)
-    summary.update(
-        {
-            k: found[k]
-            for k in ('jackpot_top1', 'best_top1', 'sparsity', 'model_sparsity', 'search_seconds')
-        }
-    )
+    for key in ('jackpot_top1', 'best_top1', 'sparsity', 'model_sparsity', 'search_seconds'):
+        summary[key] = found[key]
     summary['total_seconds'] = time.perf_counter() - total_start
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=2)

@@ -1,0 +1,531 @@
+"""tf.data input pipelines for CIFAR-10/100 and ImageNet read from a prepared tfds data_dir.
+
+Preprocessing follows METHOD.md section 6 (the reference's torchvision transforms).
+Everything random is derived statelessly from (seed, epoch, process, position), so a
+run resumed at an epoch boundary, or mid-epoch with `start_step`, sees exactly the
+batches it would have seen. Nothing is ever downloaded: the datasets must already be
+prepared in `data_dir` (`tfds build NAME --data_dir=DIR` on a machine with network).
+
+Training reads this process's slice of the train split (`tfds.split_for_jax_process`);
+evaluation gives every example of the eval split to exactly one process, pads the last
+batch with zeros (valid=False) and makes all processes yield the same number of batches.
+This module imports TensorFlow and must never import torch (the pair segfaults).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+try:  # TF must not grab GPU memory that JAX needs; it only runs the input pipeline.
+    tf.config.experimental.set_visible_devices([], 'GPU')
+except RuntimeError:  # TF devices were already initialised by someone else.
+    pass
+
+DATASETS = ('cifar10', 'cifar100', 'imagenet2012')
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_SIZE = 224
+IMAGENET_RESIZE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """How one dataset is read and preprocessed."""
+
+    train_split: str
+    eval_split: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    cache: bool  # small enough to keep decoded in memory
+    shuffle_buffer: int
+    raw_bytes: bool  # read encoded images and decode in the pipeline (ImageNet)
+
+
+_SPECS = {
+    'cifar10': _Spec('train', 'test', 10, (32, 32, 3), CIFAR_MEAN, CIFAR_STD, True, 50_000, False),
+    # The reference normalises CIFAR-100 with the CIFAR-10 constants as well.
+    'cifar100': _Spec('train', 'test', 100, (32, 32, 3), CIFAR_MEAN, CIFAR_STD, True, 50_000, False),
+    'imagenet2012': _Spec(
+        'train',
+        'validation',
+        1000,
+        (IMAGENET_SIZE, IMAGENET_SIZE, 3),
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        False,
+        10_000,
+        True,
+    ),
+}
+
+
+class DatasetNotPreparedError(FileNotFoundError):
+    """The dataset is not prepared in the data_dir (and is never downloaded here)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """Sizes and shapes of a dataset; `image_shape` is the model's input shape."""
+
+    name: str
+    num_classes: int
+    image_shape: tuple[int, int, int]
+    num_train: int
+    num_test: int  # size of the eval split ('validation' for ImageNet)
+
+
+# ---------------------------------------------------------------------------
+# Preprocessing (pure TF functions; stateless randomness from a [2] int seed).
+# ---------------------------------------------------------------------------
+
+
+def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+    """uint8 (or 0..255 float) HWC image -> float32 scaled to [0, 1], then (x - mean) / std."""
+    image = tf.cast(image, tf.float32) / 255.0
+    return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
+
+
+def preprocess_cifar_train(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Zero-pad 4, random 32x32 crop, random horizontal flip, normalise."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]])  # black pixels, like torchvision fill=0
+    image = tf.image.stateless_random_crop(padded, [32, 32, 3], seed=crop_seed)
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return normalize(image, CIFAR_MEAN, CIFAR_STD)
+
+
+def preprocess_cifar_eval(image: tf.Tensor) -> tf.Tensor:
+    """Normalise only."""
+    return normalize(image, CIFAR_MEAN, CIFAR_STD)
+
+
+def random_resized_crop_window(
+    height: tf.Tensor,
+    width: tf.Tensor,
+    seed: tf.Tensor,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    attempts: int = 10,
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """(top, left, h, w) as torchvision's RandomResizedCrop.get_params picks them.
+
+    Up to `attempts` (area, log-uniform aspect) draws; the first that fits wins. If none
+    fits, fall back to the largest centred crop whose aspect lies within `ratio`.
+    """
+    area_seed, ratio_seed, top_seed, left_seed = tf.unstack(
+        tf.random.experimental.stateless_split(seed, 4)
+    )
+    height = tf.cast(height, tf.int32)
+    width = tf.cast(width, tf.int32)
+    h_f, w_f = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+    area = h_f * w_f
+    target = area * tf.random.stateless_uniform([attempts], area_seed, scale[0], scale[1])
+    log_ratio = tf.random.stateless_uniform(
+        [attempts], ratio_seed, math.log(ratio[0]), math.log(ratio[1])
+    )
+    aspect = tf.exp(log_ratio)
+    ws = tf.cast(tf.round(tf.sqrt(target * aspect)), tf.int32)  # round half to even, as Python
+    hs = tf.cast(tf.round(tf.sqrt(target / aspect)), tf.int32)
+    fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+    first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+    found = tf.reduce_any(fits)
+
+    in_ratio = w_f / h_f
+    fb_w = tf.where(
+        in_ratio < ratio[0],
+        width,
+        tf.where(in_ratio > ratio[1], tf.cast(tf.round(h_f * ratio[1]), tf.int32), width),
+    )
+    fb_h = tf.where(
+        in_ratio < ratio[0],
+        tf.cast(tf.round(w_f / ratio[0]), tf.int32),
+        height,
+    )
+    h = tf.where(found, hs[first], fb_h)
+    w = tf.where(found, ws[first], fb_w)
+    # torch.randint(0, H - h + 1): uniform over [0, H - h].
+    rand_top = tf.random.stateless_uniform([], top_seed, 0, height - h + 1, dtype=tf.int32)
+    rand_left = tf.random.stateless_uniform([], left_seed, 0, width - w + 1, dtype=tf.int32)
+    top = tf.where(found, rand_top, (height - h) // 2)
+    left = tf.where(found, rand_left, (width - w) // 2)
+    return top, left, h, w
+
+
+def _decode_rgb(image_bytes: tf.Tensor) -> tf.Tensor:
+    """Any tfds-encoded image (JPEG/PNG) -> uint8 HWC with 3 channels."""
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def _crop_decoded(image_bytes: tf.Tensor, window: Any) -> tf.Tensor:
+    top, left, h, w = window
+    return tf.image.crop_to_bounding_box(_decode_rgb(image_bytes), top, left, h, w)
+
+
+def preprocess_imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Encoded image -> random-resized-crop 224 (bilinear, antialiased), flip, normalise."""
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    is_jpeg = tf.io.is_jpeg(image_bytes)
+    shape = tf.cond(
+        is_jpeg,
+        lambda: tf.image.extract_jpeg_shape(image_bytes, output_type=tf.int32),
+        lambda: tf.shape(_decode_rgb(image_bytes), out_type=tf.int32),
+    )
+    window = random_resized_crop_window(shape[0], shape[1], crop_seed)
+    top, left, h, w = window
+    image = tf.cond(
+        is_jpeg,  # decode only the crop window of a JPEG: much cheaper
+        lambda: tf.image.decode_and_crop_jpeg(
+            image_bytes, tf.stack([top, left, h, w]), channels=3
+        ),
+        lambda: _crop_decoded(image_bytes, window),
+    )
+    image.set_shape([None, None, 3])
+    image = tf.image.resize(image, [IMAGENET_SIZE, IMAGENET_SIZE], 'bilinear', antialias=True)
+    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+    return normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def resize_shorter_side(image: tf.Tensor, size: int = IMAGENET_RESIZE) -> tf.Tensor:
+    """Bilinear (antialiased) resize so the shorter side is `size`; the longer one is
+    floor(size * long / short), as torchvision's Resize(int) computes it."""
+    shape = tf.shape(image, out_type=tf.int64)
+    h, w = shape[0], shape[1]
+    new_h = tf.where(h <= w, tf.constant(size, tf.int64), size * h // w)
+    new_w = tf.where(h <= w, size * w // h, tf.constant(size, tf.int64))
+    size_hw = tf.cast(tf.stack([new_h, new_w]), tf.int32)
+    return tf.image.resize(image, size_hw, 'bilinear', antialias=True)
+
+
+def center_crop(image: tf.Tensor, size: int = IMAGENET_SIZE) -> tf.Tensor:
+    """Centre `size` x `size` crop; offsets rounded as torchvision's CenterCrop does."""
+    shape = tf.shape(image, out_type=tf.int32)
+    top = tf.cast(tf.round(tf.cast(shape[0] - size, tf.float32) / 2.0), tf.int32)
+    left = tf.cast(tf.round(tf.cast(shape[1] - size, tf.float32) / 2.0), tf.int32)
+    return tf.image.crop_to_bounding_box(image, top, left, size, size)
+
+
+def preprocess_imagenet_eval(image_bytes: tf.Tensor) -> tf.Tensor:
+    """Encoded image -> resize shorter side to 256, centre crop 224, normalise."""
+    image = resize_shorter_side(_decode_rgb(image_bytes))
+    image = center_crop(image)
+    image.set_shape([IMAGENET_SIZE, IMAGENET_SIZE, 3])
+    return normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+
+
+def _train_fn(name: str):
+    return preprocess_imagenet_train if name == 'imagenet2012' else preprocess_cifar_train
+
+
+def _eval_fn(name: str):
+    return preprocess_imagenet_eval if name == 'imagenet2012' else preprocess_cifar_eval
+
+
+# ---------------------------------------------------------------------------
+# Reading.
+# ---------------------------------------------------------------------------
+
+_BASE_CACHE: collections.OrderedDict[tuple, tf.data.Dataset] = collections.OrderedDict()
+_BASE_CACHE_SIZE = 6
+
+
+def clear_cache() -> None:
+    """Drops the in-memory CIFAR datasets kept between calls (e.g. after data changed)."""
+    _BASE_CACHE.clear()
+
+
+def _spec(name: str) -> _Spec:
+    if name not in _SPECS:
+        raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS}')
+    return _SPECS[name]
+
+
+def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Defaults to JAX's view of the processes; validates the pair."""
+    if process_index is None or process_count is None:
+        import jax  # pylint: disable=g-import-not-at-top
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f'bad process_index={process_index} for process_count={process_count}')
+    return int(process_index), int(process_count)
+
+
+def _per_process_batch(batch_size: int, process_count: int) -> int:
+    if batch_size < 1 or batch_size % process_count:
+        raise ValueError(
+            f'batch_size={batch_size} (global) must be a positive multiple of '
+            f'process_count={process_count}'
+        )
+    return batch_size // process_count
+
+
+def _seed_ints(*entropy: int, n: int = 2) -> list[int]:
+    """Independent, well-mixed non-negative int31 seeds derived from the given ints."""
+    state = np.random.SeedSequence([int(e) for e in entropy]).generate_state(n, np.uint32)
+    return [int(s) >> 1 for s in state]
+
+
+def _not_prepared(name: str, data_dir: str | None, where: str) -> DatasetNotPreparedError:
+    return DatasetNotPreparedError(
+        f'{name} is not prepared in data_dir={data_dir!r} (looked in {where}); this pipeline '
+        'never downloads. Prepare it on a machine with network access with '
+        f'`tfds build {name} --data_dir=DIR` (ImageNet also needs its archives via '
+        '--manual_dir) and copy DIR, or a prepared folder DIR/'
+        f'{name}/<version>, here; then pass that DIR as data_dir.'
+    )
+
+
+def _load(
+    name: str,
+    split: Any,
+    data_dir: str | None,
+    *,
+    shuffle_files: bool,
+    shuffle_seed: int | None = None,
+) -> tf.data.Dataset:
+    """tfds.load of (image, int32 label) pairs; images stay encoded for ImageNet."""
+    spec = _spec(name)
+    options = tf.data.Options()
+    options.deterministic = True
+    read_config = tfds.ReadConfig(
+        shuffle_seed=shuffle_seed, try_autocache=False, options=options
+    )
+    decoders = {'image': tfds.decode.SkipDecoding()} if spec.raw_bytes else None
+    try:
+        ds = tfds.load(
+            name,
+            split=split,
+            data_dir=data_dir,
+            download=False,
+            shuffle_files=shuffle_files,
+            read_config=read_config,
+            decoders=decoders,
+        )
+    except Exception as e:  # pylint: disable=broad-except
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared():
+            raise _not_prepared(name, data_dir, str(builder.data_dir)) from e
+        raise
+    return ds.map(
+        lambda ex: (ex['image'], tf.cast(ex['label'], tf.int32)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+
+
+def _base(
+    name: str,
+    split: Any,
+    data_dir: str | None,
+    *,
+    shuffle_files: bool,
+    shuffle_seed: int | None = None,
+) -> tf.data.Dataset:
+    """`_load`, kept decoded in memory across calls for the small datasets."""
+    if not _spec(name).cache:
+        return _load(name, split, data_dir, shuffle_files=shuffle_files, shuffle_seed=shuffle_seed)
+    key = (name, repr(split), data_dir, shuffle_files, shuffle_seed)
+    if key in _BASE_CACHE:
+        _BASE_CACHE.move_to_end(key)
+        return _BASE_CACHE[key]
+    ds = _load(name, split, data_dir, shuffle_files=shuffle_files, shuffle_seed=shuffle_seed)
+    ds = ds.cache()
+    _BASE_CACHE[key] = ds
+    while len(_BASE_CACHE) > _BASE_CACHE_SIZE:
+        _BASE_CACHE.popitem(last=False)
+    return ds
+
+
+def _split_size(name: str, split: Any, data_dir: str | None) -> int:
+    """Examples in a (sub)split, from the prepared metadata when it is there, otherwise by
+    counting the readable dataset (this also raises the not-prepared error)."""
+    builder = tfds.builder(name, data_dir=data_dir)
+    if builder.info.splits:
+        try:
+            return int(builder.info.splits[split].num_examples)
+        except (KeyError, ValueError, TypeError):
+            pass
+    ds = _load(name, split, data_dir, shuffle_files=False)
+    n = int(ds.cardinality().numpy())
+    if n < 0:  # unknown cardinality: count
+        n = int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
+    return n
+
+
+def _train_split(name: str, process_index: int, process_count: int) -> Any:
+    # drop_remainder: every process gets the same number of examples, hence of steps.
+    return tfds.split_for_jax_process(
+        _spec(name).train_split,
+        process_index=process_index,
+        process_count=process_count,
+        drop_remainder=True,
+    )
+
+
+def _eval_split(name: str, process_index: int, process_count: int) -> Any:
+    # No drop_remainder: together the shards hold every eval example exactly once.
+    return tfds.even_splits(_spec(name).eval_split, n=process_count, drop_remainder=False)[
+        process_index
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+# ---------------------------------------------------------------------------
+
+
+def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
+    """Classes, model input shape and split sizes, from the prepared tfds metadata."""
+    spec = _spec(name)
+    return DatasetInfo(
+        name=name,
+        num_classes=spec.num_classes,
+        image_shape=spec.image_shape,
+        num_train=_split_size(name, spec.train_split, data_dir),
+        num_test=_split_size(name, spec.eval_split, data_dir),
+    )
+
+
+def steps_per_epoch(
+    name: str,
+    batch_size: int,
+    data_dir: str | None = None,
+    process_count: int | None = None,
+) -> int:
+    """Full global batches per epoch: every process's train slice holds
+    floor(num_train / process_count) examples and drops its last partial batch."""
+    _spec(name)
+    process_index, process_count = _processes(0 if process_count else None, process_count)
+    per_process = _per_process_batch(batch_size, process_count)
+    n = _split_size(name, _train_split(name, 0, process_count), data_dir)
+    if per_process > n:
+        raise ValueError(
+            f'per-process batch {per_process} exceeds the {n} training examples each of the '
+            f'{process_count} processes reads; lower batch_size'
+        )
+    return n // per_process
+
+
+def num_eval_batches(
+    name: str,
+    batch_size: int,
+    data_dir: str | None = None,
+    process_count: int | None = None,
+) -> int:
+    """Batches `eval_iterator` yields on every process (the largest shard, rounded up)."""
+    _spec(name)
+    _, process_count = _processes(0 if process_count else None, process_count)
+    per_process = _per_process_batch(batch_size, process_count)
+    largest = max(
+        _split_size(name, _eval_split(name, i, process_count), data_dir)
+        for i in range(process_count)
+    )
+    return -(-largest // per_process)
+
+
+def train_iterator(
+    name: str,
+    *,
+    batch_size: int,
+    data_dir: str | None = None,
+    seed: int = 0,
+    epoch: int = 0,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    shuffle_buffer: int | None = None,
+    dtype: Any = np.float32,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One epoch of augmented training batches for this process.
+
+    Yields (images NHWC `dtype`, labels int32) of batch_size // process_count examples,
+    full batches only. The order and the augmentation depend only on (seed, epoch,
+    process_index); `start_step` skips that many batches of the epoch (mid-epoch resume).
+    """
+    spec = _spec(name)
+    process_index, process_count = _processes(process_index, process_count)
+    per_process = _per_process_batch(batch_size, process_count)
+    if start_step < 0:
+        raise ValueError(f'start_step={start_step} must be >= 0')
+    buffer = spec.shuffle_buffer if shuffle_buffer is None else int(shuffle_buffer)
+    split = _train_split(name, process_index, process_count)
+    if spec.cache:
+        # Kept in memory across epochs, so the file order must not depend on the epoch;
+        # the full-size shuffle buffer reshuffles each epoch.
+        files_seed = _seed_ints(seed, process_index, 0, n=1)[0]
+    else:
+        files_seed = _seed_ints(seed, epoch, process_index, 0, n=1)[0]
+    ds = _base(name, split, data_dir, shuffle_files=True, shuffle_seed=files_seed)
+    shuffle_seed, aug_seed = _seed_ints(seed, epoch, process_index, 1)
+    if buffer > 1:
+        ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    ds = ds.enumerate()  # the position seeds the example's augmentation
+    if start_step:
+        ds = ds.skip(start_step * per_process)
+    preprocess = _train_fn(name)
+    out_dtype = tf.as_dtype(np.dtype(dtype))
+
+    def _augment(index, example):
+        image, label = example
+        example_seed = tf.stack([tf.constant(aug_seed, tf.int64), index])
+        return tf.cast(preprocess(image, example_seed), out_dtype), label
+
+    ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.batch(per_process, drop_remainder=True)
+    ds = ds.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options)
+    return iter(tfds.as_numpy(ds))
+
+
+def eval_iterator(
+    name: str,
+    *,
+    batch_size: int,
+    data_dir: str | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    dtype: Any = np.float32,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The eval split once, in order: (images, labels int32, valid bool) per batch.
+
+    Each example goes to exactly one process. Padding examples (zeros, label 0,
+    valid=False) fill the last batch, and fully padded batches make every process yield
+    `num_eval_batches` batches, so collectives across hosts stay in step.
+    """
+    spec = _spec(name)
+    process_index, process_count = _processes(process_index, process_count)
+    per_process = _per_process_batch(batch_size, process_count)
+    num_batches = num_eval_batches(name, batch_size, data_dir, process_count)
+    ds = _base(name, _eval_split(name, process_index, process_count), data_dir, shuffle_files=False)
+    preprocess = _eval_fn(name)
+    out_dtype = tf.as_dtype(np.dtype(dtype))
+    ds = ds.map(
+        lambda image, label: (tf.cast(preprocess(image), out_dtype), label, tf.constant(True)),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    padding = tf.data.Dataset.from_tensors(
+        (tf.zeros(spec.image_shape, out_dtype), tf.constant(0, tf.int32), tf.constant(False))
+    ).repeat()
+    ds = ds.concatenate(padding).take(num_batches * per_process)
+    ds = ds.batch(per_process, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    options.deterministic = True
+    ds = ds.with_options(options)
+    return iter(tfds.as_numpy(ds))

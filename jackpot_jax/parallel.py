@@ -1,0 +1,53 @@
+"""Device mesh and data placement: the batch is split over the 'data' axis, state replicated.
+
+Under ``jax.jit`` with these shardings XLA inserts the collectives itself, so
+gradients and BatchNorm statistics are computed over the global batch and the
+result does not depend on the number of devices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = 'data'
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+    """A 1-D data-parallel mesh over the first ``num_devices`` devices (default: all)."""
+    available = len(jax.devices())
+    num_devices = num_devices or available
+    if not 1 <= num_devices <= available:
+        raise ValueError(f'num_devices={num_devices}, but {available} devices are available')
+    return jax.make_mesh((num_devices,), (DATA_AXIS,), devices=jax.devices()[:num_devices])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Places every leaf of ``tree`` on every device of the mesh."""
+    return jax.device_put(tree, replicated(mesh))
+
+
+def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
+    devices = mesh.devices.size
+    if global_batch_size % devices:
+        raise ValueError(
+            f'batch size {global_batch_size} does not divide over {devices} devices; use a '
+            f'multiple of {devices}'
+        )
+
+
+def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    """Global arrays split on the data axis, from this process's share of the batch."""
+    sharding = batch_sharding(mesh)
+    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
