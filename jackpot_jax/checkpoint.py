@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jackpot_jax import sparsity
@@ -28,15 +29,32 @@ def _save(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None
         )
 
 
-def _restore(path: str, names: tuple[str, ...], what: str) -> dict[str, Any]:
+def _restore(
+    path: str, names: tuple[str, ...], what: str, sharding: jax.sharding.Sharding | None = None
+) -> dict[str, Any]:
+    """Restores the named array items and ``meta`` onto ``sharding`` (default: one local device).
+
+    Restoring against a target built from the saved shapes makes checkpoints
+    independent of the device layout that wrote them.
+    """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(
-            f'no {what} checkpoint at {path}; check the path, or create it '
-            f"first (mode 'pretrain' writes weights, mode 'search' writes a jackpot)"
+            f'no {what} checkpoint at {path}; check the path, or create it first '
+            "(mode 'pretrain' writes weights, mode 'search' writes a jackpot)"
         )
-    items = {name: ocp.args.StandardRestore() for name in names}
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    handlers = {name: ocp.StandardCheckpointHandler() for name in names}
+    with ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(meta=ocp.JsonCheckpointHandler(), **handlers)
+    ) as checkpointer:
+        saved = checkpointer.metadata(path).item_metadata
+        items = {}
+        for name in names:
+            target = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name]
+            )
+            items[name] = ocp.args.StandardRestore(target)
         return checkpointer.restore(
             path, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)
         )

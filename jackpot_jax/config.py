@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict()
     config.data.name = 'digits'
     config.data.data_dir = ''  # '' = the dataset's default location.
-    config.data.eval_batch_size = 500
+    config.data.eval_batch_size = 512
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'small_cnn'

@@ -57,7 +57,9 @@ class _Spec:
 _SPECS = {
     'cifar10': _Spec('train', 'test', 10, (32, 32, 3), CIFAR_MEAN, CIFAR_STD, True, 50_000, False),
     # The reference normalises CIFAR-100 with the CIFAR-10 constants as well.
-    'cifar100': _Spec('train', 'test', 100, (32, 32, 3), CIFAR_MEAN, CIFAR_STD, True, 50_000, False),
+    'cifar100': _Spec(
+        'train', 'test', 100, (32, 32, 3), CIFAR_MEAN, CIFAR_STD, True, 50_000, False
+    ),
     'imagenet2012': _Spec(
         'train',
         'validation',
@@ -189,9 +191,7 @@ def preprocess_imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Ten
     top, left, h, w = window
     image = tf.cond(
         is_jpeg,  # decode only the crop window of a JPEG: much cheaper
-        lambda: tf.image.decode_and_crop_jpeg(
-            image_bytes, tf.stack([top, left, h, w]), channels=3
-        ),
+        lambda: tf.image.decode_and_crop_jpeg(image_bytes, tf.stack([top, left, h, w]), channels=3),
         lambda: _crop_decoded(image_bytes, window),
     )
     image.set_shape([None, None, 3])
@@ -266,6 +266,11 @@ def _processes(process_index: int | None, process_count: int | None) -> tuple[in
     return int(process_index), int(process_count)
 
 
+def _process_count(process_count: int | None) -> int:
+    """The given process count, or JAX's."""
+    return _processes(0 if process_count is not None else None, process_count)[1]
+
+
 def _per_process_batch(batch_size: int, process_count: int) -> int:
     if batch_size < 1 or batch_size % process_count:
         raise ValueError(
@@ -303,9 +308,7 @@ def _load(
     spec = _spec(name)
     options = tf.data.Options()
     options.deterministic = True
-    read_config = tfds.ReadConfig(
-        shuffle_seed=shuffle_seed, try_autocache=False, options=options
-    )
+    read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed, try_autocache=False, options=options)
     decoders = {'image': tfds.decode.SkipDecoding()} if spec.raw_bytes else None
     try:
         ds = tfds.load(
@@ -351,20 +354,25 @@ def _base(
     return ds
 
 
-def _split_size(name: str, split: Any, data_dir: str | None) -> int:
-    """Examples in a (sub)split, from the prepared metadata when it is there, otherwise by
-    counting the readable dataset (this also raises the not-prepared error)."""
-    builder = tfds.builder(name, data_dir=data_dir)
-    if builder.info.splits:
-        try:
-            return int(builder.info.splits[split].num_examples)
-        except (KeyError, ValueError, TypeError):
-            pass
-    ds = _load(name, split, data_dir, shuffle_files=False)
-    n = int(ds.cardinality().numpy())
-    if n < 0:  # unknown cardinality: count
-        n = int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
-    return n
+def _split_sizes(name: str, splits: Sequence[Any], data_dir: str | None) -> list[int]:
+    """Examples in each (sub)split, from the prepared metadata when it is there, otherwise
+    by counting the readable dataset (under tfds's mock; this also raises the
+    not-prepared error)."""
+    split_dict = tfds.builder(name, data_dir=data_dir).info.splits
+    sizes = []
+    for split in splits:
+        if split_dict:
+            try:
+                sizes.append(int(split_dict[split].num_examples))
+                continue
+            except (KeyError, ValueError, TypeError):
+                pass
+        ds = _load(name, split, data_dir, shuffle_files=False)
+        n = int(ds.cardinality().numpy())
+        if n < 0:  # unknown cardinality: count
+            n = int(ds.reduce(np.int64(0), lambda c, _: c + 1).numpy())
+        sizes.append(n)
+    return sizes
 
 
 def _train_split(name: str, process_index: int, process_count: int) -> Any:
@@ -392,12 +400,13 @@ def _eval_split(name: str, process_index: int, process_count: int) -> Any:
 def dataset_info(name: str, data_dir: str | None = None) -> DatasetInfo:
     """Classes, model input shape and split sizes, from the prepared tfds metadata."""
     spec = _spec(name)
+    num_train, num_test = _split_sizes(name, [spec.train_split, spec.eval_split], data_dir)
     return DatasetInfo(
         name=name,
         num_classes=spec.num_classes,
         image_shape=spec.image_shape,
-        num_train=_split_size(name, spec.train_split, data_dir),
-        num_test=_split_size(name, spec.eval_split, data_dir),
+        num_train=num_train,
+        num_test=num_test,
     )
 
 
@@ -410,9 +419,9 @@ def steps_per_epoch(
     """Full global batches per epoch: every process's train slice holds
     floor(num_train / process_count) examples and drops its last partial batch."""
     _spec(name)
-    process_index, process_count = _processes(0 if process_count else None, process_count)
+    process_count = _process_count(process_count)
     per_process = _per_process_batch(batch_size, process_count)
-    n = _split_size(name, _train_split(name, 0, process_count), data_dir)
+    (n,) = _split_sizes(name, [_train_split(name, 0, process_count)], data_dir)
     if per_process > n:
         raise ValueError(
             f'per-process batch {per_process} exceeds the {n} training examples each of the '
@@ -429,12 +438,10 @@ def num_eval_batches(
 ) -> int:
     """Batches `eval_iterator` yields on every process (the largest shard, rounded up)."""
     _spec(name)
-    _, process_count = _processes(0 if process_count else None, process_count)
+    process_count = _process_count(process_count)
     per_process = _per_process_batch(batch_size, process_count)
-    largest = max(
-        _split_size(name, _eval_split(name, i, process_count), data_dir)
-        for i in range(process_count)
-    )
+    shards = [_eval_split(name, i, process_count) for i in range(process_count)]
+    largest = max(_split_sizes(name, shards, data_dir))
     return -(-largest // per_process)
 
 

@@ -203,3 +203,64 @@ def test_unknown_model_raises():
     assert "'nope'" in message
     for name in MODELS:
         assert name in message
+
+
+@pytest.mark.parametrize(
+    'name, total, num_convs',
+    [
+        ('vgg11_bn', 132_868_840, 8),
+        ('vgg13_bn', 133_053_736, 10),
+        ('vgg16_bn', 138_365_992, 13),
+        ('vgg19_bn', 143_678_248, 16),
+    ],
+)
+def test_torchvision_vgg_bn_param_counts(name, total, num_convs):
+    """torchvision totals; convs carry biases; classifier 25088 -> 4096 -> 4096 -> C."""
+    params = _flat_params(_abstract_variables(name, 1000, (1, 224, 224, 3)))
+    assert _count(params.values()) == total
+    assert len(_conv_kernels(params)) == num_convs
+    assert params['features_0/kernel'].shape == (3, 3, 3, 64)
+    assert params['features_0/bias'].shape == (64,)
+    assert params['features_1/scale'].shape == (64,)
+    assert params['classifier_0/kernel'].shape == (25088, 4096)
+    assert params['classifier_3/kernel'].shape == (4096, 4096)
+    assert params['classifier_6/kernel'].shape == (4096, 1000)
+    assert params['classifier_6/bias'].shape == (1000,)
+
+
+@pytest.mark.parametrize('size', [32, 64, 224])
+def test_torchvision_vgg_bn_any_input_size(size):
+    """Adaptive 7x7 pooling: the classifier fits every input size >= 32."""
+    model = get_model('vgg11_bn', 5)
+    x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+    logits, variables = jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)
+    assert logits.shape == (1, 5)
+    assert variables['params']['classifier_0']['kernel'].shape == (25088, 4096)
+
+
+def test_adaptive_avg_pool_bins():
+    from jackpot_jax.models import adaptive_avg_pool
+
+    # 2 -> 7 bins: [0,1) x3, [0,2), [1,2) x3 (PyTorch's floor/ceil rule).
+    x = jnp.array([1.0, 3.0]).reshape(1, 2, 1, 1)
+    y = adaptive_avg_pool(x, (7, 1))
+    np.testing.assert_allclose(y[0, :, 0, 0], [1, 1, 1, 2, 3, 3, 3])
+    # Even division is a plain block mean.
+    x = jnp.arange(14 * 14, dtype=jnp.float32).reshape(1, 14, 14, 1)
+    y = adaptive_avg_pool(x, (7, 7))
+    np.testing.assert_allclose(y[0, 0, 0, 0], (0 + 1 + 14 + 15) / 4)
+
+
+def test_torchvision_vgg_dropout_only_with_rng():
+    model = get_model('vgg11_bn', 3)
+    x = jax.random.normal(KEY, (2, 32, 32, 3))
+    variables = model.init(KEY, x, train=False)
+    a, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    b, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])
+    np.testing.assert_array_equal(a, b)  # no 'dropout' rng: deterministic.
+    c, _ = model.apply(variables, x, train=True, mutable=['batch_stats'],
+                       rngs={'dropout': jax.random.PRNGKey(1)})
+    assert not np.allclose(a, c)
+    e1 = model.apply(variables, x, train=False, rngs={'dropout': jax.random.PRNGKey(1)})
+    e2 = model.apply(variables, x, train=False)
+    np.testing.assert_array_equal(e1, e2)  # eval: never dropout.

@@ -1,0 +1,112 @@
+"""End to end: the launcher's modes on the digits demo with a tiny budget."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from jackpot_jax import checkpoint, sparsity, train
+from jackpot_jax import config as config_lib
+from jackpot_jax.metrics import read_jsonl
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+    config = config_lib.get_config()
+    config.model.width = 8
+    config.pretrain.epochs = 2
+    config.search.epochs = 2
+    return config
+
+
+@pytest.fixture(scope='module')
+def demo_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('demo'))
+    summary = train.run_demo(tiny_config(), workdir)
+    return workdir, summary
+
+
+def test_demo_writes_summary_metrics_weights_and_jackpot(demo_run):
+    workdir, summary = demo_run
+    with open(os.path.join(workdir, 'summary.json')) as f:
+        saved = json.load(f)
+    for key in ('dense_top1', 'magnitude_top1', 'random_top1', 'jackpot_top1', 'sparsity',
+                'search_seconds'):
+        assert key in saved
+    for key in ('dense_top1', 'magnitude_top1', 'random_top1', 'jackpot_top1'):
+        assert 0.0 <= saved[key] <= 1.0
+    assert saved['sparsity'] == pytest.approx(0.9, abs=1e-4)
+    assert saved['dense_top1'] > 0.5  # two epochs of dense training already learn digits
+    assert saved['jackpot_top1'] > saved['random_top1']
+    records = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+    search_records = [r for r in records if r['mode'] == 'search']
+    assert [r['epoch'] for r in search_records] == [1, 2]
+    assert all('mask_changes_per_layer' in r and 'test_top1' in r for r in search_records)
+
+
+def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, tmp_path):
+    workdir, _ = demo_run
+    params, _, _ = checkpoint.load_weights(os.path.join(workdir, train.PRETRAINED_DIR))
+    config = tiny_config()
+    config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
+    found = train.run_search(config, str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(found['state'].frozen_params))
+    scores, masks, _, meta = checkpoint.load_jackpot(os.path.join(tmp_path, train.JACKPOT_DIR))
+    assert meta['counts'] == found['counts']
+    for path, k in found['counts'].items():
+        assert masks[path].dtype == bool and masks[path].size - masks[path].sum() == k
+        np.testing.assert_array_equal(masks[path], jax.device_get(found['state'].masks[path]))
+
+
+def test_evaluate_mode_reproduces_the_final_jackpot_accuracy(demo_run, capsys):
+    workdir, summary = demo_run
+    result = train.run_evaluate(tiny_config(), workdir)
+    assert result['top1'] == pytest.approx(summary['jackpot_top1'])
+    assert 'sparsity over prunable weights: 90.00%' in capsys.readouterr().out
+
+
+def test_weights_of_another_model_are_rejected_with_the_mismatch(demo_run, tmp_path):
+    workdir, _ = demo_run
+    config = tiny_config()
+    config.model.width = 16
+    config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
+    with pytest.raises(ValueError, match=r'conv1/kernel: expected shape \(3, 3, 1, 16\)'):
+        train.run_search(config, str(tmp_path))
+    config.model.name = 'resnet20'
+    with pytest.raises(ValueError, match="model 'small_cnn'"):
+        train.run_search(config, str(tmp_path))
+
+
+def test_missing_pretrained_weights_say_how_to_make_them(tmp_path):
+    with pytest.raises(FileNotFoundError, match="mode 'pretrain'"):
+        train.run_search(tiny_config(), str(tmp_path))
+
+
+def test_command_line_runs_search_from_a_config_file_with_overrides(demo_run, tmp_path):
+    workdir, _ = demo_run
+    cmd = [
+        sys.executable, '-m', 'jackpot_jax.main', '--config=configs/default.py',
+        f'--workdir={tmp_path}', '--mode=search', '--config.model.width=8',
+        '--config.search.epochs=1', '--config.search.sparsity=0.95',
+        f'--config.pretrained={os.path.join(workdir, train.PRETRAINED_DIR)}',
+    ]
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+    _, masks, _, meta = checkpoint.load_jackpot(os.path.join(tmp_path, train.JACKPOT_DIR))
+    assert meta['summary']['sparsity'] == pytest.approx(0.95, abs=1e-3)
+    assert sum(meta['counts'].values()) == 5832 - 291  # keep floor(5832 * 0.05) of width 8
+
+
+def test_command_line_rejects_unknown_keys_and_bad_values(tmp_path):
+    def run(*flags):
+        cmd = [sys.executable, '-m', 'jackpot_jax.main', f'--workdir={tmp_path}', *flags]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    bad_key = run('--config.search.sparsty=0.5')
+    assert bad_key.returncode != 0 and 'sparsty' in bad_key.stderr
+    bad_value = run('--config.search.sparsity=1.2')
+    assert bad_value.returncode != 0 and 'must be in [0, 1), got 1.2' in bad_value.stderr
