@@ -1,22 +1,76 @@
 """Every orbax call of jackpot_jax lives here.
 
-Two kinds of checkpoint, stored separately so the weights are written once:
-  * weights: frozen params + batch statistics + JSON meta (what model, which data);
-  * jackpots: scores + masks + the searched batch statistics + JSON meta.
+Three kinds of checkpoint, stored apart so the weights are written once:
+  * weights (``WORKDIR/pretrained`` or anywhere): frozen params + batch statistics + meta;
+  * search checkpoints (``WORKDIR/checkpoints/<step>``): scores, bit-packed masks,
+    optimizer state, batch statistics and meta (step, counts, config, weights
+    fingerprint, metrics so far); the latest N and the best by test top-1 are kept;
+  * jackpots (``WORKDIR/jackpot``): bit-packed masks + batch statistics + meta
+    (+ scores when asked), small enough to ship beside the original weights.
 Orbax writes into a temporary folder and renames it when complete, so a crash
 mid-save never leaves a checkpoint that looks whole.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
-from jackpot_jax import sparsity
+from jackpot_jax import parallel, sparsity
+
+_SEARCH_ITEMS = ('scores', 'masks', 'opt_state', 'batch_stats')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which one and what to do."""
+
+
+# ----------------------------------------------------------------------------
+# Masks on disk: 1 bit per weight.
+# ----------------------------------------------------------------------------
+def pack_masks(masks: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, list[int]]]:
+    """Flat bool masks -> (nested uint8 bit arrays, flat shapes)."""
+    host = parallel.to_host(dict(masks))
+    packed = {p: np.packbits(np.asarray(m, bool).ravel()) for p, m in host.items()}
+    return sparsity.unflatten(packed), {p: list(np.shape(m)) for p, m in host.items()}
+
+
+def unpack_masks(packed: Mapping, shapes: Mapping[str, list[int]]) -> dict[str, np.ndarray]:
+    """Inverse of :func:`pack_masks`."""
+    flat = sparsity.flatten(jax.device_get(dict(packed)))
+    return {
+        p: np.unpackbits(np.asarray(flat[p]), count=int(np.prod(s))).astype(bool).reshape(s)
+        for p, s in shapes.items()
+    }
+
+
+def weights_fingerprint(params: Any) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(sparsity.flatten(parallel.to_host(params)).items()):
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f'{path}:{leaf.dtype}:{leaf.shape};'.encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# One-off composite checkpoints (weights, jackpots).
+# ----------------------------------------------------------------------------
+def _abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+    """Shape/dtype/sharding targets for a restore (from arrays or saved metadata)."""
+
+    def one(x):
+        where = sharding or getattr(x, 'sharding', None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
+
+    return jax.tree.map(one, tree)
 
 
 def _save(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
@@ -45,19 +99,25 @@ def _restore(
         )
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     handlers = {name: ocp.StandardCheckpointHandler() for name in names}
-    with ocp.Checkpointer(
-        ocp.CompositeCheckpointHandler(meta=ocp.JsonCheckpointHandler(), **handlers)
-    ) as checkpointer:
-        saved = checkpointer.metadata(path).item_metadata
-        items = {}
-        for name in names:
-            target = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding), saved[name]
+    try:
+        with ocp.Checkpointer(
+            ocp.CompositeCheckpointHandler(meta=ocp.JsonCheckpointHandler(), **handlers)
+        ) as checkpointer:
+            saved = checkpointer.metadata(path).item_metadata
+            missing = [n for n in names if saved.get(n) is None]
+            if missing:
+                raise CheckpointError(f'the {what} checkpoint at {path} lacks items {missing}')
+            items = {n: ocp.args.StandardRestore(_abstract(saved[n], sharding)) for n in names}
+            return checkpointer.restore(
+                path, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)
             )
-            items[name] = ocp.args.StandardRestore(target)
-        return checkpointer.restore(
-            path, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)
-        )
+    except CheckpointError:
+        raise
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        raise CheckpointError(
+            f'the {what} checkpoint at {path} is unreadable ({type(e).__name__}: {e}); it may '
+            'be truncated or corrupted: restore it from a copy or write it again'
+        ) from e
 
 
 def save_weights(path: str, params: Mapping, batch_stats: Mapping, meta: Mapping[str, Any]) -> None:
@@ -72,26 +132,136 @@ def load_weights(path: str) -> tuple[dict, dict, dict[str, Any]]:
 
 
 def save_jackpot(
-    path: str, scores: Mapping, masks: Mapping, batch_stats: Mapping, meta: Mapping[str, Any]
+    path: str,
+    scores: Mapping | None,
+    masks: Mapping,
+    batch_stats: Mapping,
+    meta: Mapping[str, Any],
 ) -> None:
-    """Writes a found jackpot: flat scores and masks, and the searched batch statistics."""
-    _save(
-        path,
-        {
-            'scores': sparsity.unflatten(scores),
-            'masks': sparsity.unflatten(masks),
-            'batch_stats': batch_stats,
-        },
-        meta,
-    )
+    """Writes a found jackpot: bit-packed masks, batch statistics, meta (and scores if given)."""
+    packed, shapes = pack_masks(masks)
+    arrays = {'masks': packed, 'batch_stats': batch_stats}
+    if scores is not None:
+        arrays['scores'] = sparsity.unflatten(scores)
+    _save(path, arrays, {**meta, 'mask_shapes': shapes, 'has_scores': scores is not None})
 
 
-def load_jackpot(path: str) -> tuple[dict, dict, dict, dict[str, Any]]:
-    """Reads ``(scores, masks, batch_stats, meta)`` written by :func:`save_jackpot`."""
-    restored = _restore(path, ('scores', 'masks', 'batch_stats'), 'jackpot')
-    return (
-        sparsity.flatten(restored['scores']),
-        sparsity.flatten(restored['masks']),
-        restored['batch_stats'],
-        restored['meta'],
-    )
+def load_jackpot(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
+    """Reads ``(scores or None, masks, batch_stats, meta)`` written by :func:`save_jackpot`."""
+    meta = _restore(path, (), 'jackpot')['meta']
+    names = ('masks', 'batch_stats') + (('scores',) if meta.get('has_scores') else ())
+    restored = _restore(path, names, 'jackpot')
+    scores = sparsity.flatten(restored['scores']) if 'scores' in restored else None
+    masks = unpack_masks(restored['masks'], meta['mask_shapes'])
+    return scores, masks, restored['batch_stats'], meta
+
+
+# ----------------------------------------------------------------------------
+# Search checkpoints: resumable, keep latest N + best.
+# ----------------------------------------------------------------------------
+class SearchCheckpoints:
+    """The search checkpoints of one workdir (``WORKDIR/checkpoints/<step>``).
+
+    Keeps the latest ``keep`` checkpoints and the one with the best test top-1.
+    Saves are asynchronous; every process of a multi-host run must call ``save``.
+    """
+
+    def __init__(self, directory: str, keep: int = 3):
+        self.directory = os.path.abspath(directory)
+        policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+            [
+                ocp.checkpoint_managers.LatestN(n=keep),
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=lambda metrics: metrics['test_top1'],
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                ),
+            ]
+        )
+        handlers = {name: ocp.StandardCheckpointHandler() for name in _SEARCH_ITEMS}
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=policy, cleanup_tmp_directories=True
+            ),
+            item_handlers={'meta': ocp.JsonCheckpointHandler(), **handlers},
+        )
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(
+        self, state: Any, meta: Mapping[str, Any], metrics: Mapping[str, float] | None
+    ) -> None:
+        """Writes ``state`` (a SearchState) at its step; masks bit-packed."""
+        step = int(parallel.to_host(state.step))
+        packed, shapes = pack_masks(state.masks)
+        items = {
+            'scores': sparsity.unflatten(state.scores),
+            'masks': packed,
+            'opt_state': state.opt_state,
+            'batch_stats': state.batch_stats,
+        }
+        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        meta = {**meta, 'step': step, 'mask_shapes': shapes}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),
+            metrics=dict(metrics) if metrics else None,
+        )
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        try:
+            return self._manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+            )['meta']
+        except Exception as e:
+            raise self._unreadable(step, e) from e
+
+    def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
+        """The state saved at ``step``, placed like ``like`` (a fresh SearchState)."""
+        meta = self.read_meta(step)
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        packed_like = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(((int(np.prod(s)) + 7) // 8,), np.uint8, sharding=host),
+            meta['mask_shapes'],
+            is_leaf=lambda x: isinstance(x, list),
+        )
+        targets = {
+            'scores': _abstract(sparsity.unflatten(like.scores)),
+            'masks': sparsity.unflatten(packed_like),
+            'opt_state': _abstract(like.opt_state),
+            'batch_stats': _abstract(like.batch_stats),
+        }
+        args = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:
+            raise self._unreadable(step, e) from e
+        masks = unpack_masks(restored['masks'], meta['mask_shapes'])
+        masks = {p: jax.device_put(m, like.masks[p].sharding) for p, m in masks.items()}
+        state = like.replace(
+            scores=sparsity.flatten(restored['scores']),
+            masks=masks,
+            opt_state=restored['opt_state'],
+            batch_stats=restored['batch_stats'],
+            step=jax.device_put(np.int32(meta['step']), like.step.sharding),
+        )
+        return state, meta
+
+    def _unreadable(self, step: int, error: Exception) -> CheckpointError:
+        others = [s for s in self.steps() if s != step]
+        return CheckpointError(
+            f'search checkpoint {os.path.join(self.directory, str(step))} is unreadable '
+            f'({type(error).__name__}: {error}); it may be truncated or corrupted. Delete that '
+            f'folder to resume from an earlier one {others or "(none left: start again)"}'
+        )
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

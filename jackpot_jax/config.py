@@ -11,7 +11,7 @@ import ml_collections
 
 from jackpot_jax import data, models, search, sparsity
 
-MODES = ('demo', 'pretrain', 'search', 'evaluate')
+MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -22,6 +22,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_devices = 0  # devices of the data-parallel mesh; 0 = all.
     # Dense weights to search in; '' means WORKDIR/pretrained (made by 'pretrain').
     config.pretrained = ''
+    # The jackpot to evaluate, tune or export; '' means WORKDIR/jackpot (made by 'search'),
+    # 'none' evaluates the weights as they are.
+    config.jackpot = ''
+    # Cap on training steps per epoch (0 = whole epochs); for smoke tests and benchmarks.
+    config.steps_per_epoch = 0
 
     config.data = ml_collections.ConfigDict()
     config.data.name = 'digits'
@@ -55,6 +60,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.search.bn_mode = 'train'  # | 'frozen': keep the pre-trained running statistics.
     config.search.prune_include = sparsity.DEFAULT_INCLUDE  # regex over parameter paths.
     config.search.prune_exclude = sparsity.DEFAULT_EXCLUDE  # default: the classifier.
+
+    # Optional weight tuning under the found mask (the paper's "+T" rows); 0 epochs = none.
+    config.tune = ml_collections.ConfigDict()
+    config.tune.epochs = 0
+    config.tune.batch_size = 64
+    config.tune.learning_rate = 0.01
+    config.tune.weight_decay = 0.0
+    config.tune.momentum = 0.9
+    config.tune.label_smoothing = 0.0
+
+    # Search checkpoints in WORKDIR/checkpoints: every N steps (0 = each epoch's end only),
+    # keeping the latest `keep` and the best by test top-1.
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 0
+    config.checkpoint.keep = 3
     return config
 
 
@@ -85,7 +105,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field and how to fix it."""
     _check_keys(config, get_config())
     _check_choice('mode', config.mode, MODES)
-    _check_choice('dataset', config.data.name, data.DATASETS)
+    _check_choice('dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS)
     _check_choice('model', config.model.name, tuple(models.MODELS))
     s = config.search
     if not 0.0 <= s.sparsity < 1.0:
@@ -102,12 +122,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f'search.pruned_score must be in [0, 1) so magnitude-kept weights '
             f'(score 1.0) rank first, got {s.pruned_score!r}'
         )
-    for group in ('pretrain', 'search'):
+    for group in ('pretrain', 'search', 'tune'):
         for field in ('epochs', 'batch_size', 'learning_rate'):
-            _check_positive(f'{group}.{field}', config[group][field])
+            if group != 'tune' or field != 'epochs':
+                _check_positive(f'{group}.{field}', config[group][field])
         if not 0.0 <= config[group].label_smoothing < 1.0:
             raise ValueError(
                 f'{group}.label_smoothing must be in [0, 1), '
                 f'got {config[group].label_smoothing!r}'
             )
     _check_positive('data.eval_batch_size', config.data.eval_batch_size)
+    _check_positive('checkpoint.keep', config.checkpoint.keep)
+    for name, value in [
+        ('tune.epochs', config.tune.epochs),
+        ('checkpoint.every_steps', config.checkpoint.every_steps),
+        ('steps_per_epoch', config.steps_per_epoch),
+    ]:
+        if value < 0:
+            raise ValueError(f'{name} must be >= 0, got {value!r}')

@@ -113,10 +113,14 @@ _DOWNSAMPLE = (('downsample.0', CONV), ('downsample.1', BN))
 
 
 def _block(torch_prefix: str, flax_prefix: str, rows: Sequence[tuple[str, str]]) -> list[Layer]:
-    return [Layer(f'{torch_prefix}.{n}', f"{flax_prefix}/{n.replace('.', '_')}", k) for n, k in rows]
+    return [
+        Layer(f'{torch_prefix}.{n}', f"{flax_prefix}/{n.replace('.', '_')}", k) for n, k in rows
+    ]
 
 
-def resnet_table(stage_sizes: Sequence[int], bottleneck: bool, classifier_kind: str) -> tuple[Layer, ...]:
+def resnet_table(
+    stage_sizes: Sequence[int], bottleneck: bool, classifier_kind: str
+) -> tuple[Layer, ...]:
     """torchvision ResNet (v1.5) names: stem, ``layer{s}.{b}`` blocks, ``fc``."""
     table = [Layer('conv1', 'conv1', CONV), Layer('bn1', 'bn1', BN)]
     in_features = 64
@@ -143,7 +147,9 @@ def cifar_resnet_table(blocks_per_stage: int) -> tuple[Layer, ...]:
     return tuple(table)
 
 
-def vgg_table(cfg: Sequence[int | str], conv_kind: str, classifier: Sequence[tuple[str, str]]) -> tuple[Layer, ...]:
+def vgg_table(
+    cfg: Sequence[int | str], conv_kind: str, classifier: Sequence[tuple[str, str]]
+) -> tuple[Layer, ...]:
     """VGG names: ``features.{i}`` (conv at i, BN at i + 1, ReLU, one index per pool)."""
     table = []
     index = 0
@@ -176,18 +182,34 @@ def _build_archs() -> dict[str, dict[str, Arch]]:
         )
     for name, cfg in models.VGG_BN_CFGS.items():
         archs['torchvision'][name] = Arch(
-            name, 'torchvision', name, vgg_table(cfg, CONV_BIAS, _TV_CLASSIFIER), 'classifier.6',
-            1000, 224,
+            name,
+            'torchvision',
+            name,
+            vgg_table(cfg, CONV_BIAS, _TV_CLASSIFIER),
+            'classifier.6',
+            1000,
+            224,
         )
     archs['official']['resnet32'] = Arch(
         'resnet32', 'official', 'resnet32', cifar_resnet_table(5), 'fc', 10, 32
     )
     archs['official']['vgg19_cifar'] = Arch(
-        'vgg19_cifar', 'official', 'vgg19_cifar',
-        vgg_table(models.VGG19_CFG, CONV, (('classifier', CONV_FC),)), 'classifier', 10, 32,
+        'vgg19_cifar',
+        'official',
+        'vgg19_cifar',
+        vgg_table(models.VGG19_CFG, CONV, (('classifier', CONV_FC),)),
+        'classifier',
+        10,
+        32,
     )
     archs['official']['resnet50'] = Arch(
-        'resnet50', 'official', 'resnet50', resnet_table((3, 4, 6, 3), True, CONV_FC), 'fc', 1000, 224
+        'resnet50',
+        'official',
+        'resnet50',
+        resnet_table((3, 4, 6, 3), True, CONV_FC),
+        'fc',
+        1000,
+        224,
     )
     return archs
 
@@ -296,7 +318,7 @@ def strip_module_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Drops a DataParallel ``module.`` prefix when every key carries it."""
     keys = list(state_dict)
     if keys and all(k.startswith(_MODULE_PREFIX) for k in keys):
-        return {k[len(_MODULE_PREFIX):]: v for k, v in state_dict.items()}
+        return {k[len(_MODULE_PREFIX) :]: v for k, v in state_dict.items()}
     return dict(state_dict)
 
 
@@ -336,7 +358,9 @@ def _key_problems(
             problems.append(f'{key}: expected shape {list(shape)}, got {list(got)}')
     for key in optional:
         if key in state_dict and np.size(state_dict[key]) != 1:
-            problems.append(f'{key}: expected a scalar, got shape {list(np.shape(state_dict[key]))}')
+            problems.append(
+                f'{key}: expected a scalar, got shape {list(np.shape(state_dict[key]))}'
+            )
     return problems
 
 
@@ -417,7 +441,9 @@ def _split_mask_keys(
     return weights, scores, bmasks
 
 
-def official_weights_to_flax(state_dict: Mapping[str, np.ndarray], arch: str, *, what: str = 'the checkpoint') -> Weights:
+def official_weights_to_flax(
+    state_dict: Mapping[str, np.ndarray], arch: str, *, what: str = 'the checkpoint'
+) -> Weights:
     """Official pre-trained (or jackpot) state dict -> dense weights; ``.mask``/``.b_mask`` are ignored."""
     spec = get_arch(arch, 'official')
     weights, _, _ = _split_mask_keys(strip_module_prefix(state_dict), spec)
@@ -467,7 +493,9 @@ def official_jackpot_to_flax(
         if not np.all((values == 0) | (values == 1)):
             problems.append(f'{layer}.b_mask: holds values other than 0 and 1')
         elif layer == spec.classifier and not np.all(values == 1):
-            problems.append(f'{layer}.b_mask: the classifier is never pruned, but its mask has zeros')
+            problems.append(
+                f'{layer}.b_mask: the classifier is never pruned, but its mask has zeros'
+            )
     if fmt == '2021' and sparsity_level is None:
         problems.append(
             'no .b_mask keys (2021 format): the masks must be derived from the scores, '
@@ -619,7 +647,10 @@ def run_torchvision(arch_name: str, input_spec: str, output: str) -> str:
     target = os.path.join(output, PRETRAINED_DIR)
     source = f'torchvision {arch_name} state dict {os.path.abspath(path)}'
     _checkpoint().save_weights(
-        target, converted.params, converted.batch_stats, weights_meta(arch, converted.num_classes, source)
+        target,
+        converted.params,
+        converted.batch_stats,
+        weights_meta(arch, converted.num_classes, source),
     )
     return target
 
@@ -661,21 +692,31 @@ def run_official(
     written['weights'] = os.path.join(output, PRETRAINED_DIR)
     ckpt = _checkpoint()
     ckpt.save_weights(
-        written['weights'], dense.params, dense.batch_stats, weights_meta(arch, dense.num_classes, source)
+        written['weights'],
+        dense.params,
+        dense.batch_stats,
+        weights_meta(arch, dense.num_classes, source),
     )
     if jackpot is not None:
         removed = sum(jackpot.counts.values())
         total = sum(int(np.size(m)) for m in jackpot.masks.values())
         meta = {
-            **weights_meta(arch, jackpot.num_classes, f'official {jackpot.format} jackpot {os.path.abspath(jpath)}'),
+            **weights_meta(
+                arch,
+                jackpot.num_classes,
+                f'official {jackpot.format} jackpot {os.path.abspath(jpath)}',
+            ),
             'format': jackpot.format,
             'counts': jackpot.counts,
             'sparsity': removed / total,
+            'weights_fingerprint': ckpt.weights_fingerprint(dense.params),
         }
         if jackpot.format == '2021':
             meta.update({'requested_sparsity': sparsity_level, 'allocation': allocation})
         written['jackpot'] = os.path.join(output, JACKPOT_DIR)
-        ckpt.save_jackpot(written['jackpot'], jackpot.scores, jackpot.masks, jackpot.batch_stats, meta)
+        ckpt.save_jackpot(
+            written['jackpot'], jackpot.scores, jackpot.masks, jackpot.batch_stats, meta
+        )
     return written
 
 
@@ -699,7 +740,9 @@ def run_to_torch(
     if mask_format is None:
         mask_format = '2023' if family == 'official' and jackpot is not None else 'none'
     if jackpot is not None and family == 'torchvision' and not masked:
-        raise ValueError('a torchvision state dict has no place for masks: pass --masked to write W * B')
+        raise ValueError(
+            'a torchvision state dict has no place for masks: pass --masked to write W * B'
+        )
     ckpt = _checkpoint()
     params, batch_stats, meta = ckpt.load_weights(_checkpoint_dir(weights, PRETRAINED_DIR))
     saved = meta.get('model', {}).get('name')
@@ -708,21 +751,39 @@ def run_to_torch(
     scores = masks = None
     if jackpot is not None:
         scores, masks, batch_stats, _ = ckpt.load_jackpot(_checkpoint_dir(jackpot, JACKPOT_DIR))
+        if scores is None and mask_format != 'none':
+            # A jackpot saved without scores: 1.0 kept / 0.0 pruned ranks to the same masks.
+            print('note: the jackpot has no scores; writing the binary masks as .mask scores')
+            scores = {p: np.asarray(m, np.float32) for p, m in masks.items()}
     state = flax_to_torch(
-        params, batch_stats, arch, masks=masks, scores=scores, masked=masked, mask_format=mask_format
+        params,
+        batch_stats,
+        arch,
+        masks=masks,
+        scores=scores,
+        masked=masked,
+        mask_format=mask_format,
     )
     _torch_io().save_state_dict(state, output, wrap=family == 'official')
     return output
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog='python -m jackpot_jax.convert', description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(
+        prog='python -m jackpot_jax.convert', description=__doc__.split('\n')[0]
+    )
     sub = parser.add_subparsers(dest='command', required=True)
     tv = sub.add_parser('torchvision', help='torchvision weights -> OUTPUT/pretrained')
     tv.add_argument('--arch', required=True, choices=sorted(ARCHS['torchvision']))
-    tv.add_argument('--input', required=True, help="a .pth/.pt/.safetensors file, or 'cache' for $TORCH_HOME/hub/checkpoints")
+    tv.add_argument(
+        '--input',
+        required=True,
+        help="a .pth/.pt/.safetensors file, or 'cache' for $TORCH_HOME/hub/checkpoints",
+    )
     tv.add_argument('--output', required=True, help='a workdir; weights go to OUTPUT/pretrained')
-    off = sub.add_parser('official', help='official checkpoints (+ jackpot) -> OUTPUT/{pretrained,jackpot}')
+    off = sub.add_parser(
+        'official', help='official checkpoints (+ jackpot) -> OUTPUT/{pretrained,jackpot}'
+    )
     off.add_argument('--arch', required=True, choices=sorted(ARCHS['official']))
     off.add_argument('--input', required=True, help='pre-trained {"state_dict": ...} file')
     off.add_argument('--jackpot', help='a found jackpot (2021 or 2023 format)')
@@ -735,7 +796,9 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument('--jackpot', help='jackpot checkpoint (or a workdir)')
     out.add_argument('--format', default='torchvision', choices=FAMILIES)
     out.add_argument('--masked', action='store_true', help='write W * B')
-    out.add_argument('--mask_format', choices=MASK_FORMATS, help='official only; default 2023 with a jackpot')
+    out.add_argument(
+        '--mask_format', choices=MASK_FORMATS, help='official only; default 2023 with a jackpot'
+    )
     out.add_argument('--output', required=True, help='.pth, .pt or .safetensors file')
     return parser
 
@@ -754,7 +817,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f'wrote {what}: {path}')
         else:
             path = run_to_torch(
-                args.arch, args.weights, args.output, args.format, args.jackpot, args.masked,
+                args.arch,
+                args.weights,
+                args.output,
+                args.format,
+                args.jackpot,
+                args.masked,
                 args.mask_format,
             )
             print(f'wrote {path}')

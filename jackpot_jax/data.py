@@ -12,9 +12,11 @@ import gzip
 import os
 from collections.abc import Iterator
 
+import jax
 import numpy as np
 
-DATASETS = ('digits', 'fashion_mnist')
+DATASETS = ('digits', 'fashion_mnist')  # in memory, no TensorFlow needed
+TFDS_DATASETS = ('cifar10', 'cifar100', 'imagenet2012')  # see input_pipeline.py
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 _FASHION_FILES = {
     'train_images': 'train-images-idx3-ubyte.gz',
@@ -37,6 +39,33 @@ class ArrayDataset:
     @property
     def image_shape(self) -> tuple[int, ...]:
         return self.train_images.shape[1:]
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return steps_per_epoch(len(self.train_images), batch_size)
+
+    def train_epoch(
+        self, batch_size: int, seed: int, epoch: int, start_step: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """This process's share of each global training batch."""
+        for batch in train_batches(
+            self.train_images, self.train_labels, batch_size, seed, epoch, start_step
+        ):
+            yield _process_share(batch)
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """This process's share of each padded global test batch."""
+        for batch in eval_batches(self.test_images, self.test_labels, batch_size):
+            yield _process_share(batch)
+
+
+def _process_share(batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """The slice of a global batch that this process feeds to its devices."""
+    count, index = jax.process_count(), jax.process_index()
+    size = len(batch[0])
+    if size % count:
+        raise ValueError(f'batch size {size} does not divide over {count} processes')
+    share = size // count
+    return tuple(a[index * share : (index + 1) * share] for a in batch)
 
 
 def _normalised(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -103,6 +132,21 @@ def load_dataset(name: str, data_dir: str | None = None) -> ArrayDataset:
     if name == 'fashion_mnist':
         return load_fashion_mnist(data_dir)
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS}')
+
+
+def load_source(name: str, data_dir: str | None = None):
+    """A data source by name: in-memory (digits, Fashion-MNIST) or a prepared tfds dataset.
+
+    Every source has ``num_classes``, ``image_shape``, ``steps_per_epoch(batch)``,
+    ``train_epoch(batch, seed, epoch, start_step)`` and ``eval_batches(batch)``.
+    """
+    if name in DATASETS:
+        return load_dataset(name, data_dir)
+    if name in TFDS_DATASETS:
+        from jackpot_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+        return input_pipeline.TfdsSource(name, data_dir)
+    raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS + TFDS_DATASETS}')
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -536,3 +537,41 @@ def eval_iterator(
     options.deterministic = True
     ds = ds.with_options(options)
     return iter(tfds.as_numpy(ds))
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+    """A prepared tfds dataset seen through the launcher's data-source interface."""
+
+    name: str
+    data_dir: str | None = None
+
+    @functools.cached_property
+    def info(self) -> DatasetInfo:
+        return dataset_info(self.name, self.data_dir)
+
+    @property
+    def num_classes(self) -> int:
+        return self.info.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return self.info.image_shape
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        return steps_per_epoch(self.name, batch_size, self.data_dir)
+
+    def train_epoch(
+        self, batch_size: int, seed: int, epoch: int, start_step: int = 0
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return train_iterator(
+            self.name,
+            batch_size=batch_size,
+            data_dir=self.data_dir,
+            seed=seed,
+            epoch=epoch,
+            start_step=start_step,
+        )
+
+    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        return eval_iterator(self.name, batch_size=batch_size, data_dir=self.data_dir)

@@ -8,15 +8,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
+
+from jackpot_jax import parallel
 
 
 def to_python(tree: Any) -> Any:
     """Device arrays and numpy scalars -> plain Python numbers (JSON-ready)."""
-    return jax.tree.map(
-        lambda x: np.asarray(x).item() if np.ndim(x) == 0 else np.asarray(x).tolist(),
-        jax.device_get(tree),
-    )
+    return jax.tree.map(lambda x: x.item() if x.ndim == 0 else x.tolist(), parallel.to_host(tree))
 
 
 class JsonlWriter:

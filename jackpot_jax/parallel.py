@@ -51,3 +51,22 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
     """Global arrays split on the data axis, from this process's share of the batch."""
     sharding = batch_sharding(mesh)
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+
+
+def to_host(tree: Any) -> Any:
+    """numpy copies of a pytree's arrays, also when they span several processes.
+
+    Replicated arrays are read from a local replica; arrays split across processes
+    are gathered.
+    """
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.sharding.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)

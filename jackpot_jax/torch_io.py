@@ -85,7 +85,9 @@ def find_torchvision_cache(arch: str, cache_dir: str | None = None) -> str:
     """The cached torchvision file for ``arch`` (``<arch>-<hash>.pth``); never downloads."""
     cache_dir = cache_dir or torchvision_cache_dir()
     known = _torchvision_file_names(arch)
-    found = [os.path.join(cache_dir, n) for n in known if os.path.isfile(os.path.join(cache_dir, n))]
+    found = [
+        os.path.join(cache_dir, n) for n in known if os.path.isfile(os.path.join(cache_dir, n))
+    ]
     if not found:
         found = sorted(glob.glob(os.path.join(glob.escape(cache_dir), f'{arch}-*.pth')))
     if not found:

@@ -1,11 +1,22 @@
-"""The launcher's modes: pretrain dense weights, search a jackpot, evaluate, and the demo."""
+"""The launcher's modes: pretrain, search (resumable), tune, evaluate, export, and the demo.
+
+Workdir layout:
+  pretrained/        dense weights made by 'pretrain' (unless config.pretrained points elsewhere)
+  checkpoints/<step> search checkpoints (scores, bit-packed masks, optimizer state, BN stats)
+  jackpot/           the found jackpot: bit-packed masks + batch statistics + meta
+  tuned/             weights tuned under the jackpot's mask ('tune', or search with tune.epochs)
+  masked_weights/    export: the masked dense params, loadable as ordinary weights
+  metrics.jsonl      one JSON record per epoch; summary.json: the demo's table
+"""
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -17,26 +28,86 @@ from absl import logging
 from tqdm import auto as tqdm
 
 from jackpot_jax import checkpoint, data, dense, models, parallel, search, sparsity
-from jackpot_jax.metrics import JsonlWriter, to_python
+from jackpot_jax.metrics import JsonlWriter, read_jsonl, to_python
 
 PRETRAINED_DIR = 'pretrained'
+CHECKPOINTS_DIR = 'checkpoints'
 JACKPOT_DIR = 'jackpot'
+TUNED_DIR = 'tuned'
+MASKED_WEIGHTS_DIR = 'masked_weights'
+METRICS_FILE = 'metrics.jsonl'
+# Config fields that may change between a search and its resumption.
+_RESUMABLE_CHANGES = (
+    'mode',
+    'pretrained',
+    'jackpot',
+    'num_devices',
+    'checkpoint',
+    'data.data_dir',
+    'data.eval_batch_size',
+    'tune',
+    'pretrain',
+)
 
 
 # ----------------------------------------------------------------------------
 # Shared pieces.
 # ----------------------------------------------------------------------------
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-    return models.get_model(config.model.name, num_classes, **kwargs)
+class Setup:
+    """What every mode needs: the device mesh, the data source and the model."""
 
+    def __init__(self, config: ml_collections.ConfigDict):
+        self.config = config
+        self.mesh = parallel.make_mesh(config.num_devices or None)
+        self.source = data.load_source(config.data.name, config.data.data_dir or None)
+        kwargs = {k: v for k, v in config.model.items() if k != 'name'}
+        self.model = models.get_model(config.model.name, self.source.num_classes, **kwargs)
 
-def _weights_meta(config: ml_collections.ConfigDict, num_classes: int) -> dict[str, Any]:
-    return {'model': config.model.to_dict(), 'num_classes': num_classes, 'source': 'pretrain'}
+    def steps_per_epoch(self, batch_size: int) -> int:
+        parallel.check_batch_size(batch_size, self.mesh)
+        steps = self.source.steps_per_epoch(batch_size)
+        return min(steps, self.config.steps_per_epoch) if self.config.steps_per_epoch else steps
 
+    def train_epoch(self, batch_size: int, epoch: int, start_step: int = 0) -> Iterator[tuple]:
+        """Global training batches, sharded over the mesh."""
+        batches = self.source.train_epoch(batch_size, self.config.seed, epoch, start_step)
+        for batch in itertools.islice(batches, self.steps_per_epoch(batch_size) - start_step):
+            yield parallel.shard_batch(self.mesh, *batch)
 
-def pretrained_path(config: ml_collections.ConfigDict, workdir: str) -> str:
-    return config.pretrained or os.path.join(workdir, PRETRAINED_DIR)
+    def evaluate(self, params: Any, batch_stats: Any) -> dict[str, float]:
+        """Test top-1 / top-5 accuracy (fractions), every test example counted exactly once."""
+        batch_size = self.config.data.eval_batch_size
+        parallel.check_batch_size(batch_size, self.mesh)
+        totals = {'correct1': 0, 'correct5': 0, 'count': 0}
+        for batch in self.source.eval_batches(batch_size):
+            counts = search.eval_step(
+                params, batch_stats, *parallel.shard_batch(self.mesh, *batch), model=self.model
+            )
+            totals = {k: totals[k] + v for k, v in counts.items()}
+        totals = to_python(totals)
+        return {
+            'top1': totals['correct1'] / totals['count'],
+            'top5': totals['correct5'] / totals['count'],
+        }
+
+    def load_weights(self, path: str) -> tuple[dict, dict, str]:
+        """Weights checked leaf by leaf against the model, replicated; and their fingerprint."""
+        params, batch_stats, meta = checkpoint.load_weights(path)
+        saved_model = meta.get('model', {}).get('name')
+        if saved_model != self.config.model.name:
+            raise ValueError(
+                f'the weights at {path} are for model {saved_model!r}, but config.model.name is '
+                f'{self.config.model.name!r}; point config.pretrained at matching weights or '
+                'use another --workdir'
+            )
+        sample = jnp.zeros((1, *self.source.image_shape), jnp.float32)
+        init = functools.partial(self.model.init, train=False)
+        expected = jax.eval_shape(init, jax.random.key(0), sample)
+        check_tree_matches(expected['params'], params, f'the params at {path}')
+        check_tree_matches(expected['batch_stats'], batch_stats, f'the batch statistics at {path}')
+        fingerprint = checkpoint.weights_fingerprint(params)
+        params, batch_stats = parallel.replicate((params, batch_stats), self.mesh)
+        return params, batch_stats, fingerprint
 
 
 def check_tree_matches(expected: Any, actual: Any, what: str) -> None:
@@ -54,121 +125,153 @@ def check_tree_matches(expected: Any, actual: Any, what: str) -> None:
         raise ValueError(f'{what} do not fit the configured model:\n  ' + '\n  '.join(problems))
 
 
-def load_pretrained(
-    config: ml_collections.ConfigDict, workdir: str, model: nn.Module, image_shape: tuple[int, ...]
-) -> tuple[dict, dict]:
-    """Frozen params and batch statistics, checked leaf by leaf against the configured model."""
-    path = pretrained_path(config, workdir)
-    params, batch_stats, meta = checkpoint.load_weights(path)
-    saved_model = meta.get('model', {}).get('name')
-    if saved_model != config.model.name:
-        raise ValueError(
-            f'the weights at {path} are for model {saved_model!r}, but config.model.name is '
-            f'{config.model.name!r}; point config.pretrained at matching weights or use another '
-            '--workdir'
-        )
-    sample = jnp.zeros((1, *image_shape), jnp.float32)
-    expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), sample)
-    check_tree_matches(expected['params'], params, f'the params at {path}')
-    check_tree_matches(expected['batch_stats'], batch_stats, f'the batch statistics at {path}')
-    return params, batch_stats
+def pretrained_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    return config.pretrained or os.path.join(workdir, PRETRAINED_DIR)
 
 
-def evaluate(
-    model: nn.Module,
-    params: Any,
-    batch_stats: Any,
-    dataset: data.ArrayDataset,
-    batch_size: int,
-    mesh: jax.sharding.Mesh,
-) -> dict[str, float]:
-    """Test top-1 / top-5 accuracy (fractions), every test example counted exactly once."""
-    parallel.check_batch_size(batch_size, mesh)
-    totals = {'correct1': 0, 'correct5': 0, 'count': 0}
-    for batch in data.eval_batches(dataset.test_images, dataset.test_labels, batch_size):
-        counts = search.eval_step(
-            params, batch_stats, *parallel.shard_batch(mesh, *batch), model=model
-        )
-        totals = {k: totals[k] + v for k, v in counts.items()}
-    totals = to_python(totals)
-    return {
-        'top1': totals['correct1'] / totals['count'],
-        'top5': totals['correct5'] / totals['count'],
-    }
+def jackpot_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    return config.jackpot or os.path.join(workdir, JACKPOT_DIR)
 
 
-def _epoch_metrics(step_metrics: list[dict[str, Any]]) -> dict[str, Any]:
-    """Means of the per-step scalars and sums of the per-step mask changes."""
-    host = to_python(step_metrics)
-    out = {k: float(np.mean([m[k] for m in host])) for k in ('loss', 'top1') if k in host[0]}
-    if 'mask_changes' in host[0]:
-        out['mask_changes'] = int(sum(m['mask_changes'] for m in host))
-        out['mask_changes_per_layer'] = {
-            p: int(sum(m['mask_changes_per_layer'][p] for m in host))
-            for p in host[0]['mask_changes_per_layer']
-        }
-        out['swap_rate'] = host[-1]['swap_rate']
-    return out
-
-
-def _progress(total: int, desc: str):
+def _progress(total: int, desc: str, initial: int = 0):
     return tqdm.tqdm(
-        total=total, desc=desc, unit='step', leave=False, disable=jax.process_index() != 0
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit='step',
+        leave=False,
+        disable=jax.process_index() != 0,
     )
 
 
+class EpochMetrics:
+    """Per-epoch sums of the step metrics, folded in step order (so a resumed run adds
+    the same floats in the same order as an uninterrupted one). Device values are
+    fetched lazily, at :meth:`flush`, to keep the steps asynchronous."""
+
+    def __init__(self, sums: dict[str, Any] | None = None):
+        self.sums = sums or {}
+        self._pending: list[tuple[int, Any]] = []
+
+    def add(self, step: int, metrics: Any) -> None:
+        self._pending.append((step, metrics))
+
+    def flush(self) -> None:
+        """Folds pending metrics in; raises FloatingPointError at the first non-finite loss."""
+        for step, metrics in zip(
+            [s for s, _ in self._pending], to_python([m for _, m in self._pending])
+        ):
+            if not np.isfinite(metrics['loss']):
+                raise FloatingPointError(f'the loss is {metrics["loss"]} at step {step}')
+            self.sums['steps'] = self.sums.get('steps', 0) + 1
+            for key in ('loss', 'top1'):
+                self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
+            if 'mask_changes' in metrics:
+                self.sums['mask_changes'] = (
+                    self.sums.get('mask_changes', 0) + metrics['mask_changes']
+                )
+                per_layer = self.sums.setdefault('mask_changes_per_layer', {})
+                for path, n in metrics['mask_changes_per_layer'].items():
+                    per_layer[path] = per_layer.get(path, 0) + n
+                self.sums['swap_rate'] = metrics['swap_rate']
+        self._pending = []
+
+    def result(self) -> dict[str, Any]:
+        self.flush()
+        out = {k: v for k, v in self.sums.items() if k not in ('steps', 'loss', 'top1')}
+        out.update(
+            loss=self.sums['loss'] / self.sums['steps'], top1=self.sums['top1'] / self.sums['steps']
+        )
+        return out
+
+
 # ----------------------------------------------------------------------------
-# Dense pre-training.
+# Weight training: dense pre-training and tuning under a fixed mask.
 # ----------------------------------------------------------------------------
-def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains the dense model and saves it as the frozen starting point of searches."""
-    cfg = config.pretrain
-    mesh = parallel.make_mesh(config.num_devices or None)
-    parallel.check_batch_size(cfg.batch_size, mesh)
-    dataset = data.load_dataset(config.data.name, config.data.data_dir or None)
-    model = build_model(config, dataset.num_classes)
-    variables = model.init(jax.random.key(config.seed), dataset.train_images[:1], train=False)
-    steps = data.steps_per_epoch(len(dataset.train_images), cfg.batch_size)
+def _train_weights(
+    setup: Setup,
+    cfg: ml_collections.ConfigDict,
+    params: Any,
+    batch_stats: Any,
+    masks: dict | None,
+    mode: str,
+    writer: JsonlWriter,
+) -> tuple[dense.TrainState, dict[str, float]]:
+    steps = setup.steps_per_epoch(cfg.batch_size)
     optimizer = search.sgd_optimizer(
         cfg.learning_rate, cfg.weight_decay, cfg.momentum, cfg.epochs, steps
     )
     state = parallel.replicate(
-        dense.init_train_state(variables['params'], variables['batch_stats'], optimizer), mesh
+        dense.init_train_state(params, batch_stats, optimizer, masks), setup.mesh
     )
     step_fn = dense.make_train_step(
-        model=model, optimizer=optimizer, label_smoothing=cfg.label_smoothing
+        model=setup.model, optimizer=optimizer, label_smoothing=cfg.label_smoothing
     )
-    writer = JsonlWriter(workdir)
-    with _progress(cfg.epochs * steps, 'pretrain') as bar:
+    with _progress(cfg.epochs * steps, mode) as bar:
         for epoch in range(cfg.epochs):
-            step_metrics = []
-            for batch in data.train_batches(
-                dataset.train_images, dataset.train_labels, cfg.batch_size, config.seed, epoch
-            ):
-                state, metrics = step_fn(state, *parallel.shard_batch(mesh, *batch))
-                step_metrics.append(metrics)
+            epoch_metrics = EpochMetrics()
+            for i, batch in enumerate(setup.train_epoch(cfg.batch_size, epoch)):
+                state, metrics = step_fn(state, *batch)
+                epoch_metrics.add(epoch * steps + i + 1, metrics)
                 bar.update()
-            record = {'mode': 'pretrain', 'epoch': epoch + 1, **_epoch_metrics(step_metrics)}
+            record = {'mode': mode, 'epoch': epoch + 1, **epoch_metrics.result()}
             writer.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-    result = evaluate(
-        model, state.params, state.batch_stats, dataset, config.data.eval_batch_size, mesh
-    )
+    result = setup.evaluate(state.params, state.batch_stats)
     writer.write(
         {
-            'mode': 'pretrain',
+            'mode': mode,
             'epoch': cfg.epochs,
             'test_top1': result['top1'],
             'test_top5': result['top5'],
         }
     )
-    logging.info('dense model: test top-1 %.4f', result['top1'])
-    checkpoint.save_weights(
-        pretrained_path(config, workdir),
-        state.params,
-        state.batch_stats,
-        _weights_meta(config, dataset.num_classes),
+    logging.info('%s: test top-1 %.4f', mode, result['top1'])
+    return state, result
+
+
+def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains the dense model and saves it as the frozen starting point of searches."""
+    setup = Setup(config)
+    sample = jnp.zeros((1, *setup.source.image_shape), jnp.float32)
+    variables = setup.model.init(jax.random.key(config.seed), sample, train=False)
+    state, result = _train_weights(
+        setup,
+        config.pretrain,
+        variables['params'],
+        variables['batch_stats'],
+        None,
+        'pretrain',
+        JsonlWriter(workdir),
     )
+    meta = {
+        'model': config.model.to_dict(),
+        'num_classes': setup.source.num_classes,
+        'source': f'pretrain on {config.data.name}',
+        'test_top1': result['top1'],
+    }
+    checkpoint.save_weights(pretrained_path(config, workdir), state.params, state.batch_stats, meta)
+    return result
+
+
+def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains the kept weights of the workdir's jackpot (pruned weights stay exactly zero)."""
+    if not config.tune.epochs:
+        raise ValueError('tune.epochs is 0; set --config.tune.epochs=N (the paper uses 10)')
+    setup = Setup(config)
+    params, _, _ = setup.load_weights(pretrained_path(config, workdir))
+    _, masks, batch_stats, _ = checkpoint.load_jackpot(jackpot_path(config, workdir))
+    masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
+    state, result = _train_weights(
+        setup, config.tune, params, batch_stats, masks, 'tune', JsonlWriter(workdir)
+    )
+    meta = {
+        'model': config.model.to_dict(),
+        'num_classes': setup.source.num_classes,
+        'source': f'tuned under the mask of {jackpot_path(config, workdir)}',
+        'test_top1': result['top1'],
+    }
+    checkpoint.save_weights(os.path.join(workdir, TUNED_DIR), state.params, state.batch_stats, meta)
     return result
 
 
@@ -182,28 +285,77 @@ def initial_pruning(config: ml_collections.ConfigDict, params: dict) -> tuple[di
     kernels = {
         p: flat[p] for p in sparsity.prunable_paths(params, s.prune_include, s.prune_exclude)
     }
-    counts = sparsity.pruned_counts(kernels, s.sparsity, s.allocation)
+    counts = sparsity.pruned_counts(parallel.to_host(kernels), s.sparsity, s.allocation)
     masks = jax.jit(functools.partial(sparsity.magnitude_masks, counts=counts))(kernels)
     return counts, masks
 
 
+def _search_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The config fields a resumed search must share with the one that wrote the checkpoint."""
+    flat = sparsity.flatten(config.to_dict())
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(
+            k == c or k.startswith(c + '/')
+            for c in (c.replace('.', '/') for c in _RESUMABLE_CHANGES)
+        )
+    }
+
+
+def _check_resumable(saved: dict[str, Any], expected: dict[str, Any], directory: str) -> None:
+    if saved['weights_fingerprint'] != expected['weights_fingerprint']:
+        raise ValueError(
+            f"the weights at {expected['weights_path']} differ from those the search in "
+            f"{directory} started from (saved from {saved['weights_path']}, fingerprint "
+            f"{saved['weights_fingerprint'][:12]} != {expected['weights_fingerprint'][:12]}); "
+            'point config.pretrained at the original weights, or use a new --workdir'
+        )
+    diffs = sorted(
+        f"{k.replace('/', '.')}: checkpoint {saved['config'].get(k)!r}, now {v!r}"
+        for k, v in expected['config'].items()
+        if saved['config'].get(k) != v
+    )
+    diffs += [
+        f"{k.replace('/', '.')}: only in the checkpoint"
+        for k in saved['config']
+        if k not in expected['config']
+    ]
+    if diffs or saved['counts'] != expected['counts']:
+        raise ValueError(
+            f'the search checkpoints in {directory} come from a different configuration:\n  '
+            + '\n  '.join(diffs or ['per-layer pruned counts differ'])
+            + '\nrestore those settings to resume, or use a new --workdir'
+        )
+
+
+def _truncate_metrics(path: str, mode: str, after_step: int) -> None:
+    """Drops `mode` records written after `after_step` (by a run that then died)."""
+    if jax.process_index() or not os.path.exists(path):
+        return
+    records = read_jsonl(path)
+    kept = [r for r in records if r.get('mode') != mode or r.get('step', 0) <= after_step]
+    if len(kept) != len(records):
+        with open(path + '.tmp', 'w') as f:
+            f.writelines(json.dumps(r) + '\n' for r in kept)
+        os.replace(path + '.tmp', path)
+
+
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Searches a jackpot in the frozen pre-trained weights and saves scores and masks."""
+    """Searches a jackpot in the frozen weights; resumes from WORKDIR/checkpoints if present."""
     s = config.search
-    mesh = parallel.make_mesh(config.num_devices or None)
-    parallel.check_batch_size(s.batch_size, mesh)
-    dataset = data.load_dataset(config.data.name, config.data.data_dir or None)
-    model = build_model(config, dataset.num_classes)
-    params, batch_stats = load_pretrained(config, workdir, model, dataset.image_shape)
+    setup = Setup(config)
+    weights_path = pretrained_path(config, workdir)
+    params, batch_stats, fingerprint = setup.load_weights(weights_path)
     counts, masks = initial_pruning(config, params)
     scores = sparsity.init_scores(masks, s.pruned_score)
-    steps = data.steps_per_epoch(len(dataset.train_images), s.batch_size)
+    steps = setup.steps_per_epoch(s.batch_size)
     optimizer = search.sgd_optimizer(s.learning_rate, s.weight_decay, s.momentum, s.epochs, steps)
     state = parallel.replicate(
-        search.init_search_state(params, batch_stats, masks, scores, optimizer), mesh
+        search.init_search_state(params, batch_stats, masks, scores, optimizer), setup.mesh
     )
     step_fn = search.make_search_step(
-        model=model,
+        model=setup.model,
         optimizer=optimizer,
         counts=counts,
         steps_per_epoch=steps,
@@ -213,105 +365,190 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         bn_mode=s.bn_mode,
         label_smoothing=s.label_smoothing,
     )
+
+    # Restore: the workdir's own latest checkpoint, else start from the magnitude mask.
+    ckpts = checkpoint.SearchCheckpoints(
+        os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint.keep
+    )
+    identity = {
+        'config': _search_identity(config),
+        'counts': counts,
+        'weights_fingerprint': fingerprint,
+        'weights_path': os.path.abspath(weights_path),
+    }
+    history: list[dict[str, Any]] = []
+    epoch_metrics = EpochMetrics()
+    latest = ckpts.latest_step()
+    if latest is not None:
+        _check_resumable(ckpts.read_meta(latest), identity, ckpts.directory)
+        state, meta = ckpts.restore(latest, like=state)
+        history, epoch_metrics = meta['history'], EpochMetrics(meta['epoch_sums'])
+        logging.info('resuming the search from step %d of %s', latest, ckpts.directory)
+    start = int(parallel.to_host(state.step))
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    _truncate_metrics(metrics_path, 'search', start)
     writer = JsonlWriter(workdir)
-    history = []
-    start = time.perf_counter()
-    with _progress(s.epochs * steps, 'search') as bar:
-        for epoch in range(s.epochs):
-            step_metrics = []
-            for batch in data.train_batches(
-                dataset.train_images, dataset.train_labels, s.batch_size, config.seed, epoch
-            ):
-                state, metrics = step_fn(state, *parallel.shard_batch(mesh, *batch))
-                step_metrics.append(metrics)
-                bar.update()
-            record = {'mode': 'search', 'epoch': epoch + 1, **_epoch_metrics(step_metrics)}
-            test = evaluate(
-                model,
-                sparsity.masked_params(state.frozen_params, state.masks),
-                state.batch_stats,
-                dataset,
-                config.data.eval_batch_size,
-                mesh,
-            )
-            record.update(test_top1=test['top1'], test_top5=test['top5'])
-            history.append(record)
-            writer.write(record)
-            bar.set_postfix(
-                loss=f"{record['loss']:.3f}",
-                test_top1=f"{test['top1']:.4f}",
-                changes=record['mask_changes'],
-            )
-            logging.info(
-                'search epoch %d/%d: loss %.4f, train top-1 %.4f, test top-1 %.4f, '
-                'mask changes %d',
-                epoch + 1,
-                s.epochs,
-                record['loss'],
-                record['top1'],
-                test['top1'],
-                record['mask_changes'],
-            )
-    seconds = time.perf_counter() - start
-    report = sparsity.sparsity_report(state.frozen_params, state.masks)
+
+    def save(metrics=None):
+        epoch_metrics.flush()
+        ckpts.save(
+            state, {**identity, 'history': history, 'epoch_sums': epoch_metrics.sums}, metrics
+        )
+
+    every = config.checkpoint.every_steps
+    clock = time.perf_counter()
+    try:
+        with _progress(s.epochs * steps, 'search', initial=start) as bar:
+            for epoch in range(start // steps, s.epochs):
+                first = start - epoch * steps if epoch == start // steps else 0
+                for i, batch in enumerate(setup.train_epoch(s.batch_size, epoch, first), first + 1):
+                    state, metrics = step_fn(state, *batch)
+                    global_step = epoch * steps + i
+                    epoch_metrics.add(global_step, metrics)
+                    bar.update()
+                    if every and global_step % every == 0 and i < steps:
+                        save()
+                record = {
+                    'mode': 'search',
+                    'epoch': epoch + 1,
+                    'step': (epoch + 1) * steps,
+                    **epoch_metrics.result(),
+                }
+                test = setup.evaluate(
+                    sparsity.masked_params(state.frozen_params, state.masks), state.batch_stats
+                )
+                record.update(test_top1=test['top1'], test_top5=test['top5'])
+                history.append(record)
+                writer.write(record)
+                epoch_metrics = EpochMetrics()
+                save({'test_top1': test['top1']})
+                bar.set_postfix(
+                    loss=f"{record['loss']:.3f}",
+                    test_top1=f"{test['top1']:.4f}",
+                    changes=record['mask_changes'],
+                )
+                logging.info(
+                    'search epoch %d/%d: loss %.4f, train top-1 %.4f, test top-1 %.4f, '
+                    'mask changes %d',
+                    epoch + 1,
+                    s.epochs,
+                    record['loss'],
+                    record['top1'],
+                    test['top1'],
+                    record['mask_changes'],
+                )
+    except FloatingPointError as e:
+        ckpts.wait()
+        raise FloatingPointError(
+            f'{e}: the search stopped; the last good checkpoint is step {ckpts.latest_step()} in '
+            f'{ckpts.directory}. Lower search.learning_rate (or check the data), then rerun: '
+            'the search resumes from that checkpoint'
+        ) from e
+    finally:
+        ckpts.wait()
+        ckpts.close()
+    seconds = time.perf_counter() - clock
+
+    host_masks = parallel.to_host(state.masks)
+    report = sparsity.sparsity_report(params, host_masks)
+    best = max(history, key=lambda r: r['test_top1'])
     summary = {
         'jackpot_top1': history[-1]['test_top1'],
         'jackpot_top5': history[-1]['test_top5'],
-        'best_top1': max(r['test_top1'] for r in history),
-        'best_epoch': 1 + int(np.argmax([r['test_top1'] for r in history])),
+        'best_top1': best['test_top1'],
+        'best_epoch': best['epoch'],
         'sparsity': report['sparsity'],
         'model_sparsity': report['model_sparsity'],
         'search_seconds': seconds,
     }
     checkpoint.save_jackpot(
-        os.path.join(workdir, JACKPOT_DIR),
-        state.scores,
-        state.masks,
+        jackpot_path(config, workdir),
+        None,
+        host_masks,
         state.batch_stats,
-        {'counts': counts, 'config': config.to_dict(), 'summary': summary},
+        {**identity, 'model': config.model.to_dict(), 'summary': summary},
     )
     logging.info('jackpot sparsity report:\n%s', sparsity.format_sparsity_report(report))
+    if config.tune.epochs:
+        summary['tuned_top1'] = run_tune(config, workdir)['top1']
     return {**summary, 'state': state, 'counts': counts}
 
 
 # ----------------------------------------------------------------------------
-# Evaluation and the demo.
+# Evaluation, export and the demo.
 # ----------------------------------------------------------------------------
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Evaluates the jackpot saved in the workdir; prints its sparsity report."""
-    mesh = parallel.make_mesh(config.num_devices or None)
-    dataset = data.load_dataset(config.data.name, config.data.data_dir or None)
-    model = build_model(config, dataset.num_classes)
-    params, _ = load_pretrained(config, workdir, model, dataset.image_shape)
-    _, masks, batch_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, JACKPOT_DIR))
-    params, masks, batch_stats = parallel.replicate((params, masks, batch_stats), mesh)
-    result = evaluate(
-        model,
-        sparsity.masked_params(params, masks),
-        batch_stats,
-        dataset,
-        config.data.eval_batch_size,
-        mesh,
-    )
-    report = sparsity.sparsity_report(params, masks)
+    """Evaluates the jackpot (masks + its batch statistics) over the weights.
+
+    With ``config.jackpot='none'`` the weights are evaluated as they are, e.g. the
+    masked weights written by 'export'.
+    """
+    setup = Setup(config)
+    params, batch_stats, _ = setup.load_weights(pretrained_path(config, workdir))
+    path = jackpot_path(config, workdir)
+    if config.jackpot != 'none':
+        _, masks, batch_stats, _ = checkpoint.load_jackpot(path)
+        masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
+        params = sparsity.masked_params(params, masks)
+        what = f'jackpot {path}'
+    else:
+        flat = sparsity.flatten(params)
+        s = config.search
+        masks = {
+            p: flat[p] != 0
+            for p in sparsity.prunable_paths(params, s.prune_include, s.prune_exclude)
+        }
+        what = f'weights {pretrained_path(config, workdir)}'
+    result = setup.evaluate(params, batch_stats)
+    report = sparsity.sparsity_report(params, parallel.to_host(masks))
     print(sparsity.format_sparsity_report(report))
-    print(f"jackpot: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    print(f"{what}: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    tuned = os.path.join(workdir, TUNED_DIR)
+    if os.path.isdir(tuned) and not config.pretrained:
+        tuned_params, tuned_stats, _ = setup.load_weights(tuned)
+        result['tuned_top1'] = setup.evaluate(tuned_params, tuned_stats)['top1']
+        print(f"tuned weights {tuned}: test top-1 {result['tuned_top1']:.4f}")
     return {**result, 'sparsity': report['sparsity']}
+
+
+def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """Writes the jackpot's masked dense params as ordinary weights (WORKDIR/masked_weights)."""
+    setup = Setup(config)
+    params, _, fingerprint = setup.load_weights(pretrained_path(config, workdir))
+    _, masks, batch_stats, meta = checkpoint.load_jackpot(jackpot_path(config, workdir))
+    if meta.get('weights_fingerprint') not in (None, fingerprint):
+        raise ValueError(
+            f'the jackpot at {jackpot_path(config, workdir)} was found in other weights than '
+            f'{pretrained_path(config, workdir)}; point config.pretrained at the original weights'
+        )
+    masked = parallel.to_host(sparsity.masked_params(params, parallel.replicate(masks, setup.mesh)))
+    out = os.path.join(workdir, MASKED_WEIGHTS_DIR)
+    checkpoint.save_weights(
+        out,
+        masked,
+        batch_stats,
+        {
+            'model': config.model.to_dict(),
+            'num_classes': setup.source.num_classes,
+            'source': f'masked by {jackpot_path(config, workdir)}',
+        },
+    )
+    print(
+        f'masked weights written to {out}; evaluate them with '
+        f'--mode=evaluate --config.pretrained={out} --config.jackpot=none'
+    )
+    return {'masked_weights': out}
 
 
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrain -> search -> compare with magnitude and random masks; writes summary.json."""
     total_start = time.perf_counter()
-    mesh = parallel.make_mesh(config.num_devices or None)
-    dataset = data.load_dataset(config.data.name, config.data.data_dir or None)
-    model = build_model(config, dataset.num_classes)
     if os.path.isdir(pretrained_path(config, workdir)):
         logging.info('using the pre-trained weights at %s', pretrained_path(config, workdir))
     else:
         run_pretrain(config, workdir)
-    params, batch_stats = parallel.replicate(
-        load_pretrained(config, workdir, model, dataset.image_shape), mesh
-    )
+    setup = Setup(config)
+    params, batch_stats, _ = setup.load_weights(pretrained_path(config, workdir))
     counts, magnitude = initial_pruning(config, params)
     random = jax.jit(functools.partial(sparsity.random_masks, counts=counts))(
         jax.random.key(config.seed + 1), magnitude
@@ -319,9 +556,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     def accuracy(masks):
         masked = params if masks is None else sparsity.masked_params(params, masks)
-        return evaluate(model, masked, batch_stats, dataset, config.data.eval_batch_size, mesh)[
-            'top1'
-        ]
+        return setup.evaluate(masked, batch_stats)['top1']
 
     summary = {
         'dense_top1': accuracy(None),
@@ -332,8 +567,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     for key in ('jackpot_top1', 'best_top1', 'sparsity', 'model_sparsity', 'search_seconds'):
         summary[key] = found[key]
     summary['total_seconds'] = time.perf_counter() - total_start
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
     print(format_summary(config, summary))
     return summary
 
@@ -359,4 +595,11 @@ def format_summary(config: ml_collections.ConfigDict, summary: dict[str, Any]) -
     return '\n'.join(lines)
 
 
-MODES = {'pretrain': run_pretrain, 'search': run_search, 'evaluate': run_evaluate, 'demo': run_demo}
+MODES = {
+    'pretrain': run_pretrain,
+    'search': run_search,
+    'tune': run_tune,
+    'evaluate': run_evaluate,
+    'export': run_export,
+    'demo': run_demo,
+}

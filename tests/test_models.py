@@ -252,7 +252,7 @@ def test_adaptive_avg_pool_bins():
 
 
 def test_torchvision_vgg_dropout_only_with_rng():
-    model = get_model('vgg11_bn', 3)
+    model = get_model('vgg11_bn', 3, cfg=(8, 'M'))  # a small feature stack: fast init.
     x = jax.random.normal(KEY, (2, 32, 32, 3))
     variables = model.init(KEY, x, train=False)
     a, _ = model.apply(variables, x, train=True, mutable=['batch_stats'])

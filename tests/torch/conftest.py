@@ -11,7 +11,9 @@ import warnings
 
 collect_ignore_glob = []
 if 'tensorflow' in sys.modules:
-    warnings.warn('tests/torch skipped: tensorflow is loaded; run `python -m pytest tests/torch` alone')
+    warnings.warn(
+        'tests/torch skipped: tensorflow is loaded; run `python -m pytest tests/torch` alone'
+    )
     collect_ignore_glob = ['*.py']
 elif importlib.util.find_spec('torch') is None or importlib.util.find_spec('torchvision') is None:
     warnings.warn('tests/torch skipped: pip install torch==2.14.1 torchvision==0.29.1 safetensors')

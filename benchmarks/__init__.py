@@ -1,0 +1,1 @@
+"""Benchmarks of jackpot_jax (scripts; see each module's docstring)."""

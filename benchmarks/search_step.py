@@ -1,0 +1,433 @@
+"""Benchmark: the jackpot search step against the dense training step of the same model.
+
+Prints one JSON document to stdout (progress goes to stderr). For every model it
+times, interleaved step by step after compilation and warm-up:
+
+  * ``search``: the jitted search step (``search.make_search_step``, state donated);
+  * ``dense``: the jitted dense training step (``dense.make_train_step``, same optimizer);
+  * ``mask_update``: the jitted ``sparsity.update_masks`` over all layers, rate 'all';
+  * ``mask_update_rate``: the same with a traced rate < 1 (the general path);
+  * ``search_no_mask_update``: the search step traced with the mask update replaced by
+    the identity, so ``search - search_no_mask_update`` is the in-step cost of the update.
+
+and checks that the search step compiled exactly once. ``--scaling`` adds the search
+step's throughput on 1, 2, 4, 8 devices of a data-parallel mesh at a fixed global batch.
+
+Run from the repository root::
+
+    python -m benchmarks.search_step --models=resnet32 --steps=5
+    python -m benchmarks.search_step --models=resnet20 --scaling --no-compare
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+from unittest import mock
+
+if __package__ in (None, ''):  # run as a file: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402  (importing jax initialises no backend)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jackpot_jax import dense, models, parallel, search, sparsity  # noqa: E402
+
+# name: (image size, default batch, classes, weight decay)
+MODEL_DEFAULTS = {
+    'small_cnn': (32, 128, 10, 5e-4),
+    'resnet20': (32, 128, 10, 5e-4),
+    'resnet32': (32, 128, 10, 5e-4),
+    'resnet56': (32, 128, 10, 5e-4),
+    'vgg19_cifar': (32, 64, 10, 5e-4),
+}
+IMAGENET_DEFAULTS = (224, 16, 1000, 1e-4)
+DEFAULT_MODELS = 'resnet32,vgg19_cifar,resnet50'
+SCALING_DEVICES = (1, 2, 4, 8)
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+MASK_UPDATE_TARGET = 0.03  # mask update <= 3% of the search step
+SEARCH_OVER_DENSE_TARGET = 1.10  # search step <= 1.10x the dense step
+EPOCHS, STEPS_PER_EPOCH = 30, 100  # only shape the LR schedule
+
+_TRACE = '/jax/core/compile/jaxpr_trace_duration'
+_LOWER = '/jax/core/compile/jaxpr_to_mlir_module_duration'
+_COMPILE = '/jax/core/compile/backend_compile_duration'
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    p.add_argument('--models', default=DEFAULT_MODELS, help='comma-separated model names')
+    p.add_argument('--batch_size', type=int, default=0, help='global batch (0: per-model default)')
+    p.add_argument('--image_size', type=int, default=0, help='0: per-model default')
+    p.add_argument('--dtype', choices=tuple(DTYPES), default='float32', help='compute dtype')
+    p.add_argument('--sparsity', type=float, default=0.9)
+    p.add_argument('--steps', type=int, default=10, help='timed samples per function')
+    p.add_argument('--inner', type=int, default=1, help='calls per timed sample')
+    p.add_argument('--warmup', type=int, default=1, help='untimed calls after the first')
+    p.add_argument('--devices', type=int, default=1, help='data-parallel mesh size')
+    p.add_argument('--rate', type=float, default=0.5, help='traced rate of mask_update_rate')
+    p.add_argument('--compare', action=argparse.BooleanOptionalAction, default=True,
+                   help='run the search / dense / mask-update comparison')
+    p.add_argument('--rate_update', action=argparse.BooleanOptionalAction, default=True,
+                   help='also time the mask update with a traced rate < 1')
+    p.add_argument('--ablation', action=argparse.BooleanOptionalAction, default=True,
+                   help='also time the search step without its mask update')
+    p.add_argument('--scaling', action='store_true',
+                   help='search-step images/s on 1, 2, 4, 8 devices at a fixed global batch')
+    p.add_argument('--cpu_devices', type=int, default=8,
+                   help='simulated CPU devices when --scaling or --devices > 1')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--output', default='', help='also write the JSON to this file')
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.inner < 1 or args.warmup < 0:
+        p.error('--steps and --inner must be >= 1, --warmup >= 0')
+    if not 0.0 < args.rate < 1.0:
+        p.error('--rate must be in (0, 1)')
+    return args
+
+
+def configure_devices(args: argparse.Namespace) -> None:
+    """Ask for simulated CPU devices; must run before the first JAX operation.
+
+    Only the CPU client is affected, so this is harmless on a GPU machine. If a backend
+    is already up (e.g. under pytest, whose conftest asks for 8), it is left as it is.
+    """
+    wanted = max(args.devices, args.cpu_devices if args.scaling else 1)
+    if wanted > 1:
+        try:
+            jax.config.update('jax_num_cpu_devices', wanted)
+        except RuntimeError:
+            log('note: JAX backends already initialised; keeping their device count')
+
+
+class CompileLog:
+    """Counts traces / backend compiles and sums their seconds while registered."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.traces = 0
+        self.compiles = 0
+
+    def __call__(self, event: str, duration: float, **kwargs: Any) -> None:
+        if event in (_TRACE, _LOWER, _COMPILE):
+            self.seconds += duration
+        self.traces += event == _TRACE
+        self.compiles += event == _COMPILE
+
+
+def model_settings(name: str, args: argparse.Namespace) -> tuple[int, int, int, float]:
+    """(image size, global batch, classes, weight decay) for a model, flags applied."""
+    size, batch, classes, wd = MODEL_DEFAULTS.get(name, IMAGENET_DEFAULTS)
+    return args.image_size or size, args.batch_size or batch, classes, wd
+
+
+def fresh(tree: Any) -> Any:
+    """A copy with its own buffers (donation deletes the buffers of the state it is given)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Random-init model, global-magnitude counts, magnitude masks, scores, a fixed batch."""
+    size, batch, classes, wd = model_settings(name, args)
+    model = models.get_model(name, classes, dtype=DTYPES[args.dtype])
+    init = jax.jit(lambda rng, x: model.init(rng, x, train=False))
+    variables = init(jax.random.key(args.seed), jnp.zeros((1, size, size, 3), jnp.float32))
+    params, batch_stats = variables['params'], variables['batch_stats']
+    flat = sparsity.flatten(params)
+    kernels = {p: flat[p] for p in sparsity.prunable_paths(params)}
+    counts = sparsity.pruned_counts(kernels, args.sparsity)
+    masks = jax.jit(functools.partial(sparsity.magnitude_masks, counts=counts))(kernels)
+    scores = sparsity.init_scores(masks)
+    rng = np.random.default_rng(args.seed)
+    images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, classes, size=batch).astype(np.int32)
+    optimizer = search.sgd_optimizer(0.1, wd, 0.9, EPOCHS, STEPS_PER_EPOCH)
+    sizes = {p: int(np.size(w)) for p, w in kernels.items()}
+    return dict(
+        name=name, model=model, image_size=size, batch_size=batch, num_classes=classes,
+        params=params, batch_stats=batch_stats, counts=counts, masks=masks, scores=scores,
+        images=images, labels=labels, optimizer=optimizer, sizes=sizes,
+    )
+
+
+def make_search_fn(s: dict[str, Any]) -> Callable:
+    return search.make_search_step(
+        model=s['model'], optimizer=s['optimizer'], counts=s['counts'],
+        steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS,
+    )
+
+
+def _identity_update(scores, masks, counts, *, mode='short_restriction', rate=None):
+    """Stand-in for ``sparsity.update_masks`` that changes nothing (for the ablation)."""
+    return dict(masks), {p: jnp.zeros((), jnp.int32) for p in masks}
+
+
+def search_state(s: dict[str, Any], mesh) -> search.SearchState:
+    state = search.init_search_state(
+        fresh(s['params']), fresh(s['batch_stats']), fresh(s['masks']), fresh(s['scores']),
+        s['optimizer'],
+    )
+    return parallel.replicate(state, mesh)
+
+
+class Stateful:
+    """A jitted step with a donated state: each call advances the state."""
+
+    def __init__(self, fn: Callable, state: Any, *args: Any, patch: Any = None):
+        self.fn, self.state, self.args, self.patch = fn, state, args, patch
+
+    def __call__(self) -> Any:
+        if self.patch is not None:  # only affects tracing; a cache hit never looks at it
+            with mock.patch.object(sparsity, 'update_masks', self.patch):
+                self.state, out = self.fn(self.state, *self.args)
+        else:
+            self.state, out = self.fn(self.state, *self.args)
+        return self.state, out
+
+
+class Pure:
+    """A jitted function of fixed arguments."""
+
+    def __init__(self, fn: Callable, *args: Any):
+        self.fn, self.args = fn, args
+
+    def __call__(self) -> Any:
+        return self.fn(*self.args)
+
+
+def summarize(seconds: Sequence[float], batch: int | None = None) -> dict[str, float]:
+    med = statistics.median(seconds)
+    out = {
+        'ms_median': 1e3 * med,
+        'ms_min': 1e3 * min(seconds),
+        'ms_max': 1e3 * max(seconds),
+        'samples': len(seconds),
+    }
+    if batch:
+        out['images_per_s'] = batch / med
+    return out
+
+
+def measure(
+    runners: dict[str, Callable], args: argparse.Namespace, compile_log: CompileLog
+) -> tuple[dict[str, list[float]], dict[str, dict[str, float]], int]:
+    """First call (compile) of each, warm-up, then timed samples interleaved round-robin.
+
+    Returns (samples in seconds per call, first-call info, compiles during timed samples).
+    """
+    first = {}
+    for name, run in runners.items():
+        before, t0 = compile_log.seconds, time.perf_counter()
+        jax.block_until_ready(run())
+        first[name] = {
+            'first_call_s': time.perf_counter() - t0,
+            'compile_s': compile_log.seconds - before,
+        }
+        log(f'  {name}: first call {first[name]["first_call_s"]:.2f} s')
+    for _ in range(args.warmup):
+        for run in runners.values():
+            jax.block_until_ready(run())
+    compiles = compile_log.compiles
+    names = list(runners)
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(args.steps):
+        shift = i % len(names)  # rotate the order so no function always runs first
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            for _ in range(args.inner - 1):
+                runners[name]()
+            jax.block_until_ready(runners[name]())
+            samples[name].append((time.perf_counter() - t0) / args.inner)
+    return samples, first, compile_log.compiles - compiles
+
+
+def cache_size(fn: Callable) -> int | None:
+    """Number of compiled specialisations held by a jitted function (None if unknown)."""
+    try:
+        return int(fn._cache_size())
+    except AttributeError:
+        return None
+
+
+def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) -> dict[str, Any]:
+    """The side-by-side comparison for one model."""
+    s = setup(name, args)
+    mesh = parallel.make_mesh(args.devices)
+    parallel.check_batch_size(s['batch_size'], mesh)
+    batch = parallel.shard_batch(mesh, s['images'], s['labels'])
+    search_fn = make_search_fn(s)
+    dense_fn = dense.make_train_step(model=s['model'], optimizer=s['optimizer'])
+    dense_state = parallel.replicate(
+        dense.init_train_state(fresh(s['params']), fresh(s['batch_stats']), s['optimizer']), mesh
+    )
+    # Scores as they look after some steps: continuous values, so the update swaps weights.
+    noise = np.random.default_rng(args.seed + 1)
+    moved = {
+        p: v + jnp.asarray(noise.normal(0, 0.01, v.shape), jnp.float32)
+        for p, v in s['scores'].items()
+    }
+    mask_args = parallel.replicate((moved, fresh(s['masks'])), mesh)
+    mask_fn = jax.jit(functools.partial(sparsity.update_masks, counts=s['counts'], rate=None))
+    runners: dict[str, Callable] = {
+        'search': Stateful(search_fn, search_state(s, mesh), *batch),
+        'dense': Stateful(dense_fn, dense_state, *batch),
+        'mask_update': Pure(mask_fn, *mask_args),
+    }
+    if args.rate_update:
+        counts = s['counts']
+        rate_fn = jax.jit(lambda sc, m, r: sparsity.update_masks(sc, m, counts, rate=r))
+        rate = parallel.replicate(jnp.float32(args.rate), mesh)
+        runners['mask_update_rate'] = Pure(rate_fn, *mask_args, rate)
+    if args.ablation:
+        runners['search_no_mask_update'] = Stateful(
+            make_search_fn(s), search_state(s, mesh), *batch, patch=_identity_update
+        )
+    log(f'{name}: batch {s["batch_size"]}, {args.dtype}, {args.devices} device(s)')
+    samples, first, timed_compiles = measure(runners, args, compile_log)
+
+    b = s['batch_size']
+    result: dict[str, Any] = {
+        'model': name,
+        'image_size': s['image_size'],
+        'batch_size': b,
+        'num_classes': s['num_classes'],
+        'dtype': args.dtype,
+        'sparsity': args.sparsity,
+        'num_devices': args.devices,
+        'prunable_layers': len(s['sizes']),
+        'prunable_weights': sum(s['sizes'].values()),
+        'kept_weights': sum(s['sizes'].values()) - sum(s['counts'].values()),
+        'largest_layer': max(s['sizes'].values()),
+    }
+    for key, secs in samples.items():
+        with_images = key in ('search', 'dense', 'search_no_mask_update')
+        result[key] = {**summarize(secs, b if with_images else None), **first[key]}
+    search_ms = result['search']['ms_median']
+    result['search_over_dense'] = search_ms / result['dense']['ms_median']
+    result['mask_update']['fraction_of_search_step'] = result['mask_update']['ms_median'] / search_ms
+    if args.rate_update:
+        result['mask_update_rate']['fraction_of_search_step'] = (
+            result['mask_update_rate']['ms_median'] / search_ms
+        )
+    if args.ablation:
+        in_step = search_ms - result['search_no_mask_update']['ms_median']
+        result['mask_update_in_step_ms'] = in_step
+        result['mask_update_in_step_fraction'] = in_step / search_ms
+        result['search_no_mask_update_over_dense'] = (
+            result['search_no_mask_update']['ms_median'] / result['dense']['ms_median']
+        )
+    size = cache_size(search_fn)
+    result['recompilation'] = {
+        'search_cache_size': size,
+        'dense_cache_size': cache_size(dense_fn),
+        'search_calls': 1 + args.warmup + args.steps * args.inner,
+        'compiles_during_timed_steps': timed_compiles,
+        'search_recompiled': (size is not None and size != 1) or timed_compiles > 0,
+    }
+    result['targets'] = {
+        'mask_update_fraction_max': MASK_UPDATE_TARGET,
+        'mask_update_met': result['mask_update']['fraction_of_search_step'] <= MASK_UPDATE_TARGET,
+        'search_over_dense_max': SEARCH_OVER_DENSE_TARGET,
+        'search_over_dense_met': result['search_over_dense'] <= SEARCH_OVER_DENSE_TARGET,
+    }
+    return result
+
+
+def bench_scaling(name: str, args: argparse.Namespace, compile_log: CompileLog) -> dict[str, Any]:
+    """Search-step images/s on meshes of 1, 2, 4, 8 devices at one global batch."""
+    s = setup(name, args)
+    b = s['batch_size']
+    available = len(jax.devices())
+    counts = [n for n in SCALING_DEVICES if n <= available and b % n == 0]
+    runners = {}
+    for n in counts:
+        mesh = parallel.make_mesh(n)
+        batch = parallel.shard_batch(mesh, s['images'], s['labels'])
+        runners[f'devices_{n}'] = Stateful(make_search_fn(s), search_state(s, mesh), *batch)
+    log(f'{name} scaling: batch {b}, devices {counts} of {available}')
+    samples, first, timed_compiles = measure(runners, args, compile_log)
+    rows = []
+    for n in counts:
+        row = {'devices': n, **summarize(samples[f'devices_{n}'], b), **first[f'devices_{n}']}
+        rows.append(row)
+    base = rows[0]['images_per_s']
+    for row in rows:
+        row['speedup'] = row['images_per_s'] / base
+        row['efficiency'] = row['speedup'] / (row['devices'] / rows[0]['devices'])
+    return {
+        'model': name,
+        'global_batch_size': b,
+        'dtype': args.dtype,
+        'available_devices': available,
+        'rows': rows,
+        'search_cache_sizes': [cache_size(r.fn) for r in runners.values()],
+        'compiles_during_timed_steps': timed_compiles,
+    }
+
+
+def environment() -> dict[str, Any]:
+    devices = jax.devices()
+    return {
+        'jax': jax.__version__,
+        'platform': devices[0].platform,
+        'device_kind': devices[0].device_kind,
+        'device_count': len(devices),
+        'cpu_count': os.cpu_count(),
+        'python': sys.version.split()[0],
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Runs the benchmark, prints the JSON and returns it as a dict."""
+    args = parse_args(argv)
+    configure_devices(args)
+    names = [n.strip() for n in args.models.split(',') if n.strip()]
+    for name in names:
+        models.get_model(name, 10)  # fail fast on an unknown name
+    compile_log = CompileLog()
+    jax.monitoring.register_event_duration_secs_listener(compile_log)
+    try:
+        result: dict[str, Any] = {
+            'benchmark': 'search_step',
+            'environment': environment(),
+            'flags': {k: v for k, v in vars(args).items()},
+            'models': {},
+        }
+        if args.compare:
+            for name in names:
+                result['models'][name] = bench_model(name, args, compile_log)
+        if args.scaling:
+            result['scaling'] = {name: bench_scaling(name, args, compile_log) for name in names}
+    finally:
+        jax.monitoring.unregister_event_duration_listener(compile_log)
+    text = json.dumps(result, indent=2, default=_json_default)
+    print(text, flush=True)
+    if args.output:
+        with open(args.output, 'w') as f:
+            f.write(text + '\n')
+    return result
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f'not JSON serialisable: {type(value).__name__}')
+
+
+if __name__ == '__main__':
+    main()
