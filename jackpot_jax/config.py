@@ -12,6 +12,7 @@ import ml_collections
 from jackpot_jax import data, models, search, sparsity
 
 MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export')
+CPU_COLLECTIVES = ('', 'gloo', 'mpi')
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -75,6 +76,16 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 0
     config.checkpoint.keep = 3
+
+    # Multi-host runs (one process per host, e.g. a Cloud TPU pod): the launcher calls
+    # jax.distributed.initialize before any other JAX use. Left at their defaults, the
+    # coordinator, process count and id are detected (Cloud TPU, SLURM, Open MPI).
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.initialize = False
+    config.distributed.coordinator_address = ''  # 'host:port' of process 0.
+    config.distributed.num_processes = 0  # 0 = auto.
+    config.distributed.process_id = -1  # -1 = auto.
+    config.distributed.cpu_collectives = ''  # 'gloo' for multi-process runs on CPUs.
     return config
 
 
@@ -99,6 +110,20 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def _check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f'{name} must be positive, got {value!r}')
+
+
+def _check_distributed(d: ml_collections.ConfigDict) -> None:
+    _check_choice('distributed.cpu_collectives', d.cpu_collectives, CPU_COLLECTIVES)
+    if d.num_processes < 0 or d.process_id < -1:
+        raise ValueError(
+            'distributed.num_processes must be >= 0 (0 = auto) and distributed.process_id '
+            f'>= -1 (-1 = auto), got {d.num_processes!r} and {d.process_id!r}'
+        )
+    if d.num_processes and d.process_id >= d.num_processes:
+        raise ValueError(
+            f'distributed.process_id={d.process_id} is out of range for '
+            f'distributed.num_processes={d.num_processes}'
+        )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -132,6 +157,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 f'got {config[group].label_smoothing!r}'
             )
     _check_positive('data.eval_batch_size', config.data.eval_batch_size)
+    _check_distributed(config.distributed)
     _check_positive('checkpoint.keep', config.checkpoint.keep)
     for name, value in [
         ('tune.epochs', config.tune.epochs),

@@ -444,7 +444,7 @@ def _split_mask_keys(
 def official_weights_to_flax(
     state_dict: Mapping[str, np.ndarray], arch: str, *, what: str = 'the checkpoint'
 ) -> Weights:
-    """Official pre-trained (or jackpot) state dict -> dense weights; ``.mask``/``.b_mask`` are ignored."""
+    """Official pre-trained (or jackpot) state dict -> dense weights (``.mask``/``.b_mask`` ignored)."""
     spec = get_arch(arch, 'official')
     weights, _, _ = _split_mask_keys(strip_module_prefix(state_dict), spec)
     return torch_to_flax(weights, spec, what=what)

@@ -7,11 +7,12 @@ overridden on the command line, e.g. ``--config.search.sparsity=0.95``.
 import logging as std_logging
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jackpot_jax import config as config_lib
-from jackpot_jax import train
+from jackpot_jax import parallel, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config',
@@ -38,6 +39,20 @@ def main(argv):
     if _MODE.value:
         config.mode = _MODE.value
     config_lib.validate(config)
+    d = config.distributed
+    if d.initialize:  # before anything else touches a JAX backend
+        parallel.initialize_distributed(
+            d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives
+        )
+    if jax.process_index():  # one log for the whole run: process 0's
+        logging.set_verbosity(logging.WARNING)
+    logging.info(
+        'process %d of %d; %d local and %d global devices',
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
     os.makedirs(_WORKDIR.value, exist_ok=True)
     logging.info('mode %s, workdir %s\n%s', config.mode, _WORKDIR.value, config)
     train.MODES[config.mode](config, _WORKDIR.value)

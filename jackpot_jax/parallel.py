@@ -16,6 +16,29 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = 'data'
 
 
+def initialize_distributed(
+    coordinator_address: str = '',
+    num_processes: int = 0,
+    process_id: int = -1,
+    cpu_collectives: str = '',
+) -> None:
+    """Joins this process to a multi-process run; call it before any other JAX use.
+
+    Empty / 0 / -1 arguments are left to JAX to detect (Cloud TPU, SLURM, Open MPI).
+    ``cpu_collectives='gloo'`` lets processes on CPUs (e.g. tests on one machine) talk.
+    """
+    if cpu_collectives:
+        jax.config.update('jax_cpu_collectives_implementation', cpu_collectives)
+    kwargs: dict[str, Any] = {}
+    if coordinator_address:
+        kwargs['coordinator_address'] = coordinator_address
+    if num_processes:
+        kwargs['num_processes'] = num_processes
+    if process_id >= 0:
+        kwargs['process_id'] = process_id
+    jax.distributed.initialize(**kwargs)
+
+
 def make_mesh(num_devices: int | None = None) -> Mesh:
     """A 1-D data-parallel mesh over the first ``num_devices`` devices (default: all)."""
     available = len(jax.devices())
@@ -34,8 +57,22 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Places every leaf of ``tree`` on every device of the mesh."""
-    return jax.device_put(tree, replicated(mesh))
+    """Places every leaf of ``tree`` on every device of the mesh.
+
+    Across processes, each process supplies its devices' copies from its own value
+    of a leaf (which must be the same everywhere), so no cross-host transfer is needed.
+    """
+    sharding = replicated(mesh)
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(one, tree)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:

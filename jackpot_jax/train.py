@@ -28,7 +28,7 @@ from absl import logging
 from tqdm import auto as tqdm
 
 from jackpot_jax import checkpoint, data, dense, models, parallel, search, sparsity
-from jackpot_jax.metrics import JsonlWriter, read_jsonl, to_python
+from jackpot_jax.metrics import MetricWriter, read_jsonl, to_python
 
 PRETRAINED_DIR = 'pretrained'
 CHECKPOINTS_DIR = 'checkpoints'
@@ -42,6 +42,7 @@ _RESUMABLE_CHANGES = (
     'pretrained',
     'jackpot',
     'num_devices',
+    'distributed',
     'checkpoint',
     'data.data_dir',
     'data.eval_batch_size',
@@ -185,6 +186,11 @@ class EpochMetrics:
         return out
 
 
+def _epoch_learning_rate(cfg: ml_collections.ConfigDict, epoch: int) -> float:
+    """The learning rate of an epoch under the per-epoch cosine."""
+    return float(search.epoch_cosine(cfg.learning_rate, cfg.epochs, 1)(epoch))
+
+
 # ----------------------------------------------------------------------------
 # Weight training: dense pre-training and tuning under a fixed mask.
 # ----------------------------------------------------------------------------
@@ -195,7 +201,7 @@ def _train_weights(
     batch_stats: Any,
     masks: dict | None,
     mode: str,
-    writer: JsonlWriter,
+    writer: MetricWriter,
 ) -> tuple[dense.TrainState, dict[str, float]]:
     steps = setup.steps_per_epoch(cfg.batch_size)
     optimizer = search.sgd_optimizer(
@@ -214,7 +220,13 @@ def _train_weights(
                 state, metrics = step_fn(state, *batch)
                 epoch_metrics.add(epoch * steps + i + 1, metrics)
                 bar.update()
-            record = {'mode': mode, 'epoch': epoch + 1, **epoch_metrics.result()}
+            record = {
+                'mode': mode,
+                'epoch': epoch + 1,
+                'step': (epoch + 1) * steps,
+                'learning_rate': _epoch_learning_rate(cfg, epoch),
+                **epoch_metrics.result(),
+            }
             writer.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
     result = setup.evaluate(state.params, state.batch_stats)
@@ -242,7 +254,7 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
         variables['batch_stats'],
         None,
         'pretrain',
-        JsonlWriter(workdir),
+        MetricWriter(workdir),
     )
     meta = {
         'model': config.model.to_dict(),
@@ -263,7 +275,7 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     _, masks, batch_stats, _ = checkpoint.load_jackpot(jackpot_path(config, workdir))
     masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
     state, result = _train_weights(
-        setup, config.tune, params, batch_stats, masks, 'tune', JsonlWriter(workdir)
+        setup, config.tune, params, batch_stats, masks, 'tune', MetricWriter(workdir)
     )
     meta = {
         'model': config.model.to_dict(),
@@ -387,7 +399,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     start = int(parallel.to_host(state.step))
     metrics_path = os.path.join(workdir, METRICS_FILE)
     _truncate_metrics(metrics_path, 'search', start)
-    writer = JsonlWriter(workdir)
+    writer = MetricWriter(workdir)
 
     def save(metrics=None):
         epoch_metrics.flush()
@@ -412,6 +424,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                     'mode': 'search',
                     'epoch': epoch + 1,
                     'step': (epoch + 1) * steps,
+                    'learning_rate': _epoch_learning_rate(s, epoch),
                     **epoch_metrics.result(),
                 }
                 test = setup.evaluate(

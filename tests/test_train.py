@@ -35,8 +35,14 @@ def test_demo_writes_summary_metrics_weights_and_jackpot(demo_run):
     workdir, summary = demo_run
     with open(os.path.join(workdir, 'summary.json')) as f:
         saved = json.load(f)
-    for key in ('dense_top1', 'magnitude_top1', 'random_top1', 'jackpot_top1', 'sparsity',
-                'search_seconds'):
+    for key in (
+        'dense_top1',
+        'magnitude_top1',
+        'random_top1',
+        'jackpot_top1',
+        'sparsity',
+        'search_seconds',
+    ):
         assert key in saved
     for key in ('dense_top1', 'magnitude_top1', 'random_top1', 'jackpot_top1'):
         assert 0.0 <= saved[key] <= 1.0
@@ -55,7 +61,9 @@ def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, 
     config = tiny_config()
     config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
     found = train.run_search(config, str(tmp_path))
-    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(found['state'].frozen_params))
+    jax.tree.map(
+        np.testing.assert_array_equal, params, jax.device_get(found['state'].frozen_params)
+    )
     scores, masks, _, meta = checkpoint.load_jackpot(os.path.join(tmp_path, train.JACKPOT_DIR))
     assert meta['counts'] == found['counts']
     for path, k in found['counts'].items():
@@ -90,9 +98,15 @@ def test_missing_pretrained_weights_say_how_to_make_them(tmp_path):
 def test_command_line_runs_search_from_a_config_file_with_overrides(demo_run, tmp_path):
     workdir, _ = demo_run
     cmd = [
-        sys.executable, '-m', 'jackpot_jax.main', '--config=configs/default.py',
-        f'--workdir={tmp_path}', '--mode=search', '--config.model.width=8',
-        '--config.search.epochs=1', '--config.search.sparsity=0.95',
+        sys.executable,
+        '-m',
+        'jackpot_jax.main',
+        '--config=configs/default.py',
+        f'--workdir={tmp_path}',
+        '--mode=search',
+        '--config.model.width=8',
+        '--config.search.epochs=1',
+        '--config.search.sparsity=0.95',
         f'--config.pretrained={os.path.join(workdir, train.PRETRAINED_DIR)}',
     ]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
@@ -110,3 +124,43 @@ def test_command_line_rejects_unknown_keys_and_bad_values(tmp_path):
     assert bad_key.returncode != 0 and 'sparsty' in bad_key.stderr
     bad_value = run('--config.search.sparsity=1.2')
     assert bad_value.returncode != 0 and 'must be in [0, 1), got 1.2' in bad_value.stderr
+
+
+def test_tensorboard_has_the_search_scalars(demo_run):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    workdir, _ = demo_run
+    events = event_accumulator.EventAccumulator(os.path.join(workdir, 'tensorboard'))
+    events.Reload()
+    tags = set(events.Tags()['scalars'])
+    for tag in (
+        'search/loss',
+        'search/top1',
+        'search/test_top1',
+        'search/learning_rate',
+        'search/swap_rate',
+        'search/mask_changes',
+        'search/mask_changes_per_layer/conv2/kernel',
+        'pretrain/loss',
+    ):
+        assert tag in tags, tag
+    lrs = [e.value for e in events.Scalars('search/learning_rate')]
+    assert lrs == pytest.approx([0.1, 0.05])  # per-epoch cosine over 2 epochs
+
+
+def test_tuning_under_a_fixed_mask_keeps_pruned_weights_exactly_zero(demo_run, tmp_path):
+    workdir, _ = demo_run
+    config = tiny_config()
+    config.tune.epochs = 1
+    result = train.run_tune(config, workdir)
+    assert 0.0 <= result['top1'] <= 1.0
+    tuned, _, _ = checkpoint.load_weights(os.path.join(workdir, train.TUNED_DIR))
+    original, _, _ = checkpoint.load_weights(os.path.join(workdir, train.PRETRAINED_DIR))
+    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(workdir, train.JACKPOT_DIR))
+    flat_tuned, flat_original = sparsity.flatten(tuned), sparsity.flatten(original)
+    for path, mask in masks.items():
+        w = np.asarray(flat_tuned[path])
+        assert np.all(w[~mask] == 0), path
+        assert not np.array_equal(
+            w[mask], np.asarray(flat_original[path])[mask]
+        )  # kept ones trained
