@@ -34,7 +34,7 @@ ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 RATE_SCHEDULES = ('all', 'poly4', 'cosine')
 MASK_UPDATES = ('short_restriction', 'edge_popup')
 DEFAULT_INCLUDE = r'(^|/)kernel$'
-DEFAULT_EXCLUDE = r'^(fc|classifier)/'
+DEFAULT_EXCLUDE = r'^(fc|classifier)(_\d+)?/'  # classifiers, incl. torchvision VGG's three
 
 
 # ----------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def prunable_paths(
     """Paths of the kernels to prune: rank >= 2, matching ``include``, not ``exclude``.
 
     The defaults select every conv and dense kernel except the classifier's
-    (top-level module ``fc`` or ``classifier``), as in the paper.
+    (top-level ``fc``, ``classifier`` or ``classifier_<i>``), as in the paper.
     """
     paths = tuple(
         path

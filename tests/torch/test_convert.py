@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -404,7 +406,7 @@ TORCHVISION_CASES = [
     ('vgg11_bn', 224, 1000),  # 224 -> exact 7x7 pooling.
     ('vgg13_bn', 64, 1000),  # 2x2 -> 7x7: overlapping adaptive bins.
     ('vgg16_bn', 64, 10),
-    ('vgg19_bn', 224, 1000),
+    ('vgg19_bn', 32, 1000),  # 1x1 -> 7x7: replicated bins.
 ]
 
 
@@ -825,24 +827,87 @@ def test_official_jackpot_2021_edge_popup(tmp_path):
     assert_state_equal(exported, state)
 
 
-def test_launcher_loads_converted_weights(tmp_path):
-    from jackpot_jax import config as config_lib, train
+def test_launcher_accepts_converted_workdir(tmp_path):
+    """The launcher's workdir names, meta check, shape check and jackpot fingerprint."""
+    from jackpot_jax import train
 
     assert (convert.PRETRAINED_DIR, convert.JACKPOT_DIR) == (
         train.PRETRAINED_DIR,
         train.JACKPOT_DIR,
     )
     dense = official_model('resnet32', seed=13)
+    state = make_jackpot_state(state_numpy(dense), official_convs(dense), 'fc', '2023', seed=14)
     torch.save({'state_dict': dense.state_dict()}, tmp_path / 'pre.pth')
+    torch.save({'state_dict': state}, tmp_path / 'jackpot.pth')
     assert (
-        cli('official', '--arch', 'resnet32', '--input', tmp_path / 'pre.pth', '--output', tmp_path)
+        cli(
+            'official',
+            '--arch',
+            'resnet32',
+            '--input',
+            tmp_path / 'pre.pth',
+            '--jackpot',
+            tmp_path / 'jackpot.pth',
+            '--output',
+            tmp_path,
+        )
         == 0
     )
-    config = config_lib.get_config()
-    config.model = {'name': 'resnet32'}
-    model = train.build_model(config, 10)
-    params, stats = train.load_pretrained(config, str(tmp_path), model, (32, 32, 3))
-    assert params['fc']['kernel'].shape == (128, 10)
+    params, stats, meta = checkpoint.load_weights(str(tmp_path / train.PRETRAINED_DIR))
+    assert meta['model']['name'] == 'resnet32'
+    model = models.get_model(meta['model']['name'], meta['num_classes'])
+    expected = jax.eval_shape(
+        functools.partial(model.init, train=False), jax.random.key(0), np.zeros((1, 32, 32, 3))
+    )
+    train.check_tree_matches(expected['params'], params, 'params')
+    train.check_tree_matches(expected['batch_stats'], stats, 'batch stats')
+    _, masks, jackpot_stats, jackpot_meta = checkpoint.load_jackpot(
+        str(tmp_path / train.JACKPOT_DIR)
+    )
+    train.check_tree_matches(expected['batch_stats'], jackpot_stats, 'jackpot batch stats')
+    assert jackpot_meta['weights_fingerprint'] == checkpoint.weights_fingerprint(params)
+    assert sorted(masks) == sorted(sparsity.prunable_paths(params))
+    # A jackpot the search saved without scores exports its masks as the .mask scores.
+    checkpoint.save_jackpot(str(tmp_path / 'no_scores'), None, masks, jackpot_stats, {})
+    out = tmp_path / 'no_scores.pth'
+    assert (
+        cli(
+            'to-torch',
+            '--arch',
+            'resnet32',
+            '--weights',
+            tmp_path,
+            '--jackpot',
+            tmp_path / 'no_scores',
+            '--format',
+            'official',
+            '--output',
+            out,
+        )
+        == 0
+    )
+    exported = torch.load(out, weights_only=True)['state_dict']
+    OfficialResNet32(jackpot='2023').load_state_dict(exported, strict=True)
+    for name in official_convs(dense):
+        assert torch.equal(exported[f'{name}.mask'], exported[f'{name}.b_mask'])
+        assert torch.equal(exported[f'{name}.b_mask'], state[f'{name}.b_mask'])
+
+
+def test_command_line_imports_no_tensorflow():
+    code = (
+        'import sys, jackpot_jax.convert, jackpot_jax.torch_io, jackpot_jax.checkpoint; '
+        'jackpot_jax.convert._parser(); assert "tensorflow" not in sys.modules, "tensorflow"'
+    )
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    subprocess.run([sys.executable, '-c', code], check=True, cwd=root)
+    result = subprocess.run(
+        [sys.executable, '-m', 'jackpot_jax.convert', 'to-torch', '--help'],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert '--mask_format' in result.stdout
 
 
 # ----------------------------------------------------------------------------
