@@ -136,9 +136,16 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(weights, reference, 
     _, ref_state = reference
     workdir = str(tmp_path)
     cmd = [
-        sys.executable, '-m', 'jackpot_jax.main', f'--workdir={workdir}', '--mode=search',
-        '--config.model.width=8', '--config.search.epochs=2', f'--config.steps_per_epoch={STEPS}',
-        '--config.checkpoint.every_steps=1', f'--config.pretrained={weights}',
+        sys.executable,
+        '-m',
+        'jackpot_jax.main',
+        f'--workdir={workdir}',
+        '--mode=search',
+        '--config.model.width=8',
+        '--config.search.epochs=2',
+        f'--config.steps_per_epoch={STEPS}',
+        '--config.checkpoint.every_steps=1',
+        f'--config.pretrained={weights}',
     ]
     ckpt_dir = os.path.join(workdir, train.CHECKPOINTS_DIR)
     kills = 0
@@ -167,7 +174,9 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(weights, reference, 
 
 
 @pytest.mark.parametrize('devices_before, devices_after', [(8, 1), (1, 8)])
-def test_restore_across_device_layouts(weights, tmp_path, monkeypatch, devices_before, devices_after):
+def test_restore_across_device_layouts(
+    weights, tmp_path, monkeypatch, devices_before, devices_after
+):
     config = tiny_config(weights)
     config.num_devices = devices_before
     with monkeypatch.context() as patch:
@@ -182,7 +191,9 @@ def test_restore_across_device_layouts(weights, tmp_path, monkeypatch, devices_b
     params, batch_stats, _ = setup.load_weights(weights)
     counts, masks = train.initial_pruning(config, params)
     optimizer = search.sgd_optimizer(0.1, 5e-4, 0.9, 2, STEPS)
-    like = search.init_search_state(params, batch_stats, masks, sparsity.init_scores(masks), optimizer)
+    like = search.init_search_state(
+        params, batch_stats, masks, sparsity.init_scores(masks), optimizer
+    )
     state, meta = ckpts.restore(step, like)
     ckpts.close()
     assert int(state.step) == step == meta['step']
@@ -276,25 +287,34 @@ def test_export_evaluates_like_the_jackpot(weights, reference, capsys):
 
 
 def _folder_bytes(path):
-    return sum(os.path.getsize(p) for p in glob.glob(os.path.join(path, '**'), recursive=True)
-               if os.path.isfile(p))
+    return sum(
+        os.path.getsize(p)
+        for p in glob.glob(os.path.join(path, '**'), recursive=True)
+        if os.path.isfile(p)
+    )
 
 
 def test_resnet50_jackpot_bundle_is_under_a_25th_of_the_weights(tmp_path):
     model = models.get_model('resnet50', 1000)
     shapes = jax.eval_shape(
-        functools.partial(model.init, train=False), jax.random.key(0), jax.numpy.zeros((1, 224, 224, 3))
+        functools.partial(model.init, train=False),
+        jax.random.key(0),
+        jax.numpy.zeros((1, 224, 224, 3)),
     )
     params = sparsity.flatten(shapes['params'])
     rng = np.random.default_rng(0)
-    masks = {p: rng.random(params[p].shape) < 0.1 for p in sparsity.prunable_paths(shapes['params'])}
+    masks = {
+        p: rng.random(params[p].shape) < 0.1 for p in sparsity.prunable_paths(shapes['params'])
+    }
     batch_stats = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes['batch_stats'])
     path = str(tmp_path / 'jackpot')
     checkpoint.save_jackpot(path, None, masks, batch_stats, {'model': {'name': 'resnet50'}})
     weights_bytes = 4 * sum(int(np.prod(s.shape)) for s in params.values())
     bundle = _folder_bytes(path)
-    print(f'ResNet-50 jackpot bundle: {bundle:,} bytes; float32 weights: {weights_bytes:,} bytes; '
-          f'ratio 1/{weights_bytes / bundle:.1f}')
+    print(
+        f'ResNet-50 jackpot bundle: {bundle:,} bytes; float32 weights: {weights_bytes:,} bytes; '
+        f'ratio 1/{weights_bytes / bundle:.1f}'
+    )
     assert bundle * 25 <= weights_bytes
     _, loaded, _, _ = checkpoint.load_jackpot(path)
     for p, m in masks.items():

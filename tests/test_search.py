@@ -33,9 +33,7 @@ def _state(optimizer, **kw):
     masks = sparsity.magnitude_masks(kernels, counts)
     scores = sparsity.init_scores(masks)
     fresh = jax.tree.map(jnp.copy, variables)  # the step donates its state
-    return search.init_search_state(
-        fresh['params'], fresh['batch_stats'], masks, scores, optimizer
-    )
+    return search.init_search_state(fresh['params'], fresh['batch_stats'], masks, scores, optimizer)
 
 
 def _step_fn(optimizer, **settings):
@@ -170,7 +168,8 @@ def test_learning_rate_is_a_per_epoch_cosine():
     expected = [0.05 * (1 + np.cos(np.pi * e / 4)) for e in range(4)]
     got = [float(schedule(step)) for step in (0, 9, 10, 19, 20, 30, 39)]
     np.testing.assert_allclose(
-        got, [expected[0], expected[0], expected[1], expected[1], expected[2], expected[3], expected[3]],
+        got,
+        [expected[0], expected[0], expected[1], expected[1], expected[2], expected[3], expected[3]],
         rtol=1e-6,
     )
 
