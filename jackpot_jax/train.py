@@ -59,6 +59,11 @@ class Setup:
 
     def __init__(self, config: ml_collections.ConfigDict):
         self.config = config
+        if config.num_devices and jax.process_count() > 1:
+            raise ValueError(
+                f'num_devices={config.num_devices} with {jax.process_count()} processes would '
+                'leave hosts without devices; use num_devices=0 (all) on multi-host runs'
+            )
         self.mesh = parallel.make_mesh(config.num_devices or None)
         self.source = data.load_source(config.data.name, config.data.data_dir or None)
         kwargs = {k: v for k, v in config.model.items() if k != 'name'}
@@ -106,7 +111,7 @@ class Setup:
         expected = jax.eval_shape(init, jax.random.key(0), sample)
         check_tree_matches(expected['params'], params, f'the params at {path}')
         check_tree_matches(expected['batch_stats'], batch_stats, f'the batch statistics at {path}')
-        fingerprint = checkpoint.weights_fingerprint(params)
+        fingerprint = checkpoint.weights_finger_print(params)
         params, batch_stats = parallel.replicate((params, batch_stats), self.mesh)
         return params, batch_stats, fingerprint
 
@@ -124,6 +129,12 @@ def check_tree_matches(expected: Any, actual: Any, what: str) -> None:
     ]
     if problems:
         raise ValueError(f'{what} do not fit the configured model:\n  ' + '\n  '.join(problems))
+
+
+def _print(*args) -> None:
+    """Prints on process 0 only."""
+    if jax.process_index() == 0:
+        print(*args)
 
 
 def pretrained_path(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -246,7 +257,8 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
     """Trains the dense model and saves it as the frozen starting point of searches."""
     setup = Setup(config)
     sample = jnp.zeros((1, *setup.source.image_shape), jnp.float32)
-    variables = setup.model.init(jax.random.key(config.seed), sample, train=False)
+    init = jax.jit(functools.partial(setup.model.init, train=False))
+    variables = init(jax.random.key(config.seed), sample)
     state, result = _train_weights(
         setup,
         config.pretrain,
@@ -514,13 +526,13 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         what = f'weights {pretrained_path(config, workdir)}'
     result = setup.evaluate(params, batch_stats)
     report = sparsity.sparsity_report(params, parallel.to_host(masks))
-    print(sparsity.format_sparsity_report(report))
-    print(f"{what}: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    _print(sparsity.format_sparsity_report(report))
+    _print(f"{what}: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
     tuned = os.path.join(workdir, TUNED_DIR)
     if os.path.isdir(tuned) and not config.pretrained:
         tuned_params, tuned_stats, _ = setup.load_weights(tuned)
         result['tuned_top1'] = setup.evaluate(tuned_params, tuned_stats)['top1']
-        print(f"tuned weights {tuned}: test top-1 {result['tuned_top1']:.4f}")
+        _print(f"tuned weights {tuned}: test top-1 {result['tuned_top1']:.4f}")
     return {**result, 'sparsity': report['sparsity']}
 
 
@@ -546,7 +558,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
             'source': f'masked by {jackpot_path(config, workdir)}',
         },
     )
-    print(
+    _print(
         f'masked weights written to {out}; evaluate them with '
         f'--mode=evaluate --config.pretrained={out} --config.jackpot=none'
     )
@@ -583,7 +595,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
             json.dump(summary, f, indent=2)
-    print(format_summary(config, summary))
+    _print(format_summary(config, summary))
     return summary
 
 

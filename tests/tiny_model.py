@@ -1,0 +1,45 @@
+"""The tiny model of the scale-out tests: small_cnn on 8x8x1 images, weights made in numpy.
+
+Drawing the weights in numpy (He-normal kernels, identity BatchNorm) costs no XLA
+compile, which the 2-core test machine would otherwise spend seconds on.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jackpot_jax import checkpoint, models
+
+NUM_CLASSES = 10
+IMAGE_SHAPE = (8, 8, 1)
+
+
+def variables(width: int = 4, seed: int = 0) -> dict[str, Any]:
+    """numpy ``{'params', 'batch_stats'}`` shaped like ``small_cnn(width)``'s."""
+    model = models.get_model('small_cnn', NUM_CLASSES, width=width)
+    init = functools.partial(model.init, train=False)
+    shapes = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path[-1:], simple=True)
+        if name == 'kernel':
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            return (rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        fill = 1.0 if name in ('scale', 'var') else 0.0
+        return np.full(leaf.shape, fill, np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, dict(shapes))
+
+
+def save_weights(path: str, width: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Writes :func:`variables` as a search's frozen weights; returns them."""
+    v = variables(width, seed)
+    meta = {'model': {'name': 'small_cnn', 'width': width}, 'num_classes': NUM_CLASSES}
+    checkpoint.save_weights(path, v['params'], v['batch_stats'], meta)
+    return v
