@@ -111,7 +111,7 @@ class Setup:
         expected = jax.eval_shape(init, jax.random.key(0), sample)
         check_tree_matches(expected['params'], params, f'the params at {path}')
         check_tree_matches(expected['batch_stats'], batch_stats, f'the batch statistics at {path}')
-        fingerprint = checkpoint.weights_finger_print(params)
+        fingerprint = checkpoint.weights_fingerprint(params)
         params, batch_stats = parallel.replicate((params, batch_stats), self.mesh)
         return params, batch_stats, fingerprint
 
