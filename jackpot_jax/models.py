@@ -207,29 +207,10 @@ class ResNet(nn.Module):
         return x.astype(jnp.float32)
 
 
-VGG19_CFG = (
-    64,
-    64,
-    'M',
-    128,
-    128,
-    'M',
-    256,
-    256,
-    256,
-    256,
-    'M',
-    512,
-    512,
-    512,
-    512,
-    'M',
-    512,
-    512,
-    512,
-    512,
-    'M',
-)
+# fmt: off
+VGG19_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M',
+             512, 512, 512, 512, 'M', 512, 512, 512, 512, 'M')
+# fmt: on
 
 
 class VGG(nn.Module):
@@ -280,31 +261,15 @@ def adaptive_avg_pool(x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
     return jnp.stack(cols, axis=2)
 
 
+# fmt: off
 VGG_BN_CFGS = {
     'vgg11_bn': (64, 'M', 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M'),
     'vgg13_bn': (64, 64, 'M', 128, 128, 'M', 256, 256, 'M', 512, 512, 'M', 512, 512, 'M'),
-    'vgg16_bn': (
-        64,
-        64,
-        'M',
-        128,
-        128,
-        'M',
-        256,
-        256,
-        256,
-        'M',
-        512,
-        512,
-        512,
-        'M',
-        512,
-        512,
-        512,
-        'M',
-    ),
+    'vgg16_bn': (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M',
+                 512, 512, 512, 'M', 512, 512, 512, 'M'),
     'vgg19_bn': VGG19_CFG,
 }
+# fmt: on
 
 
 class TorchvisionVGG(nn.Module):
