@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import ml_collections
 
-from jackpot_jax import data, models, search, sparsity
+from jackpot_jax import criteria, data, models, search, sparsity
 
-MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export')
+MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap')
 CPU_COLLECTIVES = ('', 'gloo', 'mpi')
 
 
@@ -76,6 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 0
     config.checkpoint.keep = 3
+
+    # Mode 'overlap': other pruning criteria at the jackpot's per-layer counts.
+    config.overlap = ml_collections.ConfigDict()
+    config.overlap.criteria = 'magnitude,random,snip,grasp,synflow'  # comma-separated.
+    config.overlap.batch_size = 0  # SNIP/GraSP scoring batch; 0 = search.batch_size.
+    config.overlap.bn_steps = 0  # > 0: also evaluate with BN stats re-estimated over N batches.
 
     # Multi-host runs (one process per host, e.g. a Cloud TPU pod): the launcher calls
     # jax.distributed.initialize before any other JAX use. Left at their defaults, the
@@ -159,10 +165,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_positive('data.eval_batch_size', config.data.eval_batch_size)
     _check_distributed(config.distributed)
     _check_positive('checkpoint.keep', config.checkpoint.keep)
+    for name in config.overlap.criteria.split(','):
+        _check_choice('overlap criterion', name.strip(), tuple(criteria.CRITERIA))
     for name, value in [
         ('tune.epochs', config.tune.epochs),
         ('checkpoint.every_steps', config.checkpoint.every_steps),
         ('steps_per_epoch', config.steps_per_epoch),
+        ('overlap.batch_size', config.overlap.batch_size),
+        ('overlap.bn_steps', config.overlap.bn_steps),
     ]:
         if value < 0:
             raise ValueError(f'{name} must be >= 0, got {value!r}')

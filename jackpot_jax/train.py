@@ -37,18 +37,10 @@ TUNED_DIR = 'tuned'
 MASKED_WEIGHTS_DIR = 'masked_weights'
 METRICS_FILE = 'metrics.jsonl'
 # Config fields that may change between a search and its resumption.
-_RESUMABLE_CHANGES = (
-    'mode',
-    'pretrained',
-    'jackpot',
-    'num_devices',
-    'distributed',
-    'checkpoint',
-    'data.data_dir',
-    'data.eval_batch_size',
-    'tune',
-    'pretrain',
-)
+# fmt: off
+_RESUMABLE_CHANGES = ('mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
+                      'data.data_dir', 'data.eval_batch_size', 'tune', 'pretrain', 'overlap')
+# fmt: on
 
 
 # ----------------------------------------------------------------------------
@@ -620,7 +612,15 @@ def format_summary(config: ml_collections.ConfigDict, summary: dict[str, Any]) -
     return '\n'.join(lines)
 
 
+def run_overlap(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Other criteria's masks at the jackpot's per-layer counts: accuracy, overlap (studies.py)."""
+    from jackpot_jax import studies  # pylint: disable=g-import-not-at-top  (studies imports train)
+
+    return studies.run_overlap(config, workdir)
+
+
 MODES = {
+    'overlap': run_overlap,
     'pretrain': run_pretrain,
     'search': run_search,
     'tune': run_tune,

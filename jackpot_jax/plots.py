@@ -1,0 +1,179 @@
+"""PNG figures for studies: criteria overlap, per-layer sparsity, curves, mask changes.
+
+Drawn with matplotlib's Agg canvas directly (no pyplot, no global backend
+switch, no display needed). Every function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+def _figure(
+    num_groups: int, per_group: float = 0.45, height: float = 4.5, rows: int = 1
+) -> tuple[Figure, Any]:
+    """A figure wide enough for ``num_groups`` labelled x positions of ``per_group`` inches."""
+    width = max(6.0, 2.5 + per_group * num_groups)
+    fig = Figure(figsize=(width, height * rows), layout='constrained')
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
+    return fig, axes
+
+
+def _save(fig: Figure, path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fig.savefig(path, dpi=100, format='png')
+    return path
+
+
+def _layer_ticks(ax, labels: Sequence[str]) -> None:
+    ax.set_xticks(np.arange(len(labels)))
+    if max(len(label) for label in labels) <= 8:
+        ax.set_xticklabels(labels, fontsize=8)
+    else:
+        ax.set_xticklabels(labels, rotation=45, ha='right', rotation_mode='anchor', fontsize=8)
+
+
+def plot_overlap(result: Mapping[str, Any], path: str) -> str:
+    """Grouped bars: per layer (and overall), each criterion's share of the jackpot's kept weights.
+
+    ``result`` is what ``studies.run_overlap`` returns. Black ticks mark the share a
+    random mask at the same counts keeps in expectation.
+    """
+    rows = result['criteria']
+    if not rows:
+        raise ValueError('the overlap result has no criteria to plot')
+    first = next(iter(rows.values()))['overlap']
+    layers = sorted(first['per_layer'])
+    groups = layers + ['overall']
+
+    def values(overlap, key):
+        return [overlap['per_layer'][p][key] for p in layers] + [overlap['overall'][key]]
+
+    fig, (ax,) = _figure(len(groups), per_group=0.15 * (len(rows) + 1), height=5.5)
+    x = np.arange(len(groups))
+    width = 0.8 / len(rows)
+    for i, (name, row) in enumerate(rows.items()):
+        label = name
+        if 'top1' in row:
+            label += f" (test top-1 {row['top1']:.1%}"
+            if 'top1_bn_adapted' in row:
+                label += f", BN adapted {row['top1_bn_adapted']:.1%}"
+            label += ')'
+        ax.bar(
+            x - 0.4 + (i + 0.5) * width,
+            values(row['overlap'], 'shared_kept_fraction'),
+            width,
+            label=label,
+        )
+    ax.hlines(
+        values(first, 'chance'),
+        x - 0.4,
+        x + 0.4,
+        colors='black',
+        linewidth=1.5,
+        label='random mask at these counts, expected',
+    )
+    _layer_ticks(ax, groups)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("share of the jackpot's kept weights also kept")
+    title = 'Overlap with the jackpot, masks at its per-layer counts'
+    details = []
+    if 'sparsity' in result:
+        details.append(f"sparsity {result['sparsity']:.1%}")
+    if 'jackpot' in result:
+        details.append(f"jackpot test top-1 {result['jackpot']['top1']:.1%}")
+    ax.set_title('\n'.join([title, ', '.join(details)]) if details else title, fontsize=10)
+    fig.legend(fontsize=8, loc='outside lower center', ncol=2)
+    ax.grid(axis='y', alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_layer_sparsity(report: Mapping[str, Any], path: str) -> str:
+    """Per-layer sparsity bars from ``sparsity.sparsity_report``."""
+    layers = report['layers']
+    fig, (ax,) = _figure(len(layers))
+    x = np.arange(len(layers))
+    ax.bar(x, [r['sparsity'] for r in layers], color='tab:red')
+    ax.axhline(
+        report['sparsity'],
+        color='black',
+        linestyle='--',
+        linewidth=1,
+        label=f"over prunable weights: {report['sparsity']:.2%}",
+    )
+    _layer_ticks(ax, [r['layer'] for r in layers])
+    ax.set_ylim(0, 1.0)
+    ax.set_ylabel('sparsity (fraction removed)')
+    ax.set_title(
+        f"Per-layer sparsity; whole model {report['model_sparsity']:.2%} of "
+        f"{report['model_params']:,} params",
+        fontsize=10,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(axis='y', alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_curves(
+    curves: Mapping[str, Sequence[tuple[float, float]]],
+    path: str,
+    xlabel: str,
+    ylabel: str,
+    title: str = '',
+) -> str:
+    """One line per named curve of (x, y) points, e.g. accuracy vs sparsity or per epoch."""
+    if not curves:
+        raise ValueError('no curves to plot')
+    fig, (ax,) = _figure(0)
+    for name, points in curves.items():
+        points = sorted(points, key=lambda p: p[0]) if points else []
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_mask_changes(records: Sequence[Mapping[str, Any]], path: str) -> str:
+    """Mask changes per search epoch: the total (top) and per layer (bottom, symlog).
+
+    ``records`` are the lines of ``metrics.jsonl`` (``metrics.read_jsonl``); the
+    search records carry ``mask_changes`` and ``mask_changes_per_layer``.
+    """
+    search = [r for r in records if r.get('mode', 'search') == 'search' and 'mask_changes' in r]
+    if not search:
+        raise ValueError('no search records with mask_changes among the records')
+    epochs = [r['epoch'] for r in search]
+    fig, (top, bottom) = _figure(0, height=3.5, rows=2)
+    top.plot(epochs, [r['mask_changes'] for r in search], marker='o', color='black')
+    top.set_ylabel('mask changes (all layers)')
+    top.set_title('Mask changes per search epoch (weights whose kept state flipped)', fontsize=10)
+    top.grid(alpha=0.3)
+    layers = sorted({p for r in search for p in r.get('mask_changes_per_layer', {})})
+    for layer in layers:
+        bottom.plot(
+            epochs,
+            [r.get('mask_changes_per_layer', {}).get(layer, 0) for r in search],
+            marker='.',
+            label=layer,
+        )
+    bottom.set_yscale('symlog', linthresh=1)
+    bottom.set_xlabel('epoch')
+    bottom.set_ylabel('mask changes per layer')
+    bottom.grid(alpha=0.3)
+    if layers:
+        bottom.legend(
+            fontsize=7, ncol=max(1, len(layers) // 12), loc='upper left', bbox_to_anchor=(1.0, 1.0)
+        )
+    return _save(fig, path)
