@@ -74,7 +74,10 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
 
 
 def _save(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-    items = {name: ocp.args.StandardSave(dict(tree)) for name, tree in arrays.items()}
+    # Host copies: saving replicated device arrays compiles a slice per array.
+    items = {
+        name: ocp.args.StandardSave(parallel.to_host(dict(tree))) for name, tree in arrays.items()
+    }
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(
             os.path.abspath(path),

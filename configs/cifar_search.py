@@ -1,0 +1,90 @@
+"""Jackpot search on CIFAR (METHOD.md section 7): ``--config=configs/cifar_search.py:ARGS``.
+
+ARGS = ``MODEL,DATASET,SPARSITY,EPOCHS[,tune][,tiny]``: MODEL ``vgg19`` (= ``vgg19_cifar``),
+``resnet32`` or another registered CIFAR model; DATASET ``cifar10`` | ``cifar100``;
+SPARSITY in percent of the prunable weights removed; EPOCHS of search. ``tune`` adds
+10 epochs of weight tuning under the found mask; ``tiny`` shrinks the run to seconds
+(1 epoch of 2 steps of 8 examples; same model) for smoke tests.
+
+The searched weights are ``--config.pretrained=DIR/pretrained`` (default:
+WORKDIR/pretrained), e.g. made by ``configs/cifar_pretrain.py:MODEL,DATASET``
+(its pretrain settings are the ``pretrain`` fields here too) or converted from the
+authors' checkpoints with ``python -m jackpot_jax.convert official``.
+
+Published rows (METHOD.md section 7; top-1 %, search only, frozen weights):
+
+| --config=                                        | model     | data      | top-1 |
+|--------------------------------------------------|-----------|-----------|-------|
+| configs/cifar_search.py:vgg19,cifar10,90,30      | VGG-19    | CIFAR-10  | 93.88 |
+| configs/cifar_search.py:vgg19,cifar10,90,160     | VGG-19    | CIFAR-10  | 93.94 |
+| configs/cifar_search.py:vgg19,cifar10,95,30      | VGG-19    | CIFAR-10  | 93.49 |
+| configs/cifar_search.py:vgg19,cifar10,95,160     | VGG-19    | CIFAR-10  | 93.74 |
+| configs/cifar_search.py:vgg19,cifar100,90,30     | VGG-19    | CIFAR-100 | 72.59 |
+| configs/cifar_search.py:vgg19,cifar100,90,160    | VGG-19    | CIFAR-100 | 74.61 |
+| configs/cifar_search.py:vgg19,cifar100,95,30     | VGG-19    | CIFAR-100 | 71.76 |
+| configs/cifar_search.py:vgg19,cifar100,95,160    | VGG-19    | CIFAR-100 | 73.35 |
+| configs/cifar_search.py:resnet32,cifar10,90,30   | ResNet-32 | CIFAR-10  | 93.70 |
+| configs/cifar_search.py:resnet32,cifar10,90,160  | ResNet-32 | CIFAR-10  | 94.39 |
+| configs/cifar_search.py:resnet32,cifar10,95,30   | ResNet-32 | CIFAR-10  | 92.90 |
+| configs/cifar_search.py:resnet32,cifar10,95,160  | ResNet-32 | CIFAR-10  | 93.41 |
+| configs/cifar_search.py:resnet32,cifar100,90,30  | ResNet-32 | CIFAR-100 | 72.22 |
+| configs/cifar_search.py:resnet32,cifar100,90,160 | ResNet-32 | CIFAR-100 | 73.43 |
+| configs/cifar_search.py:resnet32,cifar100,95,30  | ResNet-32 | CIFAR-100 | 69.38 |
+| configs/cifar_search.py:resnet32,cifar100,95,160 | ResNet-32 | CIFAR-100 | 70.31 |
+
+Append ``,tiny`` to any of them for a seconds-long smoke run.
+Settings (METHOD.md section 3): SGD momentum 0.9 on the scores, lr 0.1 with a per-epoch
+cosine, weight decay 5e-4, batch 256, pruned score 0.99, global magnitude allocation,
+short restriction with rate 1 ('all'), BatchNorm in training mode, no label smoothing.
+"""
+
+import importlib.util
+import os
+
+
+def _load_common():
+    """configs/_common.py, loaded by path: config files are not a package."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_common.py')
+    spec = importlib.util.spec_from_file_location('jackpot_configs_common', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _load_common()
+
+USAGE = 'configs/cifar_search.py:MODEL,DATASET,SPARSITY,EPOCHS[,tune][,tiny]'
+# The argument of every published row -> its published top-1 (%).
+PUBLISHED = {
+    'vgg19,cifar10,90,30': 93.88,
+    'vgg19,cifar10,90,160': 93.94,
+    'vgg19,cifar10,95,30': 93.49,
+    'vgg19,cifar10,95,160': 93.74,
+    'vgg19,cifar100,90,30': 72.59,
+    'vgg19,cifar100,90,160': 74.61,
+    'vgg19,cifar100,95,30': 71.76,
+    'vgg19,cifar100,95,160': 73.35,
+    'resnet32,cifar10,90,30': 93.70,
+    'resnet32,cifar10,90,160': 94.39,
+    'resnet32,cifar10,95,30': 92.90,
+    'resnet32,cifar10,95,160': 93.41,
+    'resnet32,cifar100,90,30': 72.22,
+    'resnet32,cifar100,90,160': 73.43,
+    'resnet32,cifar100,95,30': 69.38,
+    'resnet32,cifar100,95,160': 70.31,
+}
+
+
+def get_config(arg: str = 'resnet32,cifar10,90,160'):
+    parts, modifiers = common.split_args(arg, USAGE)
+    if len(parts) != 4:
+        raise ValueError(f'config argument {arg!r}: expected 4 fields; usage: {USAGE}')
+    model, dataset, sparsity, epochs = parts
+    config = common.cifar_base('search', model, dataset)
+    common.set_reference_search(
+        config,
+        common.to_int(sparsity, 'SPARSITY', USAGE),
+        common.to_int(epochs, 'EPOCHS', USAGE),
+        weight_decay=5e-4,
+    )
+    return common.finish(config, modifiers)
