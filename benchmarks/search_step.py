@@ -10,8 +10,12 @@ times, interleaved step by step after compilation and warm-up:
   * ``search_no_mask_update``: the search step traced with the mask update replaced by
     the identity, so ``search - search_no_mask_update`` is the in-step cost of the update.
 
-and checks that the search step compiled exactly once. ``--scaling`` adds the search
-step's throughput on 1, 2, 4, 8 devices of a data-parallel mesh at a fixed global batch.
+It reports wall-clock medians (and, steadier on a shared CPU machine, the process CPU
+time), images/s, search/dense, the mask update's share of the search step, compile
+seconds, and whether the search step compiled again after its first call.
+``--scaling`` adds the search step's images/s on 1, 2, 4, 8 devices of a data-parallel
+mesh at a fixed global batch (on CPU, simulated devices: ``jax_num_cpu_devices`` is set
+before the first JAX operation).
 
 Run from the repository root::
 
@@ -79,16 +83,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument('--warmup', type=int, default=1, help='untimed calls after the first')
     p.add_argument('--devices', type=int, default=1, help='data-parallel mesh size')
     p.add_argument('--rate', type=float, default=0.5, help='traced rate of mask_update_rate')
-    p.add_argument('--compare', action=argparse.BooleanOptionalAction, default=True,
-                   help='run the search / dense / mask-update comparison')
-    p.add_argument('--rate_update', action=argparse.BooleanOptionalAction, default=True,
-                   help='also time the mask update with a traced rate < 1')
-    p.add_argument('--ablation', action=argparse.BooleanOptionalAction, default=True,
-                   help='also time the search step without its mask update')
-    p.add_argument('--scaling', action='store_true',
-                   help='search-step images/s on 1, 2, 4, 8 devices at a fixed global batch')
-    p.add_argument('--cpu_devices', type=int, default=8,
-                   help='simulated CPU devices when --scaling or --devices > 1')
+    p.add_argument(
+        '--compare',
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='run the search / dense / mask-update comparison',
+    )
+    p.add_argument(
+        '--rate_update',
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='also time the mask update with a traced rate < 1',
+    )
+    p.add_argument(
+        '--ablation',
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='also time the search step without its mask update',
+    )
+    p.add_argument(
+        '--scaling',
+        action='store_true',
+        help='search-step images/s on 1, 2, 4, 8 devices at a fixed global batch',
+    )
+    p.add_argument(
+        '--cpu_devices',
+        type=int,
+        default=8,
+        help='simulated CPU devices when --scaling or --devices > 1',
+    )
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--output', default='', help='also write the JSON to this file')
     args = p.parse_args(argv)
@@ -114,17 +137,15 @@ def configure_devices(args: argparse.Namespace) -> None:
 
 
 class CompileLog:
-    """Counts traces / backend compiles and sums their seconds while registered."""
+    """Counts backend compiles and sums trace + lowering + compile seconds."""
 
     def __init__(self):
         self.seconds = 0.0
-        self.traces = 0
         self.compiles = 0
 
     def __call__(self, event: str, duration: float, **kwargs: Any) -> None:
         if event in (_TRACE, _LOWER, _COMPILE):
             self.seconds += duration
-        self.traces += event == _TRACE
         self.compiles += event == _COMPILE
 
 
@@ -157,16 +178,30 @@ def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     optimizer = search.sgd_optimizer(0.1, wd, 0.9, EPOCHS, STEPS_PER_EPOCH)
     sizes = {p: int(np.size(w)) for p, w in kernels.items()}
     return dict(
-        name=name, model=model, image_size=size, batch_size=batch, num_classes=classes,
-        params=params, batch_stats=batch_stats, counts=counts, masks=masks, scores=scores,
-        images=images, labels=labels, optimizer=optimizer, sizes=sizes,
+        name=name,
+        model=model,
+        image_size=size,
+        batch_size=batch,
+        num_classes=classes,
+        params=params,
+        batch_stats=batch_stats,
+        counts=counts,
+        masks=masks,
+        scores=scores,
+        images=images,
+        labels=labels,
+        optimizer=optimizer,
+        sizes=sizes,
     )
 
 
 def make_search_fn(s: dict[str, Any]) -> Callable:
     return search.make_search_step(
-        model=s['model'], optimizer=s['optimizer'], counts=s['counts'],
-        steps_per_epoch=STEPS_PER_EPOCH, epochs=EPOCHS,
+        model=s['model'],
+        optimizer=s['optimizer'],
+        counts=s['counts'],
+        steps_per_epoch=STEPS_PER_EPOCH,
+        epochs=EPOCHS,
     )
 
 
@@ -177,7 +212,10 @@ def _identity_update(scores, masks, counts, *, mode='short_restriction', rate=No
 
 def search_state(s: dict[str, Any], mesh) -> search.SearchState:
     state = search.init_search_state(
-        fresh(s['params']), fresh(s['batch_stats']), fresh(s['masks']), fresh(s['scores']),
+        fresh(s['params']),
+        fresh(s['batch_stats']),
+        fresh(s['masks']),
+        fresh(s['scores']),
         s['optimizer'],
     )
     return parallel.replicate(state, mesh)
@@ -226,8 +264,10 @@ def measure(
 ) -> tuple[dict[str, list[float]], dict[str, dict[str, float]], int]:
     """First call (compile) of each, warm-up, then timed samples interleaved round-robin.
 
-    Returns (samples in seconds per call, first-call info, backend compiles after the
-    first calls, i.e. during warm-up and timing: any is a recompilation).
+    Returns (wall-clock seconds per call, first-call info plus the median process CPU
+    time per call, backend compiles after the first calls, i.e. during warm-up and
+    timing: any is a recompilation). On a shared machine the CPU time (all threads of
+    this process) is the steadier measure of work; wall time is what a user waits.
     """
     first, compiles_before = {}, compile_log.compiles
     for name, run in runners.items():
@@ -248,14 +288,18 @@ def measure(
             jax.block_until_ready(run())
     names = list(runners)
     samples: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for i in range(args.steps):
         shift = i % len(names)  # rotate the order so no function always runs first
         for name in names[shift:] + names[:shift]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(args.inner - 1):
                 runners[name]()
             jax.block_until_ready(runners[name]())
             samples[name].append((time.perf_counter() - t0) / args.inner)
+            cpu[name].append((time.process_time() - c0) / args.inner)
+    for name in names:
+        first[name]['cpu_ms_median'] = 1e3 * statistics.median(cpu[name])
     seen = compile_log.compiles > compiles_before
     return samples, first, compile_log.compiles - compiles if seen else None
 
@@ -330,7 +374,15 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         result[key] = {**summarize(secs, b if with_images else None), **first[key]}
     search_ms = result['search']['ms_median']
     result['search_over_dense'] = search_ms / result['dense']['ms_median']
-    result['mask_update']['fraction_of_search_step'] = result['mask_update']['ms_median'] / search_ms
+    result['search_over_dense_cpu_time'] = (
+        result['search']['cpu_ms_median'] / result['dense']['cpu_ms_median']
+    )
+    result['mask_update']['fraction_of_search_step'] = (
+        result['mask_update']['ms_median'] / search_ms
+    )
+    result['mask_update']['fraction_of_search_step_cpu_time'] = (
+        result['mask_update']['cpu_ms_median'] / result['search']['cpu_ms_median']
+    )
     if args.rate_update:
         result['mask_update_rate']['fraction_of_search_step'] = (
             result['mask_update_rate']['ms_median'] / search_ms
@@ -339,6 +391,9 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         in_step = search_ms - result['search_no_mask_update']['ms_median']
         result['mask_update_in_step_ms'] = in_step
         result['mask_update_in_step_fraction'] = in_step / search_ms
+        result['mask_update_in_step_fraction_cpu_time'] = 1 - (
+            result['search_no_mask_update']['cpu_ms_median'] / result['search']['cpu_ms_median']
+        )
         result['search_no_mask_update_over_dense'] = (
             result['search_no_mask_update']['ms_median'] / result['dense']['ms_median']
         )
@@ -391,7 +446,9 @@ def bench_scaling(name: str, args: argparse.Namespace, compile_log: CompileLog) 
         'rows': rows,
         'search_cache_sizes': sizes,
         'compiles_after_first_calls': later_compiles,
-        'search_recompiled': recompiled(later_compiles, max(sizes, key=lambda x: x or 0)),
+        'search_recompiled': recompiled(
+            later_compiles, max((s for s in sizes if s is not None), default=None)
+        ),
     }
 
 
@@ -429,7 +486,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.scaling:
             result['scaling'] = {name: bench_scaling(name, args, compile_log) for name in names}
     finally:
-        jax.monitoring.unregister_event_duration_listener(compile_log)
+        unregister = getattr(jax.monitoring, 'unregister_event_duration_listener', None)
+        if unregister is not None:
+            unregister(compile_log)
     text = json.dumps(result, indent=2, default=_json_default)
     print(text, flush=True)
     if args.output:
