@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -42,22 +43,13 @@ class MetricWriter:
         self._enabled = jax.process_index() == 0
         self._events = None
         if self._enabled:
-            from tensorboard.summary.writer import (
-                event_file_writer,
-            )  # pylint: disable=g-import-not-at-top
-
             os.makedirs(workdir, exist_ok=True)
-            self._events = event_file_writer.EventFileWriter(os.path.join(workdir, TENSORBOARD_DIR))
+            self._events = _EventFile(os.path.join(workdir, TENSORBOARD_DIR))
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Writes one record; its 'step' (else 'epoch') is the TensorBoard step."""
         if not self._enabled:
             return
-        from tensorboard.compat.proto import (
-            event_pb2,
-            summary_pb2,
-        )  # pylint: disable=g-import-not-at-top
-
         record = to_python(dict(record))
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
@@ -65,12 +57,40 @@ class MetricWriter:
             {k: v for k, v in record.items() if k not in ('mode', 'epoch', 'step')},
             f"{record.get('mode', 'metrics')}/",
         )
+        self._events.write_scalars(int(record.get('step', record.get('epoch', 0))), values)
+
+
+class _EventFile:
+    """A TensorBoard event file written with tensorboard's record writer and plain file I/O.
+
+    (tensorboard's EventFileWriter opens files through TensorFlow, which is slow to
+    import and cannot share a process with PyTorch.)
+    """
+
+    def __init__(self, logdir: str):
+        from tensorboard.compat.proto import event_pb2  # pylint: disable=g-import-not-at-top
+        from tensorboard.summary.writer import record_writer  # pylint: disable=g-import-not-at-top
+
+        os.makedirs(logdir, exist_ok=True)
+        name = f'events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}'
+        self._file = open(os.path.join(logdir, name), 'wb')
+        self._records = record_writer.RecordWriter(self._file)
+        self._write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2'))
+
+    def _write(self, event) -> None:
+        self._records.write(event.SerializeToString())
+        self._file.flush()
+
+    def write_scalars(self, step: int, values: Mapping[str, float]) -> None:
+        from tensorboard.compat.proto import (
+            event_pb2,
+            summary_pb2,
+        )  # pylint: disable=g-import-not-at-top
+
         summary = summary_pb2.Summary(
             value=[summary_pb2.Summary.Value(tag=t, simple_value=v) for t, v in values.items()]
         )
-        step = int(record.get('step', record.get('epoch', 0)))
-        self._events.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
-        self._events.flush()
+        self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:

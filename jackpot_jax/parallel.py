@@ -45,7 +45,12 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     num_devices = num_devices or available
     if not 1 <= num_devices <= available:
         raise ValueError(f'num_devices={num_devices}, but {available} devices are available')
-    return jax.make_mesh((num_devices,), (DATA_AXIS,), devices=jax.devices()[:num_devices])
+    return jax.make_mesh(
+        (num_devices,),
+        (DATA_AXIS,),
+        devices=jax.devices()[:num_devices],
+        axis_types=(jax.sharding.AxisType.Auto,),  # shardings propagate; no explicit reshards
+    )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# GPU check of the search-step benchmark: < 5 minutes on one H100 / H200, no network.
+#
+#   bash benchmarks/gpu_check.sh            # JSON (and logs) go to $OUT/ when OUT is set
+#
+# Needs a Python with jax[cuda] and flax/optax (nothing is installed; the repository is
+# imported through PYTHONPATH). Runs, each under `timeout` within one overall budget:
+#   1. nvidia-smi summary and jax devices;
+#   2. resnet32, batch 128, float32;
+#   3. resnet50, batch 256, bfloat16 and float32;
+#   (each JSON carries the recompilation check: compiles after the first call, cache size)
+#   4. if time is left, the k-th value prototypes against the library's mask update.
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default 285),
+# GPU_CHECK_QUICK=1 (tiny settings, to try the script itself on a CPU machine).
+set -u
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
+PY="${PYTHON:-python3}"
+BUDGET="${GPU_CHECK_BUDGET:-285}"
+QUICK="${GPU_CHECK_QUICK:-0}"
+OUTDIR="${OUT:-}"
+LOGDIR="$(mktemp -d)"
+if [ -n "$OUTDIR" ]; then
+    mkdir -p "$OUTDIR" || OUTDIR=""
+fi
+START=$SECONDS
+FAILURES=0
+
+section() { echo; echo "=== $* [t=$((SECONDS - START))s]"; }
+
+# Seconds a step may use: its cap, or what is left of the budget.
+limit_for() {
+    local cap=$1 left=$((BUDGET - (SECONDS - START)))
+    if [ "$left" -lt "$cap" ]; then echo "$left"; else echo "$cap"; fi
+}
+
+save() {  # copy a file to $OUT if set
+    if [ -n "$OUTDIR" ] && [ -s "$1" ]; then cp "$1" "$OUTDIR/"; fi
+}
+
+summarize() {  # the numbers that matter, from one search_step JSON
+    "$PY" - "$1" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+for name, m in d['models'].items():
+    s, dn, mu = m['search'], m['dense'], m['mask_update']
+    print(f"{name} bs={m['batch_size']} {m['dtype']} on {d['environment']['device_kind']}:")
+    print(f"  search {s['ms_median']:.2f} ms ({s['images_per_s']:.0f} img/s), "
+          f"dense {dn['ms_median']:.2f} ms ({dn['images_per_s']:.0f} img/s), "
+          f"search/dense {m['search_over_dense']:.3f}")
+    line = f"  mask update {mu['ms_median']:.3f} ms = {100 * mu['fraction_of_search_step']:.2f}% of the step"
+    if 'mask_update_in_step_ms' in m:
+        line += (f"; in-step {m['mask_update_in_step_ms']:.3f} ms = "
+                 f"{100 * m['mask_update_in_step_fraction']:.2f}%")
+    print(line)
+    if 'mask_update_rate' in m:
+        print(f"  mask update (rate<1) {m['mask_update_rate']['ms_median']:.3f} ms")
+    print(f"  compile s: search {s['compile_s']}, dense {dn['compile_s']}")
+    print(f"  recompilation: {m['recompilation']}")
+    print(f"  targets: {m['targets']}")
+EOF
+}
+
+bench() {  # bench NAME CAP_SECONDS ARGS...
+    local name=$1 cap=$2
+    shift 2
+    local limit
+    limit=$(limit_for "$cap")
+    section "$name (limit ${limit}s)"
+    if [ "$limit" -lt 20 ]; then
+        echo "SKIPPED: out of time budget"
+        FAILURES=$((FAILURES + 1))
+        return
+    fi
+    local json="$LOGDIR/$name.json" err="$LOGDIR/$name.log"
+    timeout -k 10 "$limit" "$PY" -m benchmarks.search_step "$@" --output="$json" \
+        >/dev/null 2>"$err"
+    local rc=$?
+    grep -v '^\s*$' "$err" | tail -n 15
+    save "$err"
+    if [ "$rc" -ne 0 ] || [ ! -s "$json" ]; then
+        echo "FAILED: rc=$rc (124/137: timed out)"
+        FAILURES=$((FAILURES + 1))
+        return
+    fi
+    save "$json"
+    summarize "$json" || FAILURES=$((FAILURES + 1))
+}
+
+section "nvidia-smi"
+if command -v nvidia-smi >/dev/null 2>&1; then
+    timeout 30 nvidia-smi --query-gpu=index,name,memory.total,memory.used,utilization.gpu,driver_version \
+        --format=csv || echo "nvidia-smi query failed"
+else
+    echo "nvidia-smi not found"
+fi
+
+section "jax"
+timeout 90 "$PY" -c '
+import jax
+print("jax", jax.__version__, "| backend", jax.default_backend())
+for d in jax.devices():
+    print(" ", d, "|", d.device_kind)
+' || { echo "FAILED: jax did not start"; FAILURES=$((FAILURES + 1)); }
+
+if [ "$QUICK" = "1" ]; then
+    SMALL=(--models=small_cnn --batch_size=8 --steps=2 --warmup=0)
+    bench quick_float32 120 "${SMALL[@]}"
+    bench quick_bfloat16 120 "${SMALL[@]}" --dtype=bfloat16 --no-rate_update
+else
+    bench resnet32_b128_float32 70 --models=resnet32 --batch_size=128 --dtype=float32 \
+        --steps=20 --inner=5 --warmup=2
+    bench resnet50_b256_bfloat16 100 --models=resnet50 --batch_size=256 --dtype=bfloat16 \
+        --steps=10 --warmup=2 --no-rate_update
+    bench resnet50_b256_float32 110 --models=resnet50 --batch_size=256 --dtype=float32 \
+        --steps=10 --warmup=2 --no-rate_update
+fi
+
+LIMIT=$(limit_for 60)
+section "k-th value prototypes (limit ${LIMIT}s)"
+if [ "$QUICK" != "1" ] && [ "$LIMIT" -ge 30 ]; then
+    timeout -k 5 "$LIMIT" "$PY" -m benchmarks.kth_value_prototypes --profile --reps=10 \
+        --models=resnet50 --sizes=589824,2359296 \
+        >"$LOGDIR/kth_value_prototypes.json" 2>"$LOGDIR/kth_value_prototypes.log"
+    rc=$?
+    tail -n 12 "$LOGDIR/kth_value_prototypes.log"
+    save "$LOGDIR/kth_value_prototypes.json"
+    save "$LOGDIR/kth_value_prototypes.log"
+    [ "$rc" -eq 0 ] || echo "prototypes: rc=$rc (optional; not counted as a failure)"
+else
+    echo "skipped"
+fi
+
+section "done: $FAILURES failure(s); logs in $LOGDIR${OUTDIR:+, copied to $OUTDIR}"
+[ "$FAILURES" -eq 0 ]

@@ -1,0 +1,52 @@
+"""Smoke test of the search-step benchmark: runs end to end and reports sane numbers."""
+
+import json
+import math
+
+from benchmarks import search_step
+
+TIMED = ('search', 'dense', 'mask_update')
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_search_step_benchmark_smoke(capsys):
+    # The rate<1 update and the ablation are left out: each is one more compile.
+    result = search_step.main(
+        [
+            '--models=resnet20',
+            '--batch_size=8',
+            '--steps=2',
+            '--warmup=0',
+            '--sparsity=0.9',
+            '--no-rate_update',
+            '--no-ablation',
+        ]
+    )
+    printed = json.loads(capsys.readouterr().out)
+    assert printed['models'].keys() == result['models'].keys() == {'resnet20'}
+    m = printed['models']['resnet20']
+    assert m['batch_size'] == 8 and m['dtype'] == 'float32' and m['num_devices'] == 1
+    assert 0 < m['kept_weights'] < m['prunable_weights']
+    assert abs(m['kept_weights'] / m['prunable_weights'] - 0.1) < 1e-3
+    for key in TIMED:
+        row = m[key]
+        assert row['samples'] == 2
+        assert all(_positive(row[f]) for f in ('ms_median', 'ms_min', 'ms_max', 'first_call_s'))
+        assert row['ms_min'] <= row['ms_median'] <= row['ms_max']
+    assert 'mask_update_rate' not in m and 'search_no_mask_update' not in m
+    for key in ('search', 'dense'):
+        assert _positive(m[key]['images_per_s'])
+    assert _positive(m['search_over_dense'])
+    assert 0 < m['mask_update']['fraction_of_search_step']
+    rec = m['recompilation']
+    assert rec['search_recompiled'] is False
+    assert rec['compiles_after_first_calls'] == 0
+    assert set(m['targets']) == {
+        'mask_update_fraction_max',
+        'mask_update_met',
+        'search_over_dense_max',
+        'search_over_dense_met',
+    }
