@@ -137,12 +137,14 @@ def jackpot_path(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.jackpot or os.path.join(workdir, JACKPOT_DIR)
 
 
-def _progress(total: int, desc: str, initial: int = 0):
+def _progress(steps: int, batch_size: int, desc: str, initial: int = 0):
+    """A progress bar counted in steps, showing throughput in images per second."""
     return tqdm.tqdm(
-        total=total,
+        total=steps,
         initial=initial,
         desc=desc,
-        unit='step',
+        unit='img',
+        unit_scale=batch_size,
         leave=False,
         disable=jax.process_index() != 0,
     )
@@ -216,7 +218,7 @@ def _train_weights(
     step_fn = dense.make_train_step(
         model=setup.model, optimizer=optimizer, label_smoothing=cfg.label_smoothing
     )
-    with _progress(cfg.epochs * steps, mode) as bar:
+    with _progress(cfg.epochs * steps, cfg.batch_size, mode) as bar:
         for epoch in range(cfg.epochs):
             epoch_metrics = EpochMetrics()
             for i, batch in enumerate(setup.train_epoch(cfg.batch_size, epoch)):
@@ -414,7 +416,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     every = config.checkpoint.every_steps
     clock = time.perf_counter()
     try:
-        with _progress(s.epochs * steps, 'search', initial=start) as bar:
+        with _progress(s.epochs * steps, s.batch_size, 'search', initial=start) as bar:
             for epoch in range(start // steps, s.epochs):
                 first = start - epoch * steps if epoch == start // steps else 0
                 for i, batch in enumerate(setup.train_epoch(s.batch_size, epoch, first), first + 1):
