@@ -15,20 +15,7 @@ A typical CIFAR recipe: SGD momentum 0.9, lr 0.1 with a per-epoch cosine, weight
 Then search with ``--config.pretrained=PRETRAIN_WORKDIR/pretrained``.
 """
 
-import importlib.util
-import os
-
-
-def _load_common():
-    """configs/_common.py, loaded by path: config files are not a package."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_common.py')
-    spec = importlib.util.spec_from_file_location('jackpot_configs_common', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load_common()
+from jackpot_jax import paper_configs as common
 
 USAGE = 'configs/cifar_pretrain.py:MODEL,DATASET[,EPOCHS][,tiny]'
 ARGS = ('vgg19,cifar10', 'vgg19,cifar100', 'resnet32,cifar10', 'resnet32,cifar100')

@@ -38,20 +38,7 @@ cosine, weight decay 5e-4, batch 256, pruned score 0.99, global magnitude alloca
 short restriction with rate 1 ('all'), BatchNorm in training mode, no label smoothing.
 """
 
-import importlib.util
-import os
-
-
-def _load_common():
-    """configs/_common.py, loaded by path: config files are not a package."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_common.py')
-    spec = importlib.util.spec_from_file_location('jackpot_configs_common', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load_common()
+from jackpot_jax import paper_configs as common
 
 USAGE = 'configs/cifar_search.py:MODEL,DATASET,SPARSITY,EPOCHS[,tune][,tiny]'
 # The argument of every published row -> its published top-1 (%).

@@ -26,20 +26,7 @@ pruned score 0.99, global magnitude allocation, short restriction with rate 1 ('
 BatchNorm in training mode, no label smoothing; a search checkpoint every 1000 steps.
 """
 
-import importlib.util
-import os
-
-
-def _load_common():
-    """configs/_common.py, loaded by path: config files are not a package."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '_common.py')
-    spec = importlib.util.spec_from_file_location('jackpot_configs_common', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load_common()
+from jackpot_jax import paper_configs as common
 
 USAGE = 'configs/imagenet_search.py:SPARSITY[,EPOCHS][,tune][,tiny]'
 # The argument of every published row -> its published top-1 (%).

@@ -39,9 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jackpot_jax import models, sparsity
+from jackpot_jax.train import JACKPOT_DIR, PRETRAINED_DIR
 
-PRETRAINED_DIR = 'pretrained'  # the launcher's names (jackpot_jax.train), kept in sync.
-JACKPOT_DIR = 'jackpot'
 FAMILIES = ('torchvision', 'official')
 MASK_FORMATS = ('2023', '2021', 'none')
 

@@ -1,7 +1,6 @@
-"""Helpers shared by the paper's config files (not a config file itself).
+"""Helpers shared by the paper's config files under ``configs/`` (the ``tiny`` modifier,
+the reference search settings, argument parsing).
 
-Config files are loaded by path, so they cannot import each other as a package;
-each loads this file by path, relative to its own ``__file__`` (``_load_common``).
 Everything here only overrides fields of ``jackpot_jax.config.get_config()``.
 """
 
