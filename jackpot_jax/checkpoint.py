@@ -87,12 +87,17 @@ def _save(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None
 
 
 def _restore(
-    path: str, names: tuple[str, ...], what: str, sharding: jax.sharding.Sharding | None = None
+    path: str,
+    names: tuple[str, ...],
+    what: str,
+    sharding: jax.sharding.Sharding | None = None,
+    optional: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Restores the named array items and ``meta`` onto ``sharding`` (default: one local device).
 
-    Restoring against a target built from the saved shapes makes checkpoints
-    independent of the device layout that wrote them.
+    Items in ``optional`` are restored when present. Restoring against a target built
+    from the saved shapes makes checkpoints independent of the device layout that
+    wrote them.
     """
     path = os.path.abspath(path)
     if not os.path.isdir(path):
@@ -101,7 +106,7 @@ def _restore(
             "(mode 'pretrain' writes weights, mode 'search' writes a jackpot)"
         )
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    handlers = {name: ocp.StandardCheckpointHandler() for name in names}
+    handlers = {name: ocp.StandardCheckpointHandler() for name in names + optional}
     try:
         with ocp.Checkpointer(
             ocp.CompositeCheckpointHandler(meta=ocp.JsonCheckpointHandler(), **handlers)
@@ -110,7 +115,8 @@ def _restore(
             missing = [n for n in names if saved.get(n) is None]
             if missing:
                 raise CheckpointError(f'the {what} checkpoint at {path} lacks items {missing}')
-            items = {n: ocp.args.StandardRestore(_abstract(saved[n], sharding)) for n in names}
+            present = names + tuple(n for n in optional if saved.get(n) is not None)
+            items = {n: ocp.args.StandardRestore(_abstract(saved[n], sharding)) for n in present}
             return checkpointer.restore(
                 path, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **items)
             )
@@ -146,14 +152,13 @@ def save_jackpot(
     arrays = {'masks': packed, 'batch_stats': batch_stats}
     if scores is not None:
         arrays['scores'] = sparsity.unflatten(scores)
-    _save(path, arrays, {**meta, 'mask_shapes': shapes, 'has_scores': scores is not None})
+    _save(path, arrays, {**meta, 'mask_shapes': shapes})
 
 
 def load_jackpot(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
     """Reads ``(scores or None, masks, batch_stats, meta)`` written by :func:`save_jackpot`."""
-    meta = _restore(path, (), 'jackpot')['meta']
-    names = ('masks', 'batch_stats') + (('scores',) if meta.get('has_scores') else ())
-    restored = _restore(path, names, 'jackpot')
+    restored = _restore(path, ('masks', 'batch_stats'), 'jackpot', optional=('scores',))
+    meta = restored['meta']
     scores = sparsity.flatten(restored['scores']) if 'scores' in restored else None
     masks = unpack_masks(restored['masks'], meta['mask_shapes'])
     return scores, masks, restored['batch_stats'], meta
