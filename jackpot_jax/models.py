@@ -28,15 +28,17 @@ CLASSIFIER_NAMES = ('fc', 'classifier')
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str) -> nn.Conv:
-    """Bias-free square conv with PyTorch-style symmetric padding ``kernel // 2``."""
+def _conv(
+    features: int, kernel: int, stride: int, dtype: Dtype, name: str, use_bias: bool = False
+) -> nn.Conv:
+    """Square conv (bias-free unless asked) with PyTorch-style symmetric padding ``kernel // 2``."""
     pad = kernel // 2
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
-        use_bias=False,
+        use_bias=use_bias,
         kernel_init=_CONV_INIT,
         dtype=dtype,
         param_dtype=jnp.float32,
@@ -213,6 +215,24 @@ VGG19_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 256, 'M',
 # fmt: on
 
 
+def vgg_features(
+    x: jax.Array, cfg: Sequence[int | str], train: bool, dtype: Dtype, conv_bias: bool
+) -> jax.Array:
+    """VGG's conv-BN-ReLU stacks and 2x2 max-pools, named by the flat PyTorch ``features``
+    sequence: a conv entry takes three indices (conv ``features_i``, BN ``features_{i+1}``,
+    ReLU), a max-pool one. Called from a compact ``__call__``."""
+    index = 0
+    for item in cfg:
+        if item == 'M':
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            index += 1
+        else:
+            x = _conv(item, 3, 1, dtype, f'features_{index}', use_bias=conv_bias)(x)
+            x = nn.relu(_bn(train, dtype, f'features_{index + 1}')(x))
+            index += 3
+    return x
+
+
 class VGG(nn.Module):
     """CIFAR VGG with BatchNorm: conv-BN-ReLU stacks and 2x2 max-pools, single ``classifier``.
 
@@ -227,16 +247,7 @@ class VGG(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = self.dtype
-        x = x.astype(dt)
-        index = 0
-        for item in self.cfg:
-            if item == 'M':
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
-                index += 1
-            else:
-                x = _conv(item, 3, 1, dt, f'features_{index}')(x)
-                x = nn.relu(_bn(train, dt, f'features_{index + 1}')(x))
-                index += 3
+        x = vgg_features(x.astype(dt), self.cfg, train, dt, conv_bias=False)
         x = _dense(self.num_classes, dt, 'classifier')(_global_avg_pool(x))
         return x.astype(jnp.float32)
 
@@ -290,25 +301,7 @@ class TorchvisionVGG(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = self.dtype
-        x = x.astype(dt)
-        index = 0
-        for item in self.cfg:
-            if item == 'M':
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
-                index += 1
-            else:
-                x = nn.Conv(
-                    item,
-                    (3, 3),
-                    padding=((1, 1), (1, 1)),
-                    use_bias=True,
-                    kernel_init=_CONV_INIT,
-                    dtype=dt,
-                    param_dtype=jnp.float32,
-                    name=f'features_{index}',
-                )(x)
-                x = nn.relu(_bn(train, dt, f'features_{index + 1}')(x))
-                index += 3
+        x = vgg_features(x.astype(dt), self.cfg, train, dt, conv_bias=True)
         x = adaptive_avg_pool(x, (7, 7))
         self.sow('intermediates', 'avgpool', x)
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
