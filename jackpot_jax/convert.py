@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jackpot_jax import models, sparsity
-from jackpot_jax.train import JACKPOT_DIR, PRETRAINED_DIR
+from jackpot_jax.train import JACKPOT_DIR, PRETRAINED_DIR, leaf_shapes, tree_mismatches
 
 FAMILIES = ('torchvision', 'official')
 MASK_FORMATS = ('2023', '2021', 'none')
@@ -235,8 +235,7 @@ def _abstract_variables(model_name: str, num_classes: int, image_size: int) -> t
     model = models.get_model(model_name, num_classes)
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
-    shapes = lambda tree: {p: tuple(v.shape) for p, v in sparsity.flatten(tree).items()}
-    return shapes(variables['params']), shapes(variables.get('batch_stats', {}))
+    return leaf_shapes(variables['params']), leaf_shapes(variables.get('batch_stats', {}))
 
 
 def _flax_leaves(layer: Layer) -> tuple[list[str], list[str]]:
@@ -522,18 +521,6 @@ def official_jackpot_to_flax(
 # ----------------------------------------------------------------------------
 # Flax -> PyTorch.
 # ----------------------------------------------------------------------------
-def _tree_problems(expected: Mapping[str, tuple], tree: Mapping, what: str) -> list[str]:
-    got = {p: tuple(np.shape(v)) for p, v in sparsity.flatten(tree).items()}
-    problems = [f'missing {what} {p} {list(s)}' for p, s in expected.items() if p not in got]
-    problems += [f'unexpected {what} {p} {list(s)}' for p, s in got.items() if p not in expected]
-    problems += [
-        f'{what} {p}: expected shape {list(s)}, got {list(got[p])}'
-        for p, s in expected.items()
-        if p in got and got[p] != s
-    ]
-    return problems
-
-
 def flax_to_torch(
     params: Mapping,
     batch_stats: Mapping,
@@ -567,8 +554,8 @@ def flax_to_torch(
     num_classes = int(np.shape(kernel)[-1]) if kernel is not None else spec.default_classes
     want_params, want_stats = _abstract_variables(spec.model, num_classes, spec.image_size)
     _check_table(spec, want_params, want_stats)
-    problems = _tree_problems(want_params, params, 'param')
-    problems += _tree_problems(want_stats, batch_stats, 'batch stat')
+    problems = tree_mismatches(want_params, leaf_shapes(params), 'param ')
+    problems += tree_mismatches(want_stats, leaf_shapes(batch_stats), 'batch stat ')
     kernels = {f'{l.flax}/kernel' for l in spec.table if l.kind in _KERNEL_KINDS}
     for name, tree in (('mask', masks), ('score', scores)):
         for path in sorted(tree or {}):
