@@ -2,8 +2,8 @@
 
 Three kinds of checkpoint, stored apart so the weights are written once:
   * weights (``WORKDIR/pretrained`` or anywhere): frozen params + batch statistics + meta;
-  * search checkpoints (``WORKDIR/checkpoints/<step>``): scores, bit-packed masks,
-    optimizer state, batch statistics and meta (step, counts, config, weights
+  * search checkpoints (``WORKDIR/checkpoints/<step>``): scores, bit-packed masks
+    (and flip history), optimizer state, batch statistics and meta (step, counts, config, weights
     fingerprint, metrics so far); the latest N and the best by test top-1 are kept;
   * jackpots (``WORKDIR/jackpot``): bit-packed masks + batch statistics + meta
     (+ scores when asked), small enough to ship beside the original weights.
@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 
 from jackpot_jax import parallel, sparsity
 
-_SEARCH_ITEMS = ('scores', 'masks', 'opt_state', 'batch_stats')
+_SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'batch_stats')
 
 
 class CheckpointError(RuntimeError):
@@ -210,6 +210,7 @@ class SearchCheckpoints:
         items = {
             'scores': sparsity.unflatten(state.scores),
             'masks': packed,
+            'ever_flipped': pack_masks(state.ever_flipped)[0],
             'opt_state': state.opt_state,
             'batch_stats': state.batch_stats,
         }
@@ -241,6 +242,7 @@ class SearchCheckpoints:
         targets = {
             'scores': _abstract(sparsity.unflatten(like.scores)),
             'masks': sparsity.unflatten(packed_like),
+            'ever_flipped': sparsity.unflatten(packed_like),
             'opt_state': _abstract(like.opt_state),
             'batch_stats': _abstract(like.batch_stats),
         }
@@ -249,11 +251,15 @@ class SearchCheckpoints:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
             raise self._unreadable(step, e) from e
-        masks = unpack_masks(restored['masks'], meta['mask_shapes'])
-        masks = {p: jax.device_put(m, like.masks[p].sharding) for p, m in masks.items()}
+
+        def place(packed):
+            masks = unpack_masks(packed, meta['mask_shapes'])
+            return {p: jax.device_put(m, like.masks[p].sharding) for p, m in masks.items()}
+
         state = like.replace(
             scores=sparsity.flatten(restored['scores']),
-            masks=masks,
+            masks=place(restored['masks']),
+            ever_flipped=place(restored['ever_flipped']),
             opt_state=restored['opt_state'],
             batch_stats=restored['batch_stats'],
             step=jax.device_put(np.int32(meta['step']), like.step.sharding),

@@ -9,10 +9,24 @@ from __future__ import annotations
 
 import ml_collections
 
-from jackpot_jax import criteria, data, models, search, sparsity
+from jackpot_jax import criteria, data, models, search, sparsity, structured
 
-MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap')
+MODES = (
+    'demo',
+    'pretrain',
+    'search',
+    'tune',
+    'evaluate',
+    'export',
+    'overlap',
+    'search_cost',
+    'restriction',
+    'sweep',
+)
 CPU_COLLECTIVES = ('', 'gloo', 'mpi')
+# Mask-update rules compared by mode 'restriction': the three short-restriction rates and
+# the 2021 edge-popup rule.
+RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -56,11 +70,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.search.momentum = 0.9
     config.search.label_smoothing = 0.0
     config.search.pruned_score = 0.99  # initial score of magnitude-pruned weights.
+    # 'magnitude' (the paper) | 'kaiming' (edge-popup's scaled Kaiming uniform) | 'random' U(0,1).
+    config.search.score_init = 'magnitude'
     config.search.mask_update = 'short_restriction'  # | 'edge_popup'
     config.search.rate_schedule = 'all'  # | 'poly4' | 'cosine'
     config.search.bn_mode = 'train'  # | 'frozen': keep the pre-trained running statistics.
     config.search.prune_include = sparsity.DEFAULT_INCLUDE  # regex over parameter paths.
     config.search.prune_exclude = sparsity.DEFAULT_EXCLUDE  # default: the classifier.
+    # 'N:M' (e.g. '2:4'): keep N of every M consecutive input-channel weights in each
+    # prunable layer whose input channels are a multiple of M (the others stay dense);
+    # search.sparsity must then equal (M - N) / M. '' = unstructured.
+    config.search.pattern = ''
+    # Also record every step's loss, mask changes and flip-backs in the epoch records.
+    config.search.step_trace = False
 
     # Optional weight tuning under the found mask (the paper's "+T" rows); 0 epochs = none.
     config.tune = ml_collections.ConfigDict()
@@ -82,6 +104,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.overlap.criteria = 'magnitude,random,snip,grasp,synflow'  # comma-separated.
     config.overlap.batch_size = 0  # SNIP/GraSP scoring batch; 0 = search.batch_size.
     config.overlap.bn_steps = 0  # > 0: also evaluate with BN stats re-estimated over N batches.
+
+    # Studies that run one search per variant, in WORKDIR/<mode>/<variant> (resumable).
+    # Mode 'search_cost': score inits compared by epochs to reach a test top-1 target.
+    config.search_cost = ml_collections.ConfigDict()
+    config.search_cost.inits = 'magnitude,kaiming,random'  # comma-separated score inits.
+    config.search_cost.target = 0.0  # test top-1 to reach; 0 = the 'kaiming' search's final one.
+    # Mode 'restriction': mask-update rules side by side, with per-step telemetry.
+    config.restriction = ml_collections.ConfigDict()
+    config.restriction.variants = 'all,poly4,cosine,edge_popup'
+    # Mode 'sweep': accuracy vs sparsity (jackpot, magnitude and random masks).
+    config.sweep = ml_collections.ConfigDict()
+    config.sweep.sparsities = '0.5,0.7,0.8,0.9,0.95'
 
     # Multi-host runs (one process per host, e.g. a Cloud TPU pod): the launcher calls
     # jax.distributed.initialize before any other JAX use. Left at their defaults, the
@@ -111,6 +145,22 @@ def _check_keys(
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
+
+
+def parse_list(name: str, text: str, kind: type = str) -> tuple:
+    """A comma-separated config field as a tuple of ``kind``; empty or unparsable -> ValueError."""
+    items = [item.strip() for item in str(text).split(',') if item.strip()]
+    if not items:
+        raise ValueError(f'{name} is empty; give a comma-separated list')
+    try:
+        return tuple(kind(item) for item in items)
+    except ValueError:
+        raise ValueError(f'{name}={text!r}: every item must be a {kind.__name__}') from None
+
+
+def _check_list(name: str, text: str, choices: tuple[str, ...]) -> None:
+    for item in parse_list(name, text):
+        _check_choice(name, item, choices)
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -148,6 +198,24 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice('mask_update', s.mask_update, sparsity.MASK_UPDATES)
     _check_choice('rate_schedule', s.rate_schedule, sparsity.RATE_SCHEDULES)
     _check_choice('bn_mode', s.bn_mode, search.BN_MODES)
+    _check_choice('search.score_init', s.score_init, sparsity.SCORE_INITS)
+    pattern = structured.parse_pattern(s.pattern)
+    if pattern and abs(s.sparsity - structured.pattern_sparsity(*pattern)) > 1e-9:
+        n, m = pattern
+        raise ValueError(
+            f'search.pattern {s.pattern!r} removes {m - n}/{m} of every eligible layer, but '
+            f'search.sparsity is {s.sparsity!r}; set --config.search.sparsity={(m - n) / m!r}'
+        )
+    _check_list('search_cost.inits', config.search_cost.inits, sparsity.SCORE_INITS)
+    _check_list('restriction.variants', config.restriction.variants, RESTRICTION_VARIANTS)
+    for value in parse_list('sweep.sparsities', config.sweep.sparsities, float):
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f'sweep.sparsities: {value!r} is not in [0, 1)')
+    if not 0.0 <= config.search_cost.target <= 1.0:
+        raise ValueError(
+            f'search_cost.target must be a test top-1 in [0, 1] (0 = the kaiming search\'s '
+            f'final accuracy), got {config.search_cost.target!r}'
+        )
     if not 0.0 <= s.pruned_score < 1.0:
         raise ValueError(
             f'search.pruned_score must be in [0, 1) so magnitude-kept weights '
@@ -165,8 +233,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_positive('data.eval_batch_size', config.data.eval_batch_size)
     _check_distributed(config.distributed)
     _check_positive('checkpoint.keep', config.checkpoint.keep)
-    for name in config.overlap.criteria.split(','):
-        _check_choice('overlap criterion', name.strip(), tuple(criteria.CRITERIA))
+    _check_list('overlap.criteria', config.overlap.criteria, tuple(criteria.CRITERIA))
     for name, value in [
         ('tune.epochs', config.tune.epochs),
         ('checkpoint.every_steps', config.checkpoint.every_steps),

@@ -122,26 +122,79 @@ def plot_layer_sparsity(report: Mapping[str, Any], path: str) -> str:
     return _save(fig, path)
 
 
+def _draw_curves(ax, curves: Mapping[str, Sequence[Sequence[float]]], **style) -> None:
+    for name, points in curves.items():
+        points = sorted(points, key=lambda p: p[0])
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=name, **style)
+
+
 def plot_curves(
-    curves: Mapping[str, Sequence[tuple[float, float]]],
+    curves: Mapping[str, Sequence[Sequence[float]]],
     path: str,
     xlabel: str,
     ylabel: str,
     title: str = '',
+    hline: tuple[float, str] | None = None,
 ) -> str:
-    """One line per named curve of (x, y) points, e.g. accuracy vs sparsity or per epoch."""
+    """One line per named curve of (x, y) points, e.g. accuracy vs sparsity or per epoch.
+
+    ``hline`` = (y, label) adds a dashed reference line (a target, the dense model).
+    """
     if not curves:
         raise ValueError('no curves to plot')
     fig, (ax,) = _figure(0)
-    for name, points in curves.items():
-        points = sorted(points, key=lambda p: p[0]) if points else []
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=name)
+    _draw_curves(ax, curves, marker='o')
+    if hline is not None:
+        ax.axhline(hline[0], color='black', linestyle='--', linewidth=1, label=hline[1])
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
         ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_restriction(result: Mapping[str, Any], path: str) -> str:
+    """Four panels comparing mask-update rules (``search_studies.run_restriction``'s result):
+    training loss per step, test top-1 per epoch, mask changes per step, and per layer the
+    share of changes that were flip-backs."""
+    runs = result['runs']
+    if not runs:
+        raise ValueError('the restriction result has no runs to plot')
+    fig = Figure(figsize=(12, 8), layout='constrained')
+    FigureCanvasAgg(fig)
+    (loss, acc), (changes, share) = fig.subplots(2, 2)
+
+    def per_step(key):
+        return {n: list(zip(r['steps']['step'], r['steps'][key])) for n, r in runs.items()}
+
+    _draw_curves(loss, per_step('loss'), linewidth=0.8)
+    loss.set(xlabel='step', ylabel='training loss', title='Loss per step')
+    _draw_curves(acc, {n: r['test_top1'] for n, r in runs.items()}, marker='o')
+    acc.set(xlabel='epoch', ylabel='test top-1', title='Test top-1 per epoch')
+    _draw_curves(changes, per_step('mask_changes'), linewidth=0.8)
+    changes.set_yscale('symlog', linthresh=1)
+    changes.set(xlabel='step', ylabel='mask changes', title='Mask changes per step')
+    layers = sorted(next(iter(runs.values()))['mask_changes_per_layer'])
+    width = 0.8 / len(runs)
+    for i, (name, r) in enumerate(runs.items()):
+        shares = [
+            r['flip_backs_per_layer'][p] / max(r['mask_changes_per_layer'][p], 1) for p in layers
+        ]
+        share.bar(
+            np.arange(len(layers)) + (i - (len(runs) - 1) / 2) * width, shares, width, label=name
+        )
+    _layer_ticks(share, layers)
+    share.set(ylabel='flip-backs / changes', ylim=(0, 1), title='Oscillation per layer')
+    for ax in (loss, acc, changes, share):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(
+        f"Mask-update rules: {result['model']} on {result['data']}, "
+        f"sparsity {result['sparsity']:.0%}",
+        fontsize=11,
+    )
     return _save(fig, path)
 
 

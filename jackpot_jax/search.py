@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jackpot_jax import sparsity
+from jackpot_jax import sparsity, structured
 
 Metrics = dict[str, Any]
 BN_MODES = ('train', 'frozen')
@@ -32,6 +32,9 @@ class SearchState:
     batch_stats: Any
     opt_state: optax.OptState
     step: jax.Array
+    # True where a weight's kept state has flipped at least once: a further flip of
+    # such a weight is a flip-back (the mask oscillating rather than moving on).
+    ever_flipped: dict[str, jax.Array]
 
 
 def epoch_cosine(base: float, epochs: int, steps_per_epoch: int) -> optax.Schedule:
@@ -77,6 +80,7 @@ def init_search_state(
         batch_stats=batch_stats,
         opt_state=optimizer.init(scores),
         step=jnp.zeros((), jnp.int32),
+        ever_flipped={p: jnp.zeros(m.shape, bool) for p, m in masks.items()},
     )
 
 
@@ -94,8 +98,12 @@ def search_step(
     rate_schedule: str = 'all',
     bn_mode: str = 'train',
     label_smoothing: float = 0.0,
+    pattern: tuple[int, int] | None = None,
 ) -> tuple[SearchState, Metrics]:
-    """One search step (pure; see :func:`make_search_step` for the jitted form)."""
+    """One search step (pure; see :func:`make_search_step` for the jitted form).
+
+    ``pattern`` (N, M) keeps the masks N:M: the update runs within every group.
+    """
     train_bn = bn_mode == 'train'
 
     def loss_fn(scores):
@@ -114,13 +122,24 @@ def search_step(
 
     epoch = state.step // steps_per_epoch
     rate = None if rate_schedule == 'all' else sparsity.swap_rate(rate_schedule, epoch, epochs)
-    masks, changes = sparsity.update_masks(scores, state.masks, counts, mode=mask_update, rate=rate)
+    if pattern:
+        masks, changes = structured.update_masks(
+            scores, state.masks, counts, *pattern, mode=mask_update, rate=rate
+        )
+    else:
+        masks, changes = sparsity.update_masks(
+            scores, state.masks, counts, mode=mask_update, rate=rate
+        )
+    flipped = {p: masks[p] != state.masks[p] for p in masks}
+    flip_backs = {p: jnp.sum(flipped[p] & state.ever_flipped[p], dtype=jnp.int32) for p in masks}
 
     metrics = {
         'loss': loss,
         'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
         'mask_changes': sum(changes.values()),
         'mask_changes_per_layer': changes,
+        'flip_backs': sum(flip_backs.values()),
+        'flip_backs_per_layer': flip_backs,
         'swap_rate': jnp.float32(1.0) if rate is None else rate,
     }
     new_state = state.replace(
@@ -129,6 +148,7 @@ def search_step(
         batch_stats=batch_stats,
         opt_state=opt_state,
         step=state.step + 1,
+        ever_flipped={p: state.ever_flipped[p] | flipped[p] for p in masks},
     )
     return new_state, metrics
 

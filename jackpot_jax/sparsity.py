@@ -33,6 +33,7 @@ FlatTree = dict[str, Array]
 ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
 RATE_SCHEDULES = ('all', 'poly4', 'cosine')
 MASK_UPDATES = ('short_restriction', 'edge_popup')
+SCORE_INITS = ('magnitude', 'kaiming', 'random')  # 'random': U(0, 1) scores
 DEFAULT_INCLUDE = r'(^|/)kernel$'
 DEFAULT_EXCLUDE = r'^(fc|classifier)(_\d+)?/'  # classifiers, incl. torchvision VGG's three
 
@@ -81,7 +82,7 @@ def _check_sparsity(sparsity: float) -> None:
         )
 
 
-def _exact(value: float) -> fractions.Fraction:
+def exact_fraction(value: float) -> fractions.Fraction:
     """The decimal a user typed (0.9), as an exact rational, not 0.9000000000000000222."""
     return fractions.Fraction(repr(float(value)))
 
@@ -89,7 +90,7 @@ def _exact(value: float) -> fractions.Fraction:
 def kept_total(num_weights: int, sparsity: float) -> int:
     """``floor(N * (1 - sparsity))`` in exact arithmetic (never off by one)."""
     _check_sparsity(sparsity)
-    return math.floor(num_weights * (1 - _exact(sparsity)))
+    return math.floor(num_weights * (1 - exact_fraction(sparsity)))
 
 
 # ----------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def global_magnitude_allocation(kernels: Mapping[str, Array], sparsity: float) -
 def uniform_allocation(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict[str, int]:
     """Every layer loses the same fraction: k_l = floor(sparsity * n_l), exactly."""
     _check_sparsity(sparsity)
-    return {p: math.floor(_exact(sparsity) * math.prod(s)) for p, s in shapes.items()}
+    return {p: math.floor(exact_fraction(sparsity) * math.prod(s)) for p, s in shapes.items()}
 
 
 def erk_allocation(shapes: Mapping[str, Sequence[int]], sparsity: float) -> dict[str, int]:
@@ -232,6 +233,47 @@ def init_scores(masks: Mapping[str, Array], pruned_score: float = 0.99) -> FlatT
     The first mask of the search is then the magnitude mask itself.
     """
     return {p: jnp.where(m, jnp.float32(1.0), jnp.float32(pruned_score)) for p, m in masks.items()}
+
+
+def kaiming_scores(rng: Array, kernels: Mapping[str, Array]) -> FlatTree:
+    """Edge-popup's score init: Kaiming uniform with a = sqrt(5), i.e. U(-b, b), b = 1/sqrt(fan_in).
+
+    fan_in = prod(shape[:-1]) for Flax kernels (H*W*I for a conv, I for a dense layer),
+    as PyTorch's ``kaiming_uniform_(scores, a=math.sqrt(5))`` on OIHW scores.
+    """
+    rngs = jax.random.split(rng, len(kernels))
+    out = {}
+    for r, (p, w) in zip(rngs, sorted(kernels.items())):
+        bound = 1.0 / math.sqrt(math.prod(w.shape[:-1]))
+        out[p] = jax.random.uniform(r, w.shape, jnp.float32, -bound, bound)
+    return out
+
+
+def uniform_scores(rng: Array, kernels: Mapping[str, Array]) -> FlatTree:
+    """Scores drawn from U(0, 1): an initial mask uninformed by the weights."""
+    rngs = jax.random.split(rng, len(kernels))
+    return {
+        p: jax.random.uniform(r, w.shape, jnp.float32)
+        for r, (p, w) in zip(rngs, sorted(kernels.items()))
+    }
+
+
+def masks_from_scores(
+    scores: Mapping[str, Array], counts: Mapping[str, int], mode: str = 'short_restriction'
+) -> FlatTree:
+    """The masks the mask update itself would pick from fresh scores.
+
+    Short restriction: prune the k lowest scores (ties: lower index pruned first);
+    edge-popup: prune the k lowest |s|.
+    """
+    if mode == 'edge_popup':
+        return {p: edge_popup_mask(s, counts[p]) for p, s in scores.items()}
+    if mode != 'short_restriction':
+        raise ValueError(f'unknown mask update {mode!r}; choose one of {MASK_UPDATES}')
+    return {
+        p: ~select_smallest(sortable_key(s.ravel()), counts[p]).reshape(s.shape)
+        for p, s in scores.items()
+    }
 
 
 # ----------------------------------------------------------------------------
@@ -376,4 +418,10 @@ def format_sparsity_report(report: Mapping) -> str:
         f"sparsity over the whole model (classifier, biases, BN included): "
         f"{report['model_sparsity']:.2%} of {report['model_params']:,} params"
     )
+    if 'pattern' in report:  # added by structured.pattern_report
+        dense = ', '.join(report['dense_layers']) or 'none'
+        lines.append(
+            f"pattern {report['pattern']}: {report['group_violations']} groups break it; "
+            f"left dense (input channels not a multiple of M): {dense}"
+        )
     return '\n'.join(lines)

@@ -7,6 +7,7 @@ Workdir layout:
   tuned/             weights tuned under the jackpot's mask ('tune', or search with tune.epochs)
   masked_weights/    export: the masked dense params, loadable as ordinary weights
   metrics.jsonl      one JSON record per epoch; summary.json: the demo's table
+  layer_sparsity.png, mask_changes.png   the search's per-layer sparsity and mask changes
 """
 
 from __future__ import annotations
@@ -27,7 +28,17 @@ import numpy as np
 from absl import logging
 from tqdm import auto as tqdm
 
-from jackpot_jax import checkpoint, data, dense, models, parallel, search, sparsity
+from jackpot_jax import (
+    checkpoint,
+    data,
+    dense,
+    models,
+    parallel,
+    plots,
+    search,
+    sparsity,
+    structured,
+)
 from jackpot_jax.metrics import MetricWriter, read_jsonl, to_python
 
 PRETRAINED_DIR = 'pretrained'
@@ -36,10 +47,13 @@ JACKPOT_DIR = 'jackpot'
 TUNED_DIR = 'tuned'
 MASKED_WEIGHTS_DIR = 'masked_weights'
 METRICS_FILE = 'metrics.jsonl'
+LAYER_SPARSITY_PNG = 'layer_sparsity.png'
+MASK_CHANGES_PNG = 'mask_changes.png'
 # Config fields that may change between a search and its resumption.
 # fmt: off
 _RESUMABLE_CHANGES = ('mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
-                      'data.data_dir', 'data.eval_batch_size', 'tune', 'pretrain', 'overlap')
+                      'data.data_dir', 'data.eval_batch_size', 'tune', 'pretrain', 'overlap',
+                      'search.step_trace', 'search_cost', 'restriction', 'sweep')
 # fmt: on
 
 
@@ -134,7 +148,7 @@ def check_tree_matches(expected: Any, actual: Any, what: str) -> None:
         raise ValueError(f'{what} do not fit the configured model:\n  ' + '\n  '.join(problems))
 
 
-def _print(*args) -> None:
+def print_main(*args) -> None:
     """Prints on process 0 only."""
     if jax.process_index() == 0:
         print(*args)
@@ -164,10 +178,15 @@ def _progress(steps: int, batch_size: int, desc: str, initial: int = 0):
 class EpochMetrics:
     """Per-epoch sums of the step metrics, folded in step order (so a resumed run adds
     the same floats in the same order as an uninterrupted one). Device values are
-    fetched lazily, at :meth:`flush`, to keep the steps asynchronous."""
+    fetched lazily, at :meth:`flush`, to keep the steps asynchronous. With
+    ``trace=True`` the result also lists every step's loss, mask changes and flip-backs."""
 
-    def __init__(self, sums: dict[str, Any] | None = None):
+    COUNTS = ('mask_changes', 'flip_backs')
+    TRACED = ('loss', 'mask_changes', 'flip_backs')
+
+    def __init__(self, sums: dict[str, Any] | None = None, trace: bool = False):
         self.sums = sums or {}
+        self.trace = trace
         self._pending: list[tuple[int, Any]] = []
 
     def add(self, step: int, metrics: Any) -> None:
@@ -183,14 +202,19 @@ class EpochMetrics:
             self.sums['steps'] = self.sums.get('steps', 0) + 1
             for key in ('loss', 'top1'):
                 self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
-            if 'mask_changes' in metrics:
-                self.sums['mask_changes'] = (
-                    self.sums.get('mask_changes', 0) + metrics['mask_changes']
-                )
-                per_layer = self.sums.setdefault('mask_changes_per_layer', {})
-                for path, n in metrics['mask_changes_per_layer'].items():
-                    per_layer[path] = per_layer.get(path, 0) + n
+            for key in self.COUNTS:
+                if key in metrics:
+                    self.sums[key] = self.sums.get(key, 0) + metrics[key]
+                    per_layer = self.sums.setdefault(key + '_per_layer', {})
+                    for path, n in metrics[key + '_per_layer'].items():
+                        per_layer[path] = per_layer.get(path, 0) + n
+            if 'swap_rate' in metrics:
                 self.sums['swap_rate'] = metrics['swap_rate']
+            if self.trace:
+                trace = self.sums.setdefault('trace', {'step': [], **{k: [] for k in self.TRACED}})
+                trace['step'].append(step)
+                for key in self.TRACED:
+                    trace[key].append(metrics[key])
         self._pending = []
 
     def result(self) -> dict[str, Any]:
@@ -307,16 +331,77 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 # ----------------------------------------------------------------------------
 # Jackpot search.
 # ----------------------------------------------------------------------------
-def initial_pruning(config: ml_collections.ConfigDict, params: dict) -> tuple[dict, dict]:
-    """Per-layer pruned counts and the magnitude masks at those counts."""
+def prunable_kernels(config: ml_collections.ConfigDict, params: dict) -> dict[str, jax.Array]:
+    """The kernels the search prunes, keyed by path."""
     s = config.search
     flat = sparsity.flatten(params)
-    kernels = {
-        p: flat[p] for p in sparsity.prunable_paths(params, s.prune_include, s.prune_exclude)
-    }
+    return {p: flat[p] for p in sparsity.prunable_paths(params, s.prune_include, s.prune_exclude)}
+
+
+def initial_pruning(config: ml_collections.ConfigDict, params: dict) -> tuple[dict, dict]:
+    """Per-layer pruned counts and the magnitude masks at those counts.
+
+    With ``search.pattern`` N:M, every eligible layer loses (M - N) / M of its weights,
+    N of every M kept by magnitude; the others stay dense.
+    """
+    s = config.search
+    kernels = prunable_kernels(config, params)
+    pattern = structured.parse_pattern(s.pattern)
+    if pattern:
+        counts = structured.nm_counts({p: w.shape for p, w in kernels.items()}, *pattern)
+        masks = jax.jit(
+            functools.partial(structured.magnitude_masks, counts=counts, n=pattern[0], m=pattern[1])
+        )(kernels)
+        return counts, masks
     counts = sparsity.pruned_counts(parallel.to_host(kernels), s.sparsity, s.allocation)
     masks = jax.jit(functools.partial(sparsity.magnitude_masks, counts=counts))(kernels)
     return counts, masks
+
+
+def random_masks(
+    config: ml_collections.ConfigDict, params: dict, counts: dict[str, int], rng: jax.Array
+) -> dict[str, jax.Array]:
+    """Uniformly random masks at the given counts (N:M ones under ``search.pattern``)."""
+    kernels = prunable_kernels(config, params)
+    pattern = structured.parse_pattern(config.search.pattern)
+    if pattern:
+        fn = functools.partial(structured.random_masks, counts=counts, n=pattern[0], m=pattern[1])
+    else:
+        fn = functools.partial(sparsity.random_masks, counts=counts)
+    return jax.jit(fn)(rng, kernels)
+
+
+def initial_search(config: ml_collections.ConfigDict, params: dict) -> tuple[dict, dict, dict]:
+    """Counts, first masks and scores of a search, per ``config.search.score_init``.
+
+    'magnitude' (the paper): scores 1 / ``pruned_score`` so the first mask is the
+    magnitude mask. 'kaiming' (edge-popup's init) and 'random' (U(0, 1)) draw the
+    scores from ``jax.random.key(seed + 2)`` and start from the mask the update rule
+    picks from them. The per-layer counts are the same in all three.
+    """
+    s = config.search
+    counts, magnitude = initial_pruning(config, params)
+    if s.score_init == 'magnitude':
+        return counts, magnitude, sparsity.init_scores(magnitude, s.pruned_score)
+    init = {'kaiming': sparsity.kaiming_scores, 'random': sparsity.uniform_scores}[s.score_init]
+    scores = jax.jit(init)(jax.random.key(config.seed + 2), prunable_kernels(config, params))
+    pattern = structured.parse_pattern(s.pattern)
+    if pattern:
+        pick = functools.partial(
+            structured.masks_from_scores, n=pattern[0], m=pattern[1], mode=s.mask_update
+        )
+    else:
+        pick = functools.partial(sparsity.masks_from_scores, mode=s.mask_update)
+    return counts, jax.jit(functools.partial(pick, counts=counts))(scores), scores
+
+
+def mask_report(config: ml_collections.ConfigDict, params: Any, masks: Mapping) -> dict[str, Any]:
+    """``sparsity.sparsity_report``, plus the N:M check under ``search.pattern``."""
+    report = sparsity.sparsity_report(params, masks)
+    pattern = structured.parse_pattern(config.search.pattern)
+    if pattern:
+        report.update(structured.pattern_report(masks, *pattern))
+    return report
 
 
 def _search_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -376,8 +461,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     setup = Setup(config)
     weights_path = pretrained_path(config, workdir)
     params, batch_stats, fingerprint = setup.load_weights(weights_path)
-    counts, masks = initial_pruning(config, params)
-    scores = sparsity.init_scores(masks, s.pruned_score)
+    counts, masks, scores = initial_search(config, params)
     steps = setup.steps_per_epoch(s.batch_size)
     optimizer = search.sgd_optimizer(s.learning_rate, s.weight_decay, s.momentum, s.epochs, steps)
     state = parallel.replicate(
@@ -393,6 +477,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         rate_schedule=s.rate_schedule,
         bn_mode=s.bn_mode,
         label_smoothing=s.label_smoothing,
+        pattern=structured.parse_pattern(s.pattern),
     )
 
     # Restore: the workdir's own latest checkpoint, else start from the magnitude mask.
@@ -406,12 +491,13 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         'weights_path': os.path.abspath(weights_path),
     }
     history: list[dict[str, Any]] = []
-    epoch_metrics = EpochMetrics()
+    epoch_metrics = EpochMetrics(trace=s.step_trace)
     latest = ckpts.latest_step()
     if latest is not None:
         _check_resumable(ckpts.read_meta(latest), identity, ckpts.directory)
         state, meta = ckpts.restore(latest, like=state)
-        history, epoch_metrics = meta['history'], EpochMetrics(meta['epoch_sums'])
+        history = meta['history']
+        epoch_metrics = EpochMetrics(meta['epoch_sums'], trace=s.step_trace)
         logging.info('resuming the search from step %d of %s', latest, ckpts.directory)
     start = int(parallel.to_host(state.step))
     metrics_path = os.path.join(workdir, METRICS_FILE)
@@ -450,7 +536,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                 record.update(test_top1=test['top1'], test_top5=test['top5'])
                 history.append(record)
                 writer.write(record)
-                epoch_metrics = EpochMetrics()
+                epoch_metrics = EpochMetrics(trace=s.step_trace)
                 save({'test_top1': test['top1']})
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}",
@@ -480,7 +566,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     seconds = time.perf_counter() - clock
 
     host_masks = parallel.to_host(state.masks)
-    report = sparsity.sparsity_report(params, host_masks)
+    report = mask_report(config, params, host_masks)
     best = max(history, key=lambda r: r['test_top1'])
     summary = {
         'jackpot_top1': history[-1]['test_top1'],
@@ -490,6 +576,9 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         'sparsity': report['sparsity'],
         'model_sparsity': report['model_sparsity'],
         'search_seconds': seconds,
+        'weights_ever_flipped': int(
+            sum(np.count_nonzero(v) for v in parallel.to_host(state.ever_flipped).values())
+        ),
     }
     checkpoint.save_jackpot(
         jackpot_path(config, workdir),
@@ -499,9 +588,12 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         {**identity, 'model': config.model.to_dict(), 'summary': summary},
     )
     logging.info('jackpot sparsity report:\n%s', sparsity.format_sparsity_report(report))
+    if jax.process_index() == 0:
+        plots.plot_layer_sparsity(report, os.path.join(workdir, LAYER_SPARSITY_PNG))
+        plots.plot_mask_changes(history, os.path.join(workdir, MASK_CHANGES_PNG))
     if config.tune.epochs:
         summary['tuned_top1'] = run_tune(config, workdir)['top1']
-    return {**summary, 'state': state, 'counts': counts}
+    return {**summary, 'state': state, 'counts': counts, 'history': history}
 
 
 # ----------------------------------------------------------------------------
@@ -530,14 +622,14 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         }
         what = f'weights {pretrained_path(config, workdir)}'
     result = setup.evaluate(params, batch_stats)
-    report = sparsity.sparsity_report(params, parallel.to_host(masks))
-    _print(sparsity.format_sparsity_report(report))
-    _print(f"{what}: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    report = mask_report(config, params, parallel.to_host(masks))
+    print_main(sparsity.format_sparsity_report(report))
+    print_main(f"{what}: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
     tuned = os.path.join(workdir, TUNED_DIR)
     if os.path.isdir(tuned) and not config.pretrained:
         tuned_params, tuned_stats, _ = setup.load_weights(tuned)
         result['tuned_top1'] = setup.evaluate(tuned_params, tuned_stats)['top1']
-        _print(f"tuned weights {tuned}: test top-1 {result['tuned_top1']:.4f}")
+        print_main(f"tuned weights {tuned}: test top-1 {result['tuned_top1']:.4f}")
     return {**result, 'sparsity': report['sparsity']}
 
 
@@ -563,36 +655,47 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
             'source': f'masked by {jackpot_path(config, workdir)}',
         },
     )
-    _print(
+    print_main(
         f'masked weights written to {out}; evaluate them with '
         f'--mode=evaluate --config.pretrained={out} --config.jackpot=none'
     )
     return {'masked_weights': out}
 
 
-def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Pretrain -> search -> compare with magnitude and random masks; writes summary.json."""
-    total_start = time.perf_counter()
+def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Pre-trains the dense model unless its weights are already there."""
     if os.path.isdir(pretrained_path(config, workdir)):
         logging.info('using the pre-trained weights at %s', pretrained_path(config, workdir))
     else:
         run_pretrain(config, workdir)
-    setup = Setup(config)
-    params, batch_stats, _ = setup.load_weights(pretrained_path(config, workdir))
+
+
+def baseline_accuracies(
+    config: ml_collections.ConfigDict, setup: Setup, params: Any, batch_stats: Any
+) -> dict[str, float]:
+    """Test top-1 of the dense weights and, without retraining, of the magnitude mask and of
+    a random mask (``jax.random.key(seed + 1)``) at the search's per-layer counts."""
     counts, magnitude = initial_pruning(config, params)
-    random = jax.jit(functools.partial(sparsity.random_masks, counts=counts))(
-        jax.random.key(config.seed + 1), magnitude
-    )
+    random = random_masks(config, params, counts, jax.random.key(config.seed + 1))
 
     def accuracy(masks):
         masked = params if masks is None else sparsity.masked_params(params, masks)
         return setup.evaluate(masked, batch_stats)['top1']
 
-    summary = {
+    return {
         'dense_top1': accuracy(None),
         'magnitude_top1': accuracy(magnitude),
         'random_top1': accuracy(random),
     }
+
+
+def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Pretrain -> search -> compare with magnitude and random masks; writes summary.json."""
+    total_start = time.perf_counter()
+    ensure_pretrained(config, workdir)
+    setup = Setup(config)
+    params, batch_stats, _ = setup.load_weights(pretrained_path(config, workdir))
+    summary = baseline_accuracies(config, setup, params, batch_stats)
     found = run_search(config, workdir)
     for key in ('jackpot_top1', 'best_top1', 'sparsity', 'model_sparsity', 'search_seconds'):
         summary[key] = found[key]
@@ -600,7 +703,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
             json.dump(summary, f, indent=2)
-    _print(format_summary(config, summary))
+    print_main(format_summary(config, summary))
     return summary
 
 
@@ -632,8 +735,21 @@ def run_overlap(config: ml_collections.ConfigDict, workdir: str) -> dict[str, An
     return studies.run_overlap(config, workdir)
 
 
+def _search_study(name: str):
+    def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+        from jackpot_jax import search_studies  # pylint: disable=g-import-not-at-top
+
+        return search_studies.STUDIES[name](config, workdir)
+
+    run.__doc__ = f'The {name!r} study of search_studies.py.'
+    return run
+
+
 MODES = {
     'overlap': run_overlap,
+    'search_cost': _search_study('search_cost'),
+    'restriction': _search_study('restriction'),
+    'sweep': _search_study('sweep'),
     'pretrain': run_pretrain,
     'search': run_search,
     'tune': run_tune,

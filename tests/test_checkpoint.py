@@ -54,7 +54,7 @@ def _search_records(workdir):
 
 
 def _assert_same_search(state, reference_state):
-    for field in ('scores', 'masks', 'batch_stats'):
+    for field in ('scores', 'masks', 'ever_flipped', 'batch_stats'):
         jax.tree.map(
             np.testing.assert_array_equal,
             jax.device_get(getattr(reference_state, field)),

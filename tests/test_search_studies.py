@@ -1,0 +1,249 @@
+"""Search studies: score inits, flip-back telemetry, and the three study modes end to end."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from jackpot_jax import plots, search_studies, sparsity, structured, train
+from jackpot_jax import config as config_lib
+
+from test_studies import assert_valid_png
+
+
+def tiny_config():
+    config = config_lib.get_config()
+    config.model.width = 8
+    config.pretrain.epochs = 2
+    config.search.epochs = 2
+    config.steps_per_epoch = 6
+    return config
+
+
+@pytest.fixture(scope='module')
+def pretrained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('pretrained'))
+    train.run_pretrain(tiny_config(), workdir)
+    return os.path.join(workdir, train.PRETRAINED_DIR)
+
+
+def study_config(pretrained, mode):
+    config = tiny_config()
+    config.mode = mode
+    config.pretrained = pretrained
+    return config
+
+
+# ----------------------------------------------------------------------------
+# Score initialisations.
+# ----------------------------------------------------------------------------
+def test_kaiming_scores_follow_edge_popups_bound_and_random_scores_are_unit_uniform():
+    kernels = {'conv/kernel': np.zeros((3, 3, 16, 32)), 'dense/kernel': np.zeros((400, 10))}
+    kaiming = sparsity.kaiming_scores(jax.random.key(0), kernels)
+    for path, fan_in in [('conv/kernel', 3 * 3 * 16), ('dense/kernel', 400)]:
+        s = np.asarray(kaiming[path])
+        bound = 1 / np.sqrt(fan_in)
+        assert s.shape == kernels[path].shape and np.abs(s).max() <= bound
+        assert np.abs(s).max() > 0.95 * bound and abs(s.mean()) < 0.05 * bound
+    uniform = sparsity.uniform_scores(jax.random.key(0), kernels)
+    assert all(0 <= np.asarray(s).min() and np.asarray(s).max() < 1 for s in uniform.values())
+
+
+def test_masks_from_scores_are_what_the_mask_update_keeps():
+    scores = {'a': jax.numpy.asarray([[0.3, -0.9], [0.1, 0.5], [-0.2, 0.8]])}
+    short = sparsity.masks_from_scores(scores, {'a': 4})
+    popup = sparsity.masks_from_scores(scores, {'a': 4}, mode='edge_popup')
+    np.testing.assert_array_equal(short['a'], [[0, 0], [0, 1], [0, 1]])  # top-2 of s
+    np.testing.assert_array_equal(popup['a'], [[0, 1], [0, 0], [0, 1]])  # top-2 of |s|
+    with pytest.raises(ValueError, match="'lottery'"):
+        sparsity.masks_from_scores(scores, {'a': 4}, mode='lottery')
+
+
+@pytest.mark.parametrize('init', ['kaiming', 'random'])
+def test_non_magnitude_inits_start_from_their_own_top_scores_at_the_same_counts(pretrained, init):
+    config = study_config(pretrained, 'search')
+    config.search.score_init = init
+    params = train.checkpoint.load_weights(pretrained)[0]
+    counts, masks, scores = train.initial_search(config, params)
+    magnitude_counts, magnitude = train.initial_pruning(config, params)
+    assert counts == magnitude_counts
+    for path, mask in masks.items():
+        assert mask.size - int(np.count_nonzero(mask)) == counts[path]
+        kept = np.asarray(scores[path])[np.asarray(mask)]
+        pruned = np.asarray(scores[path])[~np.asarray(mask)]
+        assert kept.min() >= pruned.max()
+    assert not all(np.array_equal(masks[p], magnitude[p]) for p in masks)
+
+
+# ----------------------------------------------------------------------------
+# Summaries on hand-made histories.
+# ----------------------------------------------------------------------------
+def history(*top1):
+    return [{'epoch': e, 'test_top1': t, 'loss': 1.0 / e} for e, t in enumerate(top1, 1)]
+
+
+def test_epochs_to_target_and_the_speedup_over_edge_popups_init():
+    runs = {
+        'magnitude': {
+            'history': history(0.8, 0.9, 0.91, 0.92),
+            'search_seconds': 1,
+            'workdir': 'm',
+        },
+        'kaiming': {'history': history(0.3, 0.6, 0.85, 0.9), 'search_seconds': 1, 'workdir': 'k'},
+        'random': {'history': history(0.1, 0.2, 0.3, 0.4), 'search_seconds': 1, 'workdir': 'r'},
+    }
+    assert search_studies.epochs_to_target(runs['kaiming']['history'], 0.85) == 3
+    assert search_studies.epochs_to_target(runs['random']['history'], 0.85) is None
+    got = search_studies.search_cost_summary(runs)
+    assert got['target_top1'] == 0.9 and got['baseline'] == 'kaiming'  # kaiming's final
+    rows = got['runs']
+    assert [rows[n]['epochs_to_target'] for n in runs] == [2, 4, None]
+    assert rows['magnitude']['speedup'] == 2.0 and rows['kaiming']['speedup'] == 1.0
+    assert rows['random']['speedup'] is None
+    assert rows['magnitude']['best_top1'] == 0.92 and rows['kaiming']['test_top1'][0] == [1, 0.3]
+    explicit = search_studies.search_cost_summary(runs, target=0.8)
+    assert [explicit['runs'][n]['epochs_to_target'] for n in runs] == [1, 3, None]
+    assert explicit['runs']['magnitude']['speedup'] == 3.0
+
+
+# ----------------------------------------------------------------------------
+# The modes end to end (tiny budget).
+# ----------------------------------------------------------------------------
+def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
+    config = study_config(pretrained, 'search_cost')
+    config.search_cost.inits = 'magnitude,kaiming'
+    result = train.MODES['search_cost'](config, str(tmp_path))
+    with open(tmp_path / 'search_cost.json') as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    assert_valid_png(tmp_path / 'search_cost.png')
+    assert list(result['runs']) == ['magnitude', 'kaiming'] and result['baseline'] == 'kaiming'
+    for name, row in result['runs'].items():
+        assert [e for e, _ in row['test_top1']] == [1, 2]
+        assert os.path.isdir(os.path.join(row['workdir'], train.JACKPOT_DIR))
+        assert row['workdir'] == str(tmp_path / 'search_cost' / name)
+    # A rerun resumes every finished search instead of searching again.
+    metrics = tmp_path / 'search_cost' / 'kaiming' / train.METRICS_FILE
+    records = metrics.read_text()
+    again = train.MODES['search_cost'](config, str(tmp_path))
+    assert metrics.read_text() == records
+    for name, row in result['runs'].items():
+        assert {**again['runs'][name], 'search_seconds': 0} == {**row, 'search_seconds': 0}
+
+
+def test_restriction_mode_telemetry_adds_up(pretrained, tmp_path):
+    config = study_config(pretrained, 'restriction')
+    config.restriction.variants = 'all,poly4,edge_popup'
+    result = train.MODES['restriction'](config, str(tmp_path))
+    assert_valid_png(tmp_path / 'restriction.png')
+    assert list(result['runs']) == ['all', 'poly4', 'edge_popup']
+    for row in result['runs'].values():
+        steps = row['steps']
+        assert steps['step'] == list(range(1, 13))  # 2 epochs x 6 steps, every step
+        assert len(steps['loss']) == len(steps['mask_changes']) == len(steps['flip_backs']) == 12
+        assert sum(steps['mask_changes']) == row['mask_changes']
+        assert sum(steps['flip_backs']) == row['flip_backs']
+        assert sum(row['mask_changes_per_layer'].values()) == row['mask_changes']
+        assert sum(row['flip_backs_per_layer'].values()) == row['flip_backs']
+        # A weight's first flip is not a flip-back, every later one is.
+        assert row['weights_ever_flipped'] == row['mask_changes'] - row['flip_backs']
+        assert row['mask_changes'] > 0
+    with open(tmp_path / 'restriction' / 'poly4' / train.METRICS_FILE) as f:
+        records = [json.loads(line) for line in f]
+    assert {r['swap_rate'] for r in records if r['mode'] == 'search'} == {1.0, 1 / 16}
+
+
+def test_sweep_mode_compares_jackpot_magnitude_and_random(pretrained, tmp_path):
+    config = study_config(pretrained, 'sweep')
+    config.sweep.sparsities = '0.5, 0.9'
+    result = train.MODES['sweep'](config, str(tmp_path))
+    assert_valid_png(tmp_path / 'accuracy_vs_sparsity.png')
+    assert [round(r['sparsity'], 4) for r in result['rows']] == [0.5, 0.9]
+    setup = train.Setup(config)
+    params, batch_stats, _ = setup.load_weights(pretrained)
+    config.search.sparsity = 0.9
+    expected = train.baseline_accuracies(config, setup, params, batch_stats)
+    row = result['rows'][1]
+    assert row['magnitude_top1'] == expected['magnitude_top1']
+    assert row['random_top1'] == expected['random_top1']
+    assert result['dense_top1'] == expected['dense_top1']
+    for row in result['rows']:
+        assert_valid_png(os.path.join(row['workdir'], train.LAYER_SPARSITY_PNG))
+        assert_valid_png(os.path.join(row['workdir'], train.MASK_CHANGES_PNG))
+
+
+def test_study_lists_are_validated_with_the_field_named():
+    config = config_lib.get_config()
+    config.search_cost.inits = 'magnitude,xavier'
+    with pytest.raises(ValueError, match="search_cost.inits.*'xavier'"):
+        config_lib.validate(config)
+    config = config_lib.get_config()
+    config.sweep.sparsities = '0.5,1.0'
+    with pytest.raises(ValueError, match=r'sweep.sparsities.*1\.0'):
+        config_lib.validate(config)
+    config.sweep.sparsities = '0.5,high'
+    with pytest.raises(ValueError, match='sweep.sparsities'):
+        config_lib.validate(config)
+    config = config_lib.get_config()
+    config.restriction.variants = ''
+    with pytest.raises(ValueError, match='restriction.variants is empty'):
+        config_lib.validate(config)
+
+
+def test_plot_curves_draws_a_reference_line(tmp_path):
+    path = plots.plot_curves(
+        {'a': [(1, 0.5), (2, 0.7)]}, str(tmp_path / 'c.png'), 'epoch', 'top-1', hline=(0.6, 'dense')
+    )
+    assert_valid_png(path)
+
+
+# ----------------------------------------------------------------------------
+# N:M structured jackpots through the launcher.
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize('init', ['magnitude', 'kaiming'])
+def test_nm_search_keeps_n_of_every_m_and_reports_the_pattern(pretrained, tmp_path, init):
+    config = study_config(pretrained, 'search')
+    config.search.pattern = '2:4'
+    config.search.sparsity = 0.5
+    config.search.score_init = init
+    config_lib.validate(config)
+    found = train.run_search(config, str(tmp_path))
+    assert sum(r['mask_changes'] for r in found['history']) > 0
+    _, masks, _, _ = train.checkpoint.load_jackpot(os.path.join(tmp_path, train.JACKPOT_DIR))
+    assert np.all(masks['conv1/kernel'])  # 1 input channel: not a multiple of 4, left dense
+    for path in ('conv2/kernel', 'conv3/kernel'):
+        assert structured.group_violations(masks[path], 2, 4) == 0
+        assert np.count_nonzero(masks[path]) * 2 == masks[path].size
+    report = train.mask_report(config, train.checkpoint.load_weights(pretrained)[0], masks)
+    assert report['pattern'] == '2:4 along input channels' and report['group_violations'] == 0
+    assert report['dense_layers'] == ['conv1/kernel']
+    assert 'pattern 2:4 along input channels: 0 groups break it' in (
+        sparsity.format_sparsity_report(report)
+    )
+
+
+def test_nm_baselines_are_n_m_masks_too(pretrained):
+    config = study_config(pretrained, 'demo')
+    config.search.pattern = '1:4'
+    config.search.sparsity = 0.75
+    params = train.checkpoint.load_weights(pretrained)[0]
+    counts, magnitude = train.initial_pruning(config, params)
+    random = train.random_masks(config, params, counts, jax.random.key(1))
+    for masks in (magnitude, random):
+        for path in ('conv2/kernel', 'conv3/kernel'):
+            assert structured.group_violations(masks[path], 1, 4) == 0
+    assert not np.array_equal(magnitude['conv3/kernel'], random['conv3/kernel'])
+
+
+def test_pattern_must_agree_with_the_sparsity():
+    config = config_lib.get_config()
+    config.search.pattern = '2:4'
+    with pytest.raises(ValueError, match=r"'2:4' removes 2/4.*search.sparsity=0.5"):
+        config_lib.validate(config)
+    config.search.pattern = '4:2'
+    with pytest.raises(ValueError, match="'4:2'"):
+        config_lib.validate(config)
+    config.search.pattern = '1:3'
+    config.search.sparsity = 2 / 3
+    config_lib.validate(config)
