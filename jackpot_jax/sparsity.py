@@ -20,7 +20,7 @@ from __future__ import annotations
 import fractions
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -315,6 +315,38 @@ def swap_rate(schedule: str, epoch: Array | int, total_epochs: int) -> Array:
     raise ValueError(f'unknown rate schedule {schedule!r}; choose one of {RATE_SCHEDULES}')
 
 
+def restricted_update(
+    keys: Array,
+    kept: Array,
+    t: Array,
+    k: int,
+    rate: Array | float | None,
+    select: Callable[[Array, Array, Array], Array],
+    axis: int | None = None,
+) -> Array:
+    """Steps 3-5 of METHOD section 4 given the threshold key ``t``, counted over ``axis``.
+
+    ``axis=None`` treats all of ``keys`` as one layer; ``axis=-1`` treats every row as
+    one (N:M groups). ``select(keys, count, valid)`` picks the ``count`` entries of
+    ``keys[valid]`` with the smallest keys, ties to the lower index.
+    """
+    above = keys > t
+    keepdims = axis is not None
+    if rate is None:  # rate 1: every candidate swaps, so the mask is simply s > t
+        at_or_below = jnp.sum(~above, axis=axis, keepdims=keepdims, dtype=jnp.int32)
+        return jnp.where(at_or_below == k, above, kept)
+    revive_candidates = ~kept & above
+    drop_candidates = kept & ~above
+    num_revive = jnp.sum(revive_candidates, axis=axis, keepdims=keepdims, dtype=jnp.int32)
+    num_drop = jnp.sum(drop_candidates, axis=axis, keepdims=keepdims, dtype=jnp.int32)
+    gate = (num_revive > 0) & (num_drop > 0) & (num_revive == num_drop)
+    rate = jnp.asarray(rate, jnp.float32)
+    p = jnp.clip(jnp.ceil(num_revive.astype(jnp.float32) * rate).astype(jnp.int32), 1, num_revive)
+    revive = select(~keys, p, revive_candidates)  # ~keys: highest scores first
+    drop = select(keys, p, drop_candidates)
+    return jnp.where(gate, (kept & ~drop) | revive, kept)
+
+
 def short_restriction_update(
     scores: Array, mask: Array, k: int, rate: Array | float | None = None
 ) -> Array:
@@ -329,24 +361,8 @@ def short_restriction_update(
     if k == 0:
         return mask
     keys = sortable_key(scores.ravel())
-    kept = mask.ravel()
     t = kth_smallest_key(keys, k)
-    above = keys > t
-    if rate is None:
-        at_or_below = jnp.sum(~above, dtype=jnp.int32)
-        new = jnp.where(at_or_below == k, above, kept)
-        return new.reshape(mask.shape)
-    revive_candidates = ~kept & above
-    drop_candidates = kept & ~above
-    num_revive = jnp.sum(revive_candidates, dtype=jnp.int32)
-    num_drop = jnp.sum(drop_candidates, dtype=jnp.int32)
-    gate = (num_revive > 0) & (num_drop > 0) & (num_revive == num_drop)
-    rate = jnp.asarray(rate, jnp.float32)
-    p = jnp.clip(jnp.ceil(num_revive.astype(jnp.float32) * rate).astype(jnp.int32), 1, num_revive)
-    revive = select_smallest(~keys, p, revive_candidates)  # ~keys: highest scores first
-    drop = select_smallest(keys, p, drop_candidates)
-    new = jnp.where(gate, (kept & ~drop) | revive, kept)
-    return new.reshape(mask.shape)
+    return restricted_update(keys, mask.ravel(), t, k, rate, select_smallest).reshape(mask.shape)
 
 
 def edge_popup_mask(scores: Array, k: int) -> Array:

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jackpot_jax.sparsity import sortable_key
+from jackpot_jax.sparsity import restricted_update, sortable_key
 
 Array = jax.Array
 
@@ -171,20 +171,7 @@ def short_restriction_update(
     keys = _to_groups(sortable_key(scores), m)
     kept = _to_groups(mask.astype(bool), m)
     t = jnp.sort(keys, axis=-1)[:, k - 1 : k]
-    above = keys > t
-    if rate is None:
-        at_or_below = jnp.sum(~above, axis=-1, keepdims=True, dtype=jnp.int32)
-        return _from_groups(jnp.where(at_or_below == k, above, kept), mask.shape)
-    revive_candidates = ~kept & above
-    drop_candidates = kept & ~above
-    num_revive = jnp.sum(revive_candidates, axis=-1, keepdims=True, dtype=jnp.int32)
-    num_drop = jnp.sum(drop_candidates, axis=-1, keepdims=True, dtype=jnp.int32)
-    gate = (num_revive > 0) & (num_drop > 0) & (num_revive == num_drop)
-    rate = jnp.asarray(rate, jnp.float32)
-    p = jnp.clip(jnp.ceil(num_revive.astype(jnp.float32) * rate).astype(jnp.int32), 1, num_revive)
-    revive = _select_smallest(~keys, p, revive_candidates)  # ~keys: highest scores first
-    drop = _select_smallest(keys, p, drop_candidates)
-    new = jnp.where(gate, (kept & ~drop) | revive, kept)
+    new = restricted_update(keys, kept, t, k, rate, _select_smallest, axis=-1)
     return _from_groups(new, mask.shape)
 
 
