@@ -123,8 +123,8 @@ def test_every_notebook_is_tested():
     assert NOTEBOOKS == [
         'convert_resnet50.ipynb',
         'imagenet_search_tpu_gpu.ipynb',
-        'overlap_study.ipynb',
         'quickstart.ipynb',
+        'studies.ipynb',
     ]
 
 
@@ -156,15 +156,17 @@ def test_quickstart(tmp_path):
         assert (workdir / name).is_file(), name
 
 
-def test_overlap_study(tmp_path):
-    nb = run_notebook('overlap_study.ipynb', tmp_path)
+def test_studies(tmp_path):
+    nb = run_notebook('studies.ipynb', tmp_path, INITS='magnitude,kaiming', VARIANTS='all,poly4')
     shown = text(nb)
     for criterion in ('magnitude', 'random', 'snip', 'grasp', 'synflow'):
         assert criterion in shown
     assert 'shared kept by chance' in shown
-    assert len(outputs(nb, 'image/png')) >= 1
+    assert 'speed-up vs kaiming' in shown and 'flip-backs' in shown
+    assert len(outputs(nb, 'image/png')) == 3
     workdir = tmp_path / 'workdir'
-    assert (workdir / 'overlap.png').is_file() and (workdir / 'overlap.json').is_file()
+    for name in ('overlap', 'search_cost', 'restriction'):
+        assert (workdir / f'{name}.png').is_file() and (workdir / f'{name}.json').is_file()
 
 
 def test_imagenet_search(tmp_path):
