@@ -5,7 +5,7 @@ times, interleaved step by step after compilation and warm-up:
 
   * ``search``: the jitted search step (``search.make_search_step``, state donated);
   * ``dense``: the jitted dense training step (``dense.make_train_step``, same optimizer);
-  * ``mask_update``: the jitted ``sparsity.update_masks`` over all layers, rate 'all';
+  * ``mask_update``: the jitted mask update over all layers, rate 'all' (``--pattern``: N:M);
   * ``mask_update_rate``: the same with a traced rate < 1 (the general path);
   * ``search_no_mask_update``: the search step traced with the mask update replaced by
     the identity, so ``search - search_no_mask_update`` is the in-step cost of the update.
@@ -44,7 +44,7 @@ import jax  # noqa: E402  (importing jax initialises no backend)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jackpot_jax import dense, models, parallel, search, sparsity  # noqa: E402
+from jackpot_jax import dense, models, parallel, search, sparsity, structured  # noqa: E402
 
 # name: (image size, default batch, classes, weight decay)
 MODEL_DEFAULTS = {
@@ -78,6 +78,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument('--image_size', type=int, default=0, help='0: per-model default')
     p.add_argument('--dtype', choices=tuple(DTYPES), default='float32', help='compute dtype')
     p.add_argument('--sparsity', type=float, default=0.9)
+    p.add_argument('--pattern', default='', help="N:M masks, e.g. '2:4' (sets the sparsity)")
     p.add_argument('--steps', type=int, default=10, help='timed samples per function')
     p.add_argument('--inner', type=int, default=1, help='calls per timed sample')
     p.add_argument('--warmup', type=int, default=1, help='untimed calls after the first')
@@ -169,8 +170,16 @@ def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     params, batch_stats = variables['params'], variables['batch_stats']
     flat = sparsity.flatten(params)
     kernels = {p: flat[p] for p in sparsity.prunable_paths(params)}
-    counts = sparsity.pruned_counts(kernels, args.sparsity)
-    masks = jax.jit(functools.partial(sparsity.magnitude_masks, counts=counts))(kernels)
+    pattern = structured.parse_pattern(args.pattern)
+    if pattern:
+        counts = structured.nm_counts({p: w.shape for p, w in kernels.items()}, *pattern)
+        magnitude = functools.partial(
+            structured.magnitude_masks, counts=counts, n=pattern[0], m=pattern[1]
+        )
+    else:
+        counts = sparsity.pruned_counts(kernels, args.sparsity)
+        magnitude = functools.partial(sparsity.magnitude_masks, counts=counts)
+    masks = jax.jit(magnitude)(kernels)
     scores = sparsity.init_scores(masks)
     rng = np.random.default_rng(args.seed)
     images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
@@ -192,6 +201,7 @@ def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
         labels=labels,
         optimizer=optimizer,
         sizes=sizes,
+        pattern=pattern,
     )
 
 
@@ -202,11 +212,20 @@ def make_search_fn(s: dict[str, Any]) -> Callable:
         counts=s['counts'],
         steps_per_epoch=STEPS_PER_EPOCH,
         epochs=EPOCHS,
+        pattern=s['pattern'],
     )
 
 
-def _identity_update(scores, masks, counts, *, mode='short_restriction', rate=None):
-    """Stand-in for ``sparsity.update_masks`` that changes nothing (for the ablation)."""
+def update_fn(s: dict[str, Any]) -> Callable:
+    """The mask update of every layer: ``(scores, masks, rate=...) -> (masks, changes)``."""
+    if s['pattern']:
+        n, m = s['pattern']
+        return functools.partial(structured.update_masks, counts=s['counts'], n=n, m=m)
+    return functools.partial(sparsity.update_masks, counts=s['counts'])
+
+
+def _identity_update(scores, masks, counts, *pattern, mode='short_restriction', rate=None):
+    """Stand-in for the mask update that changes nothing (for the ablation)."""
     return dict(masks), {p: jnp.zeros((), jnp.int32) for p in masks}
 
 
@@ -229,7 +248,9 @@ class Stateful:
 
     def __call__(self) -> Any:
         if self.patch is not None:  # only affects tracing; a cache hit never looks at it
-            with mock.patch.object(sparsity, 'update_masks', self.patch):
+            with mock.patch.object(sparsity, 'update_masks', self.patch), mock.patch.object(
+                structured, 'update_masks', self.patch
+            ):
                 self.state, out = self.fn(self.state, *self.args)
         else:
             self.state, out = self.fn(self.state, *self.args)
@@ -337,15 +358,15 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         for p, v in s['scores'].items()
     }
     mask_args = parallel.replicate((moved, fresh(s['masks'])), mesh)
-    mask_fn = jax.jit(functools.partial(sparsity.update_masks, counts=s['counts'], rate=None))
+    mask_fn = jax.jit(functools.partial(update_fn(s), rate=None))
     runners: dict[str, Callable] = {
         'search': Stateful(search_fn, search_state(s, mesh), *batch),
         'dense': Stateful(dense_fn, dense_state, *batch),
         'mask_update': Pure(mask_fn, *mask_args),
     }
     if args.rate_update:
-        counts = s['counts']
-        rate_fn = jax.jit(lambda sc, m, r: sparsity.update_masks(sc, m, counts, rate=r))
+        update = update_fn(s)
+        rate_fn = jax.jit(lambda sc, m, r: update(sc, m, rate=r))
         rate = parallel.replicate(jnp.float32(args.rate), mesh)
         runners['mask_update_rate'] = Pure(rate_fn, *mask_args, rate)
     if args.ablation:
@@ -362,7 +383,8 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         'batch_size': b,
         'num_classes': s['num_classes'],
         'dtype': args.dtype,
-        'sparsity': args.sparsity,
+        'sparsity': sum(s['counts'].values()) / sum(s['sizes'].values()),
+        'pattern': args.pattern,
         'num_devices': args.devices,
         'prunable_layers': len(s['sizes']),
         'prunable_weights': sum(s['sizes'].values()),

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def _figure(
@@ -123,9 +124,12 @@ def plot_layer_sparsity(report: Mapping[str, Any], path: str) -> str:
 
 
 def _draw_curves(ax, curves: Mapping[str, Sequence[Sequence[float]]], **style) -> None:
+    """Lines of (x, y) points; integer ticks when every x is an integer (epochs, steps)."""
     for name, points in curves.items():
         points = sorted(points, key=lambda p: p[0])
         ax.plot([p[0] for p in points], [p[1] for p in points], label=name, **style)
+    if all(float(p[0]).is_integer() for points in curves.values() for p in points):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
 def plot_curves(

@@ -50,3 +50,22 @@ def test_search_step_benchmark_smoke(capsys):
         'search_over_dense_max',
         'search_over_dense_met',
     }
+
+
+def test_search_step_benchmark_times_n_m_masks(capsys):
+    result = search_step.main(
+        [
+            '--models=resnet20',
+            '--batch_size=8',
+            '--steps=1',
+            '--warmup=0',
+            '--pattern=2:4',
+            '--no-rate_update',
+        ]
+    )
+    m = result['models']['resnet20']
+    assert m['pattern'] == '2:4'
+    # resnet20's first conv (3 input channels) stays dense; every other kernel is 2:4.
+    assert 0.49 < m['sparsity'] < 0.5
+    assert _positive(m['search_no_mask_update']['ms_median'])
+    assert _positive(m['mask_update']['ms_median'])
