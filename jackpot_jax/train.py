@@ -480,7 +480,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         pattern=structured.parse_pattern(s.pattern),
     )
 
-    # Restore: the workdir's own latest checkpoint, else start from the magnitude mask.
+    # Restore: the workdir's own latest checkpoint, else start from the initial masks.
     ckpts = checkpoint.SearchCheckpoints(
         os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint.keep
     )
@@ -492,23 +492,27 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     }
     history: list[dict[str, Any]] = []
     epoch_metrics = EpochMetrics(trace=s.step_trace)
+    earlier_seconds = 0.0  # search time before the latest checkpoint, over all earlier runs
     latest = ckpts.latest_step()
     if latest is not None:
         _check_resumable(ckpts.read_meta(latest), identity, ckpts.directory)
         state, meta = ckpts.restore(latest, like=state)
         history = meta['history']
         epoch_metrics = EpochMetrics(meta['epoch_sums'], trace=s.step_trace)
+        earlier_seconds = meta.get('search_seconds', 0.0)
         logging.info('resuming the search from step %d of %s', latest, ckpts.directory)
     start = int(parallel.to_host(state.step))
     metrics_path = os.path.join(workdir, METRICS_FILE)
     _truncate_metrics(metrics_path, 'search', start)
     writer = MetricWriter(workdir)
 
+    def search_seconds():
+        return earlier_seconds + time.perf_counter() - clock
+
     def save(metrics=None):
         epoch_metrics.flush()
-        ckpts.save(
-            state, {**identity, 'history': history, 'epoch_sums': epoch_metrics.sums}, metrics
-        )
+        meta = {'history': history, 'epoch_sums': epoch_metrics.sums}
+        ckpts.save(state, {**identity, **meta, 'search_seconds': search_seconds()}, metrics)
 
     every = config.checkpoint.every_steps
     clock = time.perf_counter()
@@ -563,7 +567,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     finally:
         ckpts.wait()
         ckpts.close()
-    seconds = time.perf_counter() - clock
+    seconds = search_seconds() if start < s.epochs * steps else earlier_seconds
 
     host_masks = parallel.to_host(state.masks)
     report = mask_report(config, params, host_masks)

@@ -130,6 +130,8 @@ def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
     assert metrics.read_text() == records
     for name, row in result['runs'].items():
         assert {**again['runs'][name], 'search_seconds': 0} == {**row, 'search_seconds': 0}
+        # The search time of the finished search, as of its last checkpoint, not the rerun's.
+        assert 0.1 < again['runs'][name]['search_seconds'] <= row['search_seconds']
 
 
 def test_restriction_mode_telemetry_adds_up(pretrained, tmp_path):
