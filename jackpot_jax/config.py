@@ -11,18 +11,10 @@ import ml_collections
 
 from jackpot_jax import criteria, data, models, search, sparsity, structured
 
-MODES = (
-    'demo',
-    'pretrain',
-    'search',
-    'tune',
-    'evaluate',
-    'export',
-    'overlap',
-    'search_cost',
-    'restriction',
-    'sweep',
-)
+# fmt: off
+MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap', 'search_cost',
+         'restriction', 'sweep')
+# fmt: on
 CPU_COLLECTIVES = ('', 'gloo', 'mpi')
 # Mask-update rules compared by mode 'restriction': the three short-restriction rates and
 # the 2021 edge-popup rule.
