@@ -96,6 +96,11 @@ def test_epochs_to_target_and_the_speedup_over_edge_popups_init():
     }
     assert search_studies.epochs_to_target(runs['kaiming']['history'], 0.85) == 3
     assert search_studies.epochs_to_target(runs['random']['history'], 0.85) is None
+    noisy = history(0.9, 0.7, 0.95, 0.96)  # a lucky first epoch, then a dip
+    assert search_studies.epochs_to_target(noisy, 0.9) == 1
+    assert search_studies.epochs_to_stay(noisy, 0.9) == 3
+    assert search_studies.epochs_to_stay(history(0.95, 0.97), 0.9) == 1
+    assert search_studies.epochs_to_stay(history(0.95, 0.8), 0.9) is None
     got = search_studies.search_cost_summary(runs)
     assert got['target_top1'] == 0.9 and got['baseline'] == 'kaiming'  # kaiming's final
     rows = got['runs']
@@ -103,6 +108,9 @@ def test_epochs_to_target_and_the_speedup_over_edge_popups_init():
     assert rows['magnitude']['speedup'] == 2.0 and rows['kaiming']['speedup'] == 1.0
     assert rows['random']['speedup'] is None
     assert rows['magnitude']['best_top1'] == 0.92 and rows['kaiming']['test_top1'][0] == [1, 0.3]
+    assert rows['magnitude']['mean_top1'] == pytest.approx((0.8 + 0.9 + 0.91 + 0.92) / 4)
+    assert [rows[n]['epochs_to_stay'] for n in runs] == [2, 4, None]
+    assert rows['magnitude']['speedup_to_stay'] == 2.0 and rows['random']['speedup_to_stay'] is None
     explicit = search_studies.search_cost_summary(runs, target=0.8)
     assert [explicit['runs'][n]['epochs_to_target'] for n in runs] == [1, 3, None]
     assert explicit['runs']['magnitude']['speedup'] == 3.0
