@@ -15,6 +15,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+MAX_LEGEND_LAYERS = 16  # per-layer line plots name at most this many layers in a legend
+
 
 def _figure(
     num_groups: int, per_group: float = 0.45, height: float = 4.5, rows: int = 1
@@ -189,7 +191,11 @@ def plot_restriction(result: Mapping[str, Any], path: str) -> str:
         share.bar(
             np.arange(len(layers)) + (i - (len(runs) - 1) / 2) * width, shares, width, label=name
         )
-    _layer_ticks(share, layers)
+    if len(layers) <= MAX_LEGEND_LAYERS:
+        _layer_ticks(share, layers)
+    else:  # too many names for one panel: number the layers (restriction.json names them)
+        share.xaxis.set_major_locator(MaxNLocator(integer=True))
+        share.set_xlabel(f'layer index (0-{len(layers) - 1}, in sorted path order)')
     share.set(ylabel='flip-backs / changes', ylim=(0, 1), title='Oscillation per layer')
     for ax in (loss, acc, changes, share):
         ax.grid(alpha=0.3)
@@ -229,8 +235,8 @@ def plot_mask_changes(records: Sequence[Mapping[str, Any]], path: str) -> str:
     bottom.set_xlabel('epoch')
     bottom.set_ylabel('mask changes per layer')
     bottom.grid(alpha=0.3)
-    if layers:
-        bottom.legend(
-            fontsize=7, ncol=max(1, len(layers) // 12), loc='upper left', bbox_to_anchor=(1.0, 1.0)
-        )
+    if 0 < len(layers) <= MAX_LEGEND_LAYERS:
+        bottom.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
+    elif layers:  # a legend of dozens of layers would not fit; the JSON records name them
+        bottom.set_title(f'{len(layers)} layers, one line each', fontsize=9)
     return _save(fig, path)

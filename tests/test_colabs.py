@@ -162,7 +162,7 @@ def test_studies(tmp_path):
     for criterion in ('magnitude', 'random', 'snip', 'grasp', 'synflow'):
         assert criterion in shown
     assert 'shared kept by chance' in shown
-    assert 'speed-up vs kaiming' in shown and 'flip-backs' in shown
+    assert "speed-up: kaiming's epochs" in shown and 'flip-backs' in shown
     assert len(outputs(nb, 'image/png')) == 3
     workdir = tmp_path / 'workdir'
     for name in ('overlap', 'search_cost', 'restriction'):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import jax
 import numpy as np
@@ -257,3 +258,30 @@ def test_pattern_must_agree_with_the_sparsity():
     config.search.pattern = '1:3'
     config.search.sparsity = 2 / 3
     config_lib.validate(config)
+
+
+def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
+    """ResNet-50 has 53 prunable kernels: no legend or label may squeeze the axes away."""
+    layers = [
+        f'layer{i}_{j}/conv{k}/kernel' for i in range(1, 5) for j in range(5) for k in (1, 2, 3)
+    ]
+    records = [
+        {
+            'mode': 'search',
+            'epoch': e,
+            'mask_changes': 9,
+            'mask_changes_per_layer': dict.fromkeys(layers, e),
+        }
+        for e in (1, 2)
+    ]
+    run = {
+        'steps': {'step': [1, 2], 'loss': [1.0, 0.9], 'mask_changes': [0, 4]},
+        'test_top1': [[1, 0.5], [2, 0.6]],
+        'mask_changes_per_layer': dict.fromkeys(layers, 4),
+        'flip_backs_per_layer': dict.fromkeys(layers, 1),
+    }
+    study = {'model': 'resnet50', 'data': 'imagenet2012', 'sparsity': 0.9, 'runs': {'all': run}}
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # e.g. "constrained_layout not applied"
+        assert_valid_png(plots.plot_mask_changes(records, str(tmp_path / 'changes.png')))
+        assert_valid_png(plots.plot_restriction(study, str(tmp_path / 'restriction.png')))
