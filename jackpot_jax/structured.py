@@ -143,11 +143,15 @@ def top_n_in_groups(keys: Array, n: int, m: int) -> Array:
     return _from_groups(_select_smallest(~_to_groups(keys, m), n), keys.shape)
 
 
+def prune_smallest_in_groups(keys: Array, n: int, m: int) -> Array:
+    """Prune the M - N smallest keys of every group (ties: the lower index pruned first)."""
+    _check_eligible(keys.shape, n, m)
+    return _from_groups(~_select_smallest(_to_groups(keys, m), m - n), keys.shape)
+
+
 def magnitude_mask(kernel: Array, n: int, m: int) -> Array:
     """Prune the M - N smallest |w| of every group (ties: the lower index pruned first)."""
-    _check_eligible(kernel.shape, n, m)
-    keys = _to_groups(sortable_key(jnp.abs(kernel)), m)
-    return _from_groups(~_select_smallest(keys, m - n), kernel.shape)
+    return prune_smallest_in_groups(sortable_key(jnp.abs(kernel)), n, m)
 
 
 def edge_popup_mask(scores: Array, n: int, m: int) -> Array:
@@ -208,10 +212,12 @@ def masks_from_scores(
     m: int,
     mode: str = 'short_restriction',
 ) -> dict[str, Array]:
-    """The N:M masks the mask update picks from fresh scores (top N of s, or of |s|)."""
+    """The N:M masks the mask update picks from fresh scores: the M - N lowest s of every
+    group pruned (ties: lower index first, as ``sparsity.masks_from_scores``), or for
+    edge-popup the top N of |s|."""
     if mode == 'edge_popup':
         return _per_layer(lambda p, s: edge_popup_mask(s, n, m), scores, counts)
-    return _per_layer(lambda p, s: top_n_in_groups(sortable_key(s), n, m), scores, counts)
+    return _per_layer(lambda p, s: prune_smallest_in_groups(sortable_key(s), n, m), scores, counts)
 
 
 def update_masks(

@@ -454,3 +454,11 @@ def test_jit_with_traced_rate_equals_eager():
     np.testing.assert_array_equal(_np(edge_popup_jit(s, n, m)), _np(st.edge_popup_mask(s, n, m)))
     keys = sp.sortable_key(s)
     np.testing.assert_array_equal(_np(top_n_jit(keys, n, m)), _np(st.top_n_in_groups(keys, n, m)))
+
+
+def test_masks_from_scores_break_ties_like_the_unstructured_rule_on_one_group():
+    scores = {'k': jnp.asarray([[0.5], [0.2], [0.5], [0.5]])}  # one group of 4, three tied
+    for n in (1, 2, 3):
+        got = st.masks_from_scores(scores, {'k': 4 - n}, n, 4)['k']
+        want = sp.masks_from_scores(scores, {'k': 4 - n})['k']
+        np.testing.assert_array_equal(got, want)
