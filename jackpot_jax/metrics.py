@@ -1,7 +1,8 @@
 """Metrics: JSON lines (``WORKDIR/metrics.jsonl``) and TensorBoard scalars (``WORKDIR/tensorboard``).
 
 Only process 0 writes. Each record is one epoch of one mode; numbers nested in
-dicts (e.g. mask changes per layer) become TensorBoard tags joined by '/'.
+dicts (e.g. mask changes per layer) become TensorBoard tags joined by '/'. A record's
+``trace`` (``search.step_trace``) becomes per-step scalars tagged ``<mode>_step/<name>``.
 """
 
 from __future__ import annotations
@@ -53,9 +54,13 @@ class MetricWriter:
         record = to_python(dict(record))
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
+        mode = record.get('mode', 'metrics')
+        trace = record.get('trace') or {}
+        for i, step in enumerate(trace.get('step', [])):  # per-step values, at their own steps
+            per_step = {f'{mode}_step/{k}': float(v[i]) for k, v in trace.items() if k != 'step'}
+            self._events.write_scalars(int(step), per_step)
         values = _scalars(
-            {k: v for k, v in record.items() if k not in ('mode', 'epoch', 'step')},
-            f"{record.get('mode', 'metrics')}/",
+            {k: v for k, v in record.items() if k not in ('mode', 'epoch', 'step')}, f'{mode}/'
         )
         self._events.write_scalars(int(record.get('step', record.get('epoch', 0))), values)
 

@@ -163,6 +163,18 @@ def test_restriction_mode_telemetry_adds_up(pretrained, tmp_path):
     with open(tmp_path / 'restriction' / 'poly4' / train.METRICS_FILE) as f:
         records = [json.loads(line) for line in f]
     assert {r['swap_rate'] for r in records if r['mode'] == 'search'} == {1.0, 1 / 16}
+    # The per-step trace also reaches TensorBoard, one scalar per step.
+    from tensorboard.backend.event_processing import event_accumulator
+
+    events = event_accumulator.EventAccumulator(
+        str(tmp_path / 'restriction' / 'poly4' / 'tensorboard')
+    )
+    events.Reload()
+    changes = events.Scalars('search_step/mask_changes')
+    assert [e.step for e in changes] == list(range(1, 13))
+    poly4 = result['runs']['poly4']['steps']
+    assert [e.value for e in changes] == poly4['mask_changes']
+    assert [e.value for e in events.Scalars('search_step/flip_backs')] == poly4['flip_backs']
 
 
 def test_sweep_mode_compares_jackpot_magnitude_and_random(pretrained, tmp_path):

@@ -141,6 +141,8 @@ def test_tensorboard_has_the_search_scalars(demo_run):
         'search/swap_rate',
         'search/mask_changes',
         'search/mask_changes_per_layer/conv2/kernel',
+        'search/flip_backs',
+        'search/flip_backs_per_layer/conv2/kernel',
         'pretrain/loss',
     ):
         assert tag in tags, tag
