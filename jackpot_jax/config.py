@@ -71,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.search.prune_exclude = sparsity.DEFAULT_EXCLUDE  # default: the classifier.
     # 'N:M' (e.g. '2:4'): keep N of every M consecutive input-channel weights in each
     # prunable layer whose input channels are a multiple of M (the others stay dense);
-    # search.sparsity must then equal (M - N) / M. '' = unstructured.
+    # search.sparsity must then equal (M - N) / M (search.allocation is not used).
+    # '' = unstructured.
     config.search.pattern = ''
     # Also record every step's loss, mask changes and flip-backs in the epoch records.
     config.search.step_trace = False
