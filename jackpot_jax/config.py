@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.search.mask_update = 'short_restriction'  # | 'edge_popup'
     config.search.rate_schedule = 'all'  # | 'poly4' | 'cosine'
     config.search.bn_mode = 'train'  # | 'frozen': keep the pre-trained running statistics.
+    # > 0: evaluate each epoch, and save the jackpot, with BatchNorm statistics re-estimated
+    # over N training batches under the current mask (no weight or mask changes; the search
+    # itself goes on with its own running statistics). 0 = the paper's: the search's own.
+    config.search.bn_recalibration_steps = 0
     config.search.prune_include = sparsity.DEFAULT_INCLUDE  # regex over parameter paths.
     config.search.prune_exclude = sparsity.DEFAULT_EXCLUDE  # default: the classifier.
     # 'N:M' (e.g. '2:4'): keep N of every M consecutive input-channel weights in each
@@ -233,6 +237,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ('steps_per_epoch', config.steps_per_epoch),
         ('overlap.batch_size', config.overlap.batch_size),
         ('overlap.bn_steps', config.overlap.bn_steps),
+        ('search.bn_recalibration_steps', s.bn_recalibration_steps),
     ]:
         if value < 0:
             raise ValueError(f'{name} must be >= 0, got {value!r}')

@@ -10,8 +10,6 @@ weights it keeps too. Writes ``WORKDIR/overlap.json`` and ``WORKDIR/overlap.png`
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -136,27 +134,6 @@ def format_overlap_table(result: Mapping[str, Any]) -> str:
     return '\n'.join(lines)
 
 
-@functools.partial(jax.jit, static_argnames='model')
-def _bn_statistics_step(params: Any, batch_stats: Any, images: jax.Array, *, model) -> Any:
-    variables = {'params': params, 'batch_stats': batch_stats}
-    _, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
-    return updates['batch_stats']
-
-
-def adapt_batch_stats(
-    setup: train.Setup, params: Any, batch_stats: Any, steps: int, batch_size: int
-) -> Any:
-    """BatchNorm running statistics updated over ``steps`` training batches; params unchanged.
-
-    The model's own running-average update (Flax momentum 0.9 = PyTorch 0.1), as in
-    the search's BatchNorm training mode, starting from ``batch_stats``.
-    """
-    batches = (b for epoch in itertools.count() for b in setup.train_epoch(batch_size, epoch))
-    for images, _ in itertools.islice(batches, steps):
-        batch_stats = _bn_statistics_step(params, batch_stats, images, model=setup.model)
-    return batch_stats
-
-
 def _overlap_settings(
     config: ml_collections.ConfigDict, names: Sequence[str] | None
 ) -> tuple[tuple[str, ...], int, int]:
@@ -217,7 +194,7 @@ def run_overlap(
         masked = params if masks is None else sparsity.masked_params(params, masks)
         row = setup.evaluate(masked, batch_stats)
         if adapt:
-            stats = adapt_batch_stats(
+            stats = train.adapt_batch_stats(
                 setup, masked, batch_stats, bn_steps, config.search.batch_size
             )
             adapted = setup.evaluate(masked, stats)

@@ -122,6 +122,28 @@ class Setup:
         return params, batch_stats, fingerprint
 
 
+@functools.partial(jax.jit, static_argnames='model')
+def _bn_statistics_step(params: Any, batch_stats: Any, images: jax.Array, *, model) -> Any:
+    variables = {'params': params, 'batch_stats': batch_stats}
+    _, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+    return updates['batch_stats']
+
+
+def adapt_batch_stats(
+    setup: Setup, params: Any, batch_stats: Any, steps: int, batch_size: int
+) -> Any:
+    """BatchNorm running statistics updated over ``steps`` training batches; params unchanged.
+
+    The model's own running-average update (Flax momentum 0.9 = PyTorch 0.1), as in
+    the search's BatchNorm training mode, starting from ``batch_stats``; the batches are
+    the first ``steps`` of the training stream (epoch 0 onwards), so it is deterministic.
+    """
+    batches = (b for epoch in itertools.count() for b in setup.train_epoch(batch_size, epoch))
+    for images, _ in itertools.islice(batches, steps):
+        batch_stats = _bn_statistics_step(params, batch_stats, images, model=setup.model)
+    return batch_stats
+
+
 def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """Flat ``{path: shape}`` of a pytree of arrays (or shape/dtype structs)."""
     return {p: tuple(np.shape(x)) for p, x in sparsity.flatten(tree).items()}
@@ -506,6 +528,15 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     _truncate_metrics(metrics_path, 'search', start)
     writer = MetricWriter(workdir)
 
+    def jackpot_variables(state):
+        """Masked params and the BatchNorm statistics the jackpot is evaluated and saved with."""
+        masked = sparsity.masked_params(state.frozen_params, state.masks)
+        if not s.bn_recalibration_steps:
+            return masked, state.batch_stats
+        return masked, adapt_batch_stats(
+            setup, masked, state.batch_stats, s.bn_recalibration_steps, s.batch_size
+        )
+
     def search_seconds():
         return earlier_seconds + time.perf_counter() - clock
 
@@ -534,9 +565,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                     'learning_rate': _epoch_learning_rate(s, epoch),
                     **epoch_metrics.result(),
                 }
-                test = setup.evaluate(
-                    sparsity.masked_params(state.frozen_params, state.masks), state.batch_stats
-                )
+                test = setup.evaluate(*jackpot_variables(state))
                 record.update(test_top1=test['top1'], test_top5=test['top5'])
                 history.append(record)
                 writer.write(record)
@@ -588,7 +617,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         jackpot_path(config, workdir),
         None,
         host_masks,
-        state.batch_stats,
+        jackpot_variables(state)[1],
         {**identity, 'model': config.model.to_dict(), 'summary': summary},
     )
     logging.info('jackpot sparsity report:\n%s', sparsity.format_sparsity_report(report))

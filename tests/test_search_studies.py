@@ -297,3 +297,31 @@ def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
         warnings.simplefilter('error')  # e.g. "constrained_layout not applied"
         assert_valid_png(plots.plot_mask_changes(records, str(tmp_path / 'changes.png')))
         assert_valid_png(plots.plot_restriction(study, str(tmp_path / 'restriction.png')))
+
+
+# ----------------------------------------------------------------------------
+# BatchNorm recalibration at evaluation.
+# ----------------------------------------------------------------------------
+def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained, tmp_path):
+    config = study_config(pretrained, 'search')
+    plain = train.run_search(config, str(tmp_path / 'plain'))
+    config.search.bn_recalibration_steps = 3
+    found = train.run_search(config, str(tmp_path / 'recalibrated'))
+    # The search itself is unchanged: same masks and running statistics as without it.
+    jax.tree.map(np.testing.assert_array_equal, plain['state'].masks, found['state'].masks)
+    jax.tree.map(
+        np.testing.assert_array_equal, plain['state'].batch_stats, found['state'].batch_stats
+    )
+    # The jackpot carries the statistics re-estimated over 3 batches under its mask.
+    setup = train.Setup(config)
+    masked = sparsity.masked_params(found['state'].frozen_params, found['state'].masks)
+    expected = train.adapt_batch_stats(setup, masked, found['state'].batch_stats, 3, 64)
+    _, masks, saved, _ = train.checkpoint.load_jackpot(str(tmp_path / 'recalibrated' / 'jackpot'))
+    jax.tree.map(np.testing.assert_allclose, jax.device_get(expected), saved)
+    assert not np.allclose(
+        saved['bn1']['mean'], jax.device_get(found['state'].batch_stats)['bn1']['mean']
+    )
+    assert found['history'][-1]['test_top1'] == setup.evaluate(masked, expected)['top1']
+    config.search.bn_recalibration_steps = -1
+    with pytest.raises(ValueError, match='search.bn_recalibration_steps must be >= 0'):
+        config_lib.validate(config)
