@@ -123,14 +123,14 @@ def search_step(
     epoch = state.step // steps_per_epoch
     rate = None if rate_schedule == 'all' else sparsity.swap_rate(rate_schedule, epoch, epochs)
     if pattern:
-        masks, changes = structured.update_masks(
+        masks, _ = structured.update_masks(
             scores, state.masks, counts, *pattern, mode=mask_update, rate=rate
         )
     else:
-        masks, changes = sparsity.update_masks(
-            scores, state.masks, counts, mode=mask_update, rate=rate
-        )
+        masks, _ = sparsity.update_masks(scores, state.masks, counts, mode=mask_update, rate=rate)
+    # Mask changes and flip-backs both come from this one comparison.
     flipped = {p: masks[p] != state.masks[p] for p in masks}
+    changes = {p: jnp.sum(f, dtype=jnp.int32) for p, f in flipped.items()}
     flip_backs = {p: jnp.sum(flipped[p] & state.ever_flipped[p], dtype=jnp.int32) for p in masks}
 
     metrics = {

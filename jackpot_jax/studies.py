@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from jackpot_jax import checkpoint, criteria, parallel, plots, sparsity, train
+from jackpot_jax import config as config_lib
 
 OVERLAP_JSON = 'overlap.json'
 OVERLAP_PNG = 'overlap.png'
@@ -141,7 +142,7 @@ def _overlap_settings(
     group = config.get('overlap') or {}
     if names is None:
         listed = group.get('criteria', '')
-        names = [n.strip() for n in listed.split(',') if n.strip()] if listed else criteria.CRITERIA
+        names = config_lib.parse_list('overlap.criteria', listed) if listed else criteria.CRITERIA
     unknown = [n for n in names if n not in criteria.CRITERIA]
     if unknown or not names:
         raise ValueError(

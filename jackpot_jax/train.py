@@ -371,26 +371,28 @@ def initial_pruning(config: ml_collections.ConfigDict, params: dict) -> tuple[di
     pattern = structured.parse_pattern(s.pattern)
     if pattern:
         counts = structured.nm_counts({p: w.shape for p, w in kernels.items()}, *pattern)
-        masks = jax.jit(
-            functools.partial(structured.magnitude_masks, counts=counts, n=pattern[0], m=pattern[1])
-        )(kernels)
-        return counts, masks
-    counts = sparsity.pruned_counts(parallel.to_host(kernels), s.sparsity, s.allocation)
-    masks = jax.jit(functools.partial(sparsity.magnitude_masks, counts=counts))(kernels)
-    return counts, masks
+    else:
+        counts = sparsity.pruned_counts(parallel.to_host(kernels), s.sparsity, s.allocation)
+    magnitude = _mask_rule(
+        config, sparsity.magnitude_masks, structured.magnitude_masks, counts=counts
+    )
+    return counts, jax.jit(magnitude)(kernels)
+
+
+def _mask_rule(config: ml_collections.ConfigDict, unstructured, nm, **bound):
+    """``nm`` with the N and M of ``search.pattern``, else ``unstructured``; ``bound`` kwargs."""
+    pattern = structured.parse_pattern(config.search.pattern)
+    if pattern:
+        return functools.partial(nm, n=pattern[0], m=pattern[1], **bound)
+    return functools.partial(unstructured, **bound)
 
 
 def random_masks(
     config: ml_collections.ConfigDict, params: dict, counts: dict[str, int], rng: jax.Array
 ) -> dict[str, jax.Array]:
     """Uniformly random masks at the given counts (N:M ones under ``search.pattern``)."""
-    kernels = prunable_kernels(config, params)
-    pattern = structured.parse_pattern(config.search.pattern)
-    if pattern:
-        fn = functools.partial(structured.random_masks, counts=counts, n=pattern[0], m=pattern[1])
-    else:
-        fn = functools.partial(sparsity.random_masks, counts=counts)
-    return jax.jit(fn)(rng, kernels)
+    fn = _mask_rule(config, sparsity.random_masks, structured.random_masks, counts=counts)
+    return jax.jit(fn)(rng, prunable_kernels(config, params))
 
 
 def initial_search(config: ml_collections.ConfigDict, params: dict) -> tuple[dict, dict, dict]:
@@ -407,14 +409,14 @@ def initial_search(config: ml_collections.ConfigDict, params: dict) -> tuple[dic
         return counts, magnitude, sparsity.init_scores(magnitude, s.pruned_score)
     init = {'kaiming': sparsity.kaiming_scores, 'random': sparsity.uniform_scores}[s.score_init]
     scores = jax.jit(init)(jax.random.key(config.seed + 2), prunable_kernels(config, params))
-    pattern = structured.parse_pattern(s.pattern)
-    if pattern:
-        pick = functools.partial(
-            structured.masks_from_scores, n=pattern[0], m=pattern[1], mode=s.mask_update
-        )
-    else:
-        pick = functools.partial(sparsity.masks_from_scores, mode=s.mask_update)
-    return counts, jax.jit(functools.partial(pick, counts=counts))(scores), scores
+    pick = _mask_rule(
+        config,
+        sparsity.masks_from_scores,
+        structured.masks_from_scores,
+        counts=counts,
+        mode=s.mask_update,
+    )
+    return counts, jax.jit(pick)(scores), scores
 
 
 def mask_report(config: ml_collections.ConfigDict, params: Any, masks: Mapping) -> dict[str, Any]:
@@ -546,6 +548,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         ckpts.save(state, {**identity, **meta, 'search_seconds': search_seconds()}, metrics)
 
     every = config.checkpoint.every_steps
+    jackpot_stats = None  # those of the last epoch evaluated here
     clock = time.perf_counter()
     try:
         with _progress(s.epochs * steps, s.batch_size, 'search', initial=start) as bar:
@@ -565,7 +568,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                     'learning_rate': _epoch_learning_rate(s, epoch),
                     **epoch_metrics.result(),
                 }
-                test = setup.evaluate(*jackpot_variables(state))
+                masked, jackpot_stats = jackpot_variables(state)
+                test = setup.evaluate(masked, jackpot_stats)
                 record.update(test_top1=test['top1'], test_top5=test['top5'])
                 history.append(record)
                 writer.write(record)
@@ -617,7 +621,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         jackpot_path(config, workdir),
         None,
         host_masks,
-        jackpot_variables(state)[1],
+        jackpot_variables(state)[1] if jackpot_stats is None else jackpot_stats,
         {**identity, 'model': config.model.to_dict(), 'summary': summary},
     )
     logging.info('jackpot sparsity report:\n%s', sparsity.format_sparsity_report(report))
