@@ -322,6 +322,6 @@ def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained,
         saved['bn1']['mean'], jax.device_get(found['state'].batch_stats)['bn1']['mean']
     )
     assert found['history'][-1]['test_top1'] == setup.evaluate(masked, expected)['top1']
-    config.search.bn_recalibration_steps = -1
+    config.search.bn_recalibration_steps = -2
     with pytest.raises(ValueError, match='search.bn_recalibration_steps must be >= 0'):
         config_lib.validate(config)
