@@ -13,12 +13,15 @@ from jackpot_jax import criteria, data, models, search, sparsity, structured
 
 # fmt: off
 MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap', 'search_cost',
-         'restriction', 'sweep')
+         'restriction', 'sweep', 'stability')
 # fmt: on
 CPU_COLLECTIVES = ('', 'gloo', 'mpi')
 # Mask-update rules compared by mode 'restriction': the three short-restriction rates and
 # the 2021 edge-popup rule.
 RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
+# Variants of mode 'stability': the paper's protocol, each change of the stable one on
+# its own, and the stable protocol.
+STABILITY_VARIANTS = ('paper', 'paper+recalibration', 'paper+freeze', 'stable')
 # What config.protocol sets for every field left at -1 ("set by the protocol").
 # 'stable': a validation split for every choice, BatchNorm statistics re-estimated
 # under each evaluated mask, and the mask held fixed over the last quarter of the
@@ -144,6 +147,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Mode 'sweep': accuracy vs sparsity (jackpot, magnitude and random masks).
     config.sweep = ml_collections.ConfigDict()
     config.sweep.sparsities = '0.5,0.7,0.8,0.9,0.95'
+    # Mode 'stability': what makes a jackpot's accuracy swing from epoch to epoch. Each
+    # variant records both BatchNorm statistics every epoch and every step's mask changes.
+    config.stability = ml_collections.ConfigDict()
+    config.stability.variants = 'paper,paper+recalibration,paper+freeze,stable'
 
     # Multi-host runs (one process per host, e.g. a Cloud TPU pod): the launcher calls
     # jax.distributed.initialize before any other JAX use. Left at their defaults, the
@@ -252,6 +259,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     _check_list('search_cost.inits', config.search_cost.inits, sparsity.SCORE_INITS)
     _check_list('restriction.variants', config.restriction.variants, RESTRICTION_VARIANTS)
+    _check_list('stability.variants', config.stability.variants, STABILITY_VARIANTS)
     for value in parse_list('sweep.sparsities', config.sweep.sparsities, float):
         if not 0.0 <= value < 1.0:
             raise ValueError(f'sweep.sparsities: {value!r} is not in [0, 1)')

@@ -55,7 +55,7 @@ MASK_CHANGES_PNG = 'mask_changes.png'
 _RESUMABLE_CHANGES = ('mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
                       'data.data_dir', 'data.eval_batch_size', 'tune', 'pretrain', 'overlap',
                       'search.step_trace', 'search.compare_bn_statistics', 'search_cost',
-                      'restriction', 'sweep')
+                      'restriction', 'sweep', 'stability')
 # fmt: on
 # BatchNorm re-estimation steps of search.compare_bn_statistics when the search itself
 # does not re-estimate (search.bn_recalibration_steps = 0).
@@ -868,6 +868,7 @@ MODES = {
     'search_cost': _search_study('search_cost'),
     'restriction': _search_study('restriction'),
     'sweep': _search_study('sweep'),
+    'stability': _search_study('stability'),
     'pretrain': run_pretrain,
     'search': run_search,
     'tune': run_tune,
