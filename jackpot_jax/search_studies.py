@@ -383,6 +383,8 @@ def format_stability(result: Mapping[str, Any]) -> str:
     lines = [
         f"{result['model']} on {result['data']}, sparsity {result['sparsity']:.2%}, "
         f"{result['epochs']} epochs; test top-1 of the jackpot as each variant saves it",
+        f"(no weight trained; dense {result['dense_top1']:.2%}, magnitude mask "
+        f"{result['magnitude_top1']:.2%}, random mask {result['random_top1']:.2%})",
         f"{'variant':<20}  {'final':>7}  {'last 5 epochs':>17}  {'running stats':>13}  "
         f"{'re-estimated':>12}  {'last-epoch changes':>18}  {'flip-backs':>10}",
     ]
@@ -417,7 +419,13 @@ def run_stability(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         )
         for name in variants
     }
-    result = {**_header(config), 'runs': {n: stability_summary(r) for n, r in runs.items()}}
+    setup = train.Setup(config)
+    params, batch_stats, _ = setup.load_weights(train.pretrained_path(config, workdir))
+    result = {
+        **_header(config),
+        **train.baseline_accuracies(config, setup, params, batch_stats),
+        'runs': {n: stability_summary(r) for n, r in runs.items()},
+    }
     _write(workdir, 'stability.json', result)
     if jax.process_index() == 0:
         plots.plot_stability(result, os.path.join(workdir, 'stability.png'))
