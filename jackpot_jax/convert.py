@@ -191,7 +191,10 @@ def vit_table(num_layers: int) -> tuple[Layer, ...]:
             Layer(f'{t}.mlp.0', f'{f}/mlp_0', LINEAR),
             Layer(f'{t}.mlp.3', f'{f}/mlp_3', LINEAR),
         ]
-    table += [Layer('encoder.ln', 'encoder/ln', LAYER_NORM), Layer('heads.head', 'heads/head', LINEAR)]
+    table += [
+        Layer('encoder.ln', 'encoder/ln', LAYER_NORM),
+        Layer('heads.head', 'heads/head', LINEAR),
+    ]
     return tuple(table)
 
 

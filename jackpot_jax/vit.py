@@ -56,7 +56,7 @@ def _dropout(rate: float, train: bool, module: nn.Module) -> nn.Dropout:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention with separate ``query``/``key``/``value``/``out_proj`` Dense layers.
+    """Multi-head self-attention: separate ``query``, ``key``, ``value``, ``out_proj`` Dense layers.
 
     Computes what torch's ``nn.MultiheadAttention(x, x, x)`` computes: heads split the
     projected channels head-major, logits scaled by ``1 / sqrt(head_dim)``.

@@ -21,7 +21,8 @@ from jackpot_jax import config as config_lib
 KEY = jax.random.key(0)
 TINY = dict(patch_size=4, hidden_dim=16, num_layers=1, num_heads=2, mlp_dim=32)
 PRUNABLE = re.compile(
-    r'^encoder/layers/encoder_layer_\d+/(self_attention/(query|key|value|out_proj)|mlp_[03])/kernel$'
+    r'^encoder/layers/encoder_layer_\d+/'
+    r'(self_attention/(query|key|value|out_proj)|mlp_[03])/kernel$'
 )
 
 
@@ -33,7 +34,11 @@ def _abstract_params(name, image_size=224, **kwargs):
 
 @pytest.mark.parametrize(
     'name, total, layers, width',
-    [('vit_b_16', 86_567_656, 12, 768), ('vit_b_32', 88_224_232, 12, 768), ('vit_l_16', 304_326_632, 24, 1024)],
+    [
+        ('vit_b_16', 86_567_656, 12, 768),
+        ('vit_b_32', 88_224_232, 12, 768),
+        ('vit_l_16', 304_326_632, 24, 1024),
+    ],
 )
 def test_torchvision_sizes_and_names(name, total, layers, width):
     """torchvision's parameter totals; paths read like its state-dict keys."""
