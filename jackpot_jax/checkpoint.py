@@ -26,6 +26,13 @@ import orbax.checkpoint as ocp
 from jackpot_jax import parallel, sparsity
 
 _SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'batch_stats')
+# Items that may hold no array at all (a model without BatchNorm has no statistics): orbax
+# refuses to write an empty tree, so they are left out on save and read back as ``{}``.
+_MAYBE_EMPTY = ('batch_stats',)
+
+
+def _has_leaves(tree: Any) -> bool:
+    return bool(jax.tree.leaves(tree))
 
 
 class CheckpointError(RuntimeError):
@@ -77,7 +84,9 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
 def _save(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
     # Host copies: saving replicated device arrays compiles a slice per array.
     items = {
-        name: ocp.args.StandardSave(parallel.to_host(dict(tree))) for name, tree in arrays.items()
+        name: ocp.args.StandardSave(parallel.to_host(dict(tree)))
+        for name, tree in arrays.items()
+        if name not in _MAYBE_EMPTY or _has_leaves(tree)
     }
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(
@@ -137,8 +146,8 @@ def save_weights(path: str, params: Mapping, batch_stats: Mapping, meta: Mapping
 
 def load_weights(path: str) -> tuple[dict, dict, dict[str, Any]]:
     """Reads ``(params, batch_stats, meta)`` written by :func:`save_weights`."""
-    restored = _restore(path, ('params', 'batch_stats'), 'weights')
-    return restored['params'], restored['batch_stats'], restored['meta']
+    restored = _restore(path, ('params',), 'weights', optional=_MAYBE_EMPTY)
+    return restored['params'], restored.get('batch_stats', {}), restored['meta']
 
 
 def save_jackpot(
@@ -158,11 +167,11 @@ def save_jackpot(
 
 def load_jackpot(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
     """Reads ``(scores or None, masks, batch_stats, meta)`` written by :func:`save_jackpot`."""
-    restored = _restore(path, ('masks', 'batch_stats'), 'jackpot', optional=('scores',))
+    restored = _restore(path, ('masks',), 'jackpot', optional=('scores', *_MAYBE_EMPTY))
     meta = restored['meta']
     scores = sparsity.flatten(restored['scores']) if 'scores' in restored else None
     masks = unpack_masks(restored['masks'], meta['mask_shapes'])
-    return scores, masks, restored['batch_stats'], meta
+    return scores, masks, restored.get('batch_stats', {}), meta
 
 
 # ----------------------------------------------------------------------------
@@ -217,7 +226,11 @@ class SearchCheckpoints:
             'opt_state': state.opt_state,
             'batch_stats': state.batch_stats,
         }
-        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        args = {
+            name: ocp.args.StandardSave(tree)
+            for name, tree in items.items()
+            if name not in _MAYBE_EMPTY or _has_leaves(tree)
+        }
         meta = {**meta, 'step': step, 'mask_shapes': shapes}
         self._manager.save(
             step,
@@ -249,7 +262,11 @@ class SearchCheckpoints:
             'opt_state': _abstract(like.opt_state),
             'batch_stats': _abstract(like.batch_stats),
         }
-        args = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
+        args = {
+            name: ocp.args.StandardRestore(t)
+            for name, t in targets.items()
+            if name not in _MAYBE_EMPTY or _has_leaves(t)
+        }
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
@@ -264,7 +281,7 @@ class SearchCheckpoints:
             masks=place(restored['masks']),
             ever_flipped=place(restored['ever_flipped']),
             opt_state=restored['opt_state'],
-            batch_stats=restored['batch_stats'],
+            batch_stats=restored.get('batch_stats', like.batch_stats),
             step=jax.device_put(np.int32(meta['step']), like.step.sharding),
         )
         return state, meta

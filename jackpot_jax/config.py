@@ -106,7 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
     # re-estimated under the mask), recorded as *_running / *_recalibrated: a diagnostic.
     config.search.compare_bn_statistics = False
     config.search.prune_include = sparsity.DEFAULT_INCLUDE  # regex over parameter paths.
-    config.search.prune_exclude = sparsity.DEFAULT_EXCLUDE  # default: the classifier.
+    config.search.prune_exclude = sparsity.DEFAULT_EXCLUDE  # classifiers, a ViT's conv_proj.
     # 'N:M' (e.g. '2:4'): keep N of every M consecutive input-channel weights in each
     # prunable layer whose input channels are a multiple of M (the others stay dense);
     # search.sparsity must then equal (M - N) / M (search.allocation is not used).

@@ -4,7 +4,9 @@ The core works on plain mappings of names -> numpy arrays and never imports torc
 reading and writing ``.pth``/``.safetensors`` files lives in :mod:`jackpot_jax.torch_io`.
 
 Two families of PyTorch names are supported, each with one explicit name table:
-  * ``torchvision``: ResNet-18/34/50/101/152 and VGG-11/13/16/19 with batch norm;
+  * ``torchvision``: ResNet-18/34/50/101/152, VGG-11/13/16/19 with batch norm, and the
+    Vision Transformers ViT-B/16, ViT-B/32 and ViT-L/16 (any other torchvision
+    ``VisionTransformer`` through :func:`vit_arch`);
   * ``official``: the lottery-jackpot authors' releases (ResNet-32 CIFAR, VGG-19 CIFAR,
     ResNet-50 ImageNet), whose classifier is a 1x1 conv, and their jackpots
     (2021: ``<conv>.mask`` scores; 2023: plus ``<conv>.b_mask`` binary masks).
@@ -12,7 +14,10 @@ Two families of PyTorch names are supported, each with one explicit name table:
 Every conversion is strict: all missing, unexpected and wrong-shaped keys are listed
 in one error. Layouts: conv OIHW <-> HWIO, Linear ``[out, in]`` <-> Dense ``[in, out]``,
 BN ``weight``/``bias`` <-> ``scale``/``bias`` and ``running_mean``/``running_var`` <->
-batch_stats ``mean``/``var`` (``num_batches_tracked`` is dropped, and written as 0).
+batch_stats ``mean``/``var`` (``num_batches_tracked`` is dropped, and written as 0),
+LayerNorm ``weight``/``bias`` <-> ``scale``/``bias``, attention ``in_proj_weight``
+``[3D, D]`` (q, k, v stacked) <-> three Dense kernels ``query``/``key``/``value``, and
+bare tensors (a ViT's class token and position embedding) unchanged.
 
 Command line (weights land in ``OUT/pretrained``, jackpots in ``OUT/jackpot``, the
 launcher's workdir layout)::
@@ -38,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jackpot_jax import models, sparsity
+from jackpot_jax import models, sparsity, vit
 from jackpot_jax.train import JACKPOT_DIR, PRETRAINED_DIR, leaf_shapes, tree_mismatches
 
 FAMILIES = ('torchvision', 'official')
@@ -50,8 +55,12 @@ CONV_BIAS = 'conv_bias'  # weight OIHW + bias.
 BN = 'bn'  # weight, bias, running_mean, running_var (+ num_batches_tracked).
 LINEAR = 'linear'  # weight [out, in] + bias.
 CONV_FC = 'conv_fc'  # the official classifier: 1x1 conv weight [C, D, 1, 1] + bias.
+LAYER_NORM = 'layer_norm'  # weight, bias.
+ATTENTION = 'attention'  # in_proj_weight [3D, D] + in_proj_bias [3D]: q, k, v stacked.
+TENSOR = 'tensor'  # a bare parameter (class token, position embedding), same layout.
 
 _KERNEL_KINDS = (CONV, CONV_BIAS, LINEAR, CONV_FC)
+_QKV = ('query', 'key', 'value')  # flax Dense layers of an ATTENTION row, in torch's order.
 _MODULE_PREFIX = 'module.'
 
 
@@ -79,6 +88,8 @@ class Arch:
     classifier: str
     default_classes: int
     image_size: int
+    # Keyword arguments of models.get_model beyond the registered defaults, as sorted pairs.
+    model_kwargs: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclasses.dataclass
@@ -163,6 +174,60 @@ def vgg_table(
     return tuple(table)
 
 
+def vit_table(num_layers: int) -> tuple[Layer, ...]:
+    """torchvision VisionTransformer names: patch conv, tokens, ``num_layers`` blocks, head."""
+    table = [
+        Layer('conv_proj', 'conv_proj', CONV_BIAS),
+        Layer('class_token', 'class_token', TENSOR),
+        Layer('encoder.pos_embedding', 'encoder/pos_embedding', TENSOR),
+    ]
+    for i in range(num_layers):
+        t, f = f'encoder.layers.encoder_layer_{i}', f'encoder/layers/encoder_layer_{i}'
+        table += [
+            Layer(f'{t}.ln_1', f'{f}/ln_1', LAYER_NORM),
+            Layer(f'{t}.self_attention', f'{f}/self_attention', ATTENTION),
+            Layer(f'{t}.self_attention.out_proj', f'{f}/self_attention/out_proj', LINEAR),
+            Layer(f'{t}.ln_2', f'{f}/ln_2', LAYER_NORM),
+            Layer(f'{t}.mlp.0', f'{f}/mlp_0', LINEAR),
+            Layer(f'{t}.mlp.3', f'{f}/mlp_3', LINEAR),
+        ]
+    table += [
+        Layer('encoder.ln', 'encoder/ln', LAYER_NORM),
+        Layer('heads.head', 'heads/head', LINEAR),
+    ]
+    return tuple(table)
+
+
+def vit_arch(
+    image_size: int,
+    patch_size: int,
+    num_layers: int,
+    num_heads: int,
+    hidden_dim: int,
+    mlp_dim: int,
+    num_classes: int = 1000,
+    name: str = 'vit',
+) -> Arch:
+    """Any torchvision ``VisionTransformer`` (no representation layer), by its hyperparameters."""
+    kwargs = dict(
+        patch_size=patch_size,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        mlp_dim=mlp_dim,
+    )
+    return Arch(
+        name,
+        'torchvision',
+        'vit_tiny',
+        vit_table(num_layers),
+        'heads.head',
+        num_classes,
+        image_size,
+        tuple(sorted(kwargs.items())),
+    )
+
+
 _RESNET_STAGES = {
     'resnet18': ((2, 2, 2, 2), False),
     'resnet34': ((3, 4, 6, 3), False),
@@ -188,6 +253,11 @@ def _build_archs() -> dict[str, dict[str, Arch]]:
             'classifier.6',
             1000,
             224,
+        )
+    for name in ('vit_b_16', 'vit_b_32', 'vit_l_16'):
+        layers = vit.CONFIGS[name]['num_layers']
+        archs['torchvision'][name] = Arch(
+            name, 'torchvision', name, vit_table(layers), 'heads.head', 1000, 224
         )
     archs['official']['resnet32'] = Arch(
         'resnet32', 'official', 'resnet32', cifar_resnet_table(5), 'fc', 10, 32
@@ -231,8 +301,10 @@ def get_arch(name: str, family: str) -> Arch:
 # Shapes: what the flax model expects, and the torch shapes that follow.
 # ----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
-def _abstract_variables(model_name: str, num_classes: int, image_size: int) -> tuple[dict, dict]:
-    model = models.get_model(model_name, num_classes)
+def _abstract_variables(
+    model_name: str, num_classes: int, image_size: int, model_kwargs: tuple = ()
+) -> tuple[dict, dict]:
+    model = models.get_model(model_name, num_classes, **dict(model_kwargs))
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     return leaf_shapes(variables['params']), leaf_shapes(variables.get('batch_stats', {}))
@@ -247,6 +319,12 @@ def _flax_leaves(layer: Layer) -> tuple[list[str], list[str]]:
         ]
     if layer.kind == CONV:
         return [f'{layer.flax}/kernel'], []
+    if layer.kind == LAYER_NORM:
+        return [f'{layer.flax}/scale', f'{layer.flax}/bias'], []
+    if layer.kind == ATTENTION:
+        return [f'{layer.flax}/{q}/{leaf}' for q in _QKV for leaf in ('kernel', 'bias')], []
+    if layer.kind == TENSOR:
+        return [layer.flax], []
     return [f'{layer.flax}/kernel', f'{layer.flax}/bias'], []
 
 
@@ -275,14 +353,25 @@ def _torch_from_flax_shape(kind: str, flax_shape: tuple) -> tuple:
 
 def expected_torch_shapes(arch: Arch, num_classes: int) -> dict[str, tuple]:
     """Every torch state-dict key of ``arch`` (num_batches_tracked excluded) and its shape."""
-    params, stats = _abstract_variables(arch.model, num_classes, arch.image_size)
+    params, stats = _abstract_variables(
+        arch.model, num_classes, arch.image_size, arch.model_kwargs
+    )
     _check_table(arch, params, stats)
     shapes = {}
     for layer in arch.table:
-        if layer.kind == BN:
+        if layer.kind in (BN, LAYER_NORM):
             channels = params[f'{layer.flax}/scale']
-            for key in ('weight', 'bias', 'running_mean', 'running_var'):
+            keys = ('weight', 'bias', 'running_mean', 'running_var')
+            for key in keys if layer.kind == BN else keys[:2]:
                 shapes[f'{layer.torch}.{key}'] = channels
+            continue
+        if layer.kind == ATTENTION:
+            d_in, d_out = params[f'{layer.flax}/query/kernel']
+            shapes[f'{layer.torch}.in_proj_weight'] = (3 * d_out, d_in)
+            shapes[f'{layer.torch}.in_proj_bias'] = (3 * d_out,)
+            continue
+        if layer.kind == TENSOR:
+            shapes[layer.torch] = params[layer.flax]
             continue
         kernel = params[f'{layer.flax}/kernel']
         shapes[f'{layer.torch}.weight'] = _torch_from_flax_shape(layer.kind, kernel)
@@ -397,6 +486,20 @@ def _convert_checked(state_dict: Mapping[str, np.ndarray], arch: Arch) -> tuple[
             params[f'{f}/bias'] = np.asarray(state_dict[f'{t}.bias'], np.float32)
             stats[f'{f}/mean'] = np.asarray(state_dict[f'{t}.running_mean'], np.float32)
             stats[f'{f}/var'] = np.asarray(state_dict[f'{t}.running_var'], np.float32)
+            continue
+        if layer.kind == LAYER_NORM:
+            params[f'{f}/scale'] = np.asarray(state_dict[f'{t}.weight'], np.float32)
+            params[f'{f}/bias'] = np.asarray(state_dict[f'{t}.bias'], np.float32)
+            continue
+        if layer.kind == ATTENTION:
+            weights = np.split(np.asarray(state_dict[f'{t}.in_proj_weight'], np.float32), 3)
+            biases = np.split(np.asarray(state_dict[f'{t}.in_proj_bias'], np.float32), 3)
+            for q, weight, bias in zip(_QKV, weights, biases):
+                params[f'{f}/{q}/kernel'] = _kernel_to_flax(LINEAR, weight)
+                params[f'{f}/{q}/bias'] = bias
+            continue
+        if layer.kind == TENSOR:
+            params[f] = np.asarray(state_dict[t], np.float32)
             continue
         params[f'{f}/kernel'] = _kernel_to_flax(layer.kind, state_dict[f'{t}.weight'])
         if layer.kind != CONV:
@@ -552,11 +655,14 @@ def flax_to_torch(
     stats = sparsity.flatten(batch_stats)
     kernel = flat.get(f'{spec.table[-1].flax}/kernel')
     num_classes = int(np.shape(kernel)[-1]) if kernel is not None else spec.default_classes
-    want_params, want_stats = _abstract_variables(spec.model, num_classes, spec.image_size)
+    want_params, want_stats = _abstract_variables(
+        spec.model, num_classes, spec.image_size, spec.model_kwargs
+    )
     _check_table(spec, want_params, want_stats)
     problems = tree_mismatches(want_params, leaf_shapes(params), 'param ')
     problems += tree_mismatches(want_stats, leaf_shapes(batch_stats), 'batch stat ')
     kernels = {f'{l.flax}/kernel' for l in spec.table if l.kind in _KERNEL_KINDS}
+    kernels |= {f'{l.flax}/{q}/kernel' for l in spec.table if l.kind == ATTENTION for q in _QKV}
     for name, tree in (('mask', masks), ('score', scores)):
         for path in sorted(tree or {}):
             if path not in kernels:
@@ -579,6 +685,24 @@ def flax_to_torch(
             out[f'{t}.running_mean'] = np.asarray(stats[f'{f}/mean'], np.float32)
             out[f'{t}.running_var'] = np.asarray(stats[f'{f}/var'], np.float32)
             out[f'{t}.num_batches_tracked'] = np.array(0, np.int64)
+            continue
+        if layer.kind == LAYER_NORM:
+            out[f'{t}.weight'] = np.asarray(flat[f'{f}/scale'], np.float32)
+            out[f'{t}.bias'] = np.asarray(flat[f'{f}/bias'], np.float32)
+            continue
+        if layer.kind == ATTENTION:
+            weights, biases = [], []
+            for q in _QKV:
+                w = np.asarray(flat[f'{f}/{q}/kernel'], np.float32)
+                if masked and f'{f}/{q}/kernel' in masks:
+                    w = w * masks[f'{f}/{q}/kernel']
+                weights.append(_kernel_to_torch(LINEAR, w))
+                biases.append(np.asarray(flat[f'{f}/{q}/bias'], np.float32))
+            out[f'{t}.in_proj_weight'] = np.concatenate(weights)
+            out[f'{t}.in_proj_bias'] = np.concatenate(biases)
+            continue
+        if layer.kind == TENSOR:
+            out[t] = np.asarray(flat[f], np.float32)
             continue
         path = f'{f}/kernel'
         w = np.asarray(flat[path], np.float32)

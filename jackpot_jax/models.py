@@ -1,4 +1,5 @@
-"""Flax Linen model zoo: small CNN, CIFAR ResNets, VGG-19 (CIFAR), torchvision ResNets and VGG-BNs.
+"""Flax Linen model zoo: small CNN, CIFAR ResNets, VGG-19 (CIFAR), torchvision ResNets, VGG-BNs
+and Vision Transformers (:mod:`jackpot_jax.vit`).
 
 Every model is called as ``model(x, train=...)`` on NHWC float32 input and returns
 float32 logits ``[B, num_classes]``. ``dtype`` is the computation dtype; parameters are
@@ -19,6 +20,8 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jackpot_jax import vit
 
 Dtype = Any
 
@@ -340,6 +343,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     'vgg13_bn': functools.partial(TorchvisionVGG, cfg=VGG_BN_CFGS['vgg13_bn']),
     'vgg16_bn': functools.partial(TorchvisionVGG, cfg=VGG_BN_CFGS['vgg16_bn']),
     'vgg19_bn': functools.partial(TorchvisionVGG, cfg=VGG_BN_CFGS['vgg19_bn']),
+    **{
+        name: functools.partial(vit.VisionTransformer, **hyperparameters)
+        for name, hyperparameters in vit.CONFIGS.items()
+    },
 }
 
 

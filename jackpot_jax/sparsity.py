@@ -35,7 +35,9 @@ RATE_SCHEDULES = ('all', 'poly4', 'cosine')
 MASK_UPDATES = ('short_restriction', 'edge_popup')
 SCORE_INITS = ('magnitude', 'kaiming', 'random')  # 'random': U(0, 1) scores
 DEFAULT_INCLUDE = r'(^|/)kernel$'
-DEFAULT_EXCLUDE = r'^(fc|classifier)(_\d+)?/'  # classifiers, incl. torchvision VGG's three
+# Classifiers (incl. torchvision VGG's three and the ViT's ``heads``) and the ViT's patch
+# embedding ``conv_proj``; the ViT's class token and position embedding are no kernels.
+DEFAULT_EXCLUDE = r'^((fc|classifier)(_\d+)?|heads|conv_proj)/'
 
 
 # ----------------------------------------------------------------------------
@@ -57,7 +59,9 @@ def prunable_paths(
     """Paths of the kernels to prune: rank >= 2, matching ``include``, not ``exclude``.
 
     The defaults select every conv and dense kernel except the classifier's
-    (top-level ``fc``, ``classifier`` or ``classifier_<i>``), as in the paper.
+    (top-level ``fc``, ``classifier`` or ``classifier_<i>``), as in the paper; in a
+    ViT, the attention (query, key, value, out_proj) and MLP kernels, not the patch
+    embedding ``conv_proj`` or the ``heads``.
     """
     paths = tuple(
         path

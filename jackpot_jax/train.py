@@ -143,7 +143,9 @@ class Setup:
         init = functools.partial(self.model.init, train=False)
         expected = jax.eval_shape(init, jax.random.key(0), sample)
         check_tree_matches(expected['params'], params, f'the params at {path}')
-        check_tree_matches(expected['batch_stats'], batch_stats, f'the batch statistics at {path}')
+        check_tree_matches(
+            expected.get('batch_stats', {}), batch_stats, f'the batch statistics at {path}'
+        )
         fingerprint = checkpoint.weights_fingerprint(params)
         params, batch_stats = parallel.replicate((params, batch_stats), self.mesh)
         return params, batch_stats, fingerprint
@@ -342,7 +344,7 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
         setup,
         config.pretrain,
         variables['params'],
-        variables['batch_stats'],
+        variables.get('batch_stats', {}),  # {} for a model without BatchNorm
         None,
         'pretrain',
         MetricWriter(workdir),

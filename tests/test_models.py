@@ -127,10 +127,14 @@ def test_every_model_builds_with_explicit_names(name):
     x = jax.ShapeDtypeStruct(shape, jnp.float32)
     logits, variables = jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)
     assert logits.shape == (2, 7) and logits.dtype == jnp.float32
-    auto_name = re.compile(r'^(Conv|BatchNorm|Dense|BasicBlock|Bottleneck)_\d+$')
+    auto_name = re.compile(
+        r'^(Conv|BatchNorm|Dense|LayerNorm|BasicBlock|Bottleneck|EncoderBlock|SelfAttention)_\d+$'
+    )
     for path in traverse_util.flatten_dict(variables['params']):
         assert not any(auto_name.match(part) for part in path), path
-    assert set(variables) == {'params', 'batch_stats'}
+    # Vision Transformers have no BatchNorm, so no batch statistics.
+    want = {'params'} if name.startswith('vit') else {'params', 'batch_stats'}
+    assert set(variables) == want
 
 
 def _forward_both_modes(model, x):
