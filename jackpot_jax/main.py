@@ -115,6 +115,8 @@ def run() -> None:
         parallel.initialize_distributed(
             d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives
         )
+    if writes:
+        workdir_lib.lock(workdir)
     if jax.process_index():  # one log for the whole run: process 0's
         logging.set_verbosity(logging.WARNING)
     logging.info(
@@ -124,8 +126,6 @@ def run() -> None:
         jax.local_device_count(),
         jax.device_count(),
     )
-    if writes:
-        workdir_lib.lock(workdir)
     logging.info('mode %s, workdir %s\n%s', config.mode, workdir, config)
     train.MODES[config.mode](config, workdir)
 

@@ -64,7 +64,7 @@ def lock(workdir: str) -> None:
     Only process 0 of a multi-host run locks. Raises WorkdirLocked, naming the holder,
     if another process has it.
     """
-    if jax.process_index() != 0:
+    if _multi_process() and jax.process_index() != 0:
         return
     key = os.path.realpath(workdir)
     if key in _held:
@@ -84,6 +84,12 @@ def lock(workdir: str) -> None:
     f.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
     f.flush()
     _held[key] = f
+
+
+def _multi_process() -> bool:
+    """Whether jax.distributed is up (asked without starting a backend when it is not)."""
+    is_initialized = getattr(jax.distributed, 'is_initialized', None)
+    return is_initialized() if is_initialized else jax.process_count() > 1
 
 
 def unlock(workdir: str) -> None:
