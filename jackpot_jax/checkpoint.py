@@ -9,13 +9,15 @@ Three kinds of checkpoint, stored apart so the weights are written once:
   * jackpots (``WORKDIR/jackpot``): bit-packed masks + batch statistics + meta
     (+ scores when asked), small enough to ship beside the original weights.
 Orbax writes into a temporary folder and renames it when complete, so a crash
-mid-save never leaves a checkpoint that looks whole.
+mid-save never leaves a checkpoint that looks whole. A weights or jackpot checkpoint
+that already exists is replaced only once its successor is complete (see :func:`_save`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jackpot_jax import parallel, sparsity
+from jackpot_jax.errors import UserError
 
 _SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'batch_stats')
 # Items that may hold no array at all (a model without BatchNorm has no statistics): orbax
@@ -35,7 +38,13 @@ def _has_leaves(tree: Any) -> bool:
     return bool(jax.tree.leaves(tree))
 
 
-class CheckpointError(RuntimeError):
+# Siblings of a checkpoint PATH while it is replaced: PATH.new (being written), then
+# PATH.old (the previous one, deleted once PATH.new has become PATH).
+NEW_SUFFIX = '.new'
+OLD_SUFFIX = '.old'
+
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message says which one and what to do."""
 
 
@@ -81,7 +90,22 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
     return jax.tree.map(one, tree)
 
 
+def _sync_processes(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+        multihost_utils.sync_global_devices(name)
+
+
 def _save(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
+    """Writes a composite checkpoint at ``path``, replacing one that is there.
+
+    It is written whole to ``path.new`` first; only then does the old one step aside
+    (``path.old``, deleted right after), so a crash never leaves a half-written
+    checkpoint in place of a good one.
+    """
+    path = os.path.abspath(path)
+    new, old = path + NEW_SUFFIX, path + OLD_SUFFIX
     # Host copies: saving replicated device arrays compiles a slice per array.
     items = {
         name: ocp.args.StandardSave(parallel.to_host(dict(tree)))
@@ -90,10 +114,18 @@ def _save(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None
     }
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(
-            os.path.abspath(path),
-            force=True,
+            new,
+            force=True,  # a leftover of an interrupted save
             args=ocp.args.Composite(meta=ocp.args.JsonSave(dict(meta)), **items),
         )
+    if jax.process_index() == 0:
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _sync_processes(f'jackpot_jax checkpoint saved: {path}')
 
 
 def _restore(
@@ -110,6 +142,12 @@ def _restore(
     wrote them.
     """
     path = os.path.abspath(path)
+    if not os.path.isdir(path) and os.path.isdir(path + OLD_SUFFIX):
+        raise CheckpointError(
+            f'no {what} checkpoint at {path}, but {path + OLD_SUFFIX} holds the one it was '
+            f'replacing when a save was interrupted: rename that folder to {path} '
+            f'(and delete {path + NEW_SUFFIX} if present), or write the {what} again'
+        )
     if not os.path.isdir(path):
         raise FileNotFoundError(
             f'no {what} checkpoint at {path}; check the path, or create it first '

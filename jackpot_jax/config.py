@@ -7,6 +7,9 @@ work starts. This file is itself a config file: ``--config=jackpot_jax/config.py
 
 from __future__ import annotations
 
+import math
+import re
+
 import ml_collections
 
 from jackpot_jax import criteria, data, models, search, sparsity, structured
@@ -16,6 +19,10 @@ MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap', 
          'restriction', 'sweep', 'stability')
 # fmt: on
 CPU_COLLECTIVES = ('', 'gloo', 'mpi')
+# config.jackpot = 'none': no jackpot (evaluate the weights as they are). Modes that
+# never read config.jackpot accept it too.
+NO_JACKPOT = 'none'
+NO_JACKPOT_MODES = ('evaluate', 'pretrain')
 # Mask-update rules compared by mode 'restriction': the three short-restriction rates and
 # the 2021 edge-popup rule.
 RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
@@ -218,6 +225,36 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f'{name} must be positive, got {value!r}')
 
 
+def is_no_jackpot(jackpot: str) -> bool:
+    """Whether a ``config.jackpot`` value means "no jackpot" ('none', any case)."""
+    return str(jackpot).strip().lower() == NO_JACKPOT
+
+
+def _check_optimizer(group: str, cfg: ml_collections.ConfigDict) -> None:
+    """Finite positive learning rate, finite weight decay >= 0, momentum in [0, 1)."""
+    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
+        raise ValueError(
+            f'{group}.learning_rate must be a finite number > 0, got {cfg.learning_rate!r}'
+        )
+    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
+        raise ValueError(
+            f'{group}.weight_decay must be a finite number >= 0 (0 = none), '
+            f'got {cfg.weight_decay!r}'
+        )
+    if not 0.0 <= cfg.momentum < 1.0:
+        raise ValueError(f'{group}.momentum must be in [0, 1) (0 = none), got {cfg.momentum!r}')
+
+
+def _check_regex(name: str, pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f'{name}={pattern!r} is not a valid regular expression ({e}); it is matched '
+            "against parameter paths such as 'conv1/kernel'"
+        ) from None
+
+
 def _check_distributed(d: ml_collections.ConfigDict) -> None:
     _check_choice('distributed.cpu_collectives', d.cpu_collectives, CPU_COLLECTIVES)
     if d.num_processes < 0 or d.process_id < -1:
@@ -239,6 +276,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice('mode', config.mode, MODES)
     _check_choice('dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS)
     _check_choice('model', config.model.name, tuple(models.MODELS))
+    if 'width' in config.model and not config.model.width > 0:
+        raise ValueError(f'model.width must be a positive integer, got {config.model.width!r}')
+    if is_no_jackpot(config.jackpot) and config.mode not in NO_JACKPOT_MODES:
+        raise ValueError(
+            f"config.jackpot={config.jackpot!r} means no jackpot, which mode {config.mode!r} "
+            "cannot use: set config.jackpot to a jackpot folder ('' = WORKDIR/jackpot), or use "
+            "'none' with --mode=evaluate to evaluate the weights as they are"
+        )
     s = config.search
     if not 0.0 <= s.sparsity < 1.0:
         raise ValueError(
@@ -250,6 +295,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice('rate_schedule', s.rate_schedule, sparsity.RATE_SCHEDULES)
     _check_choice('bn_mode', s.bn_mode, search.BN_MODES)
     _check_choice('search.score_init', s.score_init, sparsity.SCORE_INITS)
+    _check_regex('search.prune_include', s.prune_include)
+    _check_regex('search.prune_exclude', s.prune_exclude)
     pattern = structured.parse_pattern(s.pattern)
     if pattern and abs(s.sparsity - structured.pattern_sparsity(*pattern)) > 1e-9:
         n, m = pattern
@@ -280,9 +327,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f'(score 1.0) rank first, got {s.pruned_score!r}'
         )
     for group in ('pretrain', 'search', 'tune'):
-        for field in ('epochs', 'batch_size', 'learning_rate'):
+        for field in ('epochs', 'batch_size'):
             if group != 'tune' or field != 'epochs':
                 _check_positive(f'{group}.{field}', config[group][field])
+        _check_optimizer(group, config[group])
         if not 0.0 <= config[group].label_smoothing < 1.0:
             raise ValueError(
                 f'{group}.label_smoothing must be in [0, 1), '

@@ -27,6 +27,10 @@ launcher's workdir layout)::
         [--jackpot FILE --sparsity 0.9] --output OUT
     python -m jackpot_jax.convert to-torch --arch resnet32 --weights OUT/pretrained \\
         [--jackpot OUT/jackpot] --format torchvision|official [--masked] --output FILE
+
+An OUT that already holds weights, a jackpot or checkpoints is refused unless
+``--overwrite`` is given. Errors in the input end in one line; ``--traceback`` shows
+the traceback.
 """
 
 from __future__ import annotations
@@ -43,10 +47,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jackpot_jax import models, sparsity, vit
-from jackpot_jax.train import JACKPOT_DIR, PRETRAINED_DIR, leaf_shapes, tree_mismatches
+from jackpot_jax import errors, models, sparsity, vit
+from jackpot_jax.train import (
+    CHECKPOINTS_DIR,
+    JACKPOT_DIR,
+    PRETRAINED_DIR,
+    TUNED_DIR,
+    leaf_shapes,
+    tree_mismatches,
+)
 
 FAMILIES = ('torchvision', 'official')
+TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')
+# What a workdir holds that belongs to its weights: convert refuses to write over it
+# unless told to (--overwrite).
+WORKDIR_CONTENTS = (PRETRAINED_DIR, JACKPOT_DIR, CHECKPOINTS_DIR, TUNED_DIR)
 MASK_FORMATS = ('2023', '2021', 'none')
 
 # Layer kinds of the name tables.
@@ -749,9 +764,32 @@ def _weight_mismatches(a: Mapping, b: Mapping) -> list[str]:
     ]
 
 
-def run_torchvision(arch_name: str, input_spec: str, output: str) -> str:
-    """torchvision file / cache -> ``output/pretrained``; returns the weights path."""
+def check_output_free(output: str, overwrite: bool) -> None:
+    """Raises UserError if ``output`` holds weights, a jackpot or checkpoints, unless ``overwrite``.
+
+    With ``overwrite`` the converted weights (and jackpot) replace those there; other
+    folders stay, and the launcher refuses to mix them with the new weights (fingerprints).
+    """
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise errors.UserError(f'--output {output} is a file; pass a folder (a workdir)')
+    present = [n for n in WORKDIR_CONTENTS if os.path.exists(os.path.join(output, n))]
+    if present and not overwrite:
+        raise errors.UserError(
+            f'--output {output} already holds {", ".join(present)}; converting into it would '
+            'replace its weights and orphan the rest: pass another --output, or --overwrite '
+            'to replace them'
+        )
+    if present:
+        print(f'note: replacing the converted parts of {output}; it also holds {present}')
+
+
+def run_torchvision(arch_name: str, input_spec: str, output: str, overwrite: bool = False) -> str:
+    """torchvision file / cache -> ``output/pretrained``; returns the weights path.
+
+    Refuses an ``output`` that holds weights, a jackpot or checkpoints unless ``overwrite``.
+    """
     arch = get_arch(arch_name, 'torchvision')
+    check_output_free(output, overwrite)
     path = _torch_io().resolve_input(input_spec, arch_name)
     converted = torch_to_flax(_torch_io().load_state_dict(path), arch, what=path)
     target = os.path.join(output, PRETRAINED_DIR)
@@ -772,9 +810,14 @@ def run_official(
     jackpot_path: str | None = None,
     sparsity_level: float | None = None,
     allocation: str = 'global_magnitude',
+    overwrite: bool = False,
 ) -> dict[str, str]:
-    """Official pre-trained (+ jackpot) files -> ``output/pretrained`` (+ ``output/jackpot``)."""
+    """Official pre-trained (+ jackpot) files -> ``output/pretrained`` (+ ``output/jackpot``).
+
+    Refuses an ``output`` that holds weights, a jackpot or checkpoints unless ``overwrite``.
+    """
     arch = get_arch(arch_name, 'official')
+    check_output_free(output, overwrite)
     io = _torch_io()
     path = io.resolve_input(input_path, None)
     dense = official_weights_to_flax(io.load_state_dict(path), arch_name, what=path)
@@ -847,6 +890,11 @@ def run_to_torch(
 ) -> str:
     """jackpot_jax weights (+ jackpot) -> a torch state dict file (.pth/.pt/.safetensors)."""
     arch = get_arch(arch_name, family)
+    if not output.endswith(TORCH_SUFFIXES):
+        raise errors.UserError(
+            f'--output {output}: the file name must end in {", ".join(TORCH_SUFFIXES)} '
+            '(.safetensors writes a safetensors file, the others torch.save)'
+        )
     if mask_format is None:
         mask_format = '2023' if family == 'official' and jackpot is not None else 'none'
     if jackpot is not None and family == 'torchvision' and not masked:
@@ -883,7 +931,17 @@ def _parser() -> argparse.ArgumentParser:
         prog='python -m jackpot_jax.convert', description=__doc__.split('\n')[0]
     )
     sub = parser.add_subparsers(dest='command', required=True)
-    tv = sub.add_parser('torchvision', help='torchvision weights -> OUTPUT/pretrained')
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument('--traceback', action='store_true', help=errors.TRACEBACK_HELP)
+    overwrite = argparse.ArgumentParser(add_help=False)
+    overwrite.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='write into an OUTPUT that already holds weights, a jackpot or checkpoints',
+    )
+    tv = sub.add_parser(
+        'torchvision', help='torchvision weights -> OUTPUT/pretrained', parents=[common, overwrite]
+    )
     tv.add_argument('--arch', required=True, choices=sorted(ARCHS['torchvision']))
     tv.add_argument(
         '--input',
@@ -892,7 +950,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     tv.add_argument('--output', required=True, help='a workdir; weights go to OUTPUT/pretrained')
     off = sub.add_parser(
-        'official', help='official checkpoints (+ jackpot) -> OUTPUT/{pretrained,jackpot}'
+        'official',
+        help='official checkpoints (+ jackpot) -> OUTPUT/{pretrained,jackpot}',
+        parents=[common, overwrite],
     )
     off.add_argument('--arch', required=True, choices=sorted(ARCHS['official']))
     off.add_argument('--input', required=True, help='pre-trained {"state_dict": ...} file')
@@ -900,7 +960,9 @@ def _parser() -> argparse.ArgumentParser:
     off.add_argument('--sparsity', type=float, help='sparsity of a 2021 jackpot (no b_mask)')
     off.add_argument('--allocation', default='global_magnitude', choices=sparsity.ALLOCATIONS)
     off.add_argument('--output', required=True, help='a workdir for the launcher')
-    out = sub.add_parser('to-torch', help='jackpot_jax weights (+ jackpot) -> a torch state dict')
+    out = sub.add_parser(
+        'to-torch', help='jackpot_jax weights (+ jackpot) -> a torch state dict', parents=[common]
+    )
     out.add_argument('--arch', required=True)
     out.add_argument('--weights', required=True, help='weights checkpoint (or a workdir)')
     out.add_argument('--jackpot', help='jackpot checkpoint (or a workdir)')
@@ -913,33 +975,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> None:
+    if args.command == 'torchvision':
+        print(f'wrote {run_torchvision(args.arch, args.input, args.output, args.overwrite)}')
+    elif args.command == 'official':
+        written = run_official(
+            args.arch,
+            args.input,
+            args.output,
+            args.jackpot,
+            args.sparsity,
+            args.allocation,
+            args.overwrite,
+        )
+        for what, path in written.items():
+            print(f'wrote {what}: {path}')
+    else:
+        path = run_to_torch(
+            args.arch,
+            args.weights,
+            args.output,
+            args.format,
+            args.jackpot,
+            args.masked,
+            args.mask_format,
+        )
+        print(f'wrote {path}')
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status (a user error prints one line)."""
     args = _parser().parse_args(argv)
-    try:
-        if args.command == 'torchvision':
-            print(f'wrote {run_torchvision(args.arch, args.input, args.output)}')
-        elif args.command == 'official':
-            written = run_official(
-                args.arch, args.input, args.output, args.jackpot, args.sparsity, args.allocation
-            )
-            for what, path in written.items():
-                print(f'wrote {what}: {path}')
-        else:
-            path = run_to_torch(
-                args.arch,
-                args.weights,
-                args.output,
-                args.format,
-                args.jackpot,
-                args.masked,
-                args.mask_format,
-            )
-            print(f'wrote {path}')
-    except (ValueError, FileNotFoundError) as err:
-        print(f'error: {err}', file=sys.stderr)
-        return 1
-    return 0
+    return errors.report_user_errors(_run, args, traceback=args.traceback)
 
 
 if __name__ == '__main__':

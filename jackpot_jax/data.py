@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import zlib
 from collections.abc import Iterator
 
 import jax
@@ -145,8 +146,14 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
 def read_idx(path: str) -> np.ndarray:
     """Reads an IDX file (optionally gzipped): the MNIST family's array format."""
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        data = f.read()
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise ValueError(
+            f'{path} is not a complete gzip file ({type(e).__name__}: {e}); it may be truncated '
+            'or not compressed at all: download or copy it again'
+        ) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
         raise ValueError(f'{path} is not an unsigned-byte IDX file (bad magic {data[:4]!r})')
     ndim = data[3]
@@ -155,6 +162,28 @@ def read_idx(path: str) -> np.ndarray:
     if body.size != np.prod(shape):
         raise ValueError(f'{path} is truncated: header says {shape}, found {body.size} bytes')
     return body.reshape(shape)
+
+
+def check_split(
+    images: np.ndarray, labels: np.ndarray, num_classes: int, images_path: str, labels_path: str
+) -> None:
+    """Raises ValueError, naming the file, unless the images and labels fit together."""
+    if images.ndim != 3:
+        raise ValueError(f'{images_path} holds an array of shape {images.shape}, not N images')
+    if labels.ndim != 1:
+        raise ValueError(f'{labels_path} holds an array of shape {labels.shape}, not N labels')
+    if len(images) != len(labels):
+        raise ValueError(
+            f'the image and label counts differ: {len(images)} images in {images_path}, '
+            f'{len(labels)} labels in {labels_path}; the files must come from the same split'
+        )
+    bad = (labels < 0) | (labels >= num_classes)
+    if bad.any():
+        raise ValueError(
+            f'{labels_path}: {int(bad.sum())} labels lie outside the {num_classes} classes '
+            f'0..{num_classes - 1} (e.g. {int(labels[bad][0])} at index {int(np.argmax(bad))}); '
+            'check that the file is a label file of this dataset'
+        )
 
 
 def load_fashion_mnist(data_dir: str | None = None) -> ArrayDataset:
@@ -169,6 +198,14 @@ def load_fashion_mnist(data_dir: str | None = None) -> ArrayDataset:
             'to a folder holding the four *-idx?-ubyte.gz files.'
         )
     arrays = {k: read_idx(p) for k, p in paths.items()}
+    for split in ('train', 'test'):
+        check_split(
+            arrays[f'{split}_images'],
+            arrays[f'{split}_labels'],
+            10,
+            paths[f'{split}_images'],
+            paths[f'{split}_labels'],
+        )
     train_x, test_x = _normalised(
         arrays['train_images'][..., None] / 255.0, arrays['test_images'][..., None] / 255.0
     )

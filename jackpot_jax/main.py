@@ -2,26 +2,38 @@
 
 With no flags it runs the embedded demo on scikit-learn's digits. Fields can be
 overridden on the command line, e.g. ``--config.search.sparsity=0.95``.
+A mistake in the input ends in one line on stderr; ``--traceback`` shows the traceback.
 """
 
+from __future__ import annotations
+
+import difflib
 import logging as std_logging
 import os
+import re
+import sys
+from collections.abc import Sequence
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jackpot_jax import config as config_lib
-from jackpot_jax import parallel, train
+from jackpot_jax import errors, parallel, sparsity, train
+from jackpot_jax import workdir as workdir_lib
 
+DEFAULT_CONFIG = os.path.abspath(config_lib.__file__)
+# No default here: parse_flags supplies it, so that a bad override is reported when flags
+# are parsed, not while this module is imported.
 _CONFIG = config_flags.DEFINE_config_file(
-    'config',
-    os.path.abspath(config_lib.__file__),
-    'Path to a config file (see configs/).',
+    'config', None, f'Path to a config file (see configs/); default {DEFAULT_CONFIG}.',
     lock_config=True,
-)
+)  # fmt: skip
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Folder for weights, jackpots, metrics.')
 _MODE = flags.DEFINE_enum('mode', None, list(config_lib.MODES), 'Overrides config.mode.')
+_TRACEBACK = flags.DEFINE_bool('traceback', False, errors.TRACEBACK_HELP)
+# Modes that only read the workdir: no lock, no writability check.
+READ_ONLY_MODES = ('evaluate',)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -31,19 +43,80 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+def _with_config(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--config=DEFAULT_CONFIG`` first unless a config file is given."""
+    given = any(re.match(r'-{1,2}config(=|$)', a) for a in argv[1:])
+    return list(argv) if given else [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
+
+
+def _unknown_key_message(error: Exception, argv: Sequence[str]) -> str | None:
+    """'unknown config key ...; did you mean ...' for an override naming no field."""
+    match = re.search(r"'([^'\\]+)\\*'", str(error))
+    if not match:
+        return None
+    overrides = [
+        a.split('=', 1)[0].lstrip('-')[len('config.') :]
+        for a in argv[1:]
+        if re.match(r'-{1,2}config\.', a)
+    ]
+    overrides = [o for o in overrides if match.group(1) in o.split('.')]
+    if not overrides:
+        return None
+    known = [p.replace('/', '.') for p in sparsity.flatten(config_lib.get_config().to_dict())]
+    close = difflib.get_close_matches(overrides[0], known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else '; the fields are in jackpot_jax/config.py'
+    return f"unknown config key '{overrides[0]}' (--config.{overrides[0]}){hint}"
+
+
+def flag_error_message(error: Exception, argv: Sequence[str]) -> str:
+    """One line for a flag that cannot be parsed: the flag, and the config file's own message."""
+    if isinstance(error, (AttributeError, KeyError)):
+        message = _unknown_key_message(error, argv)
+        if message:
+            return message
+    text = str(error).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if 'Traceback (most recent call last)' in text:
+        # The config file raised: its last line is 'SomeError: message'.
+        cause = re.sub(r'^\w+(Error|Exception): ', '', lines[-1])
+        flag = re.match(r'flag (--\S+?): ', lines[0])
+        return f'{flag.group(1)}: {cause}' if flag else cause
+    if 'Failed loading config file' in text:  # a missing or unloadable config file
+        given = [a for a in argv[1:] if re.match(r'-{1,2}config=', a)]
+        return f'{given[-1] if given else "--config"}: {lines[-1]}'
+    return lines[0] if lines else type(error).__name__
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl flag parsing; a bad flag, override or config argument ends in one usage line."""
+    argv = _with_config(argv)
+    sys.argv = argv  # ml_collections reads the config overrides from sys.argv
+    try:
+        rest = flags.FLAGS(argv)
+        _CONFIG.value.mode  # pylint: disable=pointless-statement  (a missing file fails here)
+        return rest
+    except Exception as e:  # pylint: disable=broad-except  (flag errors, config files' errors)
+        if '--traceback' in argv:
+            raise
+        errors.exit_with(f'error: {flag_error_message(e, argv)}', errors.EXIT_USAGE)
+
+
+def run() -> None:
+    """Validates the config and the workdir, then runs the mode (flags must be parsed)."""
     config = _CONFIG.value
     if _MODE.value:
         config.mode = _MODE.value
     config_lib.validate(config)
+    workdir = _WORKDIR.value
+    writes = config.mode not in READ_ONLY_MODES
+    workdir_lib.prepare(workdir, writes)
     d = config.distributed
     if d.initialize:  # before anything else touches a JAX backend
         parallel.initialize_distributed(
             d.coordinator_address, d.num_processes, d.process_id, d.cpu_collectives
         )
+    if writes:
+        workdir_lib.lock(workdir)
     if jax.process_index():  # one log for the whole run: process 0's
         logging.set_verbosity(logging.WARNING)
     logging.info(
@@ -53,10 +126,18 @@ def main(argv):
         jax.local_device_count(),
         jax.device_count(),
     )
-    os.makedirs(_WORKDIR.value, exist_ok=True)
-    logging.info('mode %s, workdir %s\n%s', config.mode, _WORKDIR.value, config)
-    train.MODES[config.mode](config, _WORKDIR.value)
+    logging.info('mode %s, workdir %s\n%s', config.mode, workdir, config)
+    train.MODES[config.mode](config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    status = errors.report_user_errors(run, traceback=_TRACEBACK.value)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == '__main__':
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 CACHE_INPUT = 'cache'
+_STATE_DICT_HOWTO = (
+    "save one in PyTorch with torch.save(model.state_dict(), 'FILE.pth') and pass that file"
+)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -40,7 +44,7 @@ def _unwrap(loaded: Any, path: str) -> Mapping[str, Any]:
         keys = list(loaded)[:10] if isinstance(loaded, Mapping) else type(loaded).__name__
         raise ValueError(
             f'{path} holds neither a state dict (names -> tensors) nor {{"state_dict": ...}}; '
-            f'found {keys}'
+            f'found {keys}; {_STATE_DICT_HOWTO}'
         )
     return loaded
 
@@ -52,15 +56,35 @@ def load_state_dict(path: str) -> dict[str, np.ndarray]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f'no such file: {path}')
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file
 
-        tensors = load_file(path, device='cpu')
-    else:
-        import torch
+            tensors = load_file(path, device='cpu')
+        else:
+            import torch
 
-        tensors = _unwrap(torch.load(path, map_location='cpu', weights_only=True), path)
+            tensors = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pylint: disable=broad-except  (torch raises many types)
+        raise _unreadable(path, e) from e
+    if not path.endswith('.safetensors'):
+        tensors = _unwrap(tensors, path)
     return {k: _to_numpy(v) for k, v in tensors.items()}
+
+
+def _unreadable(path: str, error: Exception) -> ValueError:
+    """The error for a file that torch.load (weights only) or safetensors cannot read."""
+    pickled = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(error))
+    if pickled:
+        return ValueError(
+            f'{path} holds pickled Python objects ({pickled.group(1)}), not a state dict of '
+            f'tensors, and such files are never unpickled here; {_STATE_DICT_HOWTO}'
+        )
+    return ValueError(
+        f'{path} is not a readable {"safetensors" if path.endswith(".safetensors") else "PyTorch"}'
+        f' file ({type(error).__name__}); it may be truncated or of another format: copy it '
+        f'again, or {_STATE_DICT_HOWTO}'
+    )
 
 
 def torchvision_cache_dir() -> str:
@@ -123,9 +147,11 @@ def save_state_dict(state: Mapping[str, np.ndarray], path: str, wrap: bool = Fal
     tensors = {k: torch.from_numpy(np.array(v, order="C")) for k, v in state.items()}
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
+    partial = f'{path}.partial'  # renamed once complete: a crash never leaves half a file
     if path.endswith('.safetensors'):
         from safetensors.torch import save_file
 
-        save_file(tensors, path)
+        save_file(tensors, partial)
     else:
-        torch.save({'state_dict': tensors} if wrap else tensors, path)
+        torch.save({'state_dict': tensors} if wrap else tensors, partial)
+    os.replace(partial, path)

@@ -28,6 +28,7 @@ import numpy as np
 from absl import logging
 from tqdm import auto as tqdm
 
+from jackpot_jax import config as config_lib
 from jackpot_jax import (
     checkpoint,
     data,
@@ -39,7 +40,6 @@ from jackpot_jax import (
     sparsity,
     structured,
 )
-from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import MetricWriter, read_jsonl, to_python
 
 PRETRAINED_DIR = 'pretrained'
@@ -210,7 +210,26 @@ def pretrained_path(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def jackpot_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The jackpot folder; config.jackpot 'none' (no jackpot) is never a folder name."""
+    if config_lib.is_no_jackpot(config.jackpot):
+        raise ValueError(
+            f'config.jackpot={config.jackpot!r} means no jackpot, but mode {config.mode!r} needs '
+            "one: set config.jackpot to a jackpot folder ('' = WORKDIR/jackpot)"
+        )
     return config.jackpot or os.path.join(workdir, JACKPOT_DIR)
+
+
+def check_jackpot_weights(
+    config: ml_collections.ConfigDict, workdir: str, jackpot_meta: Mapping, fingerprint: str
+) -> None:
+    """Raises ValueError unless the jackpot was found in the weights of this fingerprint."""
+    if jackpot_meta.get('weights_fingerprint') not in (None, fingerprint):
+        raise ValueError(
+            f'the jackpot at {jackpot_path(config, workdir)} was found in other weights than '
+            f'{pretrained_path(config, workdir)} (weights fingerprint '
+            f"{jackpot_meta['weights_fingerprint'][:12]} != {fingerprint[:12]}); point "
+            'config.pretrained at the original weights, or config.jackpot at a jackpot of these'
+        )
 
 
 def _progress(steps: int, batch_size: int, desc: str, initial: int = 0):
@@ -244,12 +263,15 @@ class EpochMetrics:
         self._pending.append((step, metrics))
 
     def flush(self) -> None:
-        """Folds pending metrics in; raises FloatingPointError at the first non-finite loss."""
+        """Folds pending metrics in; raises FloatingPointError at the first non-finite loss
+        or (in a search) the first step that leaves a score non-finite."""
         for step, metrics in zip(
             [s for s, _ in self._pending], to_python([m for _, m in self._pending])
         ):
             if not np.isfinite(metrics['loss']):
                 raise FloatingPointError(f'the loss is {metrics["loss"]} at step {step}')
+            if not metrics.get('scores_finite', True):
+                raise FloatingPointError(f'scores became inf or NaN at step {step}')
             self.sums['steps'] = self.sums.get('steps', 0) + 1
             for key in ('loss', 'top1'):
                 self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
@@ -365,8 +387,9 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     if not config.tune.epochs:
         raise ValueError('tune.epochs is 0; set --config.tune.epochs=N (the paper uses 10)')
     setup = Setup(config)
-    params, _, _ = setup.load_weights(pretrained_path(config, workdir))
-    _, masks, batch_stats, _ = checkpoint.load_jackpot(jackpot_path(config, workdir))
+    params, _, fingerprint = setup.load_weights(pretrained_path(config, workdir))
+    _, masks, batch_stats, meta = checkpoint.load_jackpot(jackpot_path(config, workdir))
+    check_jackpot_weights(config, workdir, meta, fingerprint)
     masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
     state, result = _train_weights(
         setup, config.tune, params, batch_stats, masks, 'tune', MetricWriter(workdir)
@@ -402,6 +425,13 @@ def initial_pruning(config: ml_collections.ConfigDict, params: dict) -> tuple[di
     pattern = structured.parse_pattern(s.pattern)
     if pattern:
         counts = structured.nm_counts({p: w.shape for p, w in kernels.items()}, *pattern)
+        if not any(counts.values()):
+            channels = {p: int(w.shape[-2]) for p, w in kernels.items() if w.ndim >= 2}
+            raise ValueError(
+                f'search.pattern {s.pattern!r} prunes nothing on model {config.model.name!r}: no '
+                f'prunable layer has input channels divisible by {pattern[1]} (input channels: '
+                f'{channels}); pick an M that divides some of them, or search.pattern=\'\''
+            )
     else:
         counts = sparsity.pruned_counts(parallel.to_host(kernels), s.sparsity, s.allocation)
     magnitude = _mask_rule(
@@ -712,10 +742,11 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     masked weights written by 'export'.
     """
     setup = Setup(config)
-    params, batch_stats, _ = setup.load_weights(pretrained_path(config, workdir))
-    path = jackpot_path(config, workdir)
-    if config.jackpot != 'none':
-        _, masks, batch_stats, _ = checkpoint.load_jackpot(path)
+    params, batch_stats, fingerprint = setup.load_weights(pretrained_path(config, workdir))
+    if not config_lib.is_no_jackpot(config.jackpot):
+        path = jackpot_path(config, workdir)
+        _, masks, batch_stats, meta = checkpoint.load_jackpot(path)
+        check_jackpot_weights(config, workdir, meta, fingerprint)
         masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
         params = sparsity.masked_params(params, masks)
         what = f'jackpot {path}'
@@ -745,11 +776,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
     setup = Setup(config)
     params, _, fingerprint = setup.load_weights(pretrained_path(config, workdir))
     _, masks, batch_stats, meta = checkpoint.load_jackpot(jackpot_path(config, workdir))
-    if meta.get('weights_fingerprint') not in (None, fingerprint):
-        raise ValueError(
-            f'the jackpot at {jackpot_path(config, workdir)} was found in other weights than '
-            f'{pretrained_path(config, workdir)}; point config.pretrained at the original weights'
-        )
+    check_jackpot_weights(config, workdir, meta, fingerprint)
     masked = parallel.to_host(sparsity.masked_params(params, parallel.replicate(masks, setup.mesh)))
     out = os.path.join(workdir, MASKED_WEIGHTS_DIR)
     checkpoint.save_weights(

@@ -1,0 +1,366 @@
+"""Bad input never passes silently: each mistake ends in one line naming the value and the fix.
+
+The launcher runs in-process (its flag parser and ``main``), on tiny weights made
+without training; one subprocess checks the real command line's stderr and exit code.
+"""
+
+import gzip
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl import flags
+
+from jackpot_jax import checkpoint, convert, data, errors, search, sparsity, train
+from jackpot_jax import config as config_lib
+from jackpot_jax import main as launcher
+from jackpot_jax import workdir as workdir_lib
+import tiny_model  # tests/tiny_model.py
+from test_data import _write_idx, make_fashion_files
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------
+# Helpers.
+# ----------------------------------------------------------------------------
+def tiny_config(**fields):
+    config = config_lib.get_config()
+    config.model.width = 8
+    for dotted, value in fields.items():
+        group, _, field = dotted.rpartition('.')
+        (config[group] if group else config)[field] = value
+    return config
+
+
+@pytest.fixture
+def launch(monkeypatch, capsys):
+    """Runs the launcher in-process: ``launch(*flags) -> (exit status, stderr lines)``."""
+
+    def run(*args):
+        for name in [n for n in flags.FLAGS if n.startswith('config.')]:
+            delattr(flags.FLAGS, name)  # the overrides of an earlier parse
+        flags.FLAGS.unparse_flags()
+        argv = ['jackpot_jax.main', *args]
+        monkeypatch.setattr(sys, 'argv', argv)
+        capsys.readouterr()
+        try:
+            launcher.main(launcher.parse_flags(argv))
+            status = 0
+        except SystemExit as done:
+            status = done.code
+        return status, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+
+    yield run
+    flags.FLAGS.unparse_flags()
+
+
+@pytest.fixture(scope='module')
+def weights_and_jackpot(tmp_path_factory):
+    """Untrained small_cnn weights A, a magnitude 'jackpot' of A, and other weights B."""
+    root = tmp_path_factory.mktemp('weights')
+    weights_a, weights_b = str(root / 'a'), str(root / 'b')
+    params = tiny_model.save_weights(weights_a, width=8, seed=0)['params']
+    tiny_model.save_weights(weights_b, width=8, seed=1)
+    counts, masks = train.initial_pruning(tiny_config(), params)
+    jackpot = str(root / 'jackpot')
+    fingerprint = checkpoint.weights_fingerprint(params)
+    stats = tiny_model.variables(width=8)['batch_stats']
+    checkpoint.save_jackpot(
+        jackpot, None, masks, stats, {'counts': counts, 'weights_fingerprint': fingerprint}
+    )
+    return weights_a, weights_b, jackpot
+
+
+# ----------------------------------------------------------------------------
+# The rule: one line, non-zero exit, traceback on request.
+# ----------------------------------------------------------------------------
+def test_a_user_error_is_one_line_and_a_bug_keeps_its_traceback(capsys):
+    def bad_input():
+        raise errors.UserError('search.sparsity=1.5 is not in [0, 1); set it to 0.9')
+
+    assert errors.report_user_errors(bad_input) == errors.EXIT_ERROR
+    assert capsys.readouterr().err == 'error: search.sparsity=1.5 is not in [0, 1); set it to 0.9\n'
+    with pytest.raises(errors.UserError):
+        errors.report_user_errors(bad_input, traceback=True)
+    with pytest.raises(KeyError):
+        errors.report_user_errors(lambda: {}['bug'])
+    assert issubclass(checkpoint.CheckpointError, errors.UserError)
+    assert issubclass(checkpoint.CheckpointError, RuntimeError)
+
+
+def test_the_command_line_prints_one_line_and_exits_non_zero(tmp_path):
+    cmd = [sys.executable, '-m', 'jackpot_jax.main', f'--workdir={tmp_path}']
+    done = subprocess.run(
+        [*cmd, '--config.search.sparsty=0.5'], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == errors.EXIT_USAGE
+    assert done.stderr.strip().splitlines() == [
+        "error: unknown config key 'search.sparsty' (--config.search.sparsty); "
+        "did you mean 'search.sparsity'?"
+    ]
+
+
+# ----------------------------------------------------------------------------
+# Wrong results or lost data (cases 1-6).
+# ----------------------------------------------------------------------------
+def _labels_file(folder):
+    return os.path.join(folder, data._FASHION_FILES['train_labels'])
+
+
+def test_labels_outside_the_classes_are_refused_naming_the_file(tmp_path):
+    arrays = make_fashion_files(tmp_path, n_train=12)
+    _write_idx(_labels_file(tmp_path), arrays['train_labels'] % 10 + 5)  # 5..14
+    with pytest.raises(ValueError, match=r'train-labels-idx1-ubyte.gz: \d+ labels lie outside'):
+        data.load_fashion_mnist(str(tmp_path))
+
+
+def test_no_jackpot_is_never_a_folder_name(tmp_path):
+    config = tiny_config(jackpot='none', mode='search')
+    with pytest.raises(ValueError, match="config.jackpot='none' means no jackpot"):
+        config_lib.validate(config)
+    with pytest.raises(ValueError, match="config.jackpot='none' means no jackpot"):
+        train.jackpot_path(config, str(tmp_path))
+    config_lib.validate(tiny_config(jackpot='none', mode='evaluate'))  # weights as they are
+
+
+def test_evaluate_and_tune_check_which_weights_the_jackpot_was_found_in(weights_and_jackpot):
+    weights_a, weights_b, jackpot = weights_and_jackpot
+    workdir = os.path.dirname(jackpot)
+    config = tiny_config(pretrained=weights_b, jackpot=jackpot, **{'tune.epochs': 1})
+    for run in (train.run_evaluate, train.run_tune):
+        with pytest.raises(ValueError, match='was found in other weights than .*b'):
+            run(config, workdir)
+
+
+def test_convert_refuses_an_output_holding_weights_unless_told_to_overwrite(tmp_path, capsys):
+    os.makedirs(tmp_path / train.PRETRAINED_DIR)
+    os.makedirs(tmp_path / train.CHECKPOINTS_DIR)
+    missing = str(tmp_path / 'resnet18.pth')
+    for command in (
+        ['torchvision', '--arch', 'resnet18'],
+        ['official', '--arch', 'resnet32'],
+    ):
+        status = convert.main([*command, '--input', missing, '--output', str(tmp_path)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert status == 1 and len(err) == 1, err
+        assert 'already holds pretrained, checkpoints' in err[0] and '--overwrite' in err[0]
+    # With --overwrite it goes on (here to the missing input).
+    status = convert.main(
+        ['torchvision', '--arch', 'resnet18', '--input', missing, '--output', str(tmp_path)]
+        + ['--overwrite']
+    )
+    assert status == 1 and 'no such file' in capsys.readouterr().err
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint_in_place(weights_and_jackpot, tmp_path):
+    weights_a, _, _ = weights_and_jackpot
+    params, stats, meta = checkpoint.load_weights(weights_a)
+    path = str(tmp_path / 'pretrained')
+    checkpoint.save_weights(path, params, stats, meta)
+    with pytest.raises(Exception):  # noqa: B017  (orbax cannot save a string leaf)
+        checkpoint.save_weights(path, {'bad': 'not an array'}, stats, meta)
+    restored, _, _ = checkpoint.load_weights(path)
+    jax.tree.map(np.testing.assert_array_equal, params, restored)
+    checkpoint.save_weights(path, jax.tree.map(lambda x: x * 2, params), stats, meta)
+    doubled, _, _ = checkpoint.load_weights(path)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a * 2, b), params, doubled)
+    assert sorted(os.listdir(tmp_path)) == ['pretrained']
+
+
+def test_an_interrupted_replace_says_which_folder_to_rename(weights_and_jackpot, tmp_path):
+    weights_a, _, _ = weights_and_jackpot
+    path = str(tmp_path / 'pretrained')
+    params, stats, meta = checkpoint.load_weights(weights_a)
+    checkpoint.save_weights(path + checkpoint.OLD_SUFFIX, params, stats, meta)
+    with pytest.raises(checkpoint.CheckpointError, match=r'rename that folder to .*pretrained'):
+        checkpoint.load_weights(path)
+
+
+def test_a_second_run_in_a_locked_workdir_fails_at_once_naming_the_holder(tmp_path, launch):
+    workdir = str(tmp_path)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            '-c',
+            'import sys, time; from jackpot_jax import workdir; workdir.lock(sys.argv[1]); '
+            'print("locked", flush=True); time.sleep(120)',
+            workdir,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == 'locked'
+        start = time.perf_counter()
+        status, err = launch(f'--workdir={workdir}', '--mode=search')
+        assert time.perf_counter() - start < 30
+        assert status == 1 and len(err) == 1, err
+        assert f'workdir {workdir} is in use by pid {holder.pid} on ' in err[0]
+    finally:
+        holder.kill()  # SIGKILL: the OS drops its lock
+        holder.wait()
+    try:
+        workdir_lib.lock(workdir)  # a dead holder never blocks a rerun
+        assert workdir_lib.holder(workdir).startswith(f'pid {os.getpid()} on ')
+    finally:
+        workdir_lib.unlock(workdir)
+
+
+@pytest.mark.parametrize(
+    'field, value, message',
+    [
+        ('search.learning_rate', math.inf, r'search.learning_rate must be a finite number > 0'),
+        ('search.learning_rate', math.nan, r'search.learning_rate must be a finite number > 0'),
+        ('tune.learning_rate', 0.0, r'tune.learning_rate must be'),
+        ('pretrain.weight_decay', -1e-4, r'pretrain.weight_decay must be a finite number >= 0'),
+        ('search.weight_decay', math.inf, r'search.weight_decay must be a finite number >= 0'),
+        ('search.momentum', 1.0, r'search.momentum must be in \[0, 1\)'),
+        ('tune.momentum', -0.5, r'tune.momentum must be in \[0, 1\)'),
+    ],
+)
+def test_optimizer_settings_must_be_finite_and_in_range(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(tiny_config(**{field: value}))
+
+
+def test_non_finite_scores_stop_the_search():
+    """A step that breaks the scores stops the search there, though its loss is finite.
+
+    (Every healthy search of the other tests passes the same check with finite scores.)
+    """
+    model = train.models.get_model('small_cnn', 10, width=4)
+    variables = tiny_model.variables(width=4)
+    paths = sparsity.prunable_paths(variables['params'])
+    masks = {
+        p: jnp.ones(w.shape, bool)
+        for p, w in sparsity.flatten(variables['params']).items()
+        if p in paths
+    }
+    optimizer = search.sgd_optimizer(math.inf, 0.0, 0.9, 1, 1)  # validate() refuses it
+    state = search.init_search_state(
+        variables['params'], variables['batch_stats'], masks, sparsity.init_scores(masks), optimizer
+    )
+    step = search.make_search_step(
+        model=model, optimizer=optimizer, counts={p: 0 for p in masks}, steps_per_epoch=1, epochs=1
+    )
+    rng = np.random.default_rng(0)
+    _, metrics = step(state, rng.normal(size=(8, 8, 8, 1)).astype(np.float32), np.arange(8) % 10)
+    assert np.isfinite(float(metrics['loss'])) and not bool(metrics['scores_finite'])
+    epoch = train.EpochMetrics()
+    epoch.add(7, metrics)
+    with pytest.raises(FloatingPointError, match='scores became inf or NaN at step 7'):
+        epoch.flush()
+
+
+# ----------------------------------------------------------------------------
+# Raw tracebacks (cases 7-19, and to-torch's output name).
+# ----------------------------------------------------------------------------
+def test_an_unknown_config_key_is_one_line_with_a_hint(launch):
+    status, err = launch('--config=configs/default.py', '--config.serch.epochs=2')
+    assert status == errors.EXIT_USAGE
+    assert err == [
+        "error: unknown config key 'serch.epochs' (--config.serch.epochs); "
+        "did you mean 'search.epochs'?"
+    ]
+
+
+def test_a_pattern_that_prunes_nothing_is_an_error():
+    config = tiny_config(**{'search.pattern': '1:3', 'search.sparsity': 2 / 3})
+    config_lib.validate(config)
+    params = tiny_model.variables(width=8)['params']
+    with pytest.raises(ValueError, match=r"search.pattern '1:3' prunes nothing .*conv2/kernel': 8"):
+        train.initial_pruning(config, params)
+
+
+@pytest.mark.parametrize('field', ['prune_include', 'prune_exclude'])
+def test_a_bad_prune_regex_names_the_field(field):
+    with pytest.raises(ValueError, match=f"search.{field}='conv\\(' is not a valid regular"):
+        config_lib.validate(tiny_config(**{f'search.{field}': 'conv('}))
+
+
+def test_a_model_width_of_zero_is_a_config_error():
+    with pytest.raises(ValueError, match='model.width must be a positive integer, got 0'):
+        config_lib.validate(tiny_config(**{'model.width': 0}))
+
+
+def test_a_config_argument_that_is_no_integer_percent_gives_the_usage(launch):
+    status, err = launch('--config=configs/fashion_mnist.py:0.9')
+    assert status == errors.EXIT_USAGE and len(err) == 1, err
+    assert err[0].startswith("error: --config=configs/fashion_mnist.py:0.9: SPARSITY must be an")
+    assert 'usage: configs/fashion_mnist.py[:SPARSITY]' in err[0]
+
+
+def test_a_truncated_gzip_file_is_named(tmp_path):
+    make_fashion_files(tmp_path)
+    path = _labels_file(tmp_path)
+    with open(path, 'rb') as f:
+        whole = f.read()
+    with open(path, 'wb') as f:
+        f.write(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match='train-labels-idx1-ubyte.gz is not a complete gzip'):
+        data.load_fashion_mnist(str(tmp_path))
+
+
+def test_a_file_that_is_not_gzip_is_named(tmp_path):
+    make_fashion_files(tmp_path)
+    with open(_labels_file(tmp_path), 'wb') as f:
+        f.write(b'<html>not found</html>')
+    with pytest.raises(ValueError, match='train-labels-idx1-ubyte.gz is not a complete gzip'):
+        data.load_fashion_mnist(str(tmp_path))
+
+
+def test_image_and_label_counts_must_match(tmp_path):
+    arrays = make_fashion_files(tmp_path, n_train=12)
+    _write_idx(_labels_file(tmp_path), arrays['train_labels'][:10])
+    with pytest.raises(ValueError, match='counts differ: 12 images in .*, 10 labels in'):
+        data.load_fashion_mnist(str(tmp_path))
+
+
+@pytest.mark.parametrize('mode', ['export', 'tune', 'overlap', 'sweep', 'search_cost', 'demo'])
+def test_no_jackpot_is_refused_where_a_jackpot_is_needed(mode, launch, tmp_path):
+    status, err = launch(f'--workdir={tmp_path}', f'--mode={mode}', '--config.jackpot=none')
+    assert status == 1 and len(err) == 1, err
+    assert f"means no jackpot, which mode '{mode}' cannot use" in err[0]
+
+
+def test_a_workdir_that_is_a_file_is_refused_up_front(tmp_path, launch):
+    path = tmp_path / 'file'
+    path.write_text('x')
+    status, err = launch(f'--workdir={path}', '--mode=search')
+    assert status == 1 and err == [
+        f'error: --workdir={path} is a file, not a folder; pass a folder path '
+        '(it is created if missing)'
+    ]
+
+
+def _read_only_folder(tmp_path) -> str:
+    if os.geteuid() == 0:  # permission bits do not stop root; sysfs refuses new files even so
+        return '/sys'
+    folder = tmp_path / 'read_only'
+    folder.mkdir()
+    folder.chmod(0o555)
+    return str(folder)
+
+
+def test_a_read_only_workdir_is_refused_up_front(tmp_path, launch):
+    folder = _read_only_folder(tmp_path)
+    status, err = launch(f'--workdir={folder}', '--mode=search')
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith(f'error: --workdir={folder} is not writable')
+
+
+def test_to_torch_refuses_an_output_name_it_cannot_write(tmp_path, capsys):
+    status = convert.main(
+        ['to-torch', '--arch', 'resnet18', '--weights', str(tmp_path), '--output', 'out.txt']
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 1 and len(err) == 1
+    assert '--output out.txt: the file name must end in .pth, .pt, .safetensors' in err[0]
