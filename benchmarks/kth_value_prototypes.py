@@ -1,9 +1,10 @@
 """Prototypes of a faster exact k-th smallest value for the short-restriction mask update.
 
-``sparsity.kth_smallest_key`` bisects the 32 bits of the sortable uint32 keys: 32
-sequential counting passes per layer, each a full read of the layer's keys, so one
-mask update over L layers is 32 L dependent reductions (1696 for ResNet-50). The
-prototypes return exactly the same key (checked against numpy and the library):
+A k-th value search by bisection over the 32 bits of the sortable uint32 keys is 32
+sequential counting passes, each a full read of the keys. Run per layer, one mask
+update over L layers is 32 L dependent reductions (1696 for ResNet-50); the library
+now runs one such search for all layers at once (``sparsity.kth_smallest_keys``).
+The prototypes return exactly the same key (checked against numpy and the library):
 
   * ``kth_multiprobe``: every pass counts ``probes`` thresholds at once and shrinks the
     candidate interval (probes + 1)-fold: 8 passes with 15 probes instead of 32;

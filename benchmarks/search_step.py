@@ -5,14 +5,21 @@ times, interleaved step by step after compilation and warm-up:
 
   * ``search``: the jitted search step (``search.make_search_step``, state donated);
   * ``dense``: the jitted dense training step (``dense.make_train_step``, same optimizer);
-  * ``mask_update``: the jitted mask update over all layers, rate 'all' (``--pattern``: N:M);
-  * ``mask_update_rate``: the same with a traced rate < 1 (the general path);
+  * ``mask_update``: the jitted mask update over all layers, rate 'all' (``--pattern``: N:M):
+    one search over every layer at once;
+  * ``mask_update_per_layer``: the per-layer update it replaced (one search per layer,
+    ``tests/per_layer_reference.py``), on the same inputs, for comparison;
+  * ``mask_update_rate``: the all-layer update with a traced rate < 1 (the general path);
   * ``search_no_mask_update``: the search step traced with the mask update replaced by
     the identity, so ``search - search_no_mask_update`` is the in-step cost of the update.
 
 It reports wall-clock medians (and, steadier on a shared CPU machine, the process CPU
 time), images/s, search/dense, the mask update's share of the search step, compile
-seconds, and whether the search step compiled again after its first call.
+seconds, and whether the search step compiled again after its first call. A table of
+the main figures goes to stderr at the end.
+
+``--models`` entries may carry their own batch and timed steps, ``name:batch:steps``
+(e.g. ``resnet50:256:2``: big steps on a CPU, so few of them).
 ``--scaling`` adds the search step's images/s on 1, 2, 4, 8 devices of a data-parallel
 mesh at a fixed global batch (on CPU, simulated devices: ``jax_num_cpu_devices`` is set
 before the first JAX operation).
@@ -20,6 +27,8 @@ before the first JAX operation).
 Run from the repository root::
 
     python -m benchmarks.search_step --models=resnet32 --steps=5
+    python -m benchmarks.search_step \
+        --models=resnet32:128,vgg19_cifar:64,resnet50:16,resnet50:256:2
     python -m benchmarks.search_step --models=resnet20 --scaling --no-compare
 """
 
@@ -45,6 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jackpot_jax import dense, models, parallel, search, sparsity, structured  # noqa: E402
+from tests import per_layer_reference  # noqa: E402
 
 # name: (image size, default batch, classes, weight decay)
 MODEL_DEFAULTS = {
@@ -73,7 +83,11 @@ def log(message: str) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--models', default=DEFAULT_MODELS, help='comma-separated model names')
+    p.add_argument(
+        '--models',
+        default=DEFAULT_MODELS,
+        help='comma-separated model names, each optionally name:batch or name:batch:steps',
+    )
     p.add_argument('--batch_size', type=int, default=0, help='global batch (0: per-model default)')
     p.add_argument('--image_size', type=int, default=0, help='0: per-model default')
     p.add_argument('--dtype', choices=tuple(DTYPES), default='float32', help='compute dtype')
@@ -95,6 +109,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help='also time the mask update with a traced rate < 1',
+    )
+    p.add_argument(
+        '--per_layer',
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='also time the per-layer mask update the all-layer one replaced',
     )
     p.add_argument(
         '--ablation',
@@ -121,6 +141,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not 0.0 < args.rate < 1.0:
         p.error('--rate must be in (0, 1)')
     return args
+
+
+def parse_model_specs(text: str) -> list[tuple[str, int, int]]:
+    """``'resnet32,resnet50:256:2'`` -> [(name, batch or 0, steps or 0), ...]."""
+    specs = []
+    for entry in (e.strip() for e in text.split(',')):
+        if not entry:
+            continue
+        name, *numbers = entry.split(':')
+        if len(numbers) > 2 or not all(n.isdigit() and int(n) > 0 for n in numbers):
+            raise ValueError(
+                f'--models entry {entry!r} is not name, name:batch or name:batch:steps '
+                'with positive integers; e.g. resnet50:256:2'
+            )
+        batch, steps = ([int(n) for n in numbers] + [0, 0])[:2]
+        specs.append((name, batch, steps))
+    return specs
 
 
 def configure_devices(args: argparse.Namespace) -> None:
@@ -216,11 +253,24 @@ def make_search_fn(s: dict[str, Any]) -> Callable:
     )
 
 
-def update_fn(s: dict[str, Any]) -> Callable:
-    """The mask update of every layer: ``(scores, masks, rate=...) -> (masks, changes)``."""
+def update_fn(s: dict[str, Any], per_layer: bool = False) -> Callable:
+    """The mask update of every layer: ``(scores, masks, rate=...) -> (masks, changes)``.
+
+    ``per_layer``: the update with one search per layer that the library ran before.
+    """
     if s['pattern']:
         n, m = s['pattern']
+        if per_layer:
+            return functools.partial(
+                per_layer_reference.nm_update_masks,
+                counts=s['counts'],
+                n=n,
+                m=m,
+                mode='short_restriction',
+            )
         return functools.partial(structured.update_masks, counts=s['counts'], n=n, m=m)
+    if per_layer:
+        return functools.partial(per_layer_reference.update_masks, counts=s['counts'])
     return functools.partial(sparsity.update_masks, counts=s['counts'])
 
 
@@ -364,6 +414,9 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         'dense': Stateful(dense_fn, dense_state, *batch),
         'mask_update': Pure(mask_fn, *mask_args),
     }
+    if args.per_layer:
+        per_layer_fn = jax.jit(functools.partial(update_fn(s, per_layer=True), rate=None))
+        runners['mask_update_per_layer'] = Pure(per_layer_fn, *mask_args)
     if args.rate_update:
         update = update_fn(s)
         rate_fn = jax.jit(lambda sc, m, r: update(sc, m, rate=r))
@@ -405,6 +458,13 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
     result['mask_update']['fraction_of_search_step_cpu_time'] = (
         result['mask_update']['cpu_ms_median'] / result['search']['cpu_ms_median']
     )
+    if args.per_layer:
+        row = result['mask_update_per_layer']
+        row['fraction_of_search_step'] = row['ms_median'] / search_ms
+        row['fraction_of_search_step_cpu_time'] = (
+            row['cpu_ms_median'] / result['search']['cpu_ms_median']
+        )
+        result['per_layer_over_all_layer'] = row['ms_median'] / result['mask_update']['ms_median']
     if args.rate_update:
         result['mask_update_rate']['fraction_of_search_step'] = (
             result['mask_update_rate']['ms_median'] / search_ms
@@ -490,8 +550,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark, prints the JSON and returns it as a dict."""
     args = parse_args(argv)
     configure_devices(args)
-    names = [n.strip() for n in args.models.split(',') if n.strip()]
-    for name in names:
+    specs = parse_model_specs(args.models)
+    for name, _, _ in specs:
         models.get_model(name, 10)  # fail fast on an unknown name
     compile_log = CompileLog()
     jax.monitoring.register_event_duration_secs_listener(compile_log)
@@ -502,21 +562,67 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             'flags': {k: v for k, v in vars(args).items()},
             'models': {},
         }
-        if args.compare:
-            for name in names:
-                result['models'][name] = bench_model(name, args, compile_log)
-        if args.scaling:
-            result['scaling'] = {name: bench_scaling(name, args, compile_log) for name in names}
+        for name, batch, steps in specs:
+            key = f'{name}:{batch}' if batch else name
+            run_args = argparse.Namespace(
+                **{**vars(args), 'batch_size': batch or args.batch_size, 'steps': steps or args.steps}
+            )
+            if args.compare:
+                result['models'][key] = bench_model(name, run_args, compile_log)
+            if args.scaling:
+                result.setdefault('scaling', {})[key] = bench_scaling(name, run_args, compile_log)
     finally:
         unregister = getattr(jax.monitoring, 'unregister_event_duration_listener', None)
         if unregister is not None:
             unregister(compile_log)
     text = json.dumps(result, indent=2, default=_json_default)
     print(text, flush=True)
+    if result['models']:
+        log(summary_table(result['models']))
     if args.output:
         with open(args.output, 'w') as f:
             f.write(text + '\n')
     return result
+
+
+def summary_table(rows: dict[str, dict[str, Any]]) -> str:
+    """The main figures of :func:`bench_model` results as a plain-text table.
+
+    Step times are wall-clock medians; the ratio and the shares in CPU time (all
+    threads of this process) follow in brackets, steadier on a shared machine.
+    """
+
+    def share(row: dict[str, Any]) -> str:
+        return (
+            f"{row['ms_median']:.0f} ms, {row['fraction_of_search_step']:.1%} "
+            f"[{row['fraction_of_search_step_cpu_time']:.1%}]"
+        )
+
+    header = (
+        'model (batch)',
+        'search ms',
+        'dense ms',
+        'search/dense [cpu]',
+        'update, all layers: ms, share [cpu]',
+        'update, per layer: ms, share [cpu]',
+    )
+    table = [header]
+    for r in rows.values():
+        per_layer = r.get('mask_update_per_layer')
+        table.append(
+            (
+                f"{r['model']} ({r['batch_size']})",
+                f"{r['search']['ms_median']:.0f}",
+                f"{r['dense']['ms_median']:.0f}",
+                f"{r['search_over_dense']:.3f} [{r['search_over_dense_cpu_time']:.3f}]",
+                share(r['mask_update']),
+                share(per_layer) if per_layer else '-',
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return '\n'.join(
+        ' | '.join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table
+    )
 
 
 def _json_default(value: Any) -> Any:

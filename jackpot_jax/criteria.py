@@ -2,8 +2,8 @@
 
 Every criterion gives one float per prunable weight, a *keep score* (higher =
 more worth keeping); layer l then prunes exactly its k_l lowest keep scores, ties
-broken by the lower flat index (``sparsity.select_smallest`` on
-``sparsity.sortable_key``, as for magnitude masks). So each criterion's masks keep
+broken by the lower flat index (``sparsity.masks_from_scores``: one search over
+all layers, as for magnitude masks). So each criterion's masks keep
 exactly ``n_l - k_l`` weights per layer and differ from the jackpot only in WHICH
 weights they keep. All criteria score the dense frozen params (no mask applied).
 
@@ -228,11 +228,7 @@ CRITERIA: dict[str, Criterion] = {
 # ----------------------------------------------------------------------------
 def masks_from_scores(scores: Mapping[str, Array], counts: Mapping[str, int]) -> FlatTree:
     """Per layer, prune exactly the k_l lowest keep scores (ties: lower flat index pruned)."""
-    masks = {}
-    for path, score in scores.items():
-        pruned = sparsity.select_smallest(sparsity.sortable_key(score.ravel()), counts[path])
-        masks[path] = (~pruned).reshape(score.shape)
-    return masks
+    return sparsity.masks_from_scores(scores, counts)
 
 
 @functools.partial(jax.jit, static_argnames=('name', 'model', 'paths', 'options'))

@@ -11,13 +11,15 @@ Scores, masks and counts are flat dicts keyed by the parameter path of the kerne
 they belong to (``'layer1_0/conv1/kernel'``). Counts are static Python ints, so
 every array shape below is static and each function is ``jax.jit``-compatible.
 Ranking never sorts: an exact k-th value is found by bisection over the bit
-pattern of the float32 keys (32 counting passes, O(32 n)), and ties are broken
-by the lower flat index, so every result is deterministic.
+pattern of the float32 keys (32 counting passes, O(32 n)), for all layers in one
+loop (:class:`Segments`), and ties are broken by the lower flat index, so every
+result is deterministic.
 """
 
 from __future__ import annotations
 
 import fractions
+import functools
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -165,8 +167,11 @@ def pruned_counts(
 
 
 # ----------------------------------------------------------------------------
-# Exact ranking without sorting.
+# Exact ranking without sorting, every layer in one search.
 # ----------------------------------------------------------------------------
+MAX_KEY = 0xFFFFFFFF  # padding and invalid entries: never counted (see kth_smallest_keys)
+
+
 def sortable_key(x: Array) -> Array:
     """Map float32 values to uint32 keys with the same order (-0.0 folded to +0.0)."""
     x = jnp.where(x == 0, jnp.float32(0), x.astype(jnp.float32))
@@ -174,36 +179,174 @@ def sortable_key(x: Array) -> Array:
     return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
 
 
-def kth_smallest_key(keys: Array, k: Array | int, valid: Array | None = None) -> Array:
-    """The k-th smallest (1-based) of ``keys[valid]``, found bit by bit from the top.
+class Segments:
+    """Flat arrays (segments: one per layer) packed side by side into one 2-D array.
 
-    32 counting passes over the keys; static shapes; k may be traced.
+    Each segment is cut into chunks of ``chunk`` consecutive entries (the last one
+    padded); chunk j is column j of the packed ``[chunk, num_chunks]`` array, so flat
+    order within a segment is column after column, top to bottom. A count down the
+    columns followed by a sum over each segment's columns ranks every segment in the
+    same pass (one loop serves all layers), and the columns are what XLA vectorises
+    across. Sizes are static.
     """
+
+    def __init__(self, sizes: Sequence[int], chunk: int | None = None):
+        self.sizes = tuple(int(n) for n in sizes)
+        self.num = len(self.sizes)
+        # About square (num_chunks ~ chunk): little padding, few per-chunk partial counts.
+        total = max(2, sum(self.sizes))
+        self.chunk = chunk or 1 << min(14, max(3, math.ceil(math.log2(total) / 2)))
+        self.chunks = np.array([max(1, -(-n // self.chunk)) for n in self.sizes], np.int64)
+        self.chunk_segment = np.repeat(np.arange(self.num, dtype=np.int32), self.chunks)
+        self.first_chunk = (np.cumsum(self.chunks) - self.chunks).astype(np.int32)
+        self.last_chunk = (self.first_chunk + self.chunks - 1).astype(np.int32)
+        self.chunk_length = np.full(self.num_chunks, self.chunk, np.int32)
+        self.chunk_length[self.last_chunk] = np.asarray(self.sizes) - (self.chunks - 1) * self.chunk
+
+    @property
+    def num_chunks(self) -> int:
+        return self.chunk_segment.size
+
+    def __eq__(self, other: object) -> bool:  # hashable: a static argument of the searches
+        return isinstance(other, Segments) and (self.sizes, self.chunk) == (
+            other.sizes,
+            other.chunk,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.sizes, self.chunk))
+
+    def repeated(self, times: int) -> Segments:
+        """The layout of ``times`` packed arrays of this layout side by side."""
+        return Segments(self.sizes * times, self.chunk)
+
+    def pack(self, arrays: Sequence[Array], fill: Array | int | bool) -> Array:
+        """Arrays (any shapes, these sizes) -> ``[chunk, num_chunks]``, padded with ``fill``."""
+        parts = []
+        for x, chunks in zip(arrays, self.chunks):
+            flat = jnp.ravel(x)
+            padding = jnp.full(int(chunks) * self.chunk - flat.size, fill, flat.dtype)
+            parts.append(jnp.concatenate([flat, padding]).reshape(-1, self.chunk).T)
+        return jnp.concatenate(parts, axis=1)
+
+    def unpack(self, packed: Array, shapes: Sequence[Sequence[int]]) -> list[Array]:
+        """Inverse of :meth:`pack`: one array per segment, in the given shapes."""
+        return [
+            packed[:, first : first + chunks].T.reshape(-1)[:n].reshape(shape)
+            for first, chunks, n, shape in zip(self.first_chunk, self.chunks, self.sizes, shapes)
+        ]
+
+    def in_use(self) -> Array:
+        """Bool ``[chunk, num_chunks]``: True on real entries, False on padding."""
+        return jnp.arange(self.chunk, dtype=jnp.int32)[:, None] < self.chunk_length[None, :]
+
+    def per_chunk(self, values: Array) -> Array:
+        """``[num]`` values per segment -> ``[num_chunks]``, each chunk its segment's."""
+        return jnp.asarray(values)[self.chunk_segment]
+
+    def totals(self, chunk_values: Array) -> Array:
+        """``[num_chunks]`` partial sums -> ``[num]`` sums per segment."""
+        return jax.ops.segment_sum(
+            chunk_values, self.chunk_segment, self.num, indices_are_sorted=True
+        )
+
+    def first_in_order(self, flags: Array, counts: Array) -> Array:
+        """The first ``counts`` set flags of every segment in flat order (all if fewer).
+
+        Only one chunk per segment needs a running count: the chunks before it give
+        all their flags, the chunks after it none.
+        """
+        per_chunk = jnp.sum(flags, axis=0, dtype=jnp.int32)
+        through = jnp.cumsum(per_chunk, dtype=jnp.int32)
+        before = through - per_chunk - (through - per_chunk)[self.first_chunk][self.chunk_segment]
+        whole = before + per_chunk <= self.per_chunk(counts)  # a prefix of each segment
+        cut = jnp.minimum(self.first_chunk + self.totals(whole.astype(jnp.int32)), self.last_chunk)
+        ranks = jnp.cumsum(flags[:, cut], axis=0, dtype=jnp.int32)  # [chunk, num]
+        in_cut = ranks <= (counts - before[cut])[None, :]
+        is_cut = jnp.arange(self.num_chunks) == self.per_chunk(cut)
+        return flags & (whole[None, :] | (is_cut[None, :] & in_cut[:, self.chunk_segment]))
+
+
+@functools.partial(jax.jit, static_argnames='segments')
+def kth_smallest_keys(
+    keys: Array, k: Array | int, segments: Segments, valid: Array | None = None
+) -> Array:
+    """The k-th smallest (1-based) of every segment's ``keys[valid]``: ``[num]`` uint32.
+
+    ONE loop of 32 counting passes serves all segments: bit by bit from the top, a
+    segment's bit stays 0 when at least k of its keys lie at or below the prefix with
+    all lower bits set (counted per chunk, summed per segment). ``keys`` is packed;
+    ``k`` (one per segment, or one for all) may be traced. A candidate never has all
+    bits set, so MAX_KEY entries (padding, and ``~valid`` ones) are never counted.
+    """
+    if valid is not None:
+        keys = jnp.where(valid, keys, jnp.uint32(MAX_KEY))
+    k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (segments.num,))
 
     def set_bit(i, prefix):
         bit = jnp.left_shift(jnp.uint32(1), (31 - i).astype(jnp.uint32))
-        below_or_equal = keys <= (prefix | (bit - jnp.uint32(1)))
-        if valid is not None:
-            below_or_equal &= valid
-        enough = jnp.sum(below_or_equal, dtype=jnp.int32) >= k
+        candidate = segments.per_chunk(prefix | (bit - jnp.uint32(1)))
+        # int16 per chunk (chunk <= 2**14): exact, and half the memory traffic on XLA:CPU.
+        at_or_below = jnp.sum(keys <= candidate[None, :], axis=0, dtype=jnp.int16)
+        enough = segments.totals(at_or_below.astype(jnp.int32)) >= k
         return jnp.where(enough, prefix, prefix | bit)
 
-    return jax.lax.fori_loop(0, 32, set_bit, jnp.uint32(0))
+    return jax.lax.fori_loop(0, 32, set_bit, jnp.zeros(segments.num, jnp.uint32))
+
+
+@functools.partial(jax.jit, static_argnames='segments')
+def select_smallest_keys(
+    keys: Array, counts: Array | int, segments: Segments, valid: Array | None = None
+) -> Array:
+    """Packed bool: per segment exactly ``counts`` entries of ``keys[valid]`` with the
+    smallest keys; ties broken by the lower flat index. One search for all segments."""
+    counts = jnp.broadcast_to(jnp.asarray(counts, jnp.int32), (segments.num,))
+    usable = segments.in_use() if valid is None else valid & segments.in_use()
+    thr = segments.per_chunk(kth_smallest_keys(keys, counts, segments, usable))[None, :]
+    below = (keys < thr) & usable
+    needed = counts - segments.totals(jnp.sum(below, axis=0, dtype=jnp.int32))
+    return below | segments.first_in_order((keys == thr) & usable, needed)
+
+
+def kth_smallest_key(keys: Array, k: Array | int, valid: Array | None = None) -> Array:
+    """The k-th smallest (1-based) of 1-D ``keys[valid]`` (32 counting passes, no sort)."""
+    segments = Segments([keys.size])
+    packed_valid = None if valid is None else segments.pack([valid], False)
+    return kth_smallest_keys(segments.pack([keys], MAX_KEY), k, segments, packed_valid)[0]
 
 
 def select_smallest(keys: Array, count: Array | int, valid: Array | None = None) -> Array:
-    """Bool mask of exactly ``count`` entries of ``keys[valid]`` with the smallest keys.
+    """Bool mask of exactly ``count`` entries of 1-D ``keys[valid]`` with the smallest keys.
 
-    Ties are broken by the lower flat index. ``keys`` is 1-D.
+    Ties are broken by the lower flat index.
     """
-    thr = kth_smallest_key(keys, count, valid)
-    below = keys < thr
-    equal = keys == thr
-    if valid is not None:
-        below &= valid
-        equal &= valid
-    needed = count - jnp.sum(below, dtype=jnp.int32)
-    return below | (equal & (jnp.cumsum(equal, dtype=jnp.int32) <= needed))
+    return select_smallest_in_layers({'': keys}, {'': count}, {'': valid})['']
+
+
+def select_smallest_in_layers(
+    keys: Mapping[str, Array],
+    counts: Mapping[str, Array | int],
+    valid: Mapping[str, Array | None] | None = None,
+) -> FlatTree:
+    """Per layer, bool masks of the ``counts[p]`` smallest of ``keys[p][valid[p]]`` (ties:
+    the lower flat index first), all layers in one search."""
+    paths = list(keys)
+    if not paths:
+        return {}
+    segments = Segments([keys[p].size for p in paths])
+    packed_valid = None
+    if valid is not None and any(valid.get(p) is not None for p in paths):
+        packed_valid = segments.pack(
+            [jnp.ones(keys[p].shape, bool) if valid.get(p) is None else valid[p] for p in paths],
+            False,
+        )
+    picked = select_smallest_keys(
+        segments.pack([keys[p] for p in paths], MAX_KEY),
+        jnp.stack([jnp.asarray(counts[p], jnp.int32) for p in paths]),
+        segments,
+        packed_valid,
+    )
+    return dict(zip(paths, segments.unpack(picked, [keys[p].shape for p in paths])))
 
 
 # ----------------------------------------------------------------------------
@@ -211,24 +354,24 @@ def select_smallest(keys: Array, count: Array | int, valid: Array | None = None)
 # ----------------------------------------------------------------------------
 def magnitude_mask(kernel: Array, k: int) -> Array:
     """Keep all but the k smallest |w| (ties: the lower flat index is pruned first)."""
-    pruned = select_smallest(sortable_key(jnp.abs(kernel).ravel()), k)
-    return (~pruned).reshape(kernel.shape)
+    return magnitude_masks({'': kernel}, {'': k})['']
 
 
 def magnitude_masks(kernels: Mapping[str, Array], counts: Mapping[str, int]) -> FlatTree:
     """The magnitude-pruning masks at the given per-layer counts."""
-    return {p: magnitude_mask(w, counts[p]) for p, w in kernels.items()}
+    keys = {p: sortable_key(jnp.abs(w)) for p, w in kernels.items()}
+    return {p: ~pruned for p, pruned in select_smallest_in_layers(keys, counts).items()}
 
 
 def random_masks(rng: Array, kernels: Mapping[str, Array], counts: Mapping[str, int]) -> FlatTree:
     """Uniformly random masks with exactly the given per-layer counts."""
     rngs = jax.random.split(rng, len(kernels))
-    return {
-        p: ~select_smallest(sortable_key(jax.random.uniform(r, (w.size,))), counts[p]).reshape(
-            w.shape
-        )
+    keys = {
+        p: sortable_key(jax.random.uniform(r, (w.size,))).reshape(w.shape)
         for r, (p, w) in zip(rngs, sorted(kernels.items()))
     }
+    pruned = select_smallest_in_layers(keys, counts)
+    return {p: ~pruned[p] for p in sorted(kernels)}
 
 
 def init_scores(masks: Mapping[str, Array], pruned_score: float = 0.99) -> FlatTree:
@@ -271,13 +414,11 @@ def masks_from_scores(
     edge-popup: prune the k lowest |s|.
     """
     if mode == 'edge_popup':
-        return {p: edge_popup_mask(s, counts[p]) for p, s in scores.items()}
+        return edge_popup_masks(scores, counts)
     if mode != 'short_restriction':
         raise ValueError(f'unknown mask update {mode!r}; choose one of {MASK_UPDATES}')
-    return {
-        p: ~select_smallest(sortable_key(s.ravel()), counts[p]).reshape(s.shape)
-        for p, s in scores.items()
-    }
+    keys = {p: sortable_key(s) for p, s in scores.items()}
+    return {p: ~pruned for p, pruned in select_smallest_in_layers(keys, counts).items()}
 
 
 # ----------------------------------------------------------------------------
@@ -319,80 +460,117 @@ def swap_rate(schedule: str, epoch: Array | int, total_epochs: int) -> Array:
     raise ValueError(f'unknown rate schedule {schedule!r}; choose one of {RATE_SCHEDULES}')
 
 
+def _active(counts: Mapping[str, Array | int], paths) -> list[str]:
+    """The paths whose pruned count is not a static 0 (those layers are left alone)."""
+    return [p for p in paths if not (isinstance(counts[p], (int, np.integer)) and counts[p] == 0)]
+
+
+@functools.partial(jax.jit, static_argnames='segments')
 def restricted_update(
     keys: Array,
     kept: Array,
     t: Array,
-    k: int,
+    k: Array,
     rate: Array | float | None,
-    select: Callable[[Array, Array, Array], Array],
-    axis: int | None = None,
+    segments: Segments,
 ) -> Array:
-    """Steps 3-5 of METHOD section 4 given the threshold key ``t``, counted over ``axis``.
+    """Steps 3-5 of METHOD section 4 on packed keys, given every segment's threshold key t.
 
-    ``axis=None`` treats all of ``keys`` as one layer; ``axis=-1`` treats every row as
-    one (N:M groups). ``select(keys, count, valid)`` picks the ``count`` entries of
-    ``keys[valid]`` with the smallest keys, ties to the lower index.
+    R = pruned with key > t, D = kept with key <= t; a segment changes only if
+    |R| = |D| > 0 and k > 0. Then the p = ceil(|R| rate) best of R are revived and the
+    p worst of D dropped (ties: lower index first): both selections, in every segment,
+    are ONE search over the revival and drop problems packed side by side.
     """
-    above = keys > t
-    keepdims = axis is not None
+    usable = segments.in_use()
+    above = keys > segments.per_chunk(t)[None, :]
     if rate is None:  # rate 1: every candidate swaps, so the mask is simply s > t
-        at_or_below = jnp.sum(~above, axis=axis, keepdims=keepdims, dtype=jnp.int32)
-        return jnp.where(at_or_below == k, above, kept)
-    revive_candidates = ~kept & above
-    drop_candidates = kept & ~above
-    num_revive = jnp.sum(revive_candidates, axis=axis, keepdims=keepdims, dtype=jnp.int32)
-    num_drop = jnp.sum(drop_candidates, axis=axis, keepdims=keepdims, dtype=jnp.int32)
-    gate = (num_revive > 0) & (num_drop > 0) & (num_revive == num_drop)
+        at_or_below = segments.totals(jnp.sum(~above & usable, axis=0, dtype=jnp.int32))
+        swap = (at_or_below == k) & (k > 0)
+        return jnp.where(segments.per_chunk(swap)[None, :], above, kept)
+    revive_candidates = ~kept & above & usable
+    drop_candidates = kept & ~above & usable
+    num_revive = segments.totals(jnp.sum(revive_candidates, axis=0, dtype=jnp.int32))
+    num_drop = segments.totals(jnp.sum(drop_candidates, axis=0, dtype=jnp.int32))
+    gate = (num_revive > 0) & (num_drop > 0) & (num_revive == num_drop) & (k > 0)
     rate = jnp.asarray(rate, jnp.float32)
     p = jnp.clip(jnp.ceil(num_revive.astype(jnp.float32) * rate).astype(jnp.int32), 1, num_revive)
-    revive = select(~keys, p, revive_candidates)  # ~keys: highest scores first
-    drop = select(keys, p, drop_candidates)
-    return jnp.where(gate, (kept & ~drop) | revive, kept)
+    picked = select_smallest_keys(
+        jnp.concatenate([~keys, keys], axis=1),  # ~keys: highest scores first
+        jnp.concatenate([p, p]),
+        segments.repeated(2),
+        jnp.concatenate([revive_candidates, drop_candidates], axis=1),
+    )
+    revive, drop = picked[:, : segments.num_chunks], picked[:, segments.num_chunks :]
+    return jnp.where(segments.per_chunk(gate)[None, :], (kept & ~drop) | revive, kept)
+
+
+def short_restriction_updates(
+    scores: Mapping[str, Array],
+    masks: Mapping[str, Array],
+    counts: Mapping[str, Array | int],
+    rate: Array | float | None = None,
+) -> FlatTree:
+    """One short-restriction step (METHOD section 4) for every layer, in one search.
+
+    Per layer, t is the k-th smallest score; revival candidates R = pruned with s > t,
+    drop candidates D = kept with s <= t. Nothing changes unless |R| = |D| > 0. Then the
+    ceil(|R| rate) best of R are revived and as many worst of D dropped (ties: lower
+    index first). ``rate=None`` means rate 1 on a fast path: the whole update is one
+    32-pass loop; a rate < 1 adds one more for the selections. A layer with k = 0 is
+    left unchanged; every mask keeps exactly n - k weights afterwards whenever it did
+    before. Counts may be traced.
+    """
+    paths = _active(counts, masks)
+    new = dict(masks)
+    if not paths:
+        return new
+    segments = Segments([masks[p].size for p in paths])
+    keys = segments.pack([sortable_key(scores[p]) for p in paths], MAX_KEY)
+    kept = segments.pack([masks[p] for p in paths], False)
+    k = jnp.stack([jnp.asarray(counts[p], jnp.int32) for p in paths])
+    t = kth_smallest_keys(keys, k, segments)
+    updated = restricted_update(keys, kept, t, k, rate, segments)
+    new.update(zip(paths, segments.unpack(updated, [masks[p].shape for p in paths])))
+    return new
 
 
 def short_restriction_update(
-    scores: Array, mask: Array, k: int, rate: Array | float | None = None
+    scores: Array, mask: Array, k: Array | int, rate: Array | float | None = None
 ) -> Array:
-    """One short-restriction step for one layer (METHOD section 4).
-
-    t is the k-th smallest score; revival candidates R = pruned with s > t, drop
-    candidates D = kept with s <= t. Nothing changes unless |R| = |D| > 0. Then the
-    ceil(|R| rate) best of R are revived and as many worst of D dropped (ties: lower
-    index first). ``rate=None`` means rate 1 on a fast path. The mask keeps exactly
-    n - k weights afterwards whenever it did before.
-    """
-    if k == 0:
-        return mask
-    keys = sortable_key(scores.ravel())
-    t = kth_smallest_key(keys, k)
-    return restricted_update(keys, mask.ravel(), t, k, rate, select_smallest).reshape(mask.shape)
+    """:func:`short_restriction_updates` for a single layer."""
+    return short_restriction_updates({'': scores}, {'': mask}, {'': k}, rate)['']
 
 
-def edge_popup_mask(scores: Array, k: int) -> Array:
-    """The 2021 rule: keep the top n - k of |s| (ties: lower index kept)."""
-    if k == 0:
-        return jnp.ones(scores.shape, bool)
-    keys = ~sortable_key(jnp.abs(scores).ravel())
-    return select_smallest(keys, scores.size - k).reshape(scores.shape)
+def edge_popup_masks(scores: Mapping[str, Array], counts: Mapping[str, Array | int]) -> FlatTree:
+    """The 2021 rule for every layer in one search: keep the top n - k of |s| (ties: lower
+    index kept); a layer with k = 0 keeps everything."""
+    paths = _active(counts, scores)
+    keys = {p: ~sortable_key(jnp.abs(scores[p])) for p in paths}
+    kept = select_smallest_in_layers(keys, {p: scores[p].size - counts[p] for p in paths})
+    return {p: kept[p] if p in kept else jnp.ones(s.shape, bool) for p, s in scores.items()}
+
+
+def edge_popup_mask(scores: Array, k: Array | int) -> Array:
+    """:func:`edge_popup_masks` for a single layer."""
+    return edge_popup_masks({'': scores}, {'': k})['']
 
 
 def update_masks(
     scores: Mapping[str, Array],
     masks: Mapping[str, Array],
-    counts: Mapping[str, int],
+    counts: Mapping[str, Array | int],
     *,
     mode: str = 'short_restriction',
     rate: Array | float | None = None,
 ) -> tuple[FlatTree, FlatTree]:
-    """Apply the mask update to every layer; returns (new masks, changes per layer).
+    """Apply the mask update to every layer at once; returns (new masks, changes per layer).
 
     A change is one weight whose kept/pruned state flipped.
     """
     if mode == 'short_restriction':
-        new = {p: short_restriction_update(scores[p], m, counts[p], rate) for p, m in masks.items()}
+        new = short_restriction_updates(scores, masks, counts, rate)
     elif mode == 'edge_popup':
-        new = {p: edge_popup_mask(scores[p], counts[p]) for p in masks}
+        new = edge_popup_masks({p: scores[p] for p in masks}, counts)
     else:
         raise ValueError(f'unknown mask update {mode!r}; choose one of {MASK_UPDATES}')
     changes = {p: jnp.sum(new[p] != masks[p], dtype=jnp.int32) for p in masks}

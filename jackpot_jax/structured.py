@@ -18,9 +18,10 @@ its :mod:`~jackpot_jax.sparsity` counterpart returns, tie rules included:
   * :func:`short_restriction_update`: revive the best of R and drop the worst of D,
     lower index first among ties (as ``sparsity.short_restriction_update``).
 
-N and M are static Python ints; ``rate`` may be traced. Groups are ranked with a
-stable argsort along their M entries (M is small), so every shape is static and
-every array function is ``jax.jit``-compatible.
+N and M are static Python ints; ``rate`` may be traced. The groups of all layers are
+stacked into one ``(G, M)`` array and ranked together by comparing every entry with
+the other M - 1 of its group (M is small): no sort and no loop, every shape static and
+every array function ``jax.jit``-compatible.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jackpot_jax.sparsity import restricted_update, sortable_key
+from jackpot_jax.sparsity import sortable_key
 
 Array = jax.Array
 
@@ -116,13 +117,15 @@ def _ranks(keys: Array, valid: Array | None = None) -> Array:
     """1-based rank of each entry among the valid entries of its row, smallest key first.
 
     Ties: the lower index ranks first. Entries outside ``valid`` get meaningless ranks.
+    One comparison of every entry with every other of its row: O(M) per entry.
     """
-    order = jnp.argsort(keys, axis=-1, stable=True)
-    inverse = jnp.argsort(order, axis=-1)
-    if valid is None:
-        return inverse + 1
-    counts = jnp.cumsum(jnp.take_along_axis(valid, order, axis=-1), axis=-1, dtype=jnp.int32)
-    return jnp.take_along_axis(counts, inverse, axis=-1)
+    m = keys.shape[-1]
+    index = np.arange(m)
+    this, other = keys[:, :, None], keys[:, None, :]
+    other_first = (other < this) | ((other == this) & (index[None, :] < index[:, None]))
+    if valid is not None:
+        other_first &= valid[:, None, :]
+    return jnp.sum(other_first, axis=-1, dtype=jnp.int32) + 1
 
 
 def _select_smallest(keys: Array, count: Array | int, valid: Array | None = None) -> Array:
@@ -132,6 +135,40 @@ def _select_smallest(keys: Array, count: Array | int, valid: Array | None = None
     """
     picked = _ranks(keys, valid) <= count
     return picked if valid is None else picked & valid
+
+
+def _restricted_update(keys: Array, kept: Array, k: int, rate: Array | float | None) -> Array:
+    """Steps 3-5 of METHOD section 4 in every row of (G, M) keys, k pruned per row."""
+    t = jnp.max(jnp.where(_ranks(keys) == k, keys, jnp.uint32(0)), axis=-1, keepdims=True)
+    above = keys > t
+    if rate is None:  # rate 1: every candidate swaps, so the mask is simply s > t
+        at_or_below = jnp.sum(~above, axis=-1, keepdims=True, dtype=jnp.int32)
+        return jnp.where(at_or_below == k, above, kept)
+    revive_candidates = ~kept & above
+    drop_candidates = kept & ~above
+    num_revive = jnp.sum(revive_candidates, axis=-1, keepdims=True, dtype=jnp.int32)
+    num_drop = jnp.sum(drop_candidates, axis=-1, keepdims=True, dtype=jnp.int32)
+    gate = (num_revive > 0) & (num_drop > 0) & (num_revive == num_drop)
+    rate = jnp.asarray(rate, jnp.float32)
+    p = jnp.clip(jnp.ceil(num_revive.astype(jnp.float32) * rate).astype(jnp.int32), 1, num_revive)
+    revive = _select_smallest(~keys, p, revive_candidates)  # ~keys: highest scores first
+    drop = _select_smallest(keys, p, drop_candidates)
+    return jnp.where(gate, (kept & ~drop) | revive, kept)
+
+
+def _in_all_groups(rule, arrays: Mapping[str, Array], counts: Mapping[str, int], n: int, m: int):
+    """Apply ``rule`` ((G, M) groups -> (G, M) bool) to the groups of every layer with a
+    nonzero count at once (one stacked array); the other layers come back all True."""
+    paths = [p for p in arrays if counts[p]]
+    for p in paths:
+        _check_eligible(np.shape(arrays[p]), n, m)
+    out = {p: jnp.ones(np.shape(a), bool) for p, a in arrays.items() if not counts[p]}
+    if paths:
+        stacked = rule(jnp.concatenate([_to_groups(jnp.asarray(arrays[p]), m) for p in paths]))
+        sizes = [math.prod(np.shape(arrays[p])) // m for p in paths]
+        parts = jnp.split(stacked, np.cumsum(sizes)[:-1])
+        out.update({p: _from_groups(g, np.shape(arrays[p])) for p, g in zip(paths, parts)})
+    return {p: out[p] for p in arrays}
 
 
 # ----------------------------------------------------------------------------
@@ -171,26 +208,21 @@ def short_restriction_update(
     Every group keeps exactly N afterwards whenever it did before.
     """
     _check_eligible(scores.shape, n, m)
-    k = m - n
     keys = _to_groups(sortable_key(scores), m)
     kept = _to_groups(mask.astype(bool), m)
-    t = jnp.sort(keys, axis=-1)[:, k - 1 : k]
-    new = restricted_update(keys, kept, t, k, rate, _select_smallest, axis=-1)
-    return _from_groups(new, mask.shape)
+    return _from_groups(_restricted_update(keys, kept, m - n, rate), mask.shape)
 
 
 # ----------------------------------------------------------------------------
-# Whole models: flat dicts keyed by kernel path; layers with k = 0 stay dense.
+# Whole models: flat dicts keyed by kernel path; layers with k = 0 stay dense. The
+# groups of all layers are handled together, in one stacked (G, M) array.
 # ----------------------------------------------------------------------------
-def _per_layer(fn, arrays: Mapping[str, Array], counts: Mapping[str, int]) -> dict[str, Array]:
-    return {p: fn(p, a) if counts[p] else jnp.ones(a.shape, bool) for p, a in arrays.items()}
-
-
 def magnitude_masks(
     kernels: Mapping[str, Array], counts: Mapping[str, int], n: int, m: int
 ) -> dict[str, Array]:
     """N:M magnitude masks of every eligible layer (``counts`` from :func:`nm_counts`)."""
-    return _per_layer(lambda p, w: magnitude_mask(w, n, m), kernels, counts)
+    keys = {p: sortable_key(jnp.abs(w)) for p, w in kernels.items()}
+    return _in_all_groups(lambda g: ~_select_smallest(g, m - n), keys, counts, n, m)
 
 
 def random_masks(
@@ -198,11 +230,8 @@ def random_masks(
 ) -> dict[str, Array]:
     """Uniformly random N:M masks of every eligible layer."""
     rngs = dict(zip(sorted(kernels), jax.random.split(rng, len(kernels))))
-    return _per_layer(
-        lambda p, w: top_n_in_groups(sortable_key(jax.random.uniform(rngs[p], w.shape)), n, m),
-        kernels,
-        counts,
-    )
+    keys = {p: sortable_key(jax.random.uniform(rngs[p], np.shape(w))) for p, w in kernels.items()}
+    return _in_all_groups(lambda g: _select_smallest(~g, n), keys, counts, n, m)
 
 
 def masks_from_scores(
@@ -216,8 +245,10 @@ def masks_from_scores(
     group pruned (ties: lower index first, as ``sparsity.masks_from_scores``), or for
     edge-popup the top N of |s|."""
     if mode == 'edge_popup':
-        return _per_layer(lambda p, s: edge_popup_mask(s, n, m), scores, counts)
-    return _per_layer(lambda p, s: prune_smallest_in_groups(sortable_key(s), n, m), scores, counts)
+        keys = {p: sortable_key(jnp.abs(s)) for p, s in scores.items()}
+        return _in_all_groups(lambda g: _select_smallest(~g, n), keys, counts, n, m)
+    keys = {p: sortable_key(s) for p, s in scores.items()}
+    return _in_all_groups(lambda g: ~_select_smallest(g, m - n), keys, counts, n, m)
 
 
 def update_masks(
@@ -230,14 +261,21 @@ def update_masks(
     mode: str = 'short_restriction',
     rate: Array | float | None = None,
 ) -> tuple[dict[str, Array], dict[str, Array]]:
-    """``sparsity.update_masks`` within N:M groups; returns (new masks, changes per layer)."""
+    """``sparsity.update_masks`` within N:M groups, every group of every layer at once;
+    returns (new masks, changes per layer)."""
     if mode == 'edge_popup':
         new = masks_from_scores(scores, counts, n, m, mode)
     else:
-        new = {
-            p: short_restriction_update(scores[p], b, n, m, rate) if counts[p] else b
-            for p, b in masks.items()
-        }
+        paths = [p for p in masks if counts[p]]
+        for p in paths:
+            _check_eligible(np.shape(masks[p]), n, m)
+        new = dict(masks)
+        if paths:
+            keys = jnp.concatenate([_to_groups(sortable_key(scores[p]), m) for p in paths])
+            kept = jnp.concatenate([_to_groups(masks[p].astype(bool), m) for p in paths])
+            updated = _restricted_update(keys, kept, m - n, rate)
+            parts = jnp.split(updated, np.cumsum([masks[p].size // m for p in paths])[:-1])
+            new.update({p: _from_groups(g, masks[p].shape) for p, g in zip(paths, parts)})
     changes = {p: jnp.sum(new[p] != masks[p], dtype=jnp.int32) for p in masks}
     return new, changes
 

@@ -3,9 +3,11 @@
 import json
 import math
 
+import pytest
+
 from benchmarks import search_step
 
-TIMED = ('search', 'dense', 'mask_update')
+TIMED = ('search', 'dense', 'mask_update', 'mask_update_per_layer')
 
 
 def _positive(x):
@@ -25,7 +27,8 @@ def test_search_step_benchmark_smoke(capsys):
             '--no-ablation',
         ]
     )
-    printed = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
     assert printed['models'].keys() == result['models'].keys() == {'resnet20'}
     m = printed['models']['resnet20']
     assert m['batch_size'] == 8 and m['dtype'] == 'float32' and m['num_devices'] == 1
@@ -41,6 +44,10 @@ def test_search_step_benchmark_smoke(capsys):
         assert _positive(m[key]['images_per_s'])
     assert _positive(m['search_over_dense'])
     assert 0 < m['mask_update']['fraction_of_search_step']
+    assert 0 < m['mask_update_per_layer']['fraction_of_search_step']
+    assert _positive(m['per_layer_over_all_layer'])
+    table = captured.err  # the summary table goes to stderr
+    assert 'update, all layers' in table and 'resnet20 (8)' in table
     rec = m['recompilation']
     assert rec['search_recompiled'] is False
     assert rec['compiles_after_first_calls'] == 0
@@ -55,17 +62,28 @@ def test_search_step_benchmark_smoke(capsys):
 def test_search_step_benchmark_times_n_m_masks(capsys):
     result = search_step.main(
         [
-            '--models=resnet20',
-            '--batch_size=8',
-            '--steps=1',
+            '--models=resnet20:8:1',  # batch 8, one timed step
             '--warmup=0',
             '--pattern=2:4',
             '--no-rate_update',
         ]
     )
-    m = result['models']['resnet20']
+    m = result['models']['resnet20:8']
+    assert m['batch_size'] == 8 and m['search']['samples'] == 1
+    assert _positive(m['mask_update_per_layer']['ms_median'])  # the per-layer N:M update
     assert m['pattern'] == '2:4'
     # resnet20's first conv (3 input channels) stays dense; every other kernel is 2:4.
     assert 0.49 < m['sparsity'] < 0.5
     assert _positive(m['search_no_mask_update']['ms_median'])
     assert _positive(m['mask_update']['ms_median'])
+
+
+def test_model_specs_parse_and_reject_bad_entries():
+    assert search_step.parse_model_specs('resnet32, resnet50:256:2,vgg19_cifar:64') == [
+        ('resnet32', 0, 0),
+        ('resnet50', 256, 2),
+        ('vgg19_cifar', 64, 0),
+    ]
+    for bad in ('resnet50:0', 'resnet50:big', 'resnet50:1:2:3'):
+        with pytest.raises(ValueError, match=f"'{bad}'.*name:batch:steps"):
+            search_step.parse_model_specs(bad)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jackpot_jax import models, search, sparsity
+from jackpot_jax import models, search, sparsity, structured
 
 STEPS_PER_EPOCH = 3
 EPOCHS = 2
@@ -202,3 +202,83 @@ def test_eval_step_counts_only_valid_examples():
 def test_unknown_bn_mode_is_rejected():
     with pytest.raises(ValueError, match="bn_mode 'nope'"):
         _step_fn(_optimizer(), bn_mode='nope')
+
+
+# ----------------------------------------------------------------------------
+# The mask update is one loop for all layers, not one per layer.
+# ----------------------------------------------------------------------------
+def _while_loops(jaxpr) -> int:
+    """While loops in a jaxpr and every jaxpr nested in it (each call counted)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        count += eqn.primitive.name == 'while'
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                sub = getattr(sub, 'jaxpr', sub)  # a closed jaxpr holds its jaxpr
+                if hasattr(sub, 'eqns'):
+                    count += _while_loops(sub)
+    return count
+
+
+def _traced_step(model, image_size, counts_of, **settings):
+    """The search step traced on shapes only (nothing is allocated or run)."""
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+    )
+    flat = sparsity.flatten(variables['params'])
+    paths = sparsity.prunable_paths(variables['params'])
+    counts = counts_of({p: flat[p].shape for p in paths})
+    masks = {p: jax.ShapeDtypeStruct(flat[p].shape, jnp.bool_) for p in paths}
+    scores = {p: jax.ShapeDtypeStruct(flat[p].shape, jnp.float32) for p in paths}
+    optimizer = _optimizer()
+    state = jax.eval_shape(
+        lambda p, b, m, s: search.init_search_state(p, b, m, s, optimizer),
+        variables['params'],
+        variables['batch_stats'],
+        masks,
+        scores,
+    )
+    step = jax.jit(
+        functools.partial(
+            search.search_step,
+            model=model,
+            optimizer=optimizer,
+            counts=counts,
+            steps_per_epoch=STEPS_PER_EPOCH,
+            epochs=EPOCHS,
+            **settings,
+        )
+    )
+    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+    return step.trace(state, images, labels), len(paths)
+
+
+def test_resnet50_search_step_has_one_mask_update_loop_for_its_53_layers():
+    """Lowered ResNet-50 search step: the mask update is ONE while loop (32 passes over
+    every layer at once), where a loop per layer would give 53."""
+    model = models.get_model('resnet50', 1000)
+    traced, layers = _traced_step(
+        model, 64, lambda shapes: sparsity.uniform_allocation(shapes, 0.9)
+    )
+    assert layers == 53
+    lowered = traced.lower().as_text()
+    assert lowered.count('stablehlo.while') == 1
+    assert _while_loops(traced.jaxpr.jaxpr) == 1  # also when a nested function is reused
+
+
+def test_mask_update_loops_per_rule():
+    """Rate 1: one loop; rate < 1: one more, for the revival and drop selections of all
+    layers together; edge-popup: one; N:M groups: none; no layer to prune: none."""
+    model = models.get_model('small_cnn', 10, width=4)
+    uniform = lambda shapes: sparsity.uniform_allocation(shapes, 0.9)  # noqa: E731
+    cases = [
+        ({}, uniform, 1),
+        ({'rate_schedule': 'cosine'}, uniform, 2),
+        ({'mask_update': 'edge_popup'}, uniform, 1),
+        ({'pattern': (2, 4)}, lambda shapes: structured.nm_counts(shapes, 2, 4), 0),
+        ({}, lambda shapes: {p: 0 for p in shapes}, 0),
+    ]
+    for settings, counts_of, loops in cases:
+        traced, _ = _traced_step(model, 8, counts_of, **settings)
+        assert _while_loops(traced.jaxpr.jaxpr) == loops, settings
