@@ -16,6 +16,9 @@ MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap', 
          'restriction', 'sweep')
 # fmt: on
 CPU_COLLECTIVES = ('', 'gloo', 'mpi')
+# Modes that refuse model.dtype='bfloat16': 'overlap' ranks weights by SNIP/GraSP/SynFlow
+# gradients, which bfloat16 would blur into ties.
+FLOAT32_ONLY_MODES = ('overlap',)
 # Mask-update rules compared by mode 'restriction': the three short-restriction rates and
 # the 2021 edge-popup rule.
 RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
@@ -39,10 +42,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.name = 'digits'
     config.data.data_dir = ''  # '' = the dataset's default location.
     config.data.eval_batch_size = 512
+    # Cores the tfds input pipeline may use (a private tf.data thread pool); 0 = every core.
+    config.data.threads = 0
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'small_cnn'
-    config.model.width = 64  # keyword arguments of the model besides its name.
+    # Computation dtype: 'float32' | 'bfloat16' (params, scores, optimizer state and
+    # BatchNorm statistics stay float32; logits and loss are float32 either way).
+    config.model.dtype = 'float32'
+    config.model.width = 64  # keyword arguments of the model besides its name and dtype.
 
     config.pretrain = ml_collections.ConfigDict()
     config.pretrain.epochs = 30
@@ -179,12 +187,24 @@ def _check_distributed(d: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_dtype(config: ml_collections.ConfigDict) -> None:
+    dtype = config.model.get('dtype', 'float32')
+    models.compute_dtype(dtype)  # unknown names raise
+    if dtype != 'float32' and config.mode in FLOAT32_ONLY_MODES:
+        raise ValueError(
+            f'mode {config.mode!r} cannot run in model.dtype={dtype!r}: its criteria rank '
+            'weights by gradients that need float32; rerun it with --config.model.dtype=float32 '
+            '(the jackpot it reads may come from a bfloat16 search)'
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field and how to fix it."""
     _check_keys(config, get_config())
     _check_choice('mode', config.mode, MODES)
     _check_choice('dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS)
     _check_choice('model', config.model.name, tuple(models.MODELS))
+    _check_dtype(config)
     s = config.search
     if not 0.0 <= s.sparsity < 1.0:
         raise ValueError(
@@ -237,6 +257,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ('steps_per_epoch', config.steps_per_epoch),
         ('overlap.batch_size', config.overlap.batch_size),
         ('overlap.bn_steps', config.overlap.bn_steps),
+        ('data.threads', config.data.threads),
         ('search.bn_recalibration_steps', s.bn_recalibration_steps),
     ]:
         if value < 0:

@@ -134,8 +134,9 @@ def load_dataset(name: str, data_dir: str | None = None) -> ArrayDataset:
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS}')
 
 
-def load_source(name: str, data_dir: str | None = None):
-    """A data source by name: in-memory (digits, Fashion-MNIST) or a prepared tfds dataset.
+def load_source(name: str, data_dir: str | None = None, threads: int = 0):
+    """A data source by name: in-memory (digits, Fashion-MNIST) or a prepared tfds dataset
+    (whose input pipeline uses at most ``threads`` cores; 0 = every core).
 
     Every source has ``num_classes``, ``image_shape``, ``steps_per_epoch(batch)``,
     ``train_epoch(batch, seed, epoch, start_step)`` and ``eval_batches(batch)``.
@@ -145,7 +146,7 @@ def load_source(name: str, data_dir: str | None = None):
     if name in TFDS_DATASETS:
         from jackpot_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-        return input_pipeline.TfdsSource(name, data_dir)
+        return input_pipeline.TfdsSource(name, data_dir, threads)
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS + TFDS_DATASETS}')
 
 

@@ -53,7 +53,7 @@ MASK_CHANGES_PNG = 'mask_changes.png'
 # fmt: off
 _RESUMABLE_CHANGES = ('mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
                       'data.data_dir', 'data.eval_batch_size', 'tune', 'pretrain', 'overlap',
-                      'search.step_trace', 'search_cost', 'restriction', 'sweep')
+                      'search.step_trace', 'search_cost', 'restriction', 'sweep', 'data.threads')
 # fmt: on
 
 
@@ -71,9 +71,14 @@ class Setup:
                 'leave hosts without devices; use num_devices=0 (all) on multi-host runs'
             )
         self.mesh = parallel.make_mesh(config.num_devices or None)
-        self.source = data.load_source(config.data.name, config.data.data_dir or None)
-        kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-        self.model = models.get_model(config.model.name, self.source.num_classes, **kwargs)
+        self.source = data.load_source(
+            config.data.name, config.data.data_dir or None, config.data.threads
+        )
+        kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
+        dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
+        self.model = models.get_model(
+            config.model.name, self.source.num_classes, dtype=dtype, **kwargs
+        )
 
     def steps_per_epoch(self, batch_size: int) -> int:
         parallel.check_batch_size(batch_size, self.mesh)

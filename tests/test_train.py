@@ -166,3 +166,21 @@ def test_tuning_under_a_fixed_mask_keeps_pruned_weights_exactly_zero(demo_run, t
         assert not np.array_equal(
             w[mask], np.asarray(flat_original[path])[mask]
         )  # kept ones trained
+
+
+def test_bfloat16_search_lands_within_a_point_of_float32(demo_run, tmp_path):
+    """Same frozen weights and settings as the demo's float32 search, computed in bfloat16:
+    the jackpot's test top-1 is within 1 point, and everything carried stays float32."""
+    workdir, summary = demo_run
+    config = tiny_config()
+    config.mode = 'search'
+    config.model.dtype = 'bfloat16'
+    config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
+    found = train.run_search(config, str(tmp_path))
+    assert abs(found['jackpot_top1'] - summary['jackpot_top1']) <= 0.01
+    state = found['state']
+    floats = [state.frozen_params, state.scores, state.opt_state, state.batch_stats]
+    leaves = jax.tree.leaves(floats)
+    assert leaves and all(x.dtype == np.float32 for x in leaves)
+    config.mode = 'evaluate'
+    assert train.run_evaluate(config, str(tmp_path))['top1'] == found['jackpot_top1']
