@@ -4,7 +4,8 @@ Three kinds of checkpoint, stored apart so the weights are written once:
   * weights (``WORKDIR/pretrained`` or anywhere): frozen params + batch statistics + meta;
   * search checkpoints (``WORKDIR/checkpoints/<step>``): scores, bit-packed masks
     (and flip history), optimizer state, batch statistics and meta (step, counts, config, weights
-    fingerprint, metrics so far); the latest N and the best by test top-1 are kept;
+    fingerprint, metrics so far); the latest N and the best by validation top-1 (test top-1
+    under the paper's protocol, which has no validation split) are kept;
   * jackpots (``WORKDIR/jackpot``): bit-packed masks + batch statistics + meta
     (+ scores when asked), small enough to ship beside the original weights.
 Orbax writes into a temporary folder and renames it when complete, so a crash
@@ -170,7 +171,7 @@ def load_jackpot(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
 class SearchCheckpoints:
     """The search checkpoints of one workdir (``WORKDIR/checkpoints/<step>``).
 
-    Keeps the latest ``keep`` checkpoints and the one with the best test top-1.
+    Keeps the latest ``keep`` checkpoints and the one with the best selection top-1.
     Saves are asynchronous; every process of a multi-host run must call ``save``.
     """
 
@@ -180,7 +181,9 @@ class SearchCheckpoints:
             [
                 ocp.checkpoint_managers.LatestN(n=keep),
                 ocp.checkpoint_managers.BestN(
-                    get_metric_fn=lambda metrics: metrics['test_top1'],
+                    # The epoch's top-1 on the split selections look at (validation when
+                    # there is one); older checkpoints recorded test_top1.
+                    get_metric_fn=lambda m: m.get('selection_top1', m.get('test_top1')),
                     n=1,
                     keep_checkpoints_without_metrics=False,
                 ),

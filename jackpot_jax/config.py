@@ -13,7 +13,7 @@ from jackpot_jax import criteria, data, models, search, sparsity, structured
 
 # fmt: off
 MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap', 'search_cost',
-         'restriction', 'sweep')
+         'restriction', 'sweep', 'stability')
 # fmt: on
 CPU_COLLECTIVES = ('', 'gloo', 'mpi')
 # Modes that refuse model.dtype='bfloat16': 'overlap' ranks weights by SNIP/GraSP/SynFlow
@@ -22,12 +22,34 @@ FLOAT32_ONLY_MODES = ('overlap',)
 # Mask-update rules compared by mode 'restriction': the three short-restriction rates and
 # the 2021 edge-popup rule.
 RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
+# Variants of mode 'stability': the paper's protocol, each change of the stable one on
+# its own, and the stable protocol.
+STABILITY_VARIANTS = ('paper', 'paper+recalibration', 'paper+freeze', 'stable')
+# What config.protocol sets for every field left at -1 ("set by the protocol").
+# 'stable': a validation split for every choice, BatchNorm statistics re-estimated
+# under each evaluated mask, and the mask held fixed over the last quarter of the
+# epochs (at rate 1 it otherwise oscillates between near-tied weights to the end).
+# 'paper': the published protocol, exactly as the authors' released code runs it.
+PROTOCOLS = {
+    'stable': {
+        'data.validation_fraction': 0.1,
+        'search.bn_recalibration_steps': 50,
+        'search.mask_freeze_fraction': 0.25,
+    },
+    'paper': {
+        'data.validation_fraction': 0.0,
+        'search.bn_recalibration_steps': 0,
+        'search.mask_freeze_fraction': 0.0,
+    },
+}
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Digits demo: pretrain a small CNN, then search a 90%-sparse jackpot in it."""
     config = ml_collections.ConfigDict()
     config.mode = 'demo'
+    # 'stable' (default) | 'paper': fills every field below that is left at -1; see PROTOCOLS.
+    config.protocol = 'stable'
     config.seed = 0
     config.num_devices = 0  # devices of the data-parallel mesh; 0 = all.
     # Dense weights to search in; '' means WORKDIR/pretrained (made by 'pretrain').
@@ -42,6 +64,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.name = 'digits'
     config.data.data_dir = ''  # '' = the dataset's default location.
     config.data.eval_batch_size = 512
+    # Share of the training images held out as the validation split, the only split any
+    # selection looks at (the test split is reported, never used to choose); in [0, 1).
+    # -1 = set by config.protocol (stable: 0.1, paper: 0).
+    config.data.validation_fraction = -1.0
     # Cores the tfds input pipeline may use (a private tf.data thread pool); 0 = every core.
     config.data.threads = 0
 
@@ -78,7 +104,15 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: evaluate each epoch, and save the jackpot, with BatchNorm statistics re-estimated
     # over N training batches under the current mask (no weight or mask changes; the search
     # itself goes on with its own running statistics). 0 = the paper's: the search's own.
-    config.search.bn_recalibration_steps = 0
+    # -1 = set by config.protocol (stable: 50, paper: 0).
+    config.search.bn_recalibration_steps = -1
+    # Fraction of the final epochs during which the masks stay fixed (the scores and the
+    # BatchNorm statistics still train): ends the late oscillation between near-tied weights.
+    # In [0, 1); 0 = never (the paper). -1 = set by config.protocol (stable: 0.25, paper: 0).
+    config.search.mask_freeze_fraction = -1.0
+    # Also evaluate every epoch with the other statistics (the search's running ones and ones
+    # re-estimated under the mask), recorded as *_running / *_recalibrated: a diagnostic.
+    config.search.compare_bn_statistics = False
     config.search.prune_include = sparsity.DEFAULT_INCLUDE  # regex over parameter paths.
     config.search.prune_exclude = sparsity.DEFAULT_EXCLUDE  # default: the classifier.
     # 'N:M' (e.g. '2:4'): keep N of every M consecutive input-channel weights in each
@@ -121,6 +155,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Mode 'sweep': accuracy vs sparsity (jackpot, magnitude and random masks).
     config.sweep = ml_collections.ConfigDict()
     config.sweep.sparsities = '0.5,0.7,0.8,0.9,0.95'
+    # Mode 'stability': what makes a jackpot's accuracy swing from epoch to epoch. Each
+    # variant records both BatchNorm statistics every epoch and every step's mask changes.
+    config.stability = ml_collections.ConfigDict()
+    config.stability.variants = 'paper,paper+recalibration,paper+freeze,stable'
 
     # Multi-host runs (one process per host, e.g. a Cloud TPU pod): the launcher calls
     # jax.distributed.initialize before any other JAX use. Left at their defaults, the
@@ -132,6 +170,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.distributed.process_id = -1  # -1 = auto.
     config.distributed.cpu_collectives = ''  # 'gloo' for multi-process runs on CPUs.
     return config
+
+
+def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with every field left at -1 set by ``config.protocol``.
+
+    Idempotent; fields set explicitly (>= 0) are kept, so a protocol can be mixed with
+    single changes (e.g. the paper's protocol with re-estimated statistics).
+    """
+    _check_choice('protocol', config.protocol, tuple(PROTOCOLS))
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    for field, value in PROTOCOLS[config.protocol].items():
+        group, name = field.split('.')
+        if resolved[group][name] == -1:
+            resolved[group][name] = value
+    return resolved
 
 
 def _check_keys(
@@ -201,6 +254,7 @@ def _check_dtype(config: ml_collections.ConfigDict) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field and how to fix it."""
     _check_keys(config, get_config())
+    config = resolve_protocol(config)
     _check_choice('mode', config.mode, MODES)
     _check_choice('dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS)
     _check_choice('model', config.model.name, tuple(models.MODELS))
@@ -225,6 +279,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     _check_list('search_cost.inits', config.search_cost.inits, sparsity.SCORE_INITS)
     _check_list('restriction.variants', config.restriction.variants, RESTRICTION_VARIANTS)
+    _check_list('stability.variants', config.stability.variants, STABILITY_VARIANTS)
     for value in parse_list('sweep.sparsities', config.sweep.sparsities, float):
         if not 0.0 <= value < 1.0:
             raise ValueError(f'sweep.sparsities: {value!r} is not in [0, 1)')
@@ -233,6 +288,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f'search_cost.target must be a test top-1 in [0, 1] (0 = the kaiming search\'s '
             f'final accuracy), got {config.search_cost.target!r}'
         )
+    for name, value in [
+        ('data.validation_fraction', config.data.validation_fraction),
+        ('search.mask_freeze_fraction', s.mask_freeze_fraction),
+    ]:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f'{name} must be in [0, 1) (or -1: set by config.protocol), got {value!r}')
     if not 0.0 <= s.pruned_score < 1.0:
         raise ValueError(
             f'search.pruned_score must be in [0, 1) so magnitude-kept weights '

@@ -2,7 +2,9 @@
 
 Images come out as float32 NHWC arrays normalised with the training split's mean
 and std; labels as int32. Evaluation batches are padded and carry a validity
-mask, so every test example counts exactly once.
+mask, so every test example counts exactly once. A validation split can be carved
+from the training images (:func:`split_validation`): it is the split any choice
+(an epoch, a setting) may look at; the test split is only reported.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ import numpy as np
 DATASETS = ('digits', 'fashion_mnist')  # in memory, no TensorFlow needed
 TFDS_DATASETS = ('cifar10', 'cifar100', 'imagenet2012')  # see input_pipeline.py
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+EVAL_SPLITS = ('validation', 'test')
+# Which training images become the validation split depends on this seed only (not on
+# config.seed), so every run over the same data validates on the same images.
+VALIDATION_SEED = 20_231_201
 _FASHION_FILES = {
     'train_images': 'train-images-idx3-ubyte.gz',
     'train_labels': 'train-labels-idx1-ubyte.gz',
@@ -35,6 +41,13 @@ class ArrayDataset:
     test_images: np.ndarray
     test_labels: np.ndarray
     num_classes: int
+    # Carved from the training images by split_validation; empty when there is none.
+    validation_images: np.ndarray | None = None
+    validation_labels: np.ndarray | None = None
+
+    @property
+    def has_validation(self) -> bool:
+        return self.validation_labels is not None and len(self.validation_labels) > 0
 
     @property
     def image_shape(self) -> tuple[int, ...]:
@@ -52,10 +65,53 @@ class ArrayDataset:
         ):
             yield _process_share(batch)
 
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """This process's share of each padded global test batch."""
-        for batch in eval_batches(self.test_images, self.test_labels, batch_size):
+    def eval_batches(
+        self, batch_size: int, split: str = 'test'
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """This process's share of each padded global batch of the 'test' or 'validation' split."""
+        if split == 'validation' and not self.has_validation:
+            raise ValueError('no validation split; set data.validation_fraction > 0')
+        if split not in EVAL_SPLITS:
+            raise ValueError(f'unknown eval split {split!r}; choose one of {EVAL_SPLITS}')
+        images, labels = (
+            (self.test_images, self.test_labels)
+            if split == 'test'
+            else (self.validation_images, self.validation_labels)
+        )
+        for batch in eval_batches(images, labels, batch_size):
             yield _process_share(batch)
+
+
+def split_validation(dataset: ArrayDataset, fraction: float) -> ArrayDataset:
+    """Moves ``fraction`` of the training images into a validation split.
+
+    Disjoint from the remaining training images and deterministic: the same images
+    for every run over the same data (see VALIDATION_SEED). ``fraction == 0`` returns
+    the dataset unchanged.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(
+            f'data.validation_fraction must be in [0, 1), got {fraction!r}; it is the share '
+            'of the training images held out for choosing epochs and settings (e.g. 0.1)'
+        )
+    if fraction == 0.0:
+        return dataset
+    n = len(dataset.train_labels)
+    count = max(1, round(fraction * n))
+    if count >= n:
+        raise ValueError(
+            f'data.validation_fraction={fraction!r} leaves no training images out of {n}; '
+            'lower it'
+        )
+    order = np.random.default_rng(VALIDATION_SEED).permutation(n)
+    held, kept = np.sort(order[:count]), np.sort(order[count:])
+    return dataclasses.replace(
+        dataset,
+        train_images=dataset.train_images[kept],
+        train_labels=dataset.train_labels[kept],
+        validation_images=dataset.train_images[held],
+        validation_labels=dataset.train_labels[held],
+    )
 
 
 def _process_share(batch: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
@@ -134,19 +190,22 @@ def load_dataset(name: str, data_dir: str | None = None) -> ArrayDataset:
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS}')
 
 
-def load_source(name: str, data_dir: str | None = None, threads: int = 0):
+def load_source(
+    name: str, data_dir: str | None = None, validation_fraction: float = 0.0, threads: int = 0
+):
     """A data source by name: in-memory (digits, Fashion-MNIST) or a prepared tfds dataset
     (whose input pipeline uses at most ``threads`` cores; 0 = every core).
 
-    Every source has ``num_classes``, ``image_shape``, ``steps_per_epoch(batch)``,
-    ``train_epoch(batch, seed, epoch, start_step)`` and ``eval_batches(batch)``.
+    Every source has ``num_classes``, ``image_shape``, ``has_validation``,
+    ``steps_per_epoch(batch)``, ``train_epoch(batch, seed, epoch, start_step)`` and
+    ``eval_batches(batch, split)`` with split 'test' or 'validation'.
     """
     if name in DATASETS:
-        return load_dataset(name, data_dir)
+        return split_validation(load_dataset(name, data_dir), validation_fraction)
     if name in TFDS_DATASETS:
         from jackpot_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-        return input_pipeline.TfdsSource(name, data_dir, threads)
+        return input_pipeline.TfdsSource(name, data_dir, validation_fraction, threads)
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS + TFDS_DATASETS}')
 
 

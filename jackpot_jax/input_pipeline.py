@@ -588,7 +588,20 @@ class TfdsSource:
 
     name: str
     data_dir: str | None = None
+    validation_fraction: float = 0.0
     threads: int = 0  # cores the input pipeline may use; 0 = every core
+
+    def __post_init__(self):
+        if self.validation_fraction:
+            raise ValueError(
+                f'data.validation_fraction={self.validation_fraction!r}: tfds datasets are '
+                "validated on their own eval split here; set data.validation_fraction=0 or "
+                "use config.protocol='paper'"
+            )
+
+    @property
+    def has_validation(self) -> bool:
+        return False
 
     @functools.cached_property
     def info(self) -> DatasetInfo:
@@ -618,7 +631,11 @@ class TfdsSource:
             threads=self.threads,
         )
 
-    def eval_batches(self, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def eval_batches(
+        self, batch_size: int, split: str = 'test'
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        if split != 'test':
+            raise ValueError(f'{self.name} has no {split!r} split here; use data.validation_fraction=0')
         return eval_iterator(
             self.name, batch_size=batch_size, data_dir=self.data_dir, threads=self.threads
         )

@@ -41,6 +41,7 @@ CIFAR_DATASETS = ('cifar10', 'cifar100')
 def base(mode: str, dataset: str, model: str, eval_batch_size: int) -> ml_collections.ConfigDict:
     config = config_lib.get_config()
     config.mode = mode
+    config.protocol = 'paper'  # the published rows: the authors' protocol, no validation split
     config.data.name = dataset
     config.data.eval_batch_size = eval_batch_size
     # The model's own defaults; float32 unless --config.model.dtype=bfloat16.

@@ -208,6 +208,49 @@ def plot_restriction(result: Mapping[str, Any], path: str) -> str:
     return _save(fig, path)
 
 
+def plot_stability(result: Mapping[str, Any], path: str) -> str:
+    """Three panels (``search_studies.run_stability``'s result): test top-1 per epoch under
+    re-estimated (solid) and running (dashed) BatchNorm statistics; mask changes and
+    flip-backs per step beside the learning rate; and the saved jackpot's test top-1."""
+    runs = result['runs']
+    if not runs:
+        raise ValueError('the stability result has no runs to plot')
+    fig = Figure(figsize=(15, 4.5), layout='constrained')
+    FigureCanvasAgg(fig)
+    stats, steps, saved = fig.subplots(1, 3)
+    colors = {name: f'C{i}' for i, name in enumerate(runs)}
+    for name, r in runs.items():
+        for kind, style in (('recalibrated', '-'), ('running', '--')):
+            points = r['curves'][f'test_top1_{kind}']
+            stats.plot(*zip(*points), style, color=colors[name], marker='.', label=f'{name}, {kind}')
+        trace = r['steps']
+        steps.plot(trace['step'], trace['mask_changes'], color=colors[name], linewidth=0.7,
+                   label=f'{name}: changes')
+        steps.plot(trace['step'], trace['flip_backs'], color=colors[name], linewidth=0.7,
+                   linestyle=':', label=f'{name}: flip-backs')
+        saved.plot(*zip(*r['curves']['test_top1']), color=colors[name], marker='o', label=name)
+    stats.set(xlabel='epoch', ylabel='test top-1',
+              title='Same masks, two BatchNorm statistics\n(solid: re-estimated, dashed: running)')
+    steps.set_yscale('symlog', linthresh=1)
+    steps.set(xlabel='step', ylabel='per step', title='Mask changes and flip-backs per step')
+    first = next(iter(runs.values()))
+    per_epoch = len(first['steps']['step']) // max(len(first['learning_rate']), 1)
+    lr = steps.twinx()
+    lr.step([(e - 1) * per_epoch for e, _ in first['learning_rate']],
+            [v for _, v in first['learning_rate']], where='post', color='gray', linewidth=1)
+    lr.set_ylabel('learning rate (gray)')
+    saved.set(xlabel='epoch', ylabel='test top-1', title='The jackpot as each variant saves it')
+    for ax in (stats, steps, saved):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(
+        f"Stability: {result['model']} on {result['data']}, sparsity {result['sparsity']:.0%}",
+        fontsize=11,
+    )
+    return _save(fig, path)
+
+
 def plot_mask_changes(records: Sequence[Mapping[str, Any]], path: str) -> str:
     """Mask changes per search epoch: the total (top) and per layer (bottom, symlog).
 

@@ -99,10 +99,13 @@ def search_step(
     bn_mode: str = 'train',
     label_smoothing: float = 0.0,
     pattern: tuple[int, int] | None = None,
+    mask_frozen_from: int | None = None,
 ) -> tuple[SearchState, Metrics]:
     """One search step (pure; see :func:`make_search_step` for the jitted form).
 
     ``pattern`` (N, M) keeps the masks N:M: the update runs within every group.
+    From step ``mask_frozen_from`` on (if given) the masks stay as they are; the
+    scores and BatchNorm statistics still train.
     """
     train_bn = bn_mode == 'train'
 
@@ -128,6 +131,11 @@ def search_step(
         )
     else:
         masks, _ = sparsity.update_masks(scores, state.masks, counts, mode=mask_update, rate=rate)
+    swap_rate = jnp.float32(1.0) if rate is None else rate
+    if mask_frozen_from is not None:
+        frozen = state.step >= mask_frozen_from
+        masks = {p: jnp.where(frozen, state.masks[p], m) for p, m in masks.items()}
+        swap_rate = jnp.where(frozen, 0.0, swap_rate)
     # Mask changes and flip-backs both come from this one comparison.
     flipped = {p: masks[p] != state.masks[p] for p in masks}
     changes = {p: jnp.sum(f, dtype=jnp.int32) for p, f in flipped.items()}
@@ -140,7 +148,7 @@ def search_step(
         'mask_changes_per_layer': changes,
         'flip_backs': sum(flip_backs.values()),
         'flip_backs_per_layer': flip_backs,
-        'swap_rate': jnp.float32(1.0) if rate is None else rate,
+        'swap_rate': swap_rate,
     }
     new_state = state.replace(
         scores=scores,
@@ -151,6 +159,15 @@ def search_step(
         ever_flipped={p: state.ever_flipped[p] | flipped[p] for p in masks},
     )
     return new_state, metrics
+
+
+def mask_freeze_step(fraction: float, epochs: int, steps_per_epoch: int) -> int | None:
+    """First step of the last ``int(fraction * epochs)`` epochs, when masks stop changing.
+
+    None (never) when that is zero epochs, e.g. ``fraction == 0`` (the paper).
+    """
+    frozen_epochs = int(fraction * epochs)
+    return (epochs - frozen_epochs) * steps_per_epoch if frozen_epochs else None
 
 
 def make_search_step(

@@ -39,6 +39,7 @@ from jackpot_jax import (
     sparsity,
     structured,
 )
+from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import MetricWriter, read_jsonl, to_python
 
 PRETRAINED_DIR = 'pretrained'
@@ -53,8 +54,22 @@ MASK_CHANGES_PNG = 'mask_changes.png'
 # fmt: off
 _RESUMABLE_CHANGES = ('mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
                       'data.data_dir', 'data.eval_batch_size', 'tune', 'pretrain', 'overlap',
-                      'search.step_trace', 'search_cost', 'restriction', 'sweep', 'data.threads')
+                      'search.step_trace', 'search.compare_bn_statistics', 'search_cost',
+                      'restriction', 'sweep', 'stability', 'data.threads')
 # fmt: on
+# BatchNorm re-estimation steps of search.compare_bn_statistics when the search itself
+# does not re-estimate (search.bn_recalibration_steps = 0).
+DIAGNOSTIC_RECALIBRATION_STEPS = 50
+
+
+def resolved(mode):
+    """Runs a mode on the config with the fields left to config.protocol filled in."""
+
+    @functools.wraps(mode)
+    def run(config: ml_collections.ConfigDict, *args, **kwargs):
+        return mode(config_lib.resolve_protocol(config), *args, **kwargs)
+
+    return run
 
 
 # ----------------------------------------------------------------------------
@@ -64,6 +79,7 @@ class Setup:
     """What every mode needs: the device mesh, the data source and the model."""
 
     def __init__(self, config: ml_collections.ConfigDict):
+        config = config_lib.resolve_protocol(config)
         self.config = config
         if config.num_devices and jax.process_count() > 1:
             raise ValueError(
@@ -72,7 +88,10 @@ class Setup:
             )
         self.mesh = parallel.make_mesh(config.num_devices or None)
         self.source = data.load_source(
-            config.data.name, config.data.data_dir or None, config.data.threads
+            config.data.name,
+            config.data.data_dir or None,
+            config.data.validation_fraction,
+            config.data.threads,
         )
         kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
         dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
@@ -82,21 +101,30 @@ class Setup:
 
     def steps_per_epoch(self, batch_size: int) -> int:
         parallel.check_batch_size(batch_size, self.mesh)
-        steps = self.source.steps_per_epoch(batch_size)
+        try:
+            steps = self.source.steps_per_epoch(batch_size)
+        except ValueError as e:
+            fraction = self.config.data.validation_fraction
+            if not fraction:
+                raise
+            raise ValueError(
+                f'{e}, after data.validation_fraction={fraction!r} held out the validation '
+                'split; lower one of them'
+            ) from None
         return min(steps, self.config.steps_per_epoch) if self.config.steps_per_epoch else steps
 
     def train_epoch(self, batch_size: int, epoch: int, start_step: int = 0) -> Iterator[tuple]:
-        """Global training batches, sharded over the mesh."""
+        """Global training batches, sharded over the mesh (two in flight to the devices)."""
         batches = self.source.train_epoch(batch_size, self.config.seed, epoch, start_step)
-        for batch in itertools.islice(batches, self.steps_per_epoch(batch_size) - start_step):
-            yield parallel.shard_batch(self.mesh, *batch)
+        steps = self.steps_per_epoch(batch_size) - start_step
+        yield from parallel.prefetch_to_mesh(itertools.islice(batches, steps), self.mesh)
 
-    def evaluate(self, params: Any, batch_stats: Any) -> dict[str, float]:
-        """Test top-1 / top-5 accuracy (fractions), every test example counted exactly once."""
+    def evaluate(self, params: Any, batch_stats: Any, split: str = 'test') -> dict[str, float]:
+        """Top-1 / top-5 accuracy (fractions) on 'test' or 'validation', each example once."""
         batch_size = self.config.data.eval_batch_size
         parallel.check_batch_size(batch_size, self.mesh)
         totals = {'correct1': 0, 'correct5': 0, 'count': 0}
-        for batch in self.source.eval_batches(batch_size):
+        for batch in self.source.eval_batches(batch_size, split):
             counts = search.eval_step(
                 params, batch_stats, *parallel.shard_batch(self.mesh, *batch), model=self.model
             )
@@ -283,10 +311,12 @@ def _train_weights(
     with _progress(cfg.epochs * steps, cfg.batch_size, mode) as bar:
         for epoch in range(cfg.epochs):
             epoch_metrics = EpochMetrics()
-            for i, batch in enumerate(setup.train_epoch(cfg.batch_size, epoch)):
-                state, metrics = step_fn(state, *batch)
-                epoch_metrics.add(epoch * steps + i + 1, metrics)
-                bar.update()
+            # The steps never wait on the host: metrics are fetched at the epoch's end.
+            with jax.transfer_guard_device_to_host('disallow'):
+                for i, batch in enumerate(setup.train_epoch(cfg.batch_size, epoch)):
+                    state, metrics = step_fn(state, *batch)
+                    epoch_metrics.add(epoch * steps + i + 1, metrics)
+                    bar.update()
             record = {
                 'mode': mode,
                 'epoch': epoch + 1,
@@ -309,6 +339,7 @@ def _train_weights(
     return state, result
 
 
+@resolved
 def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains the dense model and saves it as the frozen starting point of searches."""
     setup = Setup(config)
@@ -334,6 +365,7 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
     return result
 
 
+@resolved
 def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains the kept weights of the workdir's jackpot (pruned weights stay exactly zero)."""
     if not config.tune.epochs:
@@ -484,6 +516,7 @@ def _truncate_metrics(path: str, mode: str, after_step: int) -> None:
         os.replace(path + '.tmp', path)
 
 
+@resolved
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Searches a jackpot in the frozen weights; resumes from WORKDIR/checkpoints if present."""
     s = config.search
@@ -507,6 +540,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         bn_mode=s.bn_mode,
         label_smoothing=s.label_smoothing,
         pattern=structured.parse_pattern(s.pattern),
+        mask_frozen_from=search.mask_freeze_step(s.mask_freeze_fraction, s.epochs, steps),
     )
 
     # Restore: the workdir's own latest checkpoint, else start from the initial masks.
@@ -544,6 +578,37 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
             setup, masked, state.batch_stats, s.bn_recalibration_steps, s.batch_size
         )
 
+    eval_splits = ('validation', 'test') if setup.source.has_validation else ('test',)
+
+    def evaluate_jackpot(state, record):
+        """Adds each split's top-1/top-5 to ``record``; returns the jackpot's statistics.
+
+        With ``search.compare_bn_statistics`` also top-1 under the search's running
+        statistics and under ones re-estimated under the mask (``*_running``,
+        ``*_recalibrated``), whichever of them the jackpot uses.
+        """
+        masked, stats = jackpot_variables(state)
+        for split in eval_splits:
+            result = setup.evaluate(masked, stats, split)
+            record.update({f'{split}_top1': result['top1'], f'{split}_top5': result['top5']})
+        if s.compare_bn_statistics:
+            used = 'recalibrated' if s.bn_recalibration_steps else 'running'
+            other = (
+                state.batch_stats
+                if used == 'recalibrated'
+                else adapt_batch_stats(
+                    setup, masked, state.batch_stats, DIAGNOSTIC_RECALIBRATION_STEPS, s.batch_size
+                )
+            )
+            for split in eval_splits:
+                record[f'{split}_top1_{used}'] = record[f'{split}_top1']
+                record[f'{split}_top1_{"running" if used == "recalibrated" else "recalibrated"}'] = (
+                    setup.evaluate(masked, other, split)['top1']
+                )
+        return stats
+
+    selection_split = eval_splits[0]  # validation when there is one, else (the paper) test
+
     def search_seconds():
         return earlier_seconds + time.perf_counter() - clock
 
@@ -559,13 +624,17 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         with _progress(s.epochs * steps, s.batch_size, 'search', initial=start) as bar:
             for epoch in range(start // steps, s.epochs):
                 first = start - epoch * steps if epoch == start // steps else 0
-                for i, batch in enumerate(setup.train_epoch(s.batch_size, epoch, first), first + 1):
-                    state, metrics = step_fn(state, *batch)
-                    global_step = epoch * steps + i
-                    epoch_metrics.add(global_step, metrics)
-                    bar.update()
-                    if every and global_step % every == 0 and i < steps:
-                        save()
+                # The steps never wait on the host; only checkpoints and the epoch's end may.
+                with jax.transfer_guard_device_to_host('disallow'):
+                    batches = setup.train_epoch(s.batch_size, epoch, first)
+                    for i, batch in enumerate(batches, first + 1):
+                        state, metrics = step_fn(state, *batch)
+                        global_step = epoch * steps + i
+                        epoch_metrics.add(global_step, metrics)
+                        bar.update()
+                        if every and global_step % every == 0 and i < steps:
+                            with jax.transfer_guard_device_to_host('allow'):
+                                save()
                 record = {
                     'mode': 'search',
                     'epoch': epoch + 1,
@@ -573,26 +642,23 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                     'learning_rate': _epoch_learning_rate(s, epoch),
                     **epoch_metrics.result(),
                 }
-                masked, jackpot_stats = jackpot_variables(state)
-                test = setup.evaluate(masked, jackpot_stats)
-                record.update(test_top1=test['top1'], test_top5=test['top5'])
+                jackpot_stats = evaluate_jackpot(state, record)
                 history.append(record)
                 writer.write(record)
                 epoch_metrics = EpochMetrics(trace=s.step_trace)
-                save({'test_top1': test['top1']})
+                save({'selection_top1': record[f'{selection_split}_top1']})
                 bar.set_postfix(
                     loss=f"{record['loss']:.3f}",
-                    test_top1=f"{test['top1']:.4f}",
+                    test_top1=f"{record['test_top1']:.4f}",
                     changes=record['mask_changes'],
                 )
                 logging.info(
-                    'search epoch %d/%d: loss %.4f, train top-1 %.4f, test top-1 %.4f, '
-                    'mask changes %d',
+                    'search epoch %d/%d: loss %.4f, train top-1 %.4f, %s, mask changes %d',
                     epoch + 1,
                     s.epochs,
                     record['loss'],
                     record['top1'],
-                    test['top1'],
+                    ', '.join(f"{k} top-1 {record[k + '_top1']:.4f}" for k in eval_splits),
                     record['mask_changes'],
                 )
     except FloatingPointError as e:
@@ -609,12 +675,17 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 
     host_masks = parallel.to_host(state.masks)
     report = mask_report(config, params, host_masks)
-    best = max(history, key=lambda r: r['test_top1'])
+    # The best epoch is chosen on the validation split when there is one; only the
+    # paper's protocol (no validation split) chooses it on the test split, as published.
+    best = max(history, key=lambda r: r[f'{selection_split}_top1'])
+    last = [r['test_top1'] for r in history[-5:]]
     summary = {
         'jackpot_top1': history[-1]['test_top1'],
         'jackpot_top5': history[-1]['test_top5'],
         'best_top1': best['test_top1'],
         'best_epoch': best['epoch'],
+        'best_selected_on': selection_split,
+        'last5_test_top1_range': [min(last), max(last)],
         'sparsity': report['sparsity'],
         'model_sparsity': report['model_sparsity'],
         'search_seconds': seconds,
@@ -622,6 +693,8 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
             sum(np.count_nonzero(v) for v in parallel.to_host(state.ever_flipped).values())
         ),
     }
+    if 'validation_top1' in history[-1]:
+        summary['jackpot_validation_top1'] = history[-1]['validation_top1']
     checkpoint.save_jackpot(
         jackpot_path(config, workdir),
         None,
@@ -641,6 +714,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 # ----------------------------------------------------------------------------
 # Evaluation, export and the demo.
 # ----------------------------------------------------------------------------
+@resolved
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Evaluates the jackpot (masks + its batch statistics) over the weights.
 
@@ -675,6 +749,7 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     return {**result, 'sparsity': report['sparsity']}
 
 
+@resolved
 def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Writes the jackpot's masked dense params as ordinary weights (WORKDIR/masked_weights)."""
     setup = Setup(config)
@@ -704,6 +779,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
     return {'masked_weights': out}
 
 
+@resolved
 def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Pre-trains the dense model unless its weights are already there."""
     if os.path.isdir(pretrained_path(config, workdir)):
@@ -712,6 +788,7 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
         run_pretrain(config, workdir)
 
 
+@resolved
 def baseline_accuracies(
     config: ml_collections.ConfigDict, setup: Setup, params: Any, batch_stats: Any
 ) -> dict[str, float]:
@@ -731,6 +808,7 @@ def baseline_accuracies(
     }
 
 
+@resolved
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrain -> search -> compare with magnitude and random masks; writes summary.json."""
     total_start = time.perf_counter()
@@ -739,7 +817,16 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     params, batch_stats, _ = setup.load_weights(pretrained_path(config, workdir))
     summary = baseline_accuracies(config, setup, params, batch_stats)
     found = run_search(config, workdir)
-    for key in ('jackpot_top1', 'best_top1', 'sparsity', 'model_sparsity', 'search_seconds'):
+    for key in (
+        'jackpot_top1',
+        'best_top1',
+        'best_epoch',
+        'best_selected_on',
+        'last5_test_top1_range',
+        'sparsity',
+        'model_sparsity',
+        'search_seconds',
+    ):
         summary[key] = found[key]
     summary['total_seconds'] = time.perf_counter() - total_start
     if jax.process_index() == 0:
@@ -764,7 +851,8 @@ def format_summary(config: ml_collections.ConfigDict, summary: dict[str, Any]) -
     ]
     lines += [f'{name:<36}  {value:>9.2%}' for name, value in rows]
     lines.append(
-        f"best epoch of the search: {summary['best_top1']:.2%}; search time "
+        f"best epoch of the search (chosen on the {summary['best_selected_on']} split): epoch "
+        f"{summary['best_epoch']}, test top-1 {summary['best_top1']:.2%}; search time "
         f"{summary['search_seconds']:.1f} s, total {summary['total_seconds']:.1f} s"
     )
     return '\n'.join(lines)
@@ -792,6 +880,7 @@ MODES = {
     'search_cost': _search_study('search_cost'),
     'restriction': _search_study('restriction'),
     'sweep': _search_study('sweep'),
+    'stability': _search_study('stability'),
     'pretrain': run_pretrain,
     'search': run_search,
     'tune': run_tune,

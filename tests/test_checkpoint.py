@@ -126,7 +126,7 @@ def test_keeps_latest_n_and_the_best(reference):
     workdir, _ = reference
     steps = checkpoint.SearchCheckpoints(os.path.join(workdir, train.CHECKPOINTS_DIR)).steps()
     records = _search_records(workdir)
-    best_step = max(records, key=lambda r: r['test_top1'])['step']
+    best_step = max(records, key=lambda r: r['validation_top1'])['step']  # never the test split
     latest = list(range(2, 2 * STEPS + 1, 2))[-3:]
     assert set(steps) == set(latest) | {best_step}
 

@@ -177,6 +177,27 @@ def test_restriction_mode_telemetry_adds_up(pretrained, tmp_path):
     assert [e.value for e in events.Scalars('search_step/flip_backs')] == poly4['flip_backs']
 
 
+def test_stability_mode_separates_statistics_and_oscillation(pretrained, tmp_path):
+    config = study_config(pretrained, 'stability')
+    config.search.epochs = 4  # the stable protocol freezes the masks for the last one
+    config.stability.variants = 'paper,stable'
+    result = train.MODES['stability'](config, str(tmp_path))
+    assert_valid_png(tmp_path / 'stability.png')
+    paper, stable = result['runs']['paper'], result['runs']['stable']
+    for row in (paper, stable):
+        assert [e for e, _ in row['curves']['test_top1_running']] == [1, 2, 3, 4]
+        assert [e for e, _ in row['curves']['test_top1_recalibrated']] == [1, 2, 3, 4]
+        assert len(row['steps']['mask_changes']) == 24
+    # The paper saves its running statistics, the stable protocol re-estimated ones.
+    assert paper['curves']['test_top1'] == paper['curves']['test_top1_running']
+    assert stable['curves']['test_top1'] == stable['curves']['test_top1_recalibrated']
+    assert 'validation_top1_running' in stable['curves']
+    assert 'validation_top1_running' not in paper['curves']
+    assert stable['mask_changes'][-1][1] == 0 and sum(stable['steps']['mask_changes'][18:]) == 0
+    assert paper['mask_changes'][-1][1] > 0
+    assert 'paper' in search_studies.format_stability(result)
+
+
 def test_sweep_mode_compares_jackpot_magnitude_and_random(pretrained, tmp_path):
     config = study_config(pretrained, 'sweep')
     config.sweep.sparsities = '0.5, 0.9'
@@ -304,6 +325,7 @@ def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
 # ----------------------------------------------------------------------------
 def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained, tmp_path):
     config = study_config(pretrained, 'search')
+    config.search.bn_recalibration_steps = 0
     plain = train.run_search(config, str(tmp_path / 'plain'))
     config.search.bn_recalibration_steps = 3
     found = train.run_search(config, str(tmp_path / 'recalibrated'))
@@ -322,6 +344,6 @@ def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained,
         saved['bn1']['mean'], jax.device_get(found['state'].batch_stats)['bn1']['mean']
     )
     assert found['history'][-1]['test_top1'] == setup.evaluate(masked, expected)['top1']
-    config.search.bn_recalibration_steps = -1
+    config.search.bn_recalibration_steps = -2
     with pytest.raises(ValueError, match='search.bn_recalibration_steps must be >= 0'):
         config_lib.validate(config)
