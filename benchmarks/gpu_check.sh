@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# GPU check of the search-step benchmark: < 5 minutes on one H100 / H200, no network.
+# Accelerator check (GPU or TPU): the search-step benchmark and the input pipeline, in at
+# most 4 minutes on one device, no network.
 #
 #   bash benchmarks/gpu_check.sh            # JSON (and logs) go to $OUT/ when OUT is set
+#   GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh   # tiny settings: a smoke run on a CPU
 #
-# Needs a Python with jax[cuda] and flax/optax (nothing is installed; the repository is
+# Needs a Python with jax[cuda] (or jax[tpu]) and flax/optax, and TensorFlow +
+# tensorflow-datasets for the pipeline figure (nothing is installed; the repository is
 # imported through PYTHONPATH). Runs, each under `timeout` within one overall budget:
-#   1. nvidia-smi summary and jax devices;
-#   2. resnet32, batch 128, float32;
-#   3. resnet50, batch 256, bfloat16 and float32;
-#   (each JSON carries the recompilation check: compiles after the first call, cache size)
-#   4. if time is left, the k-th value prototypes against the library's mask update.
-# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default 285),
+#   1. nvidia-smi summary (if any) and jax devices;
+#   2. resnet50, batch 256, bfloat16 and float32: search vs dense images/s, mask update
+#      ms and share of the step, compile seconds, recompilation check;
+#   3. resnet32 and vgg19_cifar, batch 256, float32;
+#   4. the ImageNet input pipeline: images/s per CPU core and cores per device;
+#   5. if time is left, the k-th value prototypes against the library's mask update.
+# Environment: PYTHON (default python3), GPU_CHECK_BUDGET (seconds, default 235),
 # GPU_CHECK_QUICK=1 (tiny settings, to try the script itself on a CPU machine).
 set -u
 
@@ -18,7 +22,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-1}"
 PY="${PYTHON:-python3}"
-BUDGET="${GPU_CHECK_BUDGET:-285}"
+BUDGET="${GPU_CHECK_BUDGET:-235}"
 QUICK="${GPU_CHECK_QUICK:-0}"
 OUTDIR="${OUT:-}"
 LOGDIR="$(mktemp -d)"
@@ -105,22 +109,50 @@ for d in jax.devices():
     print(" ", d, "|", d.device_kind)
 ' || { echo "FAILED: jax did not start"; FAILURES=$((FAILURES + 1)); }
 
+pipeline() {  # pipeline CAP_SECONDS ARGS...: the input-pipeline benchmark's table
+    local cap=$1
+    shift
+    local limit
+    limit=$(limit_for "$cap")
+    section "input pipeline (limit ${limit}s)"
+    if [ "$limit" -lt 15 ]; then
+        echo "SKIPPED: out of time budget"
+        FAILURES=$((FAILURES + 1))
+        return
+    fi
+    local json="$LOGDIR/input_pipeline.json" err="$LOGDIR/input_pipeline.log"
+    timeout -k 10 "$limit" "$PY" -m benchmarks.input_pipeline "$@" --output="$json" \
+        >/dev/null 2>"$err"
+    local rc=$?
+    save "$err"
+    if [ "$rc" -ne 0 ] || [ ! -s "$json" ]; then
+        grep -v '^\s*$' "$err" | tail -n 8
+        echo "FAILED: rc=$rc (124/137: timed out)"
+        FAILURES=$((FAILURES + 1))
+        return
+    fi
+    save "$json"
+    grep -E '^(\||imagenet:)' "$err"
+}
+
 if [ "$QUICK" = "1" ]; then
-    SMALL=(--models=small_cnn --batch_size=8 --steps=2 --warmup=0)
-    bench quick_float32 120 "${SMALL[@]}"
-    bench quick_bfloat16 120 "${SMALL[@]}" --dtype=bfloat16 --no-rate_update
+    SMALL=(--models=small_cnn --batch_size=8 --steps=2 --warmup=0 --no-rate_update)
+    bench quick_bfloat16 120 "${SMALL[@]}" --dtype=bfloat16
+    bench quick_float32 120 "${SMALL[@]}" --dtype=float32 --no-ablation
+    pipeline 120 --quick --seconds=0.5 --pipelines=imagenet_train,cifar10_train
 else
-    bench resnet32_b128_float32 70 --models=resnet32 --batch_size=128 --dtype=float32 \
-        --steps=20 --inner=5 --warmup=2
-    bench resnet50_b256_bfloat16 100 --models=resnet50 --batch_size=256 --dtype=bfloat16 \
-        --steps=10 --warmup=2 --no-rate_update
-    bench resnet50_b256_float32 110 --models=resnet50 --batch_size=256 --dtype=float32 \
-        --steps=10 --warmup=2 --no-rate_update
+    R50=(--models=resnet50 --batch_size=256 --steps=8 --warmup=2 --no-rate_update)
+    bench resnet50_b256_bfloat16 70 "${R50[@]}" --dtype=bfloat16
+    bench resnet50_b256_float32 60 "${R50[@]}" --dtype=float32 --no-ablation
+    bench cifar_b256_float32 45 --models=resnet32,vgg19_cifar --batch_size=256 --dtype=float32 \
+        --steps=10 --inner=3 --warmup=2 --no-rate_update --no-ablation
+    pipeline 45 --threads=1 --seconds=4 --train_images=256 --eval_images=96 \
+        --pipelines=imagenet_train,imagenet_eval
 fi
 
-LIMIT=$(limit_for 60)
+LIMIT=$(limit_for 40)
 section "k-th value prototypes (limit ${LIMIT}s)"
-if [ "$QUICK" != "1" ] && [ "$LIMIT" -ge 30 ]; then
+if [ "$QUICK" != "1" ] && [ "$LIMIT" -ge 25 ]; then
     timeout -k 5 "$LIMIT" "$PY" -m benchmarks.kth_value_prototypes --profile --reps=10 \
         --models=resnet50 --sizes=589824,2359296 \
         >"$LOGDIR/kth_value_prototypes.json" 2>"$LOGDIR/kth_value_prototypes.log"

@@ -23,6 +23,9 @@ CPU_COLLECTIVES = ('', 'gloo', 'mpi')
 # never read config.jackpot accept it too.
 NO_JACKPOT = 'none'
 NO_JACKPOT_MODES = ('evaluate', 'pretrain')
+# Modes that refuse model.dtype='bfloat16': 'overlap' ranks weights by SNIP/GraSP/SynFlow
+# gradients, which bfloat16 would blur into ties.
+FLOAT32_ONLY_MODES = ('overlap',)
 # Mask-update rules compared by mode 'restriction': the three short-restriction rates and
 # the 2021 edge-popup rule.
 RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
@@ -72,10 +75,15 @@ def get_config() -> ml_collections.ConfigDict:
     # selection looks at (the test split is reported, never used to choose); in [0, 1).
     # -1 = set by config.protocol (stable: 0.1, paper: 0).
     config.data.validation_fraction = -1.0
+    # Cores the tfds input pipeline may use (a private tf.data thread pool); 0 = every core.
+    config.data.threads = 0
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'small_cnn'
-    config.model.width = 64  # keyword arguments of the model besides its name.
+    # Computation dtype: 'float32' | 'bfloat16' (params, scores, optimizer state and
+    # BatchNorm statistics stay float32; logits and loss are float32 either way).
+    config.model.dtype = 'float32'
+    config.model.width = 64  # keyword arguments of the model besides its name and dtype.
 
     config.pretrain = ml_collections.ConfigDict()
     config.pretrain.epochs = 30
@@ -269,6 +277,17 @@ def _check_distributed(d: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_dtype(config: ml_collections.ConfigDict) -> None:
+    dtype = config.model.get('dtype', 'float32')
+    models.compute_dtype(dtype)  # unknown names raise
+    if dtype != 'float32' and config.mode in FLOAT32_ONLY_MODES:
+        raise ValueError(
+            f'mode {config.mode!r} cannot run in model.dtype={dtype!r}: its criteria rank '
+            'weights by gradients that need float32; rerun it with --config.model.dtype=float32 '
+            '(the jackpot it reads may come from a bfloat16 search)'
+        )
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field and how to fix it."""
     _check_keys(config, get_config())
@@ -284,6 +303,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             "cannot use: set config.jackpot to a jackpot folder ('' = WORKDIR/jackpot), or use "
             "'none' with --mode=evaluate to evaluate the weights as they are"
         )
+    _check_dtype(config)
     s = config.search
     if not 0.0 <= s.sparsity < 1.0:
         raise ValueError(
@@ -346,6 +366,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         ('steps_per_epoch', config.steps_per_epoch),
         ('overlap.batch_size', config.overlap.batch_size),
         ('overlap.bn_steps', config.overlap.bn_steps),
+        ('data.threads', config.data.threads),
         ('search.bn_recalibration_steps', s.bn_recalibration_steps),
     ]:
         if value < 0:

@@ -227,8 +227,11 @@ def load_dataset(name: str, data_dir: str | None = None) -> ArrayDataset:
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS}')
 
 
-def load_source(name: str, data_dir: str | None = None, validation_fraction: float = 0.0):
-    """A data source by name: in-memory (digits, Fashion-MNIST) or a prepared tfds dataset.
+def load_source(
+    name: str, data_dir: str | None = None, validation_fraction: float = 0.0, threads: int = 0
+):
+    """A data source by name: in-memory (digits, Fashion-MNIST) or a prepared tfds dataset
+    (whose input pipeline uses at most ``threads`` cores; 0 = every core).
 
     Every source has ``num_classes``, ``image_shape``, ``has_validation``,
     ``steps_per_epoch(batch)``, ``train_epoch(batch, seed, epoch, start_step)`` and
@@ -239,7 +242,7 @@ def load_source(name: str, data_dir: str | None = None, validation_fraction: flo
     if name in TFDS_DATASETS:
         from jackpot_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 
-        return input_pipeline.TfdsSource(name, data_dir, validation_fraction)
+        return input_pipeline.TfdsSource(name, data_dir, validation_fraction, threads)
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS + TFDS_DATASETS}')
 
 

@@ -101,13 +101,17 @@ def normalize(image: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> 
     return (image - tf.constant(mean, tf.float32)) / tf.constant(std, tf.float32)
 
 
-def preprocess_cifar_train(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Zero-pad 4, random 32x32 crop, random horizontal flip, normalise."""
+def augment_cifar_train(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Zero-pad 4, random 32x32 crop, random horizontal flip (uint8 stays uint8)."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]])  # black pixels, like torchvision fill=0
     image = tf.image.stateless_random_crop(padded, [32, 32, 3], seed=crop_seed)
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return normalize(image, CIFAR_MEAN, CIFAR_STD)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+
+
+def preprocess_cifar_train(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Zero-pad 4, random 32x32 crop, random horizontal flip, normalise."""
+    return normalize(augment_cifar_train(image, seed), CIFAR_MEAN, CIFAR_STD)
 
 
 def preprocess_cifar_eval(image: tf.Tensor) -> tf.Tensor:
@@ -179,8 +183,22 @@ def _crop_decoded(image_bytes: tf.Tensor, window: Any) -> tf.Tensor:
     return tf.image.crop_to_bounding_box(_decode_rgb(image_bytes), top, left, h, w)
 
 
-def preprocess_imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """Encoded image -> random-resized-crop 224 (bilinear, antialiased), flip, normalise."""
+def _resize(image: tf.Tensor, size: Any) -> tf.Tensor:
+    """Bilinear resize, antialiased as PIL's is; the antialiasing kernel only differs from
+    plain bilinear where a side shrinks, so the cheaper plain kernel serves pure upscales."""
+    shape = tf.shape(image)
+    shrinks = (shape[0] > size[0]) | (shape[1] > size[1])
+    return tf.cond(
+        shrinks,
+        lambda: tf.image.resize(image, size, 'bilinear', antialias=True),
+        lambda: tf.image.resize(image, size, 'bilinear', antialias=False),
+    )
+
+
+def augment_imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Encoded image -> random-resized-crop 224 (bilinear, antialiased) and flip; float32
+    pixels in [0, 255], not yet normalised. A JPEG is decoded only inside the crop window,
+    and the flip acts on the crop before the resize (they commute; the crop is smaller)."""
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     is_jpeg = tf.io.is_jpeg(image_bytes)
     shape = tf.cond(
@@ -196,9 +214,15 @@ def preprocess_imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Ten
         lambda: _crop_decoded(image_bytes, window),
     )
     image.set_shape([None, None, 3])
-    image = tf.image.resize(image, [IMAGENET_SIZE, IMAGENET_SIZE], 'bilinear', antialias=True)
     image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-    return normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+    image = _resize(image, [IMAGENET_SIZE, IMAGENET_SIZE])
+    image.set_shape([IMAGENET_SIZE, IMAGENET_SIZE, 3])
+    return image
+
+
+def preprocess_imagenet_train(image_bytes: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Encoded image -> random-resized-crop 224 (bilinear, antialiased), flip, normalise."""
+    return normalize(augment_imagenet_train(image_bytes, seed), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def resize_shorter_side(image: tf.Tensor, size: int = IMAGENET_RESIZE) -> tf.Tensor:
@@ -209,7 +233,7 @@ def resize_shorter_side(image: tf.Tensor, size: int = IMAGENET_RESIZE) -> tf.Ten
     new_h = tf.where(h <= w, tf.constant(size, tf.int64), size * h // w)
     new_w = tf.where(h <= w, size * w // h, tf.constant(size, tf.int64))
     size_hw = tf.cast(tf.stack([new_h, new_w]), tf.int32)
-    return tf.image.resize(image, size_hw, 'bilinear', antialias=True)
+    return _resize(image, size_hw)
 
 
 def center_crop(image: tf.Tensor, size: int = IMAGENET_SIZE) -> tf.Tensor:
@@ -220,16 +244,21 @@ def center_crop(image: tf.Tensor, size: int = IMAGENET_SIZE) -> tf.Tensor:
     return tf.image.crop_to_bounding_box(image, top, left, size, size)
 
 
+def augment_imagenet_eval(image_bytes: tf.Tensor) -> tf.Tensor:
+    """Encoded image -> resize shorter side to 256, centre crop 224 (float32, not normalised)."""
+    image = center_crop(resize_shorter_side(_decode_rgb(image_bytes)))
+    image.set_shape([IMAGENET_SIZE, IMAGENET_SIZE, 3])
+    return image
+
+
 def preprocess_imagenet_eval(image_bytes: tf.Tensor) -> tf.Tensor:
     """Encoded image -> resize shorter side to 256, centre crop 224, normalise."""
-    image = resize_shorter_side(_decode_rgb(image_bytes))
-    image = center_crop(image)
-    image.set_shape([IMAGENET_SIZE, IMAGENET_SIZE, 3])
-    return normalize(image, IMAGENET_MEAN, IMAGENET_STD)
+    return normalize(augment_imagenet_eval(image_bytes), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def _train_fn(name: str):
-    return preprocess_imagenet_train if name == 'imagenet2012' else preprocess_cifar_train
+    """Per-example augmentation (normalisation follows on whole batches)."""
+    return augment_imagenet_train if name == 'imagenet2012' else augment_cifar_train
 
 
 def _eval_fn(name: str):
@@ -239,6 +268,20 @@ def _eval_fn(name: str):
 # ---------------------------------------------------------------------------
 # Reading.
 # ---------------------------------------------------------------------------
+
+
+def pipeline_options(threads: int = 0) -> tf.data.Options:
+    """Deterministic order (resumes stay bit-identical); ``threads`` > 0 gives the pipeline
+    a private pool of that many threads, each op single-threaded, so the input pipeline
+    uses at most ``threads`` cores (0: tf.data's shared pool over every core)."""
+    if threads < 0:
+        raise ValueError(f'threads={threads} must be >= 0 (0 = every core)')
+    options = tf.data.Options()
+    options.deterministic = True
+    if threads:
+        options.threading.private_threadpool_size = threads
+        options.threading.max_intra_op_parallelism = 1
+    return options
 
 _BASE_CACHE: collections.OrderedDict[tuple, tf.data.Dataset] = collections.OrderedDict()
 _BASE_CACHE_SIZE = 6
@@ -458,12 +501,14 @@ def train_iterator(
     process_count: int | None = None,
     shuffle_buffer: int | None = None,
     dtype: Any = np.float32,
+    threads: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch of augmented training batches for this process.
 
     Yields (images NHWC `dtype`, labels int32) of batch_size // process_count examples,
     full batches only. The order and the augmentation depend only on (seed, epoch,
     process_index); `start_step` skips that many batches of the epoch (mid-epoch resume).
+    `threads` > 0 caps the cores the pipeline uses (see `pipeline_options`).
     """
     spec = _spec(name)
     process_index, process_count = _processes(process_index, process_count)
@@ -485,21 +530,21 @@ def train_iterator(
     ds = ds.enumerate()  # the position seeds the example's augmentation
     if start_step:
         ds = ds.skip(start_step * per_process)
-    preprocess = _train_fn(name)
+    augment = _train_fn(name)
     out_dtype = tf.as_dtype(np.dtype(dtype))
 
     def _augment(index, example):
         image, label = example
-        example_seed = tf.stack([tf.constant(aug_seed, tf.int64), index])
-        return tf.cast(preprocess(image, example_seed), out_dtype), label
+        return augment(image, tf.stack([tf.constant(aug_seed, tf.int64), index])), label
+
+    def _normalize(images, labels):  # one op over the batch is cheaper than one per image
+        return tf.cast(normalize(images, spec.mean, spec.std), out_dtype), labels
 
     ds = ds.map(_augment, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(per_process, drop_remainder=True)
+    ds = ds.map(_normalize, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.with_options(options)
-    return iter(tfds.as_numpy(ds))
+    return iter(tfds.as_numpy(ds.with_options(pipeline_options(threads))))
 
 
 def eval_iterator(
@@ -510,6 +555,7 @@ def eval_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     dtype: Any = np.float32,
+    threads: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The eval split once, in order: (images, labels int32, valid bool) per batch.
 
@@ -533,10 +579,7 @@ def eval_iterator(
     ).repeat()
     ds = ds.concatenate(padding).take(num_batches * per_process)
     ds = ds.batch(per_process, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = True
-    ds = ds.with_options(options)
-    return iter(tfds.as_numpy(ds))
+    return iter(tfds.as_numpy(ds.with_options(pipeline_options(threads))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,6 +589,7 @@ class TfdsSource:
     name: str
     data_dir: str | None = None
     validation_fraction: float = 0.0
+    threads: int = 0  # cores the input pipeline may use; 0 = every core
 
     def __post_init__(self):
         if self.validation_fraction:
@@ -584,6 +628,7 @@ class TfdsSource:
             seed=seed,
             epoch=epoch,
             start_step=start_step,
+            threads=self.threads,
         )
 
     def eval_batches(
@@ -591,4 +636,6 @@ class TfdsSource:
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         if split != 'test':
             raise ValueError(f'{self.name} has no {split!r} split here; use data.validation_fraction=0')
-        return eval_iterator(self.name, batch_size=batch_size, data_dir=self.data_dir)
+        return eval_iterator(
+            self.name, batch_size=batch_size, data_dir=self.data_dir, threads=self.threads
+        )

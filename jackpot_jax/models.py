@@ -2,8 +2,9 @@
 and Vision Transformers (:mod:`jackpot_jax.vit`).
 
 Every model is called as ``model(x, train=...)`` on NHWC float32 input and returns
-float32 logits ``[B, num_classes]``. ``dtype`` is the computation dtype; parameters are
-always float32.
+float32 logits ``[B, num_classes]``. ``dtype`` is the computation dtype of the body
+(see :data:`DTYPES`); parameters and BatchNorm statistics are always float32, and the
+classifier computes the logits in float32.
 
 Module names mirror PyTorch state-dict names with '.' replaced by '_' (e.g. torch
 ``layer1.0.downsample.0.weight`` -> flax ``layer1_0/downsample_0/kernel``), so weight
@@ -26,6 +27,8 @@ from jackpot_jax import vit
 Dtype = Any
 
 CLASSIFIER_NAMES = ('fc', 'classifier')
+# Computation dtypes by config name (``model.dtype``).
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # torchvision's conv init (kaiming_normal_, mode='fan_out', nonlinearity='relu').
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
@@ -61,8 +64,10 @@ def _bn(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
     )
 
 
-def _dense(num_classes: int, dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(num_classes, dtype=dtype, param_dtype=jnp.float32, name=name)
+def _classifier(num_classes: int, name: str) -> nn.Dense:
+    """The last layer: its logits feed the loss, so it computes in float32 in every mode
+    (a bfloat16 body's features are promoted; the layer is a tiny part of the step)."""
+    return nn.Dense(num_classes, dtype=jnp.float32, param_dtype=jnp.float32, name=name)
 
 
 def _global_avg_pool(x: jax.Array) -> jax.Array:
@@ -153,7 +158,7 @@ class SmallCNN(nn.Module):
         x = nn.relu(_bn(train, dt, 'bn2')(_conv(2 * w, 3, 1, dt, 'conv2')(x)))
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
         x = nn.relu(_bn(train, dt, 'bn3')(_conv(4 * w, 3, 1, dt, 'conv3')(x)))
-        x = _dense(self.num_classes, dt, 'fc')(_global_avg_pool(x))
+        x = _classifier(self.num_classes, 'fc')(_global_avg_pool(x))
         return x.astype(jnp.float32)
 
 
@@ -182,7 +187,7 @@ class CifarResNet(nn.Module):
                     dtype=dt,
                     name=f'layer{stage + 1}_{index}',
                 )(x, train)
-        x = _dense(self.num_classes, dt, 'fc')(_global_avg_pool(x))
+        x = _classifier(self.num_classes, 'fc')(_global_avg_pool(x))
         return x.astype(jnp.float32)
 
 
@@ -208,7 +213,7 @@ class ResNet(nn.Module):
                     dtype=dt,
                     name=f'layer{stage + 1}_{index}',
                 )(x, train)
-        x = _dense(self.num_classes, dt, 'fc')(_global_avg_pool(x))
+        x = _classifier(self.num_classes, 'fc')(_global_avg_pool(x))
         return x.astype(jnp.float32)
 
 
@@ -251,7 +256,7 @@ class VGG(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = self.dtype
         x = vgg_features(x.astype(dt), self.cfg, train, dt, conv_bias=False)
-        x = _dense(self.num_classes, dt, 'classifier')(_global_avg_pool(x))
+        x = _classifier(self.num_classes, 'classifier')(_global_avg_pool(x))
         return x.astype(jnp.float32)
 
 
@@ -321,7 +326,7 @@ class TorchvisionVGG(nn.Module):
         x = nn.Dense(
             self.num_classes,
             kernel_init=nn.initializers.normal(0.01),
-            dtype=dt,
+            dtype=jnp.float32,  # float32 logits, as _classifier
             param_dtype=jnp.float32,
             name='classifier_6',
         )(x)
@@ -348,6 +353,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         for name, hyperparameters in vit.CONFIGS.items()
     },
 }
+
+
+def compute_dtype(name: str) -> Dtype:
+    """The computation dtype named by ``model.dtype``."""
+    if name not in DTYPES:
+        raise ValueError(
+            f"unknown model.dtype {name!r}; choose one of: {', '.join(DTYPES)} "
+            '(e.g. --config.model.dtype=bfloat16)'
+        )
+    return DTYPES[name]
 
 
 def get_model(name: str, num_classes: int, dtype: Dtype = jnp.float32, **kwargs: Any) -> nn.Module:

@@ -44,7 +44,8 @@ def base(mode: str, dataset: str, model: str, eval_batch_size: int) -> ml_collec
     config.protocol = 'paper'  # the published rows: the authors' protocol, no validation split
     config.data.name = dataset
     config.data.eval_batch_size = eval_batch_size
-    config.model = ml_collections.ConfigDict({'name': model})  # the model's own defaults
+    # The model's own defaults; float32 unless --config.model.dtype=bfloat16.
+    config.model = ml_collections.ConfigDict({'name': model, 'dtype': 'float32'})
     return config
 
 

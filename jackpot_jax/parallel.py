@@ -7,6 +7,9 @@ result does not depend on the number of devices.
 
 from __future__ import annotations
 
+import collections
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import jax
@@ -93,6 +96,20 @@ def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
     """Global arrays split on the data axis, from this process's share of the batch."""
     sharding = batch_sharding(mesh)
     return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+
+
+def prefetch_to_mesh(
+    batches: Iterable[tuple[np.ndarray, ...]], mesh: Mesh, size: int = 2
+) -> Iterator[tuple[jax.Array, ...]]:
+    """The host batches sharded over the mesh, ``size`` of them in flight: while a step runs
+    on batch k, batches k+1 .. k+size-1 are already being copied to the devices."""
+    if size < 1:
+        raise ValueError(f'prefetch size={size} must be >= 1')
+    batches = iter(batches)
+    queue = collections.deque(shard_batch(mesh, *b) for b in itertools.islice(batches, size))
+    while queue:
+        yield queue.popleft()
+        queue.extend(shard_batch(mesh, *b) for b in itertools.islice(batches, 1))
 
 
 def to_host(tree: Any) -> Any:

@@ -55,7 +55,7 @@ MASK_CHANGES_PNG = 'mask_changes.png'
 _RESUMABLE_CHANGES = ('mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
                       'data.data_dir', 'data.eval_batch_size', 'tune', 'pretrain', 'overlap',
                       'search.step_trace', 'search.compare_bn_statistics', 'search_cost',
-                      'restriction', 'sweep', 'stability')
+                      'restriction', 'sweep', 'stability', 'data.threads')
 # fmt: on
 # BatchNorm re-estimation steps of search.compare_bn_statistics when the search itself
 # does not re-estimate (search.bn_recalibration_steps = 0).
@@ -88,10 +88,16 @@ class Setup:
             )
         self.mesh = parallel.make_mesh(config.num_devices or None)
         self.source = data.load_source(
-            config.data.name, config.data.data_dir or None, config.data.validation_fraction
+            config.data.name,
+            config.data.data_dir or None,
+            config.data.validation_fraction,
+            config.data.threads,
         )
-        kwargs = {k: v for k, v in config.model.items() if k != 'name'}
-        self.model = models.get_model(config.model.name, self.source.num_classes, **kwargs)
+        kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
+        dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
+        self.model = models.get_model(
+            config.model.name, self.source.num_classes, dtype=dtype, **kwargs
+        )
 
     def steps_per_epoch(self, batch_size: int) -> int:
         parallel.check_batch_size(batch_size, self.mesh)
@@ -108,10 +114,10 @@ class Setup:
         return min(steps, self.config.steps_per_epoch) if self.config.steps_per_epoch else steps
 
     def train_epoch(self, batch_size: int, epoch: int, start_step: int = 0) -> Iterator[tuple]:
-        """Global training batches, sharded over the mesh."""
+        """Global training batches, sharded over the mesh (two in flight to the devices)."""
         batches = self.source.train_epoch(batch_size, self.config.seed, epoch, start_step)
-        for batch in itertools.islice(batches, self.steps_per_epoch(batch_size) - start_step):
-            yield parallel.shard_batch(self.mesh, *batch)
+        steps = self.steps_per_epoch(batch_size) - start_step
+        yield from parallel.prefetch_to_mesh(itertools.islice(batches, steps), self.mesh)
 
     def evaluate(self, params: Any, batch_stats: Any, split: str = 'test') -> dict[str, float]:
         """Top-1 / top-5 accuracy (fractions) on 'test' or 'validation', each example once."""
@@ -329,10 +335,12 @@ def _train_weights(
     with _progress(cfg.epochs * steps, cfg.batch_size, mode) as bar:
         for epoch in range(cfg.epochs):
             epoch_metrics = EpochMetrics()
-            for i, batch in enumerate(setup.train_epoch(cfg.batch_size, epoch)):
-                state, metrics = step_fn(state, *batch)
-                epoch_metrics.add(epoch * steps + i + 1, metrics)
-                bar.update()
+            # The steps never wait on the host: metrics are fetched at the epoch's end.
+            with jax.transfer_guard_device_to_host('disallow'):
+                for i, batch in enumerate(setup.train_epoch(cfg.batch_size, epoch)):
+                    state, metrics = step_fn(state, *batch)
+                    epoch_metrics.add(epoch * steps + i + 1, metrics)
+                    bar.update()
             record = {
                 'mode': mode,
                 'epoch': epoch + 1,
@@ -648,13 +656,17 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         with _progress(s.epochs * steps, s.batch_size, 'search', initial=start) as bar:
             for epoch in range(start // steps, s.epochs):
                 first = start - epoch * steps if epoch == start // steps else 0
-                for i, batch in enumerate(setup.train_epoch(s.batch_size, epoch, first), first + 1):
-                    state, metrics = step_fn(state, *batch)
-                    global_step = epoch * steps + i
-                    epoch_metrics.add(global_step, metrics)
-                    bar.update()
-                    if every and global_step % every == 0 and i < steps:
-                        save()
+                # The steps never wait on the host; only checkpoints and the epoch's end may.
+                with jax.transfer_guard_device_to_host('disallow'):
+                    batches = setup.train_epoch(s.batch_size, epoch, first)
+                    for i, batch in enumerate(batches, first + 1):
+                        state, metrics = step_fn(state, *batch)
+                        global_step = epoch * steps + i
+                        epoch_metrics.add(global_step, metrics)
+                        bar.update()
+                        if every and global_step % every == 0 and i < steps:
+                            with jax.transfer_guard_device_to_host('allow'):
+                                save()
                 record = {
                     'mode': 'search',
                     'epoch': epoch + 1,

@@ -87,3 +87,23 @@ def test_model_specs_parse_and_reject_bad_entries():
     for bad in ('resnet50:0', 'resnet50:big', 'resnet50:1:2:3'):
         with pytest.raises(ValueError, match=f"'{bad}'.*name:batch:steps"):
             search_step.parse_model_specs(bad)
+
+
+def test_input_pipeline_benchmark_smoke(capsys, tmp_path):
+    """Genuine tfds builders on generated JPEGs and CIFAR records; two pipelines timed."""
+    from benchmarks import input_pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
+
+    wanted = ['imagenet_train', 'cifar10_eval']
+    result = input_pipeline.main(
+        ['--quick', '--seconds=0.2', f'--data_dir={tmp_path}', '--target=1000']
+        + [f'--pipelines={",".join(wanted)}']
+    )
+    assert json.loads(capsys.readouterr().out) == result
+    assert list(result['pipelines']) == wanted
+    for row in result['pipelines'].values():
+        assert row['images'] > 0
+        assert _positive(row['images_per_s']) and _positive(row['images_per_cpu_s'])
+        assert math.isclose(row['cores_for_target'], 1000 / row['images_per_cpu_s'])
+    data = result['imagenet_data']
+    assert data['jpeg_quality'] == 90 and 10 < data['jpeg_kb_mean'] < 400
+    assert input_pipeline.MIN_SIZE <= data['height_range'][0] <= data['height_range'][1]

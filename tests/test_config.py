@@ -35,6 +35,9 @@ def _config(**overrides):
         ({'pretrain__batch_size': -1}, 'pretrain.batch_size must be positive'),
         ({'search__pruned_score': 1.0}, 'pruned_score must be in'),
         ({'search__label_smoothing': 1.0}, 'label_smoothing must be in'),
+        ({'model__dtype': 'float16'}, "unknown model.dtype 'float16'; choose one of: float32, bf"),
+        ({'mode': 'overlap', 'model__dtype': 'bfloat16'}, "mode 'overlap' cannot run in model"),
+        ({'data__threads': -1}, 'data.threads must be >= 0, got -1'),
     ],
 )
 def test_bad_values_are_named(overrides, message):

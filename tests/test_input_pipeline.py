@@ -423,3 +423,45 @@ def test_genuine_train_order_depends_on_seed_and_epoch_only(genuine_cifar10):
     first_labels = np.concatenate([b[1] for b in first])
     assert not np.array_equal(first_labels, np.concatenate([b[1] for b in next_epoch]))
     assert not np.array_equal(first_labels, np.concatenate([b[1] for b in other_seed]))
+
+
+# --------------------------------------------------------------------------
+# The fast ImageNet training path against the reference order of operations.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('size', [(375, 500), (120, 90)])  # crops shrink / crops grow
+def test_fast_imagenet_train_matches_crop_resize_flip_reference(size):
+    """Flip before resize and plain bilinear on pure upscales give the pixels of the
+    reference order (crop, antialiased resize, flip) up to float rounding."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (*size, 3), np.uint8)
+    jpeg = tf.io.encode_jpeg(pixels, quality=90)
+    for i in range(6):
+        seed = tf.constant([4, i], tf.int64)
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        window = ip.random_resized_crop_window(size[0], size[1], crop_seed)
+        crop = tf.image.decode_and_crop_jpeg(jpeg, tf.stack(window), channels=3)
+        resized = tf.image.resize(crop, [224, 224], 'bilinear', antialias=True)
+        want = tf.image.stateless_random_flip_left_right(resized, seed=flip_seed).numpy()
+        got = ip.augment_imagenet_train(jpeg, seed).numpy()
+        np.testing.assert_allclose(got, want, atol=0.02)
+        np.testing.assert_allclose(
+            ip.preprocess_imagenet_train(jpeg, seed).numpy(),
+            ip.normalize(want, ip.IMAGENET_MEAN, ip.IMAGENET_STD).numpy(),
+            atol=1e-3,
+        )
+
+
+def test_pipeline_threads_option(mock_dir):
+    options = ip.pipeline_options(2)
+    assert options.deterministic and options.threading.private_threadpool_size == 2
+    assert options.threading.max_intra_op_parallelism == 1
+    with pytest.raises(ValueError, match='threads=-1'):
+        ip.pipeline_options(-1)
+    kwargs = dict(batch_size=2, data_dir=mock_dir, seed=1, process_index=0, process_count=1)
+    one = _batches(ip.train_iterator('imagenet2012', threads=1, **kwargs))
+    every = _batches(ip.train_iterator('imagenet2012', **kwargs))
+    for (a, b), (c, d) in zip(one, every, strict=True):  # the cores used change nothing
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_array_equal(b, d)

@@ -127,7 +127,10 @@ def test_published_row_loads_with_reference_settings(row):
     config_lib.validate(config)
     imagenet = row.dataset == 'imagenet2012'
     assert config.mode == 'search'
-    assert config.data.name == row.dataset and config.model.to_dict() == {'name': row.model}
+    assert config.data.name == row.dataset and config.model.to_dict() == {
+        'name': row.model,
+        'dtype': 'float32',
+    }
     assert config.pretrained == '' and config.steps_per_epoch == 0
     s = config.search
     assert s.sparsity == pytest.approx(row.sparsity) and s.epochs == row.epochs

@@ -166,3 +166,25 @@ def test_distributed_config_is_validated():
     config.distributed.process_id = 2
     with pytest.raises(ValueError, match='process_id=2 is out of range'):
         config_lib.validate(config)
+
+
+def test_prefetch_keeps_two_batches_in_flight_in_order():
+    mesh = parallel.make_mesh(2)
+    pulled = []
+
+    def source():
+        for i in range(5):
+            pulled.append(i)
+            yield np.full((4, 3), i, np.float32), np.arange(4, dtype=np.int32) + i
+
+    batches = parallel.prefetch_to_mesh(source(), mesh)
+    images, labels = next(batches)
+    assert pulled == [0, 1]  # the next batch is on its way while batch 0 is used
+    assert images.sharding == parallel.batch_sharding(mesh)
+    rest = list(batches)
+    assert pulled == [0, 1, 2, 3, 4] and len(rest) == 4
+    for i, (x, y) in enumerate([(images, labels)] + rest):
+        np.testing.assert_array_equal(np.asarray(x), np.full((4, 3), i))
+        np.testing.assert_array_equal(np.asarray(y), np.arange(4) + i)
+    with pytest.raises(ValueError, match='size=0'):
+        next(parallel.prefetch_to_mesh(source(), mesh, size=0))

@@ -1,11 +1,14 @@
 """End to end: the launcher's modes on the digits demo with a tiny budget."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import traceback
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -166,3 +169,85 @@ def test_tuning_under_a_fixed_mask_keeps_pruned_weights_exactly_zero(demo_run, t
         assert not np.array_equal(
             w[mask], np.asarray(flat_original[path])[mask]
         )  # kept ones trained
+
+
+def test_bfloat16_search_lands_within_a_point_of_float32(demo_run, tmp_path):
+    """Same frozen weights and settings as the demo's float32 search, computed in bfloat16:
+    the jackpot's test top-1 is within 1 point, and everything carried stays float32."""
+    workdir, summary = demo_run
+    config = tiny_config()
+    config.mode = 'search'
+    config.model.dtype = 'bfloat16'
+    config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
+    found = train.run_search(config, str(tmp_path))
+    assert abs(found['jackpot_top1'] - summary['jackpot_top1']) <= 0.01
+    state = found['state']
+    floats = [state.frozen_params, state.scores, state.opt_state, state.batch_stats]
+    dtypes = {x.dtype for x in jax.tree.leaves(floats)}
+    assert np.dtype(np.float32) in dtypes  # optimizer step counts are integers
+    assert all(d == np.float32 for d in dtypes if jnp.issubdtype(d, jnp.floating))
+    config.mode = 'evaluate'
+    assert train.run_evaluate(config, str(tmp_path))['top1'] == found['jackpot_top1']
+
+
+def _watch_host_reads(monkeypatch):
+    """(guards entered, host reads of device values made while transfers were disallowed).
+
+    On an accelerator ``jax.transfer_guard_device_to_host('disallow')`` itself raises at
+    such a read; on CPU arrays already live on the host and it lets them through, so this
+    records the reads that go through the array's Python conversions (float, int, bool,
+    item, tolist, device_get) instead.
+    """
+    levels, entered, reads = [], [], []
+    real_guard = jax.transfer_guard_device_to_host
+
+    @contextlib.contextmanager
+    def guard(level):
+        levels.append(level)
+        entered.append(level)
+        try:
+            with real_guard(level):
+                yield
+        finally:
+            levels.pop()
+
+    array_type = type(jnp.zeros(()))
+
+    def watched(original):
+        def read(self, *args, **kwargs):
+            if levels and levels[-1] == 'disallow':
+                reads.append(''.join(traceback.format_stack(limit=8)))
+            if isinstance(original, property):
+                return original.fget(self)
+            return original(self, *args, **kwargs)
+
+        return property(read) if isinstance(original, property) else read
+
+    monkeypatch.setattr(jax, 'transfer_guard_device_to_host', guard)
+    for name in ('_value', 'item', '__array__'):
+        monkeypatch.setattr(array_type, name, watched(array_type.__dict__[name]))
+    return entered, reads
+
+
+def test_search_steps_never_wait_on_the_host(demo_run, tmp_path, monkeypatch):
+    """The step loop (with a mid-epoch checkpoint) runs under the device-to-host guard and
+    reads nothing back; a float() of a metric in the loop is caught."""
+    workdir, _ = demo_run
+    config = tiny_config()
+    config.mode, config.protocol = 'search', 'paper'
+    config.search.epochs, config.steps_per_epoch, config.checkpoint.every_steps = 1, 4, 2
+    config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
+    entered, reads = _watch_host_reads(monkeypatch)
+    train.run_search(config, str(tmp_path / 'clean'))
+    assert entered.count('disallow') == 1 and entered.count('allow') == 1  # the checkpoint
+    assert not reads, reads[0]
+
+    add = train.EpochMetrics.add
+
+    def leaky_add(self, step, metrics):
+        float(metrics['loss'])  # a per-step host sync
+        add(self, step, metrics)
+
+    monkeypatch.setattr(train.EpochMetrics, 'add', leaky_add)
+    train.run_search(config, str(tmp_path / 'leaky'))
+    assert len(reads) == 4 and 'leaky_add' in reads[0]
