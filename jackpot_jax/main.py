@@ -58,5 +58,10 @@ def main(argv):
     train.MODES[config.mode](config, _WORKDIR.value)
 
 
-if __name__ == '__main__':
+def run() -> None:
+    """The ``jackpot-jax`` console script: the launcher with absl's flag parsing."""
     app.run(main)
+
+
+if __name__ == '__main__':
+    run()
