@@ -74,9 +74,12 @@ def _abstract(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
 
 
 def _save(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None:
-    # Host copies: saving replicated device arrays compiles a slice per array.
+    # Host copies: saving replicated device arrays compiles a slice per array. Empty trees
+    # (the batch statistics of a model without BatchNorm) are left out: orbax cannot save them.
     items = {
-        name: ocp.args.StandardSave(parallel.to_host(dict(tree))) for name, tree in arrays.items()
+        name: ocp.args.StandardSave(parallel.to_host(dict(tree)))
+        for name, tree in arrays.items()
+        if jax.tree.leaves(tree)
     }
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
         checkpointer.save(
@@ -136,8 +139,8 @@ def save_weights(path: str, params: Mapping, batch_stats: Mapping, meta: Mapping
 
 def load_weights(path: str) -> tuple[dict, dict, dict[str, Any]]:
     """Reads ``(params, batch_stats, meta)`` written by :func:`save_weights`."""
-    restored = _restore(path, ('params', 'batch_stats'), 'weights')
-    return restored['params'], restored['batch_stats'], restored['meta']
+    restored = _restore(path, ('params',), 'weights', optional=('batch_stats',))
+    return restored['params'], restored.get('batch_stats', {}), restored['meta']
 
 
 def save_jackpot(
@@ -157,11 +160,11 @@ def save_jackpot(
 
 def load_jackpot(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
     """Reads ``(scores or None, masks, batch_stats, meta)`` written by :func:`save_jackpot`."""
-    restored = _restore(path, ('masks', 'batch_stats'), 'jackpot', optional=('scores',))
+    restored = _restore(path, ('masks',), 'jackpot', optional=('scores', 'batch_stats'))
     meta = restored['meta']
     scores = sparsity.flatten(restored['scores']) if 'scores' in restored else None
     masks = unpack_masks(restored['masks'], meta['mask_shapes'])
-    return scores, masks, restored['batch_stats'], meta
+    return scores, masks, restored.get('batch_stats', {}), meta
 
 
 # ----------------------------------------------------------------------------
@@ -214,7 +217,11 @@ class SearchCheckpoints:
             'opt_state': state.opt_state,
             'batch_stats': state.batch_stats,
         }
-        args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+        args = {
+            name: ocp.args.StandardSave(tree)
+            for name, tree in items.items()
+            if jax.tree.leaves(tree)  # orbax cannot save empty trees (no BatchNorm)
+        }
         meta = {**meta, 'step': step, 'mask_shapes': shapes}
         self._manager.save(
             step,
@@ -246,7 +253,9 @@ class SearchCheckpoints:
             'opt_state': _abstract(like.opt_state),
             'batch_stats': _abstract(like.batch_stats),
         }
-        args = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
+        args = {
+            name: ocp.args.StandardRestore(t) for name, t in targets.items() if jax.tree.leaves(t)
+        }
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
@@ -260,8 +269,8 @@ class SearchCheckpoints:
             scores=sparsity.flatten(restored['scores']),
             masks=place(restored['masks']),
             ever_flipped=place(restored['ever_flipped']),
-            opt_state=restored['opt_state'],
-            batch_stats=restored['batch_stats'],
+            opt_state=restored.get('opt_state', like.opt_state),
+            batch_stats=restored.get('batch_stats', like.batch_stats),
             step=jax.device_put(np.int32(meta['step']), like.step.sharding),
         )
         return state, meta

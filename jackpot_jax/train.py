@@ -29,6 +29,7 @@ from absl import logging
 from tqdm import auto as tqdm
 
 from jackpot_jax import (
+    adapters,
     checkpoint,
     data,
     dense,
@@ -116,7 +117,9 @@ class Setup:
         init = functools.partial(self.model.init, train=False)
         expected = jax.eval_shape(init, jax.random.key(0), sample)
         check_tree_matches(expected['params'], params, f'the params at {path}')
-        check_tree_matches(expected['batch_stats'], batch_stats, f'the batch statistics at {path}')
+        check_tree_matches(
+            expected.get('batch_stats', {}), batch_stats, f'the batch statistics at {path}'
+        )
         fingerprint = checkpoint.weights_fingerprint(params)
         params, batch_stats = parallel.replicate((params, batch_stats), self.mesh)
         return params, batch_stats, fingerprint
@@ -314,7 +317,7 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
         setup,
         config.pretrain,
         variables['params'],
-        variables['batch_stats'],
+        variables.get('batch_stats', {}),  # {}: a model without BatchNorm
         None,
         'pretrain',
         MetricWriter(workdir),
@@ -492,7 +495,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         search.init_search_state(params, batch_stats, masks, scores, optimizer), setup.mesh
     )
     step_fn = search.make_search_step(
-        model=setup.model,
+        forward=adapters.linen_forward(setup.model, 'batch_stats'),
         optimizer=optimizer,
         counts=counts,
         steps_per_epoch=steps,
