@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jackpot_jax import criteria, data, models, search, sparsity, structured
+from jackpot_jax import criteria, data, models, search, sparsity, structured, user_models
 
 # fmt: off
 MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap', 'search_cost',
@@ -39,6 +39,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.name = 'digits'
     config.data.data_dir = ''  # '' = the dataset's default location.
     config.data.eval_batch_size = 512
+    # 'tfds:NAME' (any tfds image-classification dataset, prepared in data_dir) only:
+    config.data.image_size = 0  # model input height = width; 0 = the dataset's own size.
+    config.data.resize = 0  # > 0: shorter side resized to this, then an image_size crop
+    #                         (random in training, centred in eval); 0 = resize to image_size.
+    config.data.random_flip = False  # random horizontal flips in training.
+    config.data.mean = '0.5'  # of [0, 1] pixels: one value, or one per channel, comma-separated.
+    config.data.std = '0.5'
+    config.data.eval_split = ''  # '' = 'test', else 'validation'.
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'small_cnn'
@@ -179,12 +187,23 @@ def _check_distributed(d: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_open_names(config: ml_collections.ConfigDict) -> None:
+    """The dataset and model names: built-in ones, 'tfds:NAME' and 'package.module:Factory'."""
+    if data.is_tfds_name(config.data.name):
+        data.tfds_options(config.data)
+    else:
+        _check_choice(
+            'dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS + ('tfds:NAME',)
+        )
+    if not user_models.is_import_path(config.model.name):
+        _check_choice('model', config.model.name, tuple(models.MODELS) + ('package.module:Factory',))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field and how to fix it."""
     _check_keys(config, get_config())
     _check_choice('mode', config.mode, MODES)
-    _check_choice('dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS)
-    _check_choice('model', config.model.name, tuple(models.MODELS))
+    _check_open_names(config)
     s = config.search
     if not 0.0 <= s.sparsity < 1.0:
         raise ValueError(

@@ -72,7 +72,9 @@ class Setup:
                 'leave hosts without devices; use num_devices=0 (all) on multi-host runs'
             )
         self.mesh = parallel.make_mesh(config.num_devices or None)
-        self.source = data.load_source(config.data.name, config.data.data_dir or None)
+        self.source = data.load_source(
+            config.data.name, config.data.data_dir or None, options=config.data
+        )
         kwargs = {k: v for k, v in config.model.items() if k != 'name'}
         self.model = models.get_model(config.model.name, self.source.num_classes, **kwargs)
 
