@@ -166,8 +166,8 @@ def _states(param_state, other_state, params, statistics):
 
     p = jax.tree.map(lambda x: x, param_state)  # a fresh copy: replace_by_pure_dict mutates
     o = jax.tree.map(lambda x: x, other_state)
-    nnx.replace_by_pure_dict(p, _keys_like(params, param_state.to_pure_dict()))
-    nnx.replace_by_pure_dict(o, _keys_like(statistics, other_state.to_pure_dict()))
+    nnx.replace_by_pure_dict(p, _keys_like(params, nnx.to_pure_dict(param_state)))
+    nnx.replace_by_pure_dict(o, _keys_like(statistics, nnx.to_pure_dict(other_state)))
     return p, o
 
 
@@ -207,12 +207,12 @@ def split_nnx(
         if not train:
             return logits, statistics
         _, _, updated = nnx.split(module, nnx.Param, ...)
-        return logits, _string_keys(updated.to_pure_dict())
+        return logits, _string_keys(nnx.to_pure_dict(updated))
 
     return NnxSplit(
         graphdef,
-        _string_keys(param_state.to_pure_dict()),
-        _string_keys(other_state.to_pure_dict()),
+        _string_keys(nnx.to_pure_dict(param_state)),
+        _string_keys(nnx.to_pure_dict(other_state)),
         forward,
         param_state,
         other_state,
