@@ -29,7 +29,12 @@ Forward = Callable[..., tuple[jax.Array, Any]]
 
 # Train-mode keywords recognised in a model's signature, in order of preference, with their
 # train-mode value (eval mode is the negation).
-TRAIN_KEYWORDS = (('train', True), ('training', True), ('is_training', True), ('deterministic', False))
+TRAIN_KEYWORDS = (
+    ('train', True),
+    ('training', True),
+    ('is_training', True),
+    ('deterministic', False),
+)
 
 
 def _describe(fn: Callable) -> str:
@@ -72,7 +77,8 @@ def check_call_kwargs(fn: Callable, kwargs: Mapping[str, Any], what: str = 'trai
     unknown = [k for k in kwargs if k not in signature.parameters]
     if unknown:
         raise ValueError(
-            f'{_describe(fn)}{signature} takes no keyword {unknown[0]!r} ({what}={dict(kwargs)!r}); '
+            f'{_describe(fn)}{signature} takes no keyword {unknown[0]!r} '
+            f'({what}={dict(kwargs)!r}); '
             f'set {what} to its own train/eval-mode keywords, e.g. '
             "{'deterministic': False}, or {} if it has none"
         )

@@ -329,6 +329,7 @@ def _epoch_record(steps: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ('mask_changes', 'flip_backs'):
         record[key] = int(sum(m[key] for m in steps))
         record[key + '_per_layer'] = {
-            p: int(sum(m[key + '_per_layer'][p] for m in steps)) for p in steps[0][key + '_per_layer']
+            p: int(sum(m[key + '_per_layer'][p] for m in steps))
+            for p in steps[0][key + '_per_layer']
         }
     return record

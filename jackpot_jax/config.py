@@ -196,7 +196,8 @@ def _check_open_names(config: ml_collections.ConfigDict) -> None:
             'dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS + ('tfds:NAME',)
         )
     if not user_models.is_import_path(config.model.name):
-        _check_choice('model', config.model.name, tuple(models.MODELS) + ('package.module:Factory',))
+        known = tuple(models.MODELS) + ('package.module:Factory',)
+        _check_choice('model', config.model.name, known)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
