@@ -29,9 +29,10 @@ from jackpot_jax import parallel, sparsity
 from jackpot_jax.errors import UserError
 
 _SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'batch_stats')
-# Items that may hold no array at all (a model without BatchNorm has no statistics): orbax
-# refuses to write an empty tree, so they are left out on save and read back as ``{}``.
-_MAYBE_EMPTY = ('batch_stats',)
+# Items that may hold no array at all (a model without BatchNorm has no statistics, an
+# optimizer without momentum no state): orbax refuses to write an empty tree, so they are
+# left out on save and read back as empty.
+_MAYBE_EMPTY = ('batch_stats', 'opt_state')
 
 
 def _has_leaves(tree: Any) -> bool:
@@ -318,7 +319,7 @@ class SearchCheckpoints:
             scores=sparsity.flatten(restored['scores']),
             masks=place(restored['masks']),
             ever_flipped=place(restored['ever_flipped']),
-            opt_state=restored['opt_state'],
+            opt_state=restored.get('opt_state', like.opt_state),
             batch_stats=restored.get('batch_stats', like.batch_stats),
             step=jax.device_put(np.int32(meta['step']), like.step.sharding),
         )

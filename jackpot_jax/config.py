@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-from jackpot_jax import criteria, data, models, search, sparsity, structured
+from jackpot_jax import criteria, data, models, search, sparsity, structured, user_models
 
 # fmt: off
 MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap', 'search_cost',
@@ -77,6 +77,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.validation_fraction = -1.0
     # Cores the tfds input pipeline may use (a private tf.data thread pool); 0 = every core.
     config.data.threads = 0
+    # 'tfds:NAME' (any tfds image-classification dataset, prepared in data_dir) only:
+    config.data.image_size = 0  # model input height = width; 0 = the dataset's own size.
+    config.data.resize = 0  # > 0: shorter side resized to this, then an image_size crop
+    #                         (random in training, centred in eval); 0 = resize to image_size.
+    config.data.random_flip = False  # random horizontal flips in training.
+    config.data.mean = '0.5'  # of [0, 1] pixels: one value, or one per channel, comma-separated.
+    config.data.std = '0.5'
+    config.data.eval_split = ''  # '' = 'test', else 'validation'.
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'small_cnn'
@@ -288,13 +296,25 @@ def _check_dtype(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_open_names(config: ml_collections.ConfigDict) -> None:
+    """The dataset and model names: built-in ones, 'tfds:NAME' and 'package.module:Factory'."""
+    if data.is_tfds_name(config.data.name):
+        data.tfds_options(config.data)
+    else:
+        _check_choice(
+            'dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS + ('tfds:NAME',)
+        )
+    if not user_models.is_import_path(config.model.name):
+        known = tuple(models.MODELS) + ('package.module:Factory',)
+        _check_choice('model', config.model.name, known)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad field and how to fix it."""
     _check_keys(config, get_config())
     config = resolve_protocol(config)
     _check_choice('mode', config.mode, MODES)
-    _check_choice('dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS)
-    _check_choice('model', config.model.name, tuple(models.MODELS))
+    _check_open_names(config)
     if 'width' in config.model and not config.model.width > 0:
         raise ValueError(f'model.width must be a positive integer, got {config.model.width!r}')
     if is_no_jackpot(config.jackpot) and config.mode not in NO_JACKPOT_MODES:

@@ -13,13 +13,17 @@ import dataclasses
 import gzip
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
 import numpy as np
 
 DATASETS = ('digits', 'fashion_mnist')  # in memory, no TensorFlow needed
 TFDS_DATASETS = ('cifar10', 'cifar100', 'imagenet2012')  # see input_pipeline.py
+TFDS_PREFIX = 'tfds:'  # 'tfds:NAME': any tfds image-classification dataset
+# The config's data.* fields for 'tfds:NAME' datasets (input_pipeline.open_dataset's keywords).
+TFDS_FIELDS = ('image_size', 'resize', 'random_flip', 'mean', 'std', 'eval_split')
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 EVAL_SPLITS = ('validation', 'test')
 # Which training images become the validation split depends on this seed only (not on
@@ -228,7 +232,11 @@ def load_dataset(name: str, data_dir: str | None = None) -> ArrayDataset:
 
 
 def load_source(
-    name: str, data_dir: str | None = None, validation_fraction: float = 0.0, threads: int = 0
+    name: str,
+    data_dir: str | None = None,
+    validation_fraction: float = 0.0,
+    threads: int = 0,
+    options: Mapping | None = None,
 ):
     """A data source by name: in-memory (digits, Fashion-MNIST) or a prepared tfds dataset
     (whose input pipeline uses at most ``threads`` cores; 0 = every core).
@@ -236,7 +244,15 @@ def load_source(
     Every source has ``num_classes``, ``image_shape``, ``has_validation``,
     ``steps_per_epoch(batch)``, ``train_epoch(batch, seed, epoch, start_step)`` and
     ``eval_batches(batch, split)`` with split 'test' or 'validation'.
+    'tfds:NAME' opens any tfds image-classification dataset, preprocessed as the
+    config's ``data.*`` fields in ``options`` say (:func:`tfds_options`).
     """
+    if is_tfds_name(name):
+        from jackpot_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+
+        return input_pipeline.open_dataset(
+            name, data_dir, validation_fraction, threads, **tfds_options(options or {})
+        )
     if name in DATASETS:
         return split_validation(load_dataset(name, data_dir), validation_fraction)
     if name in TFDS_DATASETS:
@@ -244,6 +260,33 @@ def load_source(
 
         return input_pipeline.TfdsSource(name, data_dir, validation_fraction, threads)
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS + TFDS_DATASETS}')
+
+
+def is_tfds_name(name: str) -> bool:
+    """True for 'tfds:NAME': any tfds image-classification dataset."""
+    return name.startswith(TFDS_PREFIX)
+
+
+def _floats(field: str, text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in str(text).split(',') if v.strip())
+    except ValueError:
+        raise ValueError(f'data.{field}={text!r} must be comma-separated numbers') from None
+    if not values:
+        raise ValueError(f'data.{field} is empty; give one value or one per channel')
+    return values
+
+
+def tfds_options(data_config: Mapping) -> dict[str, Any]:
+    """The keyword arguments of ``input_pipeline.open_dataset`` from the ``data.*`` fields."""
+    options = {key: data_config[key] for key in TFDS_FIELDS if key in data_config}
+    for key in ('image_size', 'resize'):
+        if key in options and (not isinstance(options[key], int) or options[key] < 0):
+            raise ValueError(f'data.{key} must be an int >= 0, got {options[key]!r}')
+    for key in ('mean', 'std'):
+        if key in options:
+            options[key] = _floats(key, options[key])
+    return options
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import optax
 
-from jackpot_jax import search, sparsity
+from jackpot_jax import adapters, search, sparsity
 
 
 @flax.struct.dataclass
@@ -55,10 +55,9 @@ def train_step(
     def loss_fn(params):
         if masks is not None:
             params = sparsity.masked_params(params, masks)
-        variables = {'params': params, 'batch_stats': state.batch_stats}
-        logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
-        loss = search.cross_entropy(logits, labels, label_smoothing)
-        return loss, (logits, updates['batch_stats'])
+        forward = adapters.linen_forward(model, 'batch_stats')
+        logits, batch_stats = forward(params, state.batch_stats, images, train=True)
+        return search.cross_entropy(logits, labels, label_smoothing), (logits, batch_stats)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -25,6 +25,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from jackpot_jax.data import TFDS_PREFIX
+
 try:  # TF must not grab GPU memory that JAX needs; it only runs the input pipeline.
     tf.config.experimental.set_visible_devices([], 'GPU')
 except RuntimeError:  # TF devices were already initialised by someone else.
@@ -53,6 +55,10 @@ class _Spec:
     cache: bool  # small enough to keep decoded in memory
     shuffle_buffer: int
     raw_bytes: bool  # read encoded images and decode in the pipeline (ImageNet)
+    # Any other tfds image-classification dataset ('tfds:NAME'): its builder name and its
+    # preprocessing; None for the three above.
+    builder: str = ''
+    transform: ImageTransform | None = None
 
 
 _SPECS = {
@@ -73,6 +79,12 @@ _SPECS = {
         True,
     ),
 }
+
+
+# 'tfds:NAME' datasets opened in this process, by that name (see :func:`open_dataset`).
+_OPEN_SPECS: dict[str, _Spec] = {}
+# Decoded images of at most this many pixels (height x width) are cached in memory.
+_CACHE_MAX_PIXELS = 64 * 64
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -256,12 +268,68 @@ def preprocess_imagenet_eval(image_bytes: tf.Tensor) -> tf.Tensor:
     return normalize(augment_imagenet_eval(image_bytes), IMAGENET_MEAN, IMAGENET_STD)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageTransform:
+    """Preprocessing of a 'tfds:NAME' dataset, from the config's ``data.*`` fields.
+
+    With ``resize`` > 0 the shorter side is resized to it first, then an ``image_size``
+    square is cropped: at random in training, in the centre for evaluation. With
+    ``resize`` 0 images are resized straight to ``image_size`` (unless they have that size
+    already). Training adds random horizontal flips when ``random_flip``. Pixels are
+    scaled to [0, 1], then normalised per channel with ``mean`` and ``std``.
+    """
+
+    image_size: tuple[int, int]  # (height, width) of the model input
+    channels: int
+    resize: int
+    random_flip: bool
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    native_size: tuple[int | None, int | None]  # the dataset's own (height, width)
+
+    def _sized(self, image: tf.Tensor, crop_seed: tf.Tensor | None) -> tf.Tensor:
+        height, width = self.image_size
+        image = tf.cast(image, tf.float32)
+        if self.resize:
+            image = resize_shorter_side(image, self.resize)
+            if crop_seed is None:
+                top = (tf.shape(image)[0] - height) // 2
+                left = (tf.shape(image)[1] - width) // 2
+                image = tf.image.crop_to_bounding_box(image, top, left, height, width)
+            else:
+                image = tf.image.stateless_random_crop(
+                    image, [height, width, self.channels], seed=crop_seed
+                )
+        elif tuple(self.native_size) != (height, width):
+            image = tf.image.resize(image, [height, width], 'bilinear', antialias=True)
+        image.set_shape([height, width, self.channels])
+        return image
+
+    def augment(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Training crop/resize and flip, not yet normalised (pixels in [0, 255])."""
+        crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        image = self._sized(image, crop_seed)
+        if self.random_flip:
+            image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
+        return image
+
+    def train(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        return normalize(self.augment(image, seed), self.mean, self.std)
+
+    def eval(self, image: tf.Tensor) -> tf.Tensor:
+        return normalize(self._sized(image, None), self.mean, self.std)
+
+
 def _train_fn(name: str):
     """Per-example augmentation (normalisation follows on whole batches)."""
+    if _spec(name).transform:
+        return _spec(name).transform.augment
     return augment_imagenet_train if name == 'imagenet2012' else augment_cifar_train
 
 
 def _eval_fn(name: str):
+    if _spec(name).transform:
+        return _spec(name).transform.eval
     return preprocess_imagenet_eval if name == 'imagenet2012' else preprocess_cifar_eval
 
 
@@ -293,9 +361,15 @@ def clear_cache() -> None:
 
 
 def _spec(name: str) -> _Spec:
+    if name in _OPEN_SPECS:
+        return _OPEN_SPECS[name]
     if name not in _SPECS:
         raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS}')
     return _SPECS[name]
+
+
+def _builder_name(name: str) -> str:
+    return _spec(name).builder or name
 
 
 def _processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -356,7 +430,7 @@ def _load(
     decoders = {'image': tfds.decode.SkipDecoding()} if spec.raw_bytes else None
     try:
         ds = tfds.load(
-            name,
+            _builder_name(name),
             split=split,
             data_dir=data_dir,
             download=False,
@@ -365,9 +439,9 @@ def _load(
             decoders=decoders,
         )
     except Exception as e:  # pylint: disable=broad-except
-        builder = tfds.builder(name, data_dir=data_dir)
+        builder = tfds.builder(_builder_name(name), data_dir=data_dir)
         if not builder.is_prepared():
-            raise _not_prepared(name, data_dir, str(builder.data_dir)) from e
+            raise _not_prepared(_builder_name(name), data_dir, str(builder.data_dir)) from e
         raise
     return ds.map(
         lambda ex: (ex['image'], tf.cast(ex['label'], tf.int32)),
@@ -402,7 +476,7 @@ def _split_sizes(name: str, splits: Sequence[Any], data_dir: str | None) -> list
     """Examples in each (sub)split, from the prepared metadata when it is there, otherwise
     by counting the readable dataset (under tfds's mock; this also raises the
     not-prepared error)."""
-    split_dict = tfds.builder(name, data_dir=data_dir).info.splits
+    split_dict = tfds.builder(_builder_name(name), data_dir=data_dir).info.splits
     sizes = []
     for split in splits:
         if split_dict:
@@ -594,9 +668,10 @@ class TfdsSource:
     def __post_init__(self):
         if self.validation_fraction:
             raise ValueError(
-                f'data.validation_fraction={self.validation_fraction!r}: tfds datasets are '
-                "validated on their own eval split here; set data.validation_fraction=0 or "
-                "use config.protocol='paper'"
+                f'data.validation_fraction={self.validation_fraction!r}: a validation split '
+                f'carved from the training split of {self.name} is not supported yet; set '
+                "--config.data.validation_fraction=0 (the best epoch is then reported on the "
+                "test split, as in the paper) or --config.protocol=paper"
             )
 
     @property
@@ -639,3 +714,116 @@ class TfdsSource:
         return eval_iterator(
             self.name, batch_size=batch_size, data_dir=self.data_dir, threads=self.threads
         )
+
+
+def _image_classification_features(
+    builder_name: str, data_dir: str | None
+) -> tuple[Any, Any, Any]:
+    """The builder and its 'image' and 'label' features; ValueError for any other dataset."""
+    try:
+        builder = tfds.builder(builder_name, data_dir=data_dir)
+    except Exception as e:  # pylint: disable=broad-except  (tfds raises its own types)
+        raise ValueError(
+            f'data.name {TFDS_PREFIX + builder_name!r}: tensorflow_datasets has no dataset '
+            f'{builder_name!r} ({type(e).__name__}); use a name from the tfds catalog, e.g. '
+            "'tfds:mnist'"
+        ) from None
+    features = builder.info.features
+    names = dict(features.items()) if hasattr(features, 'items') else {}
+    image, label = names.get('image'), names.get('label')
+    if not isinstance(image, tfds.features.Image) or not isinstance(
+        label, tfds.features.ClassLabel
+    ):
+        kinds = {k: type(v).__name__ for k, v in names.items()}
+        raise ValueError(
+            f'data.name {TFDS_PREFIX + builder_name!r} is not an image-classification dataset: '
+            f"it needs an 'image' (Image) and a 'label' (ClassLabel) feature, it has {kinds}; "
+            'pick a tfds dataset with both'
+        )
+    return builder, image, label
+
+
+def _pick_eval_split(builder: Any, eval_split: str) -> str:
+    """``eval_split``, else 'test', else 'validation' (the first the dataset has)."""
+    splits = list(builder.info.splits or {})
+    if eval_split:
+        if splits and eval_split not in splits:
+            raise ValueError(
+                f'data.eval_split {eval_split!r} is not a split of {builder.name}; '
+                f'it has {splits}'
+            )
+        return eval_split
+    if not splits:  # no prepared metadata (e.g. tfds's mock data): assume the usual name
+        return 'test'
+    for name in ('test', 'validation'):
+        if name in splits:
+            return name
+    raise ValueError(
+        f"{builder.name} has no 'test' or 'validation' split ({splits}); set data.eval_split"
+    )
+
+
+def open_dataset(
+    name: str,
+    data_dir: str | None = None,
+    validation_fraction: float = 0.0,
+    threads: int = 0,
+    *,
+    image_size: int = 0,
+    resize: int = 0,
+    random_flip: bool = False,
+    mean: Sequence[float] = (0.5,),
+    std: Sequence[float] = (0.5,),
+    eval_split: str = '',
+) -> TfdsSource:
+    """A source for any prepared tfds image-classification dataset, ``name`` = 'tfds:NAME'.
+
+    Classes, channels, image size and splits come from the dataset's info; the
+    preprocessing is :class:`ImageTransform`. ``image_size`` 0 keeps the dataset's own
+    (fixed) size. ``mean``/``std`` hold one value or one per channel.
+    """
+    if not name.startswith(TFDS_PREFIX):
+        raise ValueError(f"{name!r} is not 'tfds:NAME'")
+    builder_name = name[len(TFDS_PREFIX) :]
+    builder, image, label = _image_classification_features(builder_name, data_dir)
+    height, width, channels = (tuple(image.shape) + (None, None, None))[:3]
+    channels = channels or 3
+    if image_size:
+        size = (image_size, image_size)
+    elif height and width:
+        size = (height, width)
+    else:
+        raise ValueError(
+            f'data.image_size is 0 but {name} has images of varying size; set '
+            '--config.data.image_size=N (and data.resize to crop rather than squash)'
+        )
+    if resize and resize < max(size):
+        raise ValueError(
+            f'data.resize={resize} is smaller than data.image_size={max(size)}; the crop '
+            'must fit inside the resized image: raise data.resize or set it to 0'
+        )
+    for field, values in (('mean', mean), ('std', std)):
+        if len(values) not in (1, channels):
+            raise ValueError(
+                f'data.{field} has {len(values)} values; {name} has {channels} channel(s): '
+                f'give one value{"" if channels == 1 else f" or {channels}"}'
+            )
+    if not all(v > 0 for v in std):
+        raise ValueError(f'data.std must be positive, got {tuple(std)}')
+    fixed = bool(height and width)
+    _OPEN_SPECS[name] = _Spec(
+        train_split='train',
+        eval_split=_pick_eval_split(builder, eval_split),
+        num_classes=int(label.num_classes),
+        image_shape=(*size, channels),
+        mean=tuple(float(v) for v in mean),
+        std=tuple(float(v) for v in std),
+        cache=fixed and height * width <= _CACHE_MAX_PIXELS,
+        shuffle_buffer=10_000,
+        raw_bytes=False,
+        builder=builder_name,
+        transform=ImageTransform(
+            size, channels, resize, random_flip, tuple(mean), tuple(std), (height, width)
+        ),
+    )
+    return TfdsSource(name, data_dir, validation_fraction, threads)

@@ -139,5 +139,10 @@ def main(argv):
         sys.exit(status)
 
 
-if __name__ == '__main__':
+def run() -> None:
+    """The ``jackpot-jax`` console script: the launcher with absl's flag parsing."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == '__main__':
+    run()

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jackpot_jax import vit
+from jackpot_jax import user_models, vit
 
 Dtype = Any
 
@@ -366,7 +366,12 @@ def compute_dtype(name: str) -> Dtype:
 
 
 def get_model(name: str, num_classes: int, dtype: Dtype = jnp.float32, **kwargs: Any) -> nn.Module:
-    """Build the registered model ``name``; ``kwargs`` (e.g. ``width``) override its defaults."""
+    """Build the registered model ``name``; ``kwargs`` (e.g. ``width``) override its defaults.
+
+    A name 'package.module:Factory' builds the user's own model (see ``user_models``).
+    """
+    if user_models.is_import_path(name):
+        return user_models.build_model(name, num_classes, **kwargs)
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
     return MODELS[name](num_classes=num_classes, dtype=dtype, **kwargs)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jackpot_jax import sparsity, structured
+from jackpot_jax import adapters, sparsity, structured
 
 Metrics = dict[str, Any]
 BN_MODES = ('train', 'frozen')
@@ -29,6 +29,8 @@ class SearchState:
     frozen_params: Any
     scores: dict[str, jax.Array]
     masks: dict[str, jax.Array]
+    # The model's non-param state (the forward's ``statistics``): BatchNorm running
+    # statistics in the launcher, any collections or NNX state through the API.
     batch_stats: Any
     opt_state: optax.OptState
     step: jax.Array
@@ -89,7 +91,8 @@ def search_step(
     images: jax.Array,
     labels: jax.Array,
     *,
-    model: nn.Module,
+    model: nn.Module | None = None,
+    forward: adapters.Forward | None = None,
     optimizer: optax.GradientTransformation,
     counts: Mapping[str, int],
     steps_per_epoch: int,
@@ -100,24 +103,27 @@ def search_step(
     label_smoothing: float = 0.0,
     pattern: tuple[int, int] | None = None,
     mask_frozen_from: int | None = None,
+    rng: jax.Array | None = None,
 ) -> tuple[SearchState, Metrics]:
     """One search step (pure; see :func:`make_search_step` for the jitted form).
 
+    The model is ``forward`` (see :mod:`jackpot_jax.adapters`), or a Linen ``model``
+    called with ``train=`` whose ``batch_stats`` are ``state.batch_stats``. ``bn_mode``
+    'frozen' runs it in eval mode (statistics kept as they are, no dropout). ``rng``,
+    folded with the step number, feeds the model's random streams (dropout).
     ``pattern`` (N, M) keeps the masks N:M: the update runs within every group.
     From step ``mask_frozen_from`` on (if given) the masks stay as they are; the
     scores and BatchNorm statistics still train.
     """
-    train_bn = bn_mode == 'train'
+    if forward is None:
+        forward = adapters.linen_forward(model, 'batch_stats')
+    train = bn_mode == 'train'
+    step_rng = None if rng is None else jax.random.fold_in(rng, state.step)
 
     def loss_fn(scores):
         params = sparsity.masked_params(state.frozen_params, state.masks, scores)
-        variables = {'params': params, 'batch_stats': state.batch_stats}
-        if train_bn:
-            logits, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
-            batch_stats = updates['batch_stats']
-        else:
-            logits, batch_stats = model.apply(variables, images, train=False), state.batch_stats
-        return cross_entropy(logits, labels, label_smoothing), (logits, batch_stats)
+        logits, statistics = forward(params, state.batch_stats, images, train=train, rng=step_rng)
+        return cross_entropy(logits, labels, label_smoothing), (logits, statistics)
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.scores)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.scores)

@@ -30,6 +30,7 @@ from tqdm import auto as tqdm
 
 from jackpot_jax import config as config_lib
 from jackpot_jax import (
+    adapters,
     checkpoint,
     data,
     dense,
@@ -92,6 +93,7 @@ class Setup:
             config.data.data_dir or None,
             config.data.validation_fraction,
             config.data.threads,
+            options=config.data,
         )
         kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
         dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
@@ -562,7 +564,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         search.init_search_state(params, batch_stats, masks, scores, optimizer), setup.mesh
     )
     step_fn = search.make_search_step(
-        model=setup.model,
+        forward=adapters.linen_forward(setup.model, 'batch_stats'),
         optimizer=optimizer,
         counts=counts,
         steps_per_epoch=steps,

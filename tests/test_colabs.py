@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+import numpy as np
 import pytest
 
 nbformat = pytest.importorskip('nbformat')
@@ -125,6 +126,7 @@ def test_every_notebook_is_tested():
         'imagenet_search_tpu_gpu.ipynb',
         'quickstart.ipynb',
         'studies.ipynb',
+        'your_model.ipynb',
     ]
 
 
@@ -139,7 +141,8 @@ def test_notebook_is_saved_clean_and_parameterised(name):
     params = nb.cells[parameters_index(nb)].source
     assert 'TINY = False' in params and "WORKDIR = ''" in params
     installs = [c.source for c in nb.cells if '!pip install' in c.source]
-    assert len(installs) == 1 and "if 'google.colab' in sys.modules:" in installs[0]
+    assert len(installs) == 1 and "if 'google.colab' in sys.modules" in installs[0]
+    assert 'requirements' not in installs[0]  # the package itself is pip-installed
 
 
 # ----------------------------------------------------------------------------
@@ -167,6 +170,19 @@ def test_studies(tmp_path):
     workdir = tmp_path / 'workdir'
     for name in ('overlap', 'search_cost', 'restriction'):
         assert (workdir / f'{name}.png').is_file() and (workdir / f'{name}.json').is_file()
+
+
+def test_your_model(tmp_path):
+    nb = run_notebook('your_model.ipynb', tmp_path)
+    shown = text(nb)
+    assert 'sparsity over prunable weights: 90.00%' in shown
+    assert '**lottery jackpot at 90%, no weight trained**' in shown
+    assert 'dense (pre-trained, all weights)' in shown and 'epoch 2:' in shown
+    masks = np.load(tmp_path / 'workdir' / 'jackpot_masks.npz')
+    assert sorted(masks.files) == ['conv1/kernel', 'conv2/kernel', 'dense/kernel']
+    kept = sum(int(masks[p].sum()) for p in masks.files)
+    total = sum(masks[p].size for p in masks.files)
+    assert kept == total // 10  # floor(10 % of the prunable weights)
 
 
 def test_imagenet_search(tmp_path):

@@ -1,0 +1,335 @@
+"""The library entry point: a jackpot search over any Flax model in one call.
+
+:func:`find_jackpot` takes a Linen module (with its variables), an NNX module, or a
+forward function (see :mod:`jackpot_jax.adapters`), an iterable of ``(images, labels)``
+batches, the sparsity and the schedule, and returns a :class:`Jackpot`: masks, scores,
+the masked params, the model's statistics after the search and a report. Underneath it
+are the same building blocks the launcher uses (:func:`plan_counts`,
+:func:`initial_masks_and_scores`, ``sparsity.masked_params``, ``sparsity.update_masks``,
+``search.make_search_step``), for anyone writing their own loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jackpot_jax import adapters, search, structured
+from jackpot_jax import sparsity as sparsity_lib
+
+Batches = Iterable[tuple[Any, ...]] | Callable[[int], Iterable[tuple[Any, ...]]]
+
+
+# ----------------------------------------------------------------------------
+# Building blocks.
+# ----------------------------------------------------------------------------
+def prunable_kernels(
+    params: Mapping,
+    include: str = sparsity_lib.DEFAULT_INCLUDE,
+    exclude: str | None = sparsity_lib.DEFAULT_EXCLUDE,
+) -> dict[str, jax.Array]:
+    """The kernels a search prunes, keyed by their '/'-joined parameter path."""
+    flat = sparsity_lib.flatten(params)
+    return {p: flat[p] for p in sparsity_lib.prunable_paths(params, include, exclude)}
+
+
+def plan_counts(
+    kernels: Mapping[str, jax.Array],
+    sparsity: float,
+    allocation: str = 'global_magnitude',
+    pattern: str = '',
+) -> dict[str, int]:
+    """Per-layer pruned counts: the allocation's, or (M - N) / M of every eligible layer
+    under an N:M ``pattern`` (which then fixes the sparsity)."""
+    nm = structured.parse_pattern(pattern)
+    if nm:
+        return structured.nm_counts({p: np.shape(w) for p, w in kernels.items()}, *nm)
+    return sparsity_lib.pruned_counts(jax.device_get(dict(kernels)), sparsity, allocation)
+
+
+def initial_masks_and_scores(
+    kernels: Mapping[str, jax.Array],
+    counts: Mapping[str, int],
+    score_init: str = 'magnitude',
+    *,
+    pattern: str = '',
+    mask_update: str = 'short_restriction',
+    pruned_score: float = 0.99,
+    rng: jax.Array | None = None,
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The first masks and scores of a search.
+
+    'magnitude' (the paper): the magnitude masks, scored 1 where kept and
+    ``pruned_score`` where pruned. 'kaiming' (edge-popup) and 'random' (U(0, 1)) draw the
+    scores from ``rng`` and start from the masks the update rule picks from them.
+    """
+    nm = structured.parse_pattern(pattern)
+    if score_init == 'magnitude':
+        if nm:
+            masks = structured.magnitude_masks(kernels, counts, *nm)
+        else:
+            masks = sparsity_lib.magnitude_masks(kernels, counts)
+        return masks, sparsity_lib.init_scores(masks, pruned_score)
+    draw = {'kaiming': sparsity_lib.kaiming_scores, 'random': sparsity_lib.uniform_scores}
+    if score_init not in draw:
+        raise ValueError(
+            f'unknown score_init {score_init!r}; choose one of {sparsity_lib.SCORE_INITS}'
+        )
+    scores = draw[score_init](jax.random.key(0) if rng is None else rng, kernels)
+    if nm:
+        return structured.masks_from_scores(scores, counts, *nm, mode=mask_update), scores
+    return sparsity_lib.masks_from_scores(scores, counts, mask_update), scores
+
+
+def evaluate(
+    forward: adapters.Forward, params: Any, statistics: Any, batches: Iterable[tuple[Any, ...]]
+) -> float:
+    """Top-1 accuracy in eval mode over ``(images, labels)`` or ``(images, labels, valid)``."""
+    correct = total = 0
+    for batch in batches:
+        images, labels = batch[0], np.asarray(batch[1])
+        valid = np.asarray(batch[2]) if len(batch) > 2 else np.ones(len(labels), bool)
+        logits = _eval_logits(forward, params, statistics, images)
+        correct += int(np.sum((np.argmax(logits, -1) == labels) & valid))
+        total += int(np.sum(valid))
+    if not total:
+        raise ValueError('evaluate got no examples; pass a non-empty iterable of batches')
+    return correct / total
+
+
+@functools.partial(jax.jit, static_argnames='forward')
+def _eval_logits(forward, params, statistics, images):
+    return forward(params, statistics, images, train=False)[0]
+
+
+# ----------------------------------------------------------------------------
+# The one-call search.
+# ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class Jackpot:
+    """What :func:`find_jackpot` found.
+
+    ``masks`` and ``scores`` are flat ``{path: array}`` dicts (True = kept); ``params`` are
+    the frozen params with every prunable kernel multiplied by its mask; ``statistics``
+    the model's other state after the search (Linen: a dict of collections such as
+    ``{'batch_stats': ...}``; NNX: its non-param state). ``report`` holds ``'sparsity'``
+    (per layer and in total) and ``'epochs'`` (loss, training top-1, mask changes and
+    flip-backs per epoch, and ``eval_top1`` when evaluation batches were given).
+    """
+
+    masks: dict[str, jax.Array]
+    scores: dict[str, jax.Array]
+    counts: dict[str, int]
+    params: Any
+    statistics: Any
+    report: dict[str, Any]
+    forward: adapters.Forward
+    nnx_split: adapters.NnxSplit | None = None
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """Linen variables of the jackpot: ``model.apply(jackpot.variables, x, train=False)``."""
+        return {'params': self.params, **self.statistics}
+
+    def module(self) -> Any:
+        """An NNX module holding the jackpot (for an NNX model only)."""
+        if self.nnx_split is None:
+            raise ValueError('module() is for NNX models; use jackpot.variables with Linen')
+        return self.nnx_split.merge(self.params, self.statistics)
+
+    def predict(self, images: Any) -> jax.Array:
+        """Logits of the jackpot in eval mode."""
+        return _eval_logits(self.forward, self.params, self.statistics, images)
+
+    def evaluate(self, batches: Iterable[tuple[Any, ...]]) -> float:
+        """Top-1 accuracy of the jackpot in eval mode over the batches."""
+        return evaluate(self.forward, self.params, self.statistics, batches)
+
+    def summary(self) -> str:
+        """The per-layer sparsity table and one line per epoch."""
+        lines = [sparsity_lib.format_sparsity_report(self.report['sparsity'])]
+        for r in self.report['epochs']:
+            line = (
+                f"epoch {r['epoch']}: loss {r['loss']:.4f}, train top-1 {r['top1']:.2%}, "
+                f"mask changes {r['mask_changes']}"
+            )
+            if 'eval_top1' in r:
+                line += f", eval top-1 {r['eval_top1']:.2%}"
+            lines.append(line)
+        return '\n'.join(lines)
+
+
+def as_forward(
+    model: Any,
+    variables: Mapping | None = None,
+    *,
+    train_kwargs: Mapping[str, Any] | None = None,
+    eval_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[adapters.Forward, Any, Any, adapters.NnxSplit | None]:
+    """``(forward, params, statistics, nnx_split)`` of a Linen module (or its ``apply``) with
+    its variables, an NNX module, or a forward function with ``{'params', ...}`` variables."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise ValueError(
+                'an NNX module holds its own variables; call find_jackpot(model, None, batches)'
+            )
+        split = adapters.split_nnx(model, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs)
+        return split.forward, split.params, split.statistics, split
+    owner = getattr(model, '__self__', None)
+    if isinstance(owner, nn.Module) and getattr(model, '__name__', '') == 'apply':
+        model = owner  # model.apply: the module itself
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise TypeError(
+            f'model is a {type(model).__name__}; pass a flax.linen.Module with its variables, '
+            'a flax.nnx.Module, or a forward(params, statistics, images, *, train, rng)'
+        )
+    if not isinstance(variables, Mapping) or 'params' not in variables:
+        raise ValueError(
+            "variables must be a mapping with 'params' (what model.init returns), got "
+            f'{type(variables).__name__}'
+        )
+    statistics = {k: v for k, v in variables.items() if k != 'params'}
+    if isinstance(model, nn.Module):
+        forward = adapters.linen_forward(
+            model, tuple(statistics), train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
+        )
+    else:
+        forward = model
+    return forward, variables['params'], statistics, None
+
+
+def _batch_stream(batches: Batches, epoch: int) -> Iterator[tuple[Any, ...]]:
+    return iter(batches(epoch) if callable(batches) else batches)
+
+
+def find_jackpot(
+    model: Any,
+    variables: Mapping | None,
+    batches: Batches,
+    *,
+    sparsity: float = 0.9,
+    epochs: int = 10,
+    steps_per_epoch: int | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    learning_rate: float = 0.1,
+    allocation: str = 'global_magnitude',
+    pattern: str = '',
+    score_init: str = 'magnitude',
+    mask_update: str = 'short_restriction',
+    rate_schedule: str = 'all',
+    prune_include: str = sparsity_lib.DEFAULT_INCLUDE,
+    prune_exclude: str | None = sparsity_lib.DEFAULT_EXCLUDE,
+    train_kwargs: Mapping[str, Any] | None = None,
+    eval_kwargs: Mapping[str, Any] | None = None,
+    bn_mode: str = 'train',
+    label_smoothing: float = 0.0,
+    rng: jax.Array | int = 0,
+    eval_batches: Iterable[tuple[Any, ...]] | None = None,
+) -> Jackpot:
+    """Searches a jackpot: masks over the frozen params of ``model``, no weight trained.
+
+    ``batches``: ``(images, labels)`` pairs, an iterable walked once per epoch (``epoch ->
+    iterable`` callables get the epoch), ``steps_per_epoch`` of them per epoch (default:
+    ``len(batches)``). ``optimizer`` is any optax transformation of the scores (default:
+    the paper's SGD, momentum 0.9, weight decay 5e-4, per-epoch cosine from
+    ``learning_rate``). ``train_kwargs`` / ``eval_kwargs`` are the model's train/eval-mode
+    keywords (default: read from its signature: ``train``, ``training``,
+    ``is_training`` or ``deterministic``). ``rng`` (a key or a seed) feeds dropout, folded
+    with the step. The remaining options are those of the launcher's ``search.*`` config.
+    """
+    if epochs < 1:
+        raise ValueError(f'epochs must be >= 1, got {epochs!r}')
+    forward, params, statistics, split = as_forward(
+        model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
+    )
+    if steps_per_epoch is None:
+        if callable(batches) or not hasattr(batches, '__len__'):
+            raise ValueError('batches has no len(); pass steps_per_epoch=N')
+        steps_per_epoch = len(batches)
+    if steps_per_epoch < 1:
+        raise ValueError(f'steps_per_epoch must be >= 1, got {steps_per_epoch!r}')
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    init_key, step_key = jax.random.split(key)
+
+    kernels = prunable_kernels(params, prune_include, prune_exclude)
+    counts = plan_counts(kernels, sparsity, allocation, pattern)
+    masks, scores = initial_masks_and_scores(
+        kernels, counts, score_init, pattern=pattern, mask_update=mask_update, rng=init_key
+    )
+    if optimizer is None:
+        optimizer = search.sgd_optimizer(learning_rate, 5e-4, 0.9, epochs, steps_per_epoch)
+    copy = functools.partial(jax.tree.map, jnp.array)  # the step donates its state
+    state = search.init_search_state(copy(params), copy(statistics), masks, scores, optimizer)
+    step_fn = search.make_search_step(
+        forward=forward,
+        optimizer=optimizer,
+        counts=counts,
+        steps_per_epoch=steps_per_epoch,
+        epochs=epochs,
+        mask_update=mask_update,
+        rate_schedule=rate_schedule,
+        bn_mode=bn_mode,
+        label_smoothing=label_smoothing,
+        pattern=structured.parse_pattern(pattern),
+        rng=step_key,
+    )
+
+    history = []
+    for epoch in range(epochs):
+        step_metrics = []
+        stream = _batch_stream(batches, epoch)
+        for batch in itertools.islice(stream, steps_per_epoch):
+            state, metrics = step_fn(state, jnp.asarray(batch[0]), jnp.asarray(batch[1]))
+            step_metrics.append(metrics)
+        if len(step_metrics) < steps_per_epoch:
+            raise ValueError(
+                f'epoch {epoch + 1} got {len(step_metrics)} batches, fewer than '
+                f'steps_per_epoch={steps_per_epoch}; pass a re-iterable (a list) or a callable '
+                'epoch -> batches, or lower steps_per_epoch'
+            )
+        record = {'epoch': epoch + 1, **_epoch_record(jax.device_get(step_metrics))}
+        if eval_batches is not None:
+            masked = sparsity_lib.masked_params(state.frozen_params, state.masks)
+            record['eval_top1'] = evaluate(forward, masked, state.batch_stats, eval_batches)
+        history.append(record)
+
+    masks = jax.device_get(state.masks)
+    return Jackpot(
+        masks=masks,
+        scores=state.scores,
+        counts=counts,
+        params=sparsity_lib.masked_params(state.frozen_params, state.masks),
+        statistics=state.batch_stats,
+        report={'sparsity': sparsity_lib.sparsity_report(params, masks), 'epochs': history},
+        forward=forward,
+        nnx_split=split,
+    )
+
+
+def _epoch_record(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Means of loss and top-1, sums of mask changes and flip-backs (total and per layer)."""
+    losses = [float(m['loss']) for m in steps]
+    bad = [loss for loss in losses if not np.isfinite(loss)]
+    if bad:
+        raise FloatingPointError(
+            f'the search loss became {bad[0]}; lower learning_rate (or check the data)'
+        )
+    record = {'loss': float(np.mean(losses)), 'top1': float(np.mean([m['top1'] for m in steps]))}
+    for key in ('mask_changes', 'flip_backs'):
+        record[key] = int(sum(m[key] for m in steps))
+        record[key + '_per_layer'] = {
+            p: int(sum(m[key + '_per_layer'][p] for m in steps))
+            for p in steps[0][key + '_per_layer']
+        }
+    return record
