@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
