@@ -1,6 +1,6 @@
 """Per-epoch test top-1 of searches side by side, from their metrics.jsonl files.
 
-  python scripts/plot_protocol_curves.py OUT.png DENSE_TOP1 LABEL=WORKDIR [LABEL=WORKDIR ...]
+  PYTHONPATH=. python scripts/plot_protocol_curves.py OUT.png DENSE_TOP1 LABEL=WORKDIR [LABEL=WORKDIR ...]
 
 Reads each WORKDIR/metrics.jsonl (the search records) and draws one curve per workdir,
 with the dense network's test top-1 as a dashed line. Reporting only: nothing is chosen
