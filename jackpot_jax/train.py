@@ -90,9 +90,9 @@ class Setup:
         self.source = data.load_source(
             config.data.name,
             config.data.data_dir or None,
-            config.data.validation_fraction,
-            config.data.threads,
-            options=config.data,
+            config.data,
+            validation_fraction=config.data.validation_fraction,
+            threads=config.data.threads,
         )
         kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
         dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
