@@ -138,14 +138,15 @@ pipeline() {  # pipeline CAP_SECONDS ARGS...: the input-pipeline benchmark's tab
 if [ "$QUICK" = "1" ]; then
     SMALL=(--models=small_cnn --batch_size=8 --steps=2 --warmup=0 --no-rate_update)
     bench quick_bfloat16 120 "${SMALL[@]}" --dtype=bfloat16
-    bench quick_float32 120 "${SMALL[@]}" --dtype=float32 --no-ablation
+    bench quick_float32 120 "${SMALL[@]}" --dtype=float32 --no-ablation --no-per_layer
     pipeline 120 --quick --seconds=0.5 --pipelines=imagenet_train,cifar10_train
 else
     R50=(--models=resnet50 --batch_size=256 --steps=8 --warmup=2 --no-rate_update)
     bench resnet50_b256_bfloat16 70 "${R50[@]}" --dtype=bfloat16
-    bench resnet50_b256_float32 60 "${R50[@]}" --dtype=float32 --no-ablation
+    # The per-layer update (the all-layer one's reference) only in the first run: compiles cost.
+    bench resnet50_b256_float32 60 "${R50[@]}" --dtype=float32 --no-ablation --no-per_layer
     bench cifar_b256_float32 45 --models=resnet32,vgg19_cifar --batch_size=256 --dtype=float32 \
-        --steps=10 --inner=3 --warmup=2 --no-rate_update --no-ablation
+        --steps=10 --inner=3 --warmup=2 --no-rate_update --no-ablation --no-per_layer
     pipeline 45 --threads=1 --seconds=4 --train_images=256 --eval_images=96 \
         --pipelines=imagenet_train,imagenet_eval
 fi
