@@ -174,6 +174,8 @@ def adapt_batch_stats(
     the search's BatchNorm training mode, starting from ``batch_stats``; the batches are
     the first ``steps`` of the training stream (epoch 0 onwards), so it is deterministic.
     """
+    if not jax.tree.leaves(batch_stats):  # no BatchNorm: nothing to re-estimate
+        return batch_stats
     batches = (b for epoch in itertools.count() for b in setup.train_epoch(batch_size, epoch))
     for images, _ in itertools.islice(batches, steps):
         batch_stats = _bn_statistics_step(params, batch_stats, images, model=setup.model)
