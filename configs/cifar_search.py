@@ -1,4 +1,4 @@
-"""Jackpot search on CIFAR (METHOD.md section 7): ``--config=configs/cifar_search.py:ARGS``.
+"""Jackpot search on CIFAR (the paper's CIFAR rows): ``--config=configs/cifar_search.py:ARGS``.
 
 ARGS = ``MODEL,DATASET,SPARSITY,EPOCHS[,tune][,tiny]``: MODEL ``vgg19`` (= ``vgg19_cifar``),
 ``resnet32`` or another registered CIFAR model; DATASET ``cifar10`` | ``cifar100``;
@@ -11,7 +11,7 @@ WORKDIR/pretrained), e.g. made by ``configs/cifar_pretrain.py:MODEL,DATASET``
 (its pretrain settings are the ``pretrain`` fields here too) or converted from the
 authors' checkpoints with ``python -m jackpot_jax.convert official``.
 
-Published rows (METHOD.md section 7; top-1 %, search only, frozen weights):
+Published rows (the paper; top-1 %, search only, frozen weights):
 
 | --config=                                        | model     | data      | top-1 |
 |--------------------------------------------------|-----------|-----------|-------|
@@ -33,7 +33,7 @@ Published rows (METHOD.md section 7; top-1 %, search only, frozen weights):
 | configs/cifar_search.py:resnet32,cifar100,95,160 | ResNet-32 | CIFAR-100 | 70.31 |
 
 Append ``,tiny`` to any of them for a seconds-long smoke run.
-Settings (METHOD.md section 3): SGD momentum 0.9 on the scores, lr 0.1 with a per-epoch
+Settings (docs/method.md §3): SGD momentum 0.9 on the scores, lr 0.1 with a per-epoch
 cosine, weight decay 5e-4, batch 256, pruned score 0.99, global magnitude allocation,
 short restriction with rate 1 ('all'), BatchNorm in training mode, no label smoothing.
 """

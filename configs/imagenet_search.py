@@ -10,7 +10,7 @@ The searched weights are torchvision's ResNet-50, converted with
 and passed as ``--config.pretrained=DIR/pretrained``. ImageNet must be prepared for
 tfds in ``--config.data.data_dir`` (see jackpot_jax/input_pipeline.py).
 
-Published rows (top-1 %, METHOD.md section 7):
+Published rows (top-1 %, the paper):
 
 | --config=                                | sparsity | search epochs | tune epochs | top-1 |
 |------------------------------------------|----------|---------------|-------------|-------|
@@ -20,7 +20,7 @@ Published rows (top-1 %, METHOD.md section 7):
 | configs/imagenet_search.py:90,tune       | 90%      | 30            | 10          | 74.62 |
 
 The abstract's claim (>70% at 90% after 5 search epochs): ``configs/imagenet_search.py:90,5``.
-Append ``,tiny`` to any of them for a smoke run. Settings (METHOD.md section 3): SGD
+Append ``,tiny`` to any of them for a smoke run. Settings (docs/method.md §3): SGD
 momentum 0.9 on the scores, lr 0.1 with a per-epoch cosine, weight decay 1e-4, batch 256,
 pruned score 0.99, global magnitude allocation, short restriction with rate 1 ('all'),
 BatchNorm in training mode, no label smoothing; a search checkpoint every 1000 steps.

@@ -234,9 +234,10 @@ def load_dataset(name: str, data_dir: str | None = None) -> ArrayDataset:
 def load_source(
     name: str,
     data_dir: str | None = None,
+    options: Mapping | None = None,
+    *,
     validation_fraction: float = 0.0,
     threads: int = 0,
-    options: Mapping | None = None,
 ):
     """A data source by name: in-memory (digits, Fashion-MNIST) or a prepared tfds dataset
     (whose input pipeline uses at most ``threads`` cores; 0 = every core).

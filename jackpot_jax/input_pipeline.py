@@ -1,6 +1,6 @@
 """tf.data input pipelines for CIFAR-10/100 and ImageNet read from a prepared tfds data_dir.
 
-Preprocessing follows METHOD.md section 6 (the reference's torchvision transforms).
+Preprocessing follows docs/method.md §5 (the reference's torchvision transforms).
 Everything random is derived statelessly from (seed, epoch, process, position), so a
 run resumed at an epoch boundary, or mid-epoch with `start_step`, sees exactly the
 batches it would have seen. Nothing is ever downloaded: the datasets must already be

@@ -101,7 +101,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
         errors.exit_with(f'error: {flag_error_message(e, argv)}', errors.EXIT_USAGE)
 
 
-def run() -> None:
+def run_mode() -> None:
     """Validates the config and the workdir, then runs the mode (flags must be parsed)."""
     config = _CONFIG.value
     if _MODE.value:
@@ -134,7 +134,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    status = errors.report_user_errors(run, traceback=_TRACEBACK.value)
+    status = errors.report_user_errors(run_mode, traceback=_TRACEBACK.value)
     if status:
         sys.exit(status)
 

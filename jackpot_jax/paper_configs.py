@@ -80,7 +80,7 @@ def set_sgd(group: ml_collections.ConfigDict, epochs, batch_size, lr, weight_dec
 def set_reference_search(
     config: ml_collections.ConfigDict, sparsity_percent: int, epochs: int, weight_decay: float
 ) -> None:
-    """METHOD.md section 3/4: the authors' search settings, spelled out."""
+    """docs/method.md §3-4: the authors' search settings, spelled out."""
     s = config.search
     s.sparsity = sparsity_percent / 100
     set_sgd(s, epochs, 256, 0.1, weight_decay)

@@ -22,7 +22,7 @@ import fractions
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -474,7 +474,7 @@ def restricted_update(
     rate: Array | float | None,
     segments: Segments,
 ) -> Array:
-    """Steps 3-5 of METHOD section 4 on packed keys, given every segment's threshold key t.
+    """Steps 3-5 of docs/method.md §4 on packed keys, given every segment's threshold key t.
 
     R = pruned with key > t, D = kept with key <= t; a segment changes only if
     |R| = |D| > 0 and k > 0. Then the p = ceil(|R| rate) best of R are revived and the
@@ -510,7 +510,7 @@ def short_restriction_updates(
     counts: Mapping[str, Array | int],
     rate: Array | float | None = None,
 ) -> FlatTree:
-    """One short-restriction step (METHOD section 4) for every layer, in one search.
+    """One short-restriction step (docs/method.md §4) for every layer, in one search.
 
     Per layer, t is the k-th smallest score; revival candidates R = pruned with s > t,
     drop candidates D = kept with s <= t. Nothing changes unless |R| = |D| > 0. Then the

@@ -138,7 +138,7 @@ def _select_smallest(keys: Array, count: Array | int, valid: Array | None = None
 
 
 def _restricted_update(keys: Array, kept: Array, k: int, rate: Array | float | None) -> Array:
-    """Steps 3-5 of METHOD section 4 in every row of (G, M) keys, k pruned per row."""
+    """Steps 3-5 of docs/method.md §4 in every row of (G, M) keys, k pruned per row."""
     t = jnp.max(jnp.where(_ranks(keys) == k, keys, jnp.uint32(0)), axis=-1, keepdims=True)
     above = keys > t
     if rate is None:  # rate 1: every candidate swaps, so the mask is simply s > t
@@ -199,7 +199,7 @@ def edge_popup_mask(scores: Array, n: int, m: int) -> Array:
 def short_restriction_update(
     scores: Array, mask: Array, n: int, m: int, rate: Array | float | None = None
 ) -> Array:
-    """One short-restriction step (METHOD section 4) in every group independently.
+    """One short-restriction step (docs/method.md §4) in every group independently.
 
     Each group is a layer of M weights with k = M - N pruned: t is its k-th smallest
     score, R = pruned with s > t, D = kept with s <= t; the group changes only if

@@ -20,7 +20,6 @@ import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -91,9 +90,9 @@ class Setup:
         self.source = data.load_source(
             config.data.name,
             config.data.data_dir or None,
-            config.data.validation_fraction,
-            config.data.threads,
-            options=config.data,
+            config.data,
+            validation_fraction=config.data.validation_fraction,
+            threads=config.data.threads,
         )
         kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
         dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
@@ -175,6 +174,8 @@ def adapt_batch_stats(
     the search's BatchNorm training mode, starting from ``batch_stats``; the batches are
     the first ``steps`` of the training stream (epoch 0 onwards), so it is deterministic.
     """
+    if not jax.tree.leaves(batch_stats):  # no BatchNorm: nothing to re-estimate
+        return batch_stats
     batches = (b for epoch in itertools.count() for b in setup.train_epoch(batch_size, epoch))
     for images, _ in itertools.islice(batches, steps):
         batch_stats = _bn_statistics_step(params, batch_stats, images, model=setup.model)

@@ -4,7 +4,6 @@ The launcher runs in-process (its flag parser and ``main``), on tiny weights mad
 without training; one subprocess checks the real command line's stderr and exit code.
 """
 
-import gzip
 import math
 import os
 import subprocess

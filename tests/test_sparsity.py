@@ -1,7 +1,7 @@
-"""Tests for jackpot_jax.sparsity (METHOD sections 2-4).
+"""Tests for jackpot_jax.sparsity (docs/method.md §2-4).
 
 Golden values are computed by hand and written literally; the random tests compare
-against a sort-based numpy reference written straight from the METHOD text.
+against a sort-based numpy reference written straight from docs/method.md.
 """
 
 import math
@@ -488,10 +488,10 @@ def test_short_restriction_ties_inside_r_and_d_lower_index_first():
 
 
 # ----------------------------------------------------------------------------
-# 7. Numpy reference of METHOD section 4, random comparison, invariant
+# 7. Numpy reference of docs/method.md §4, random comparison, invariant
 # ----------------------------------------------------------------------------
 def reference_update(scores, mask, k, rate):
-    """METHOD section 4, sort-based; rate None means 1."""
+    """docs/method.md §4, sort-based; rate None means 1."""
     s = np.asarray(scores, np.float32).ravel()
     b = np.asarray(mask, bool).ravel()
     if k == 0:

@@ -1,7 +1,7 @@
 """Tests for jackpot_jax.structured (N:M masks along input channels).
 
 Golden values are worked by hand and written literally; the random tests compare
-against a numpy reference that loops over the groups and applies METHOD section 4 to
+against a numpy reference that loops over the groups and applies docs/method.md §4 to
 each one, and single groups are checked against jackpot_jax.sparsity.
 """
 
@@ -44,7 +44,7 @@ def _update(scores, mask, n, m, rate=None):
 
 
 # ----------------------------------------------------------------------------
-# 1. Numpy reference: loop over groups, METHOD section 4 on each.
+# 1. Numpy reference: loop over groups, docs/method.md §4 on each.
 # ----------------------------------------------------------------------------
 def _group_slices(shape, m):
     """Index tuples of every group: M consecutive entries along axis -2."""
@@ -55,7 +55,7 @@ def _group_slices(shape, m):
 
 
 def _reference_group_update(s, b, k, rate):
-    """METHOD section 4 on one group (1-D), sort-based; rate None means 1."""
+    """docs/method.md §4 on one group (1-D), sort-based; rate None means 1."""
     t = np.sort(s)[k - 1]
     revive_cand = ~b & (s > t)
     drop_cand = b & (s <= t)

@@ -157,7 +157,7 @@ def cli(*args) -> int:
 
 
 # ----------------------------------------------------------------------------
-# The authors' module layout (written here from METHOD.md section 5).
+# The authors' module layout (the state-dict names of their released models).
 # ----------------------------------------------------------------------------
 class OfficialConv(tnn.Conv2d):
     """Conv with the official jackpot slots: ``mask`` (scores) and, in 2023, ``b_mask``."""
