@@ -208,10 +208,11 @@ def test_unknown_bn_mode_is_rejected():
 # The mask update is one loop for all layers, not one per layer.
 # ----------------------------------------------------------------------------
 def _while_loops(jaxpr) -> int:
-    """While loops in a jaxpr and every jaxpr nested in it (each call counted)."""
+    """Loops (while, and scan: a fori_loop with static bounds) in a jaxpr and every
+    jaxpr nested in it (each call counted)."""
     count = 0
     for eqn in jaxpr.eqns:
-        count += eqn.primitive.name == 'while'
+        count += eqn.primitive.name in ('while', 'scan')
         for value in eqn.params.values():
             for sub in value if isinstance(value, (tuple, list)) else (value,):
                 sub = getattr(sub, 'jaxpr', sub)  # a closed jaxpr holds its jaxpr

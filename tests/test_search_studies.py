@@ -195,7 +195,8 @@ def test_stability_mode_separates_statistics_and_oscillation(pretrained, tmp_pat
     assert 'validation_top1_running' not in paper['curves']
     assert stable['mask_changes'][-1][1] == 0 and sum(stable['steps']['mask_changes'][18:]) == 0
     assert paper['mask_changes'][-1][1] > 0
-    assert 0.0 <= result['magnitude_top1'] <= 1.0 and result['dense_top1'] > 0.5
+    # Twelve pre-training steps: the dense network is well above chance (10 %), not good.
+    assert 0.0 <= result['magnitude_top1'] <= 1.0 and result['dense_top1'] > 0.25
     assert 'paper' in search_studies.format_stability(result)
 
 
