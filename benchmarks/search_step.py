@@ -4,7 +4,7 @@ Prints one JSON document to stdout (progress goes to stderr). For every model it
 times, interleaved step by step after compilation and warm-up:
 
   * ``search``: the jitted search step (``search.make_search_step``, state donated);
-  * ``dense``: the jitted dense training step (``dense.make_train_step``, same optimizer);
+  * ``dense``: the jitted dense training step (``weight_training.make_train_step``, same optimizer);
   * ``mask_update``: the jitted mask update over all layers, rate 'all' (``--pattern``: N:M):
     one search over every layer at once;
   * ``mask_update_per_layer``: the per-layer update it replaced (one search per layer,
@@ -53,7 +53,7 @@ import jax  # noqa: E402  (importing jax initialises no backend)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jackpot_jax import dense, models, parallel, search, sparsity, structured  # noqa: E402
+from jackpot_jax import models, parallel, search, sparsity, structured, weight_training  # noqa: E402
 from tests import per_layer_reference  # noqa: E402
 
 # name: (image size, default batch, classes, weight decay)
@@ -397,9 +397,9 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
     parallel.check_batch_size(s['batch_size'], mesh)
     batch = parallel.shard_batch(mesh, s['images'], s['labels'])
     search_fn = make_search_fn(s)
-    dense_fn = dense.make_train_step(model=s['model'], optimizer=s['optimizer'])
+    dense_fn = weight_training.make_train_step(model=s['model'], optimizer=s['optimizer'])
     dense_state = parallel.replicate(
-        dense.init_train_state(fresh(s['params']), fresh(s['batch_stats']), s['optimizer']), mesh
+        weight_training.init_train_state(fresh(s['params']), fresh(s['batch_stats']), s['optimizer']), mesh
     )
     # Scores as they look after some steps: continuous values, so the update swaps weights.
     noise = np.random.default_rng(args.seed + 1)

@@ -9,46 +9,48 @@ score per prunable weight; no weight is ever trained. One call searches one::
 
 ``model`` is a Linen module (with its ``variables``), an NNX module (``variables=None``)
 or a forward function (:mod:`jackpot_jax.adapters`). For a loop of your own, the pieces
-underneath are exported too: :func:`prunable_kernels`, :func:`plan_counts` (per-layer
-counts), :func:`initial_masks_and_scores`, :func:`masked_params`, :func:`update_masks`,
-:func:`init_search_state` and :func:`make_search_step` (any optax optimizer for the
-scores). The launcher (``jackpot-jax``, ``python -m jackpot_jax.main``) runs on the same step.
+underneath are exported too: :func:`plan_masks` (which kernels, and how many weights
+each loses: a :class:`MaskPlan`), :func:`initial_masks_and_scores`,
+:func:`masked_params`, :func:`update_masks`, :func:`init_search_state` and
+:func:`make_search_step` (any optax optimizer for the scores). The launcher (``jackpot-jax``, ``python -m jackpot_jax.main``) runs on the same step.
 """
 
-from jackpot_jax.adapters import Forward, linen_forward, split_nnx
-from jackpot_jax.api import (
-    Jackpot,
-    evaluate,
-    find_jackpot,
-    initial_masks_and_scores,
-    plan_counts,
-    prunable_kernels,
-)
-from jackpot_jax.search import (
-    SearchState,
-    init_search_state,
-    make_search_step,
-    search_step,
-    sgd_optimizer,
-)
-from jackpot_jax.sparsity import masked_params, sparsity_report, update_masks
+import importlib
+from typing import Any
 
-__all__ = [
-    'Forward',
-    'Jackpot',
-    'SearchState',
-    'evaluate',
-    'find_jackpot',
-    'init_search_state',
-    'initial_masks_and_scores',
-    'linen_forward',
-    'make_search_step',
-    'masked_params',
-    'plan_counts',
-    'prunable_kernels',
-    'search_step',
-    'sgd_optimizer',
-    'sparsity_report',
-    'split_nnx',
-    'update_masks',
-]
+# Exported name -> the module that defines it. Imported on first use, so that importing
+# a submodule (e.g. ``jackpot_jax.config`` from a config file) does not import JAX.
+_EXPORTS = {
+    'Forward': 'adapters',
+    'linen_forward': 'adapters',
+    'split_nnx': 'adapters',
+    'Jackpot': 'api',
+    'evaluate': 'api',
+    'find_jackpot': 'api',
+    'MaskPlan': 'mask_plan',
+    'initial_masks_and_scores': 'mask_plan',
+    'plan_counts': 'mask_plan',
+    'plan_masks': 'mask_plan',
+    'prunable_kernels': 'mask_plan',
+    'SearchState': 'search',
+    'init_search_state': 'search',
+    'make_search_step': 'search',
+    'search_step': 'search',
+    'sgd_optimizer': 'search',
+    'masked_params': 'sparsity',
+    'sparsity_report': 'sparsity',
+    'update_masks': 'sparsity',
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+    value = getattr(importlib.import_module(f'{__name__}.{_EXPORTS[name]}'), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

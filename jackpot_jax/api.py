@@ -4,9 +4,9 @@
 forward function (see :mod:`jackpot_jax.adapters`), an iterable of ``(images, labels)``
 batches, the sparsity and the schedule, and returns a :class:`Jackpot`: masks, scores,
 the masked params, the model's statistics after the search and a report. Underneath it
-are the same building blocks the launcher uses (:func:`plan_counts`,
-:func:`initial_masks_and_scores`, ``sparsity.masked_params``, ``sparsity.update_masks``,
-``search.make_search_step``), for anyone writing their own loop.
+are the same building blocks the launcher uses (:mod:`jackpot_jax.mask_plan`,
+``sparsity.masked_params``, ``sparsity.update_masks``, ``search.make_search_step``), for
+anyone writing their own loop.
 """
 
 from __future__ import annotations
@@ -23,73 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jackpot_jax import adapters, search, structured
+from jackpot_jax import adapters, mask_plan, search
 from jackpot_jax import sparsity as sparsity_lib
 
 Batches = Iterable[tuple[Any, ...]] | Callable[[int], Iterable[tuple[Any, ...]]]
 
 
 # ----------------------------------------------------------------------------
-# Building blocks.
+# Evaluation.
 # ----------------------------------------------------------------------------
-def prunable_kernels(
-    params: Mapping,
-    include: str = sparsity_lib.DEFAULT_INCLUDE,
-    exclude: str | None = sparsity_lib.DEFAULT_EXCLUDE,
-) -> dict[str, jax.Array]:
-    """The kernels a search prunes, keyed by their '/'-joined parameter path."""
-    flat = sparsity_lib.flatten(params)
-    return {p: flat[p] for p in sparsity_lib.prunable_paths(params, include, exclude)}
-
-
-def plan_counts(
-    kernels: Mapping[str, jax.Array],
-    sparsity: float,
-    allocation: str = 'global_magnitude',
-    pattern: str = '',
-) -> dict[str, int]:
-    """Per-layer pruned counts: the allocation's, or (M - N) / M of every eligible layer
-    under an N:M ``pattern`` (which then fixes the sparsity)."""
-    nm = structured.parse_pattern(pattern)
-    if nm:
-        return structured.nm_counts({p: np.shape(w) for p, w in kernels.items()}, *nm)
-    return sparsity_lib.pruned_counts(jax.device_get(dict(kernels)), sparsity, allocation)
-
-
-def initial_masks_and_scores(
-    kernels: Mapping[str, jax.Array],
-    counts: Mapping[str, int],
-    score_init: str = 'magnitude',
-    *,
-    pattern: str = '',
-    mask_update: str = 'short_restriction',
-    pruned_score: float = 0.99,
-    rng: jax.Array | None = None,
-) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
-    """The first masks and scores of a search.
-
-    'magnitude' (the paper): the magnitude masks, scored 1 where kept and
-    ``pruned_score`` where pruned. 'kaiming' (edge-popup) and 'random' (U(0, 1)) draw the
-    scores from ``rng`` and start from the masks the update rule picks from them.
-    """
-    nm = structured.parse_pattern(pattern)
-    if score_init == 'magnitude':
-        if nm:
-            masks = structured.magnitude_masks(kernels, counts, *nm)
-        else:
-            masks = sparsity_lib.magnitude_masks(kernels, counts)
-        return masks, sparsity_lib.init_scores(masks, pruned_score)
-    draw = {'kaiming': sparsity_lib.kaiming_scores, 'random': sparsity_lib.uniform_scores}
-    if score_init not in draw:
-        raise ValueError(
-            f'unknown score_init {score_init!r}; choose one of {sparsity_lib.SCORE_INITS}'
-        )
-    scores = draw[score_init](jax.random.key(0) if rng is None else rng, kernels)
-    if nm:
-        return structured.masks_from_scores(scores, counts, *nm, mode=mask_update), scores
-    return sparsity_lib.masks_from_scores(scores, counts, mask_update), scores
-
-
 def evaluate(
     forward: adapters.Forward, params: Any, statistics: Any, batches: Iterable[tuple[Any, ...]]
 ) -> float:
@@ -262,10 +204,10 @@ def find_jackpot(
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     init_key, step_key = jax.random.split(key)
 
-    kernels = prunable_kernels(params, prune_include, prune_exclude)
-    counts = plan_counts(kernels, sparsity, allocation, pattern)
-    masks, scores = initial_masks_and_scores(
-        kernels, counts, score_init, pattern=pattern, mask_update=mask_update, rng=init_key
+    plan = mask_plan.plan_masks(params, sparsity, allocation, pattern, prune_include, prune_exclude)
+    counts = plan.counts
+    masks, scores = plan.initial_masks_and_scores(
+        params, score_init, mask_update=mask_update, rng=init_key
     )
     if optimizer is None:
         optimizer = search.sgd_optimizer(learning_rate, 5e-4, 0.9, epochs, steps_per_epoch)
@@ -281,7 +223,7 @@ def find_jackpot(
         rate_schedule=rate_schedule,
         bn_mode=bn_mode,
         label_smoothing=label_smoothing,
-        pattern=structured.parse_pattern(pattern),
+        pattern=plan.pattern,
         rng=step_key,
     )
 

@@ -1,23 +1,15 @@
-"""The base configuration (the embedded digits demo) and its validation.
+"""The base configuration (the embedded digits demo), the protocols, and list fields.
 
 Every file under ``configs/`` starts from :func:`get_config` and overrides a few
-fields, so :func:`validate` can reject unknown keys and bad values before any
-work starts. This file is itself a config file: ``--config=jackpot_jax/config.py``.
+fields, so ``config_checks.validate`` can reject unknown keys and bad values before
+any work starts. This file is itself a config file: ``--config=jackpot_jax/config.py``.
+It imports only ml_collections, so loading a config never imports JAX.
 """
 
 from __future__ import annotations
 
-import math
-import re
-
 import ml_collections
 
-from jackpot_jax import criteria, data, models, search, sparsity, structured, user_models
-
-# fmt: off
-MODES = ('demo', 'pretrain', 'search', 'tune', 'evaluate', 'export', 'overlap', 'search_cost',
-         'restriction', 'sweep', 'stability')
-# fmt: on
 CPU_COLLECTIVES = ('', 'gloo', 'mpi')
 # config.jackpot = 'none': no jackpot (evaluate the weights as they are). Modes that
 # never read config.jackpot accept it too.
@@ -26,9 +18,6 @@ NO_JACKPOT_MODES = ('evaluate', 'pretrain')
 # Modes that refuse model.dtype='bfloat16': 'overlap' ranks weights by SNIP/GraSP/SynFlow
 # gradients, which bfloat16 would blur into ties.
 FLOAT32_ONLY_MODES = ('overlap',)
-# Mask-update rules compared by mode 'restriction': the three short-restriction rates and
-# the 2021 edge-popup rule.
-RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
 # Variants of mode 'stability': the paper's protocol, each change of the stable one on
 # its own, and the stable protocol.
 STABILITY_VARIANTS = ('paper', 'paper+recalibration', 'paper+freeze', 'stable')
@@ -128,8 +117,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Also evaluate every epoch with the other statistics (the search's running ones and ones
     # re-estimated under the mask), recorded as *_running / *_recalibrated: a diagnostic.
     config.search.compare_bn_statistics = False
-    config.search.prune_include = sparsity.DEFAULT_INCLUDE  # regex over parameter paths.
-    config.search.prune_exclude = sparsity.DEFAULT_EXCLUDE  # classifiers, a ViT's conv_proj.
+    # Regexes over parameter paths (sparsity.DEFAULT_INCLUDE / DEFAULT_EXCLUDE: every kernel
+    # but the classifier's and a ViT's conv_proj); written out so configs need no JAX.
+    config.search.prune_include = r'(^|/)kernel$'
+    config.search.prune_exclude = r'^((fc|classifier)(_\d+)?|heads|conv_proj)/'
     # 'N:M' (e.g. '2:4'): keep N of every M consecutive input-channel weights in each
     # prunable layer whose input channels are a multiple of M (the others stay dense);
     # search.sparsity must then equal (M - N) / M (search.allocation is not used).
@@ -187,44 +178,6 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
-def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with every field left at -1 set by ``config.protocol``.
-
-    Idempotent; fields set explicitly (>= 0) are kept, so a protocol can be mixed with
-    single changes (e.g. the paper's protocol with re-estimated statistics).
-    """
-    _check_choice('protocol', config.protocol, tuple(PROTOCOLS))
-    resolved = ml_collections.ConfigDict(config.to_dict())
-    for field, value in PROTOCOLS[config.protocol].items():
-        group, name = field.split('.')
-        if resolved[group][name] == -1:
-            resolved[group][name] = value
-    if config.data.validation_fraction == -1 and config.data.name not in data.DATASETS:
-        # A validation split carved from a tfds training split is not supported yet: such
-        # runs choose on the test split, as the paper does, and their summaries say so
-        # ('best_selected_on': 'test'); an explicit fraction > 0 is refused with the fix.
-        resolved.data.validation_fraction = 0.0
-    return resolved
-
-
-def _check_keys(
-    config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, prefix: str = ''
-) -> None:
-    for key, value in config.items():
-        name = prefix + key
-        if key not in base:
-            raise ValueError(f"unknown config key '{name}'; known keys here: {sorted(base.keys())}")
-        if isinstance(base[key], ml_collections.ConfigDict) and name != 'model':
-            if not isinstance(value, ml_collections.ConfigDict):
-                raise ValueError(f"config key '{name}' must be a group of fields, got {value!r}")
-            _check_keys(value, base[key], name + '.')
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
-
-
 def parse_list(name: str, text: str, kind: type = str) -> tuple:
     """A comma-separated config field as a tuple of ``kind``; empty or unparsable -> ValueError."""
     items = [item.strip() for item in str(text).split(',') if item.strip()]
@@ -236,163 +189,6 @@ def parse_list(name: str, text: str, kind: type = str) -> tuple:
         raise ValueError(f'{name}={text!r}: every item must be a {kind.__name__}') from None
 
 
-def _check_list(name: str, text: str, choices: tuple[str, ...]) -> None:
-    for item in parse_list(name, text):
-        _check_choice(name, item, choices)
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f'{name} must be positive, got {value!r}')
-
-
 def is_no_jackpot(jackpot: str) -> bool:
     """Whether a ``config.jackpot`` value means "no jackpot" ('none', any case)."""
     return str(jackpot).strip().lower() == NO_JACKPOT
-
-
-def _check_optimizer(group: str, cfg: ml_collections.ConfigDict) -> None:
-    """Finite positive learning rate, finite weight decay >= 0, momentum in [0, 1)."""
-    if not (math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0):
-        raise ValueError(
-            f'{group}.learning_rate must be a finite number > 0, got {cfg.learning_rate!r}'
-        )
-    if not (math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0):
-        raise ValueError(
-            f'{group}.weight_decay must be a finite number >= 0 (0 = none), '
-            f'got {cfg.weight_decay!r}'
-        )
-    if not 0.0 <= cfg.momentum < 1.0:
-        raise ValueError(f'{group}.momentum must be in [0, 1) (0 = none), got {cfg.momentum!r}')
-
-
-def _check_regex(name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise ValueError(
-            f'{name}={pattern!r} is not a valid regular expression ({e}); it is matched '
-            "against parameter paths such as 'conv1/kernel'"
-        ) from None
-
-
-def _check_distributed(d: ml_collections.ConfigDict) -> None:
-    _check_choice('distributed.cpu_collectives', d.cpu_collectives, CPU_COLLECTIVES)
-    if d.num_processes < 0 or d.process_id < -1:
-        raise ValueError(
-            'distributed.num_processes must be >= 0 (0 = auto) and distributed.process_id '
-            f'>= -1 (-1 = auto), got {d.num_processes!r} and {d.process_id!r}'
-        )
-    if d.num_processes and d.process_id >= d.num_processes:
-        raise ValueError(
-            f'distributed.process_id={d.process_id} is out of range for '
-            f'distributed.num_processes={d.num_processes}'
-        )
-
-
-def _check_dtype(config: ml_collections.ConfigDict) -> None:
-    dtype = config.model.get('dtype', 'float32')
-    models.compute_dtype(dtype)  # unknown names raise
-    if dtype != 'float32' and config.mode in FLOAT32_ONLY_MODES:
-        raise ValueError(
-            f'mode {config.mode!r} cannot run in model.dtype={dtype!r}: its criteria rank '
-            'weights by gradients that need float32; rerun it with --config.model.dtype=float32 '
-            '(the jackpot it reads may come from a bfloat16 search)'
-        )
-
-
-def _check_open_names(config: ml_collections.ConfigDict) -> None:
-    """The dataset and model names: built-in ones, 'tfds:NAME' and 'package.module:Factory'."""
-    if data.is_tfds_name(config.data.name):
-        data.tfds_options(config.data)
-    else:
-        _check_choice(
-            'dataset', config.data.name, data.DATASETS + data.TFDS_DATASETS + ('tfds:NAME',)
-        )
-    if not user_models.is_import_path(config.model.name):
-        known = tuple(models.MODELS) + ('package.module:Factory',)
-        _check_choice('model', config.model.name, known)
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad field and how to fix it."""
-    _check_keys(config, get_config())
-    config = resolve_protocol(config)
-    _check_choice('mode', config.mode, MODES)
-    _check_open_names(config)
-    if 'width' in config.model and not config.model.width > 0:
-        raise ValueError(f'model.width must be a positive integer, got {config.model.width!r}')
-    if is_no_jackpot(config.jackpot) and config.mode not in NO_JACKPOT_MODES:
-        raise ValueError(
-            f"config.jackpot={config.jackpot!r} means no jackpot, which mode {config.mode!r} "
-            "cannot use: set config.jackpot to a jackpot folder ('' = WORKDIR/jackpot), or use "
-            "'none' with --mode=evaluate to evaluate the weights as they are"
-        )
-    _check_dtype(config)
-    s = config.search
-    if not 0.0 <= s.sparsity < 1.0:
-        raise ValueError(
-            f'search.sparsity must be in [0, 1), got {s.sparsity!r}; it is the '
-            'fraction of prunable weights removed (0.9 keeps 10%)'
-        )
-    _check_choice('allocation', s.allocation, sparsity.ALLOCATIONS)
-    _check_choice('mask_update', s.mask_update, sparsity.MASK_UPDATES)
-    _check_choice('rate_schedule', s.rate_schedule, sparsity.RATE_SCHEDULES)
-    _check_choice('bn_mode', s.bn_mode, search.BN_MODES)
-    _check_choice('search.score_init', s.score_init, sparsity.SCORE_INITS)
-    _check_regex('search.prune_include', s.prune_include)
-    _check_regex('search.prune_exclude', s.prune_exclude)
-    pattern = structured.parse_pattern(s.pattern)
-    if pattern and abs(s.sparsity - structured.pattern_sparsity(*pattern)) > 1e-9:
-        n, m = pattern
-        raise ValueError(
-            f'search.pattern {s.pattern!r} removes {m - n}/{m} of every eligible layer, but '
-            f'search.sparsity is {s.sparsity!r}; set --config.search.sparsity={(m - n) / m!r}'
-        )
-    _check_list('search_cost.inits', config.search_cost.inits, sparsity.SCORE_INITS)
-    _check_list('restriction.variants', config.restriction.variants, RESTRICTION_VARIANTS)
-    _check_list('stability.variants', config.stability.variants, STABILITY_VARIANTS)
-    for value in parse_list('sweep.sparsities', config.sweep.sparsities, float):
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f'sweep.sparsities: {value!r} is not in [0, 1)')
-    if not 0.0 <= config.search_cost.target <= 1.0:
-        raise ValueError(
-            f'search_cost.target must be a test top-1 in [0, 1] (0 = the kaiming search\'s '
-            f'final accuracy), got {config.search_cost.target!r}'
-        )
-    for name, value in [
-        ('data.validation_fraction', config.data.validation_fraction),
-        ('search.mask_freeze_fraction', s.mask_freeze_fraction),
-    ]:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f'{name} must be in [0, 1) (or -1: set by config.protocol), got {value!r}')
-    if not 0.0 <= s.pruned_score < 1.0:
-        raise ValueError(
-            f'search.pruned_score must be in [0, 1) so magnitude-kept weights '
-            f'(score 1.0) rank first, got {s.pruned_score!r}'
-        )
-    for group in ('pretrain', 'search', 'tune'):
-        for field in ('epochs', 'batch_size'):
-            if group != 'tune' or field != 'epochs':
-                _check_positive(f'{group}.{field}', config[group][field])
-        _check_optimizer(group, config[group])
-        if not 0.0 <= config[group].label_smoothing < 1.0:
-            raise ValueError(
-                f'{group}.label_smoothing must be in [0, 1), '
-                f'got {config[group].label_smoothing!r}'
-            )
-    _check_positive('data.eval_batch_size', config.data.eval_batch_size)
-    _check_distributed(config.distributed)
-    _check_positive('checkpoint.keep', config.checkpoint.keep)
-    _check_list('overlap.criteria', config.overlap.criteria, tuple(criteria.CRITERIA))
-    for name, value in [
-        ('tune.epochs', config.tune.epochs),
-        ('checkpoint.every_steps', config.checkpoint.every_steps),
-        ('steps_per_epoch', config.steps_per_epoch),
-        ('overlap.batch_size', config.overlap.batch_size),
-        ('overlap.bn_steps', config.overlap.bn_steps),
-        ('data.threads', config.data.threads),
-        ('search.bn_recalibration_steps', s.bn_recalibration_steps),
-    ]:
-        if value < 0:
-            raise ValueError(f'{name} must be >= 0, got {value!r}')

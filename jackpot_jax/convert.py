@@ -48,14 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jackpot_jax import errors, models, sparsity, vit
-from jackpot_jax.train import (
-    CHECKPOINTS_DIR,
-    JACKPOT_DIR,
-    PRETRAINED_DIR,
-    TUNED_DIR,
-    leaf_shapes,
-    tree_mismatches,
-)
+from jackpot_jax.trees import leaf_shapes, tree_mismatches
+from jackpot_jax.workdir import CHECKPOINTS_DIR, JACKPOT_DIR, PRETRAINED_DIR, TUNED_DIR
 
 FAMILIES = ('torchvision', 'official')
 TORCH_SUFFIXES = ('.pth', '.pt', '.safetensors')

@@ -25,7 +25,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from jackpot_jax.data import TFDS_PREFIX
 
 try:  # TF must not grab GPU memory that JAX needs; it only runs the input pipeline.
     tf.config.experimental.set_visible_devices([], 'GPU')
@@ -724,7 +723,7 @@ def _image_classification_features(
         builder = tfds.builder(builder_name, data_dir=data_dir)
     except Exception as e:  # pylint: disable=broad-except  (tfds raises its own types)
         raise ValueError(
-            f'data.name {TFDS_PREFIX + builder_name!r}: tensorflow_datasets has no dataset '
+            f"data.name 'tfds:{builder_name}': tensorflow_datasets has no dataset "
             f'{builder_name!r} ({type(e).__name__}); use a name from the tfds catalog, e.g. '
             "'tfds:mnist'"
         ) from None
@@ -736,7 +735,7 @@ def _image_classification_features(
     ):
         kinds = {k: type(v).__name__ for k, v in names.items()}
         raise ValueError(
-            f'data.name {TFDS_PREFIX + builder_name!r} is not an image-classification dataset: '
+            f"data.name 'tfds:{builder_name}' is not an image-classification dataset: "
             f"it needs an 'image' (Image) and a 'label' (ClassLabel) feature, it has {kinds}; "
             'pick a tfds dataset with both'
         )
@@ -782,9 +781,7 @@ def open_dataset(
     preprocessing is :class:`ImageTransform`. ``image_size`` 0 keeps the dataset's own
     (fixed) size. ``mean``/``std`` hold one value or one per channel.
     """
-    if not name.startswith(TFDS_PREFIX):
-        raise ValueError(f"{name!r} is not 'tfds:NAME'")
-    builder_name = name[len(TFDS_PREFIX) :]
+    builder_name = name.partition(':')[2]
     builder, image, label = _image_classification_features(builder_name, data_dir)
     height, width, channels = (tuple(image.shape) + (None, None, None))[:3]
     channels = channels or 3

@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jackpot_jax import config as config_lib
-from jackpot_jax import errors, parallel, sparsity, train
+from jackpot_jax import errors, launcher, parallel, sparsity
 from jackpot_jax import workdir as workdir_lib
 
 DEFAULT_CONFIG = os.path.abspath(config_lib.__file__)
@@ -30,7 +30,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Folder for weights, jackpots, metrics.')
-_MODE = flags.DEFINE_enum('mode', None, list(config_lib.MODES), 'Overrides config.mode.')
+_MODE = flags.DEFINE_enum('mode', None, list(launcher.MODES), 'Overrides config.mode.')
 _TRACEBACK = flags.DEFINE_bool('traceback', False, errors.TRACEBACK_HELP)
 # Modes that only read the workdir: no lock, no writability check.
 READ_ONLY_MODES = ('evaluate',)
@@ -106,7 +106,7 @@ def run_mode() -> None:
     config = _CONFIG.value
     if _MODE.value:
         config.mode = _MODE.value
-    config_lib.validate(config)
+    launcher.validate(config)
     workdir = _WORKDIR.value
     writes = config.mode not in READ_ONLY_MODES
     workdir_lib.prepare(workdir, writes)
@@ -127,7 +127,7 @@ def run_mode() -> None:
         jax.device_count(),
     )
     logging.info('mode %s, workdir %s\n%s', config.mode, workdir, config)
-    train.MODES[config.mode](config, workdir)
+    launcher.MODES[config.mode](config, workdir)
 
 
 def main(argv):

@@ -1,4 +1,5 @@
-"""Metrics: JSON lines (``WORKDIR/metrics.jsonl``) and TensorBoard scalars (``WORKDIR/tensorboard``).
+"""Metrics: per-epoch sums of step metrics (:class:`EpochMetrics`), written as JSON lines
+(``WORKDIR/metrics.jsonl``) and TensorBoard scalars (``WORKDIR/tensorboard``).
 
 Only process 0 writes. Each record is one epoch of one mode; numbers nested in
 dicts (e.g. mask changes per layer) become TensorBoard tags joined by '/'. A record's
@@ -15,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from jackpot_jax import parallel
 
@@ -102,3 +104,57 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     """All records of a JSON-lines file."""
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class EpochMetrics:
+    """Per-epoch sums of the step metrics, folded in step order (so a resumed run adds
+    the same floats in the same order as an uninterrupted one). Device values are
+    fetched lazily, at :meth:`flush`, to keep the steps asynchronous. With
+    ``trace=True`` the result also lists every step's loss, mask changes and flip-backs."""
+
+    COUNTS = ('mask_changes', 'flip_backs')
+    TRACED = ('loss', 'mask_changes', 'flip_backs')
+
+    def __init__(self, sums: dict[str, Any] | None = None, trace: bool = False):
+        self.sums = sums or {}
+        self.trace = trace
+        self._pending: list[tuple[int, Any]] = []
+
+    def add(self, step: int, metrics: Any) -> None:
+        self._pending.append((step, metrics))
+
+    def flush(self) -> None:
+        """Folds pending metrics in; raises FloatingPointError at the first non-finite loss
+        or (in a search) the first step that leaves a score non-finite."""
+        for step, metrics in zip(
+            [s for s, _ in self._pending], to_python([m for _, m in self._pending])
+        ):
+            if not np.isfinite(metrics['loss']):
+                raise FloatingPointError(f'the loss is {metrics["loss"]} at step {step}')
+            if not metrics.get('scores_finite', True):
+                raise FloatingPointError(f'scores became inf or NaN at step {step}')
+            self.sums['steps'] = self.sums.get('steps', 0) + 1
+            for key in ('loss', 'top1'):
+                self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
+            for key in self.COUNTS:
+                if key in metrics:
+                    self.sums[key] = self.sums.get(key, 0) + metrics[key]
+                    per_layer = self.sums.setdefault(key + '_per_layer', {})
+                    for path, n in metrics[key + '_per_layer'].items():
+                        per_layer[path] = per_layer.get(path, 0) + n
+            if 'swap_rate' in metrics:
+                self.sums['swap_rate'] = metrics['swap_rate']
+            if self.trace:
+                trace = self.sums.setdefault('trace', {'step': [], **{k: [] for k in self.TRACED}})
+                trace['step'].append(step)
+                for key in self.TRACED:
+                    trace[key].append(metrics[key])
+        self._pending = []
+
+    def result(self) -> dict[str, Any]:
+        self.flush()
+        out = {k: v for k, v in self.sums.items() if k not in ('steps', 'loss', 'top1')}
+        out.update(
+            loss=self.sums['loss'] / self.sums['steps'], top1=self.sums['top1'] / self.sums['steps']
+        )
+        return out

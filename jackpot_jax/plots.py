@@ -162,7 +162,7 @@ def plot_curves(
 
 
 def plot_restriction(result: Mapping[str, Any], path: str) -> str:
-    """Four panels comparing mask-update rules (``search_studies.run_restriction``'s result):
+    """Four panels comparing mask-update rules (``studies.restriction.run_restriction``'s result):
     training loss per step, test top-1 per epoch, mask changes per step, and per layer the
     share of changes that were flip-backs."""
     runs = result['runs']
@@ -209,7 +209,7 @@ def plot_restriction(result: Mapping[str, Any], path: str) -> str:
 
 
 def plot_stability(result: Mapping[str, Any], path: str) -> str:
-    """Three panels (``search_studies.run_stability``'s result): test top-1 per epoch under
+    """Three panels (``studies.stability.run_stability``'s result): test top-1 per epoch under
     re-estimated (solid) and running (dashed) BatchNorm statistics; mask changes and
     flip-backs per step beside the learning rate; and the saved jackpot's test top-1."""
     runs = result['runs']

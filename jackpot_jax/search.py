@@ -155,7 +155,7 @@ def search_step(
         'flip_backs': sum(flip_backs.values()),
         'flip_backs_per_layer': flip_backs,
         'swap_rate': swap_rate,
-        # False once any score is inf or NaN: the search stops (train.EpochMetrics).
+        # False once any score is inf or NaN: the search stops (metrics.EpochMetrics).
         'scores_finite': jnp.all(jnp.array([jnp.isfinite(v).all() for v in scores.values()])),
     }
     new_state = state.replace(

@@ -30,6 +30,7 @@ import fractions
 import math
 import re
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,26 @@ _PATTERN = re.compile(r'(\d+)\s*:\s*(\d+)')
 # ----------------------------------------------------------------------------
 # Patterns and eligibility.
 # ----------------------------------------------------------------------------
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """``'2:4'`` -> ``(2, 4)``; ``''`` -> None (unstructured masks)."""
+class NByM(NamedTuple):
+    """An N:M pattern: N weights kept in every group of M consecutive input channels."""
+
+    n: int
+    m: int
+
+    def __str__(self) -> str:
+        return f'{self.n}:{self.m}'
+
+
+def parse_pattern(pattern: str | Sequence[int] | None) -> NByM | None:
+    """``'2:4'`` -> ``NByM(2, 4)``; ``''`` or None -> None (unstructured masks).
+
+    Parsed values pass through, so a pattern can be parsed once and handed on.
+    """
+    if pattern is None:
+        return None
+    if not isinstance(pattern, str):
+        _check_pattern(*pattern)
+        return NByM(*pattern)
     text = pattern.strip()
     if not text:
         return None
@@ -54,7 +73,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     if match:
         n, m = int(match.group(1)), int(match.group(2))
         if 1 <= n < m:
-            return n, m
+            return NByM(n, m)
     raise ValueError(
         f"search.pattern {pattern!r} is not N:M with 1 <= N < M; "
         "use e.g. '2:4', or '' for unstructured masks"

@@ -1,4 +1,5 @@
-"""The launcher's workdir: checked before any work, and locked while a run writes into it.
+"""The launcher's workdir: what it holds, checked before any work, and locked while a run
+writes into it.
 
 The lock is ``fcntl.flock`` on ``WORKDIR/.lock``, held until the process ends. The
 operating system drops it when the process dies, however it dies, so a crashed run never
@@ -18,6 +19,15 @@ import jax
 
 from jackpot_jax.errors import UserError
 
+# What a workdir holds.
+PRETRAINED_DIR = 'pretrained'  # dense weights made by 'pretrain' (unless config.pretrained)
+CHECKPOINTS_DIR = 'checkpoints'  # search checkpoints, one folder per step
+JACKPOT_DIR = 'jackpot'  # the found jackpot: bit-packed masks, batch statistics, meta
+TUNED_DIR = 'tuned'  # weights tuned under the jackpot's mask
+MASKED_WEIGHTS_DIR = 'masked_weights'  # 'export': the masked params as ordinary weights
+METRICS_FILE = 'metrics.jsonl'  # one JSON record per epoch
+LAYER_SPARSITY_PNG = 'layer_sparsity.png'
+MASK_CHANGES_PNG = 'mask_changes.png'
 LOCK_FILE = '.lock'
 _held: dict[str, IO[str]] = {}  # real path of a workdir -> its open, locked lock file
 

@@ -13,7 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from jackpot_jax import checkpoint, models, search, sparsity, train
+from jackpot_jax import checkpoint, launcher, models, search, search_run, sparsity, weight_training
+from jackpot_jax import run_context as rc
+from jackpot_jax import workdir as workdir_lib
 from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import read_jsonl
 
@@ -37,15 +39,15 @@ def tiny_config(weights):
 def weights(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('weights'))
     config = tiny_config('')
-    train.run_pretrain(config, workdir)
-    return os.path.join(workdir, train.PRETRAINED_DIR)
+    weight_training.run_pretrain(config, workdir)
+    return os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
 
 
 @pytest.fixture(scope='module')
 def reference(weights, tmp_path_factory):
     """An uninterrupted search."""
     workdir = str(tmp_path_factory.mktemp('reference'))
-    result = train.run_search(tiny_config(weights), workdir)
+    result = search_run.run_search(tiny_config(weights), workdir)
     return workdir, jax.device_get(result['state'])
 
 
@@ -114,17 +116,17 @@ def test_interrupted_search_resumes_bit_identically(
     with monkeypatch.context() as patch:
         _interrupt_after(patch, interrupt_at)
         with pytest.raises(_Interrupt):
-            train.run_search(tiny_config(weights), workdir)
-    saved = checkpoint.SearchCheckpoints(os.path.join(workdir, train.CHECKPOINTS_DIR)).steps()
+            search_run.run_search(tiny_config(weights), workdir)
+    saved = checkpoint.SearchCheckpoints(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)).steps()
     assert saved and max(saved) < 2 * STEPS
-    resumed = train.run_search(tiny_config(weights), workdir)
+    resumed = search_run.run_search(tiny_config(weights), workdir)
     _assert_same_search(resumed['state'], ref_state)
     assert _search_records(workdir) == _search_records(ref_dir)
 
 
 def test_keeps_latest_n_and_the_best(reference):
     workdir, _ = reference
-    steps = checkpoint.SearchCheckpoints(os.path.join(workdir, train.CHECKPOINTS_DIR)).steps()
+    steps = checkpoint.SearchCheckpoints(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)).steps()
     records = _search_records(workdir)
     best_step = max(records, key=lambda r: r['validation_top1'])['step']  # never the test split
     latest = list(range(2, 2 * STEPS + 1, 2))[-3:]
@@ -147,7 +149,7 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(weights, reference, 
         '--config.checkpoint.every_steps=1',
         f'--config.pretrained={weights}',
     ]
-    ckpt_dir = os.path.join(workdir, train.CHECKPOINTS_DIR)
+    ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)
     kills = 0
     for _ in range(2):
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -169,7 +171,7 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(weights, reference, 
     ckpts.close()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    masks = checkpoint.load_jackpot(os.path.join(workdir, train.JACKPOT_DIR))[1]
+    masks = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))[1]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(ref_state.masks), masks)
 
 
@@ -182,14 +184,15 @@ def test_restore_across_device_layouts(
     with monkeypatch.context() as patch:
         _interrupt_after(patch, STEPS + 1)
         with pytest.raises(_Interrupt):
-            train.run_search(config, str(tmp_path))
-    ckpt_dir = os.path.join(tmp_path, train.CHECKPOINTS_DIR)
+            search_run.run_search(config, str(tmp_path))
+    ckpt_dir = os.path.join(tmp_path, workdir_lib.CHECKPOINTS_DIR)
     ckpts = checkpoint.SearchCheckpoints(ckpt_dir)
     step = ckpts.latest_step()
     config.num_devices = devices_after
-    setup = train.Setup(config)
+    setup = rc.Setup(config)
     params, batch_stats, _ = setup.load_weights(weights)
-    counts, masks = train.initial_pruning(config, params)
+    plan = rc.plan_masks(config, params)
+    counts, masks = plan.counts, plan.magnitude_masks(params)
     optimizer = search.sgd_optimizer(0.1, 5e-4, 0.9, 2, STEPS)
     like = search.init_search_state(
         params, batch_stats, masks, sparsity.init_scores(masks), optimizer
@@ -200,7 +203,7 @@ def test_restore_across_device_layouts(
     assert len(jax.tree.leaves(state.scores)[0].sharding.device_set) == devices_after
     for path, k in counts.items():
         assert np.asarray(state.masks[path]).size - np.asarray(state.masks[path]).sum() == k
-    result = train.run_search(config, str(tmp_path))  # and the search finishes there
+    result = search_run.run_search(config, str(tmp_path))  # and the search finishes there
     assert int(result['state'].step) == 2 * STEPS
 
 
@@ -209,17 +212,17 @@ def test_changed_weights_or_config_are_refused_with_the_difference(weights, tmp_
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 3)
         with pytest.raises(_Interrupt):
-            train.run_search(tiny_config(weights), workdir)
+            search_run.run_search(tiny_config(weights), workdir)
     config = tiny_config(weights)
     config.search.sparsity = 0.95
     with pytest.raises(ValueError, match=r'search.sparsity: checkpoint 0.9, now 0.95'):
-        train.run_search(config, workdir)
+        search_run.run_search(config, workdir)
     other = str(tmp_path / 'other_weights')
     params, batch_stats, meta = checkpoint.load_weights(weights)
     params = jax.tree.map(lambda x: x * 1.5, params)
     checkpoint.save_weights(other, params, batch_stats, meta)
     with pytest.raises(ValueError, match='differ from those the search'):
-        train.run_search(tiny_config(other), workdir)
+        search_run.run_search(tiny_config(other), workdir)
 
 
 def test_corrupted_checkpoint_names_the_folder_to_delete(weights, tmp_path, monkeypatch):
@@ -227,17 +230,17 @@ def test_corrupted_checkpoint_names_the_folder_to_delete(weights, tmp_path, monk
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 5)
         with pytest.raises(_Interrupt):
-            train.run_search(tiny_config(weights), workdir)
-    ckpt_dir = os.path.join(workdir, train.CHECKPOINTS_DIR)
+            search_run.run_search(tiny_config(weights), workdir)
+    ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)
     latest = os.path.join(ckpt_dir, '4')
     for path in glob.glob(os.path.join(latest, 'scores', '**', '*'), recursive=True):
         if os.path.isfile(path) and os.path.getsize(path) > 0:
             with open(path, 'r+b') as f:
                 f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(checkpoint.CheckpointError, match=f'{latest}.*Delete that folder'):
-        train.run_search(tiny_config(weights), workdir)
+        search_run.run_search(tiny_config(weights), workdir)
     shutil.rmtree(latest)
-    result = train.run_search(tiny_config(weights), workdir)  # resumes from step 2
+    result = search_run.run_search(tiny_config(weights), workdir)  # resumes from step 2
     assert int(result['state'].step) == 2 * STEPS
 
 
@@ -270,18 +273,18 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(weights, tmp_path, mo
 
     monkeypatch.setattr(search, 'make_search_step', make)
     with pytest.raises(FloatingPointError, match='at step 4.*last good checkpoint is step 2'):
-        train.run_search(tiny_config(weights), str(tmp_path))
-    steps = checkpoint.SearchCheckpoints(os.path.join(tmp_path, train.CHECKPOINTS_DIR)).steps()
+        search_run.run_search(tiny_config(weights), str(tmp_path))
+    steps = checkpoint.SearchCheckpoints(os.path.join(tmp_path, workdir_lib.CHECKPOINTS_DIR)).steps()
     assert steps == [2]
 
 
 def test_export_evaluates_like_the_jackpot(weights, reference, capsys):
     workdir, _ = reference
     config = tiny_config(weights)
-    jackpot = train.run_evaluate(config, workdir)
-    out = train.run_export(config, workdir)['masked_weights']
+    jackpot = launcher.run_evaluate(config, workdir)
+    out = launcher.run_export(config, workdir)['masked_weights']
     config.pretrained, config.jackpot = out, 'none'
-    exported = train.run_evaluate(config, workdir)
+    exported = launcher.run_evaluate(config, workdir)
     assert exported['top1'] == jackpot['top1']
     assert exported['sparsity'] == pytest.approx(jackpot['sparsity'])
 

@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 
 from jackpot_jax import config as config_lib
+from jackpot_jax import launcher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,7 +43,7 @@ def _config(**overrides):
 )
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
-        config_lib.validate(_config(**overrides))
+        launcher.validate(_config(**overrides))
 
 
 def test_unknown_keys_are_named():
@@ -50,7 +51,7 @@ def test_unknown_keys_are_named():
     config.unlock()
     config.search.sparsty = 0.5
     with pytest.raises(ValueError, match="unknown config key 'search.sparsty'"):
-        config_lib.validate(config)
+        launcher.validate(config)
 
 
 CONFIG_FILES = sorted(
@@ -65,4 +66,4 @@ def test_every_config_file_is_valid(name):
     spec.loader.exec_module(module)
     config = module.get_config()
     assert isinstance(config, ml_collections.ConfigDict)
-    config_lib.validate(config)
+    launcher.validate(config)

@@ -16,9 +16,12 @@ import numpy as np
 import pytest
 from absl import flags
 
-from jackpot_jax import checkpoint, convert, data, errors, search, sparsity, train
+from jackpot_jax import checkpoint, convert, data, errors, launcher, models, search, sparsity
+from jackpot_jax.metrics import EpochMetrics
+from jackpot_jax import run_context as rc
+from jackpot_jax import weight_training
 from jackpot_jax import config as config_lib
-from jackpot_jax import main as launcher
+from jackpot_jax import main as cli
 from jackpot_jax import workdir as workdir_lib
 import tiny_model  # tests/tiny_model.py
 from test_data import _write_idx, make_fashion_files
@@ -50,7 +53,7 @@ def launch(monkeypatch, capsys):
         monkeypatch.setattr(sys, 'argv', argv)
         capsys.readouterr()
         try:
-            launcher.main(launcher.parse_flags(argv))
+            cli.main(cli.parse_flags(argv))
             status = 0
         except SystemExit as done:
             status = done.code
@@ -67,7 +70,8 @@ def weights_and_jackpot(tmp_path_factory):
     weights_a, weights_b = str(root / 'a'), str(root / 'b')
     params = tiny_model.save_weights(weights_a, width=8, seed=0)['params']
     tiny_model.save_weights(weights_b, width=8, seed=1)
-    counts, masks = train.initial_pruning(tiny_config(), params)
+    plan = rc.plan_masks(tiny_config(), params)
+    counts, masks = plan.counts, plan.magnitude_masks(params)
     jackpot = str(root / 'jackpot')
     fingerprint = checkpoint.weights_fingerprint(params)
     stats = tiny_model.variables(width=8)['batch_stats']
@@ -123,24 +127,24 @@ def test_labels_outside_the_classes_are_refused_naming_the_file(tmp_path):
 def test_no_jackpot_is_never_a_folder_name(tmp_path):
     config = tiny_config(jackpot='none', mode='search')
     with pytest.raises(ValueError, match="config.jackpot='none' means no jackpot"):
-        config_lib.validate(config)
+        launcher.validate(config)
     with pytest.raises(ValueError, match="config.jackpot='none' means no jackpot"):
-        train.jackpot_path(config, str(tmp_path))
-    config_lib.validate(tiny_config(jackpot='none', mode='evaluate'))  # weights as they are
+        rc.jackpot_path(config, str(tmp_path))
+    launcher.validate(tiny_config(jackpot='none', mode='evaluate'))  # weights as they are
 
 
 def test_evaluate_and_tune_check_which_weights_the_jackpot_was_found_in(weights_and_jackpot):
     weights_a, weights_b, jackpot = weights_and_jackpot
     workdir = os.path.dirname(jackpot)
     config = tiny_config(pretrained=weights_b, jackpot=jackpot, **{'tune.epochs': 1})
-    for run in (train.run_evaluate, train.run_tune):
+    for run in (launcher.run_evaluate, weight_training.run_tune):
         with pytest.raises(ValueError, match='was found in other weights than .*b'):
             run(config, workdir)
 
 
 def test_convert_refuses_an_output_holding_weights_unless_told_to_overwrite(tmp_path, capsys):
-    os.makedirs(tmp_path / train.PRETRAINED_DIR)
-    os.makedirs(tmp_path / train.CHECKPOINTS_DIR)
+    os.makedirs(tmp_path / workdir_lib.PRETRAINED_DIR)
+    os.makedirs(tmp_path / workdir_lib.CHECKPOINTS_DIR)
     missing = str(tmp_path / 'resnet18.pth')
     for command in (
         ['torchvision', '--arch', 'resnet18'],
@@ -227,7 +231,7 @@ def test_a_second_run_in_a_locked_workdir_fails_at_once_naming_the_holder(tmp_pa
 )
 def test_optimizer_settings_must_be_finite_and_in_range(field, value, message):
     with pytest.raises(ValueError, match=message):
-        config_lib.validate(tiny_config(**{field: value}))
+        launcher.validate(tiny_config(**{field: value}))
 
 
 def test_non_finite_scores_stop_the_search():
@@ -235,7 +239,7 @@ def test_non_finite_scores_stop_the_search():
 
     (Every healthy search of the other tests passes the same check with finite scores.)
     """
-    model = train.models.get_model('small_cnn', 10, width=4)
+    model = models.get_model('small_cnn', 10, width=4)
     variables = tiny_model.variables(width=4)
     paths = sparsity.prunable_paths(variables['params'])
     masks = {
@@ -253,7 +257,7 @@ def test_non_finite_scores_stop_the_search():
     rng = np.random.default_rng(0)
     _, metrics = step(state, rng.normal(size=(8, 8, 8, 1)).astype(np.float32), np.arange(8) % 10)
     assert np.isfinite(float(metrics['loss'])) and not bool(metrics['scores_finite'])
-    epoch = train.EpochMetrics()
+    epoch = EpochMetrics()
     epoch.add(7, metrics)
     with pytest.raises(FloatingPointError, match='scores became inf or NaN at step 7'):
         epoch.flush()
@@ -273,21 +277,21 @@ def test_an_unknown_config_key_is_one_line_with_a_hint(launch):
 
 def test_a_pattern_that_prunes_nothing_is_an_error():
     config = tiny_config(**{'search.pattern': '1:3', 'search.sparsity': 2 / 3})
-    config_lib.validate(config)
+    launcher.validate(config)
     params = tiny_model.variables(width=8)['params']
     with pytest.raises(ValueError, match=r"search.pattern '1:3' prunes nothing .*conv2/kernel': 8"):
-        train.initial_pruning(config, params)
+        rc.plan_masks(config, params)
 
 
 @pytest.mark.parametrize('field', ['prune_include', 'prune_exclude'])
 def test_a_bad_prune_regex_names_the_field(field):
     with pytest.raises(ValueError, match=f"search.{field}='conv\\(' is not a valid regular"):
-        config_lib.validate(tiny_config(**{f'search.{field}': 'conv('}))
+        launcher.validate(tiny_config(**{f'search.{field}': 'conv('}))
 
 
 def test_a_model_width_of_zero_is_a_config_error():
     with pytest.raises(ValueError, match='model.width must be a positive integer, got 0'):
-        config_lib.validate(tiny_config(**{'model.width': 0}))
+        launcher.validate(tiny_config(**{'model.width': 0}))
 
 
 def test_a_config_argument_that_is_no_integer_percent_gives_the_usage(launch):

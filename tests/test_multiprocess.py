@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from jackpot_jax import checkpoint, train
+from jackpot_jax import checkpoint, search_run
+from jackpot_jax import workdir as workdir_lib
 from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import read_jsonl
 
@@ -128,7 +129,7 @@ def runs(tmp_path_factory):
     started = _start(two, flags, str(root))
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
-        one = train.run_search(_config(pretrained=weights, num_devices=4), str(root / 'one'))
+        one = search_run.run_search(_config(pretrained=weights, num_devices=4), str(root / 'one'))
     finally:
         logs = _finish(started, deadline)
     return {'weights': weights, 'two': two, 'logs': logs, 'one': one}
@@ -136,7 +137,7 @@ def runs(tmp_path_factory):
 
 def test_two_processes_find_the_masks_of_one_process(runs):
     _, masks, batch_stats, meta = checkpoint.load_jackpot(
-        os.path.join(runs['two'], train.JACKPOT_DIR)
+        os.path.join(runs['two'], workdir_lib.JACKPOT_DIR)
     )
     reference = jax.device_get(runs['one']['state'])
     assert meta['counts'] == runs['one']['counts']
@@ -147,7 +148,7 @@ def test_two_processes_find_the_masks_of_one_process(runs):
         reference.batch_stats,
     )
     # Scores and optimizer state: the 2-process checkpoint at the last step.
-    ckpts = checkpoint.SearchCheckpoints(os.path.join(runs['two'], train.CHECKPOINTS_DIR))
+    ckpts = checkpoint.SearchCheckpoints(os.path.join(runs['two'], workdir_lib.CHECKPOINTS_DIR))
     assert ckpts.steps() == [2, 4]
     state, _ = ckpts.restore(4, like=runs['one']['state'])
     ckpts.close()
@@ -159,7 +160,7 @@ def test_two_processes_find_the_masks_of_one_process(runs):
         )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.masks), reference.masks)
     # Process 0 alone logged and wrote the metrics: one record for the one epoch.
-    records = read_jsonl(os.path.join(runs['two'], train.METRICS_FILE))
+    records = read_jsonl(os.path.join(runs['two'], workdir_lib.METRICS_FILE))
     assert [r['epoch'] for r in records] == [1]
     assert records[0]['test_top1'] == pytest.approx(runs['one']['jackpot_top1'])
     assert 'process 0 of 2; 2 local and 4 global devices' in runs['logs'][0]
@@ -170,10 +171,10 @@ def test_two_processes_find_the_masks_of_one_process(runs):
 def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     workdir = str(tmp_path / 'resumed')
     shutil.copytree(runs['two'], workdir)
-    shutil.rmtree(os.path.join(workdir, train.CHECKPOINTS_DIR, '4'))
-    shutil.rmtree(os.path.join(workdir, train.JACKPOT_DIR))
-    resumed = train.run_search(_config(pretrained=runs['weights']), workdir)  # all 8 devices
-    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(runs['two'], train.JACKPOT_DIR))
+    shutil.rmtree(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR, '4'))
+    shutil.rmtree(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    resumed = search_run.run_search(_config(pretrained=runs['weights']), workdir)  # all 8 devices
+    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(runs['two'], workdir_lib.JACKPOT_DIR))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed['state'].masks), masks)
     assert int(jax.device_get(resumed['state'].step)) == 4
     assert resumed['jackpot_top1'] == pytest.approx(runs['one']['jackpot_top1'])

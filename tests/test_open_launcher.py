@@ -9,7 +9,8 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from jackpot_jax import checkpoint, data, models, train
+from jackpot_jax import checkpoint, data, launcher, models, search_run, weight_training
+from jackpot_jax import workdir as workdir_lib
 from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import read_jsonl
 
@@ -120,10 +121,10 @@ def test_config_accepts_open_names_and_rejects_unknown_plain_ones():
     config = config_lib.get_config()
     config.model.name = 'user_model:TinyNet'
     config.data.name = 'tfds:mnist'
-    config_lib.validate(config)
+    launcher.validate(config)
     config.data.name = 'mnist'
     with pytest.raises(ValueError, match="unknown dataset 'mnist'.*tfds:NAME"):
-        config_lib.validate(config)
+        launcher.validate(config)
 
 
 def test_user_model_on_a_tfds_dataset_through_the_launcher(mock_dir, tmp_path):
@@ -137,17 +138,17 @@ def test_user_model_on_a_tfds_dataset_through_the_launcher(mock_dir, tmp_path):
     config.data.eval_batch_size = 8
     config.pretrain.epochs = config.search.epochs = 1
     config.pretrain.batch_size = config.search.batch_size = 8
-    config_lib.validate(config)
+    launcher.validate(config)
     workdir = str(tmp_path / 'run')
-    train.run_pretrain(config, workdir)
-    found = train.run_search(config, workdir)
+    weight_training.run_pretrain(config, workdir)
+    found = search_run.run_search(config, workdir)
 
-    params, batch_stats, meta = checkpoint.load_weights(os.path.join(workdir, train.PRETRAINED_DIR))
+    params, batch_stats, meta = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     assert batch_stats == {} and meta['model']['name'] == 'user_model:TinyNet'
     assert params['conv']['kernel'].shape == (3, 3, 1, 8)  # grey 16x16 input, 8 features
-    _, masks, jackpot_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, train.JACKPOT_DIR))
+    _, masks, jackpot_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     assert set(masks) == {'conv/kernel', 'conv2/kernel'} and jackpot_stats == {}  # fc excluded
     pruned = sum(int(m.size - np.count_nonzero(m)) for m in masks.values())
     assert pruned == sum(found['counts'].values()) == 648 - 64  # keeps floor(10 % of 648)
-    records = read_jsonl(os.path.join(workdir, train.METRICS_FILE))
+    records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
     assert [r['mode'] for r in records if 'test_top1' in r] == ['pretrain', 'search']

@@ -15,8 +15,9 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jackpot_jax import checkpoint, train
-from jackpot_jax import config as config_lib
+from jackpot_jax import checkpoint, launcher, search_run, weight_training
+from jackpot_jax import run_context as rc
+from jackpot_jax import workdir as workdir_lib
 from jackpot_jax.metrics import read_jsonl
 
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -124,7 +125,7 @@ def flat(config) -> dict:
 @pytest.mark.parametrize('row', ROWS, ids=str)
 def test_published_row_loads_with_reference_settings(row):
     config = load_config(row.config)
-    config_lib.validate(config)
+    launcher.validate(config)
     imagenet = row.dataset == 'imagenet2012'
     assert config.mode == 'search'
     assert config.data.name == row.dataset and config.model.to_dict() == {
@@ -186,7 +187,7 @@ def test_docstring_table_lists_every_published_row(module, rows):
 @pytest.mark.parametrize('arg', PRETRAIN_ARGS)
 def test_pretrain_config_matches_the_search_configs(arg):
     config = load_config(f'configs/cifar_pretrain.py:{arg}')
-    config_lib.validate(config)
+    launcher.validate(config)
     assert config.mode == 'pretrain'
     p = config.pretrain
     assert (p.epochs, p.batch_size, p.learning_rate, p.weight_decay, p.momentum) == (
@@ -308,10 +309,10 @@ def pretrained(mock_data_dir, tmp_path_factory):
                 config = load_config(f'configs/cifar_pretrain.py:{short[model]},{dataset},tiny')
             config.data.data_dir = mock_data_dir
             workdir = str(tmp_path_factory.mktemp(f'pretrain_{model}_{dataset}'))
-            train.run_pretrain(config, workdir)
-            records = read_jsonl(os.path.join(workdir, train.METRICS_FILE))
+            weight_training.run_pretrain(config, workdir)
+            records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
             assert [r['mode'] for r in records] == ['pretrain', 'pretrain']  # epoch + test
-            made[model, dataset] = train.pretrained_path(config, workdir)
+            made[model, dataset] = rc.pretrained_path(config, workdir)
         return made[model, dataset]
 
     return get
@@ -346,7 +347,7 @@ def tiny_run(mock_data_dir, pretrained, tmp_path_factory):
             config.data.data_dir = mock_data_dir
             config.pretrained = pretrained(config.model.name, config.data.name)
             workdir = str(tmp_path_factory.mktemp('search'))
-            summary = train.run_search(config, workdir)
+            summary = search_run.run_search(config, workdir)
             del summary['state']  # 8 device copies of the weights, scores and momenta
             done[key] = workdir, summary
         return done[key]
@@ -357,7 +358,7 @@ def tiny_run(mock_data_dir, pretrained, tmp_path_factory):
 @pytest.mark.parametrize('row', ROWS, ids=str)
 def test_tiny_row_runs_end_to_end(row, tiny_run):
     workdir, summary = tiny_run(row)
-    _, masks, _, meta = checkpoint.load_jackpot(os.path.join(workdir, train.JACKPOT_DIR))
+    _, masks, _, meta = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     total = sum(m.size for m in masks.values())
     pruned = sum(int(m.size - np.count_nonzero(m)) for m in masks.values())
     assert pruned == sum(meta['counts'].values())
@@ -366,12 +367,12 @@ def test_tiny_row_runs_end_to_end(row, tiny_run):
     assert meta['summary']['sparsity'] == pytest.approx(row.sparsity, abs=1e-6)
     assert len(masks) == {'vgg19_cifar': 16, 'resnet32': 31, 'resnet50': 53}[row.model]
 
-    records = read_jsonl(os.path.join(workdir, train.METRICS_FILE))
+    records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
     search = [r for r in records if r['mode'] == 'search']
     assert [r['epoch'] for r in search] == [1]
     assert 0.0 <= search[0]['test_top1'] <= 1.0 and np.isfinite(search[0]['loss'])
     if row.tune_epochs:
         tune = [r for r in records if r['mode'] == 'tune']
         assert tune and 'test_top1' in tune[-1]
-        assert os.path.isdir(os.path.join(workdir, train.TUNED_DIR))
+        assert os.path.isdir(os.path.join(workdir, workdir_lib.TUNED_DIR))
         assert 0.0 <= summary['tuned_top1'] <= 1.0

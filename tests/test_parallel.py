@@ -14,7 +14,9 @@ import jax
 import numpy as np
 import pytest
 
-from jackpot_jax import checkpoint, models, parallel, search, sparsity, train
+from jackpot_jax import checkpoint, launcher, models, parallel, search, search_run, sparsity
+from jackpot_jax import run_context as rc
+from jackpot_jax import workdir as workdir_lib
 from jackpot_jax import config as config_lib
 
 import tiny_model  # tests/tiny_model.py
@@ -121,7 +123,7 @@ def _search_config(weights: str, num_devices: int):
 
 def test_run_search_on_8_devices_matches_1_device(weights, tmp_path):
     found = {
-        n: train.run_search(_search_config(weights, n), str(tmp_path / f'devices{n}'))
+        n: search_run.run_search(_search_config(weights, n), str(tmp_path / f'devices{n}'))
         for n in (1, 8)
     }
     one, eight = (parallel.to_host(found[n]['state']) for n in (1, 8))
@@ -131,7 +133,7 @@ def test_run_search_on_8_devices_matches_1_device(weights, tmp_path):
     _close(eight.batch_stats, one.batch_stats)
     assert found[8]['jackpot_top1'] == found[1]['jackpot_top1']
     _, saved_masks, saved_stats, _ = checkpoint.load_jackpot(
-        os.path.join(tmp_path, 'devices8', train.JACKPOT_DIR)
+        os.path.join(tmp_path, 'devices8', workdir_lib.JACKPOT_DIR)
     )
     jax.tree.map(np.testing.assert_array_equal, saved_masks, one.masks)
     _close(saved_stats, one.batch_stats)
@@ -142,13 +144,13 @@ def test_batch_size_that_does_not_divide_over_the_devices_is_rejected(weights):
     parallel.check_batch_size(16, mesh)
     with pytest.raises(ValueError, match='batch size 12 does not divide over 8 devices'):
         parallel.check_batch_size(12, mesh)
-    setup = train.Setup(_search_config(weights, 8))
+    setup = rc.Setup(_search_config(weights, 8))
     with pytest.raises(ValueError, match='use a multiple of 8'):
         setup.steps_per_epoch(12)
     config = _search_config(weights, 8)
     config.data.eval_batch_size = 100
     with pytest.raises(ValueError, match='batch size 100 does not divide over 8 devices'):
-        train.Setup(config).evaluate(None, None)
+        rc.Setup(config).evaluate(None, None)
 
 
 def test_mesh_size_is_checked():
@@ -161,12 +163,12 @@ def test_distributed_config_is_validated():
     config = config_lib.get_config()
     config.distributed.cpu_collectives = 'nccl'
     with pytest.raises(ValueError, match="unknown distributed.cpu_collectives 'nccl'"):
-        config_lib.validate(config)
+        launcher.validate(config)
     config = config_lib.get_config()
     config.distributed.num_processes = 2
     config.distributed.process_id = 2
     with pytest.raises(ValueError, match='process_id=2 is out of range'):
-        config_lib.validate(config)
+        launcher.validate(config)
 
 
 def test_prefetch_keeps_two_batches_in_flight_in_order():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import tiny_model  # tests/tiny_model.py
-from jackpot_jax import checkpoint, data, search, sparsity, train
+from jackpot_jax import checkpoint, config_checks, data, launcher, search, search_run, sparsity
 from jackpot_jax import config as config_lib
 from test_checkpoint import _assert_same_search, _Interrupt, _interrupt_after
 
@@ -77,34 +77,34 @@ def test_validation_fraction_outside_unit_interval_is_a_config_error(fraction):
     config = config_lib.get_config()
     config.data.validation_fraction = fraction
     with pytest.raises(ValueError, match=r'data.validation_fraction must be in \[0, 1\)'):
-        config_lib.validate(config)
+        launcher.validate(config)
 
 
 def test_validation_fraction_that_leaves_no_training_batch_is_refused(weights, tmp_path):
     config = _config(weights)
     config.data.validation_fraction = 0.99  # 1,437 digits -> 14 training images < batch 16
     with pytest.raises(ValueError, match='validation_fraction=0.99'):
-        train.run_search(config, str(tmp_path))
+        search_run.run_search(config, str(tmp_path))
 
 
 def test_protocols_fill_only_the_fields_left_to_them():
     config = config_lib.get_config()
-    stable = config_lib.resolve_protocol(config)
+    stable = config_checks.resolve_protocol(config)
     assert stable.data.validation_fraction == 0.1 and stable.search.bn_recalibration_steps == 50
     assert stable.search.mask_freeze_fraction == 0.25
     config.protocol = 'paper'
     config.search.bn_recalibration_steps = 7
-    paper = config_lib.resolve_protocol(config)
+    paper = config_checks.resolve_protocol(config)
     assert paper.data.validation_fraction == 0.0 and paper.search.mask_freeze_fraction == 0.0
     assert paper.search.bn_recalibration_steps == 7  # set explicitly: kept
-    assert config_lib.resolve_protocol(paper).to_dict() == paper.to_dict()
+    assert config_checks.resolve_protocol(paper).to_dict() == paper.to_dict()
     config.protocol = 'published'
     with pytest.raises(ValueError, match="unknown protocol 'published'"):
-        config_lib.validate(config)
+        launcher.validate(config)
 
 
 def test_paper_protocol_reproduces_the_published_search_exactly(weights, tmp_path):
-    result = train.run_search(_config(weights, 'paper'), str(tmp_path))
+    result = search_run.run_search(_config(weights, 'paper'), str(tmp_path))
     state = jax.device_get(result['state'])
     digest, total, distance = _fingerprint(state.masks, state.scores)
     assert digest == PAPER_GOLDEN[0]
@@ -121,7 +121,7 @@ def stable_run(weights, tmp_path_factory):
     config = _config(weights, epochs=4)
     config.search.mask_freeze_fraction = 0.5
     config.search.compare_bn_statistics = True
-    return workdir, config, train.run_search(config, workdir)
+    return workdir, config, search_run.run_search(config, workdir)
 
 
 def test_frozen_masks_keep_exact_counts_and_stop_changing(weights, stable_run):
@@ -156,7 +156,7 @@ def test_frozen_phase_resumes_bit_identically(weights, stable_run, tmp_path, mon
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 15)  # in epoch 3, the first frozen one
         with pytest.raises(_Interrupt):
-            train.run_search(config, workdir)
-    resumed = train.run_search(config, workdir)
+            search_run.run_search(config, workdir)
+    resumed = search_run.run_search(config, workdir)
     _assert_same_search(resumed['state'], jax.device_get(result['state']))
     assert resumed['history'] == result['history']

@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from jackpot_jax import plots, search_studies, sparsity, structured, train
+from jackpot_jax import checkpoint, launcher, plots, search_run, sparsity, structured, weight_training
+from jackpot_jax import run_context as rc
+from jackpot_jax import workdir as workdir_lib
+from jackpot_jax.studies import search_cost, stability
 from jackpot_jax import config as config_lib
 
 from test_studies import assert_valid_png
@@ -26,8 +29,8 @@ def tiny_config():
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('pretrained'))
-    train.run_pretrain(tiny_config(), workdir)
-    return os.path.join(workdir, train.PRETRAINED_DIR)
+    weight_training.run_pretrain(tiny_config(), workdir)
+    return os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
 
 
 def study_config(pretrained, mode):
@@ -66,10 +69,11 @@ def test_masks_from_scores_are_what_the_mask_update_keeps():
 def test_non_magnitude_inits_start_from_their_own_top_scores_at_the_same_counts(pretrained, init):
     config = study_config(pretrained, 'search')
     config.search.score_init = init
-    params = train.checkpoint.load_weights(pretrained)[0]
-    counts, masks, scores = train.initial_search(config, params)
-    magnitude_counts, magnitude = train.initial_pruning(config, params)
-    assert counts == magnitude_counts
+    params = checkpoint.load_weights(pretrained)[0]
+    plan = rc.plan_masks(config, params)
+    counts = plan.counts
+    masks, scores = plan.initial_masks_and_scores(params, init, rng=rc.score_init_key(config))
+    magnitude = plan.magnitude_masks(params)
     for path, mask in masks.items():
         assert mask.size - int(np.count_nonzero(mask)) == counts[path]
         kept = np.asarray(scores[path])[np.asarray(mask)]
@@ -95,14 +99,14 @@ def test_epochs_to_target_and_the_speedup_over_edge_popups_init():
         'kaiming': {'history': history(0.3, 0.6, 0.85, 0.9), 'search_seconds': 1, 'workdir': 'k'},
         'random': {'history': history(0.1, 0.2, 0.3, 0.4), 'search_seconds': 1, 'workdir': 'r'},
     }
-    assert search_studies.epochs_to_target(runs['kaiming']['history'], 0.85) == 3
-    assert search_studies.epochs_to_target(runs['random']['history'], 0.85) is None
+    assert search_cost.epochs_to_target(runs['kaiming']['history'], 0.85) == 3
+    assert search_cost.epochs_to_target(runs['random']['history'], 0.85) is None
     noisy = history(0.9, 0.7, 0.95, 0.96)  # a lucky first epoch, then a dip
-    assert search_studies.epochs_to_target(noisy, 0.9) == 1
-    assert search_studies.epochs_to_stay(noisy, 0.9) == 3
-    assert search_studies.epochs_to_stay(history(0.95, 0.97), 0.9) == 1
-    assert search_studies.epochs_to_stay(history(0.95, 0.8), 0.9) is None
-    got = search_studies.search_cost_summary(runs)
+    assert search_cost.epochs_to_target(noisy, 0.9) == 1
+    assert search_cost.epochs_to_stay(noisy, 0.9) == 3
+    assert search_cost.epochs_to_stay(history(0.95, 0.97), 0.9) == 1
+    assert search_cost.epochs_to_stay(history(0.95, 0.8), 0.9) is None
+    got = search_cost.search_cost_summary(runs)
     assert got['target_top1'] == 0.9 and got['baseline'] == 'kaiming'  # kaiming's final
     rows = got['runs']
     assert [rows[n]['epochs_to_target'] for n in runs] == [2, 4, None]
@@ -112,7 +116,7 @@ def test_epochs_to_target_and_the_speedup_over_edge_popups_init():
     assert rows['magnitude']['mean_top1'] == pytest.approx((0.8 + 0.9 + 0.91 + 0.92) / 4)
     assert [rows[n]['epochs_to_stay'] for n in runs] == [2, 4, None]
     assert rows['magnitude']['speedup_to_stay'] == 2.0 and rows['random']['speedup_to_stay'] is None
-    explicit = search_studies.search_cost_summary(runs, target=0.8)
+    explicit = search_cost.search_cost_summary(runs, target=0.8)
     assert [explicit['runs'][n]['epochs_to_target'] for n in runs] == [1, 3, None]
     assert explicit['runs']['magnitude']['speedup'] == 3.0
 
@@ -123,19 +127,19 @@ def test_epochs_to_target_and_the_speedup_over_edge_popups_init():
 def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
     config = study_config(pretrained, 'search_cost')
     config.search_cost.inits = 'magnitude,kaiming'
-    result = train.MODES['search_cost'](config, str(tmp_path))
+    result = launcher.MODES['search_cost'](config, str(tmp_path))
     with open(tmp_path / 'search_cost.json') as f:
         assert json.load(f) == json.loads(json.dumps(result))
     assert_valid_png(tmp_path / 'search_cost.png')
     assert list(result['runs']) == ['magnitude', 'kaiming'] and result['baseline'] == 'kaiming'
     for name, row in result['runs'].items():
         assert [e for e, _ in row['test_top1']] == [1, 2]
-        assert os.path.isdir(os.path.join(row['workdir'], train.JACKPOT_DIR))
+        assert os.path.isdir(os.path.join(row['workdir'], workdir_lib.JACKPOT_DIR))
         assert row['workdir'] == str(tmp_path / 'search_cost' / name)
     # A rerun resumes every finished search instead of searching again.
-    metrics = tmp_path / 'search_cost' / 'kaiming' / train.METRICS_FILE
+    metrics = tmp_path / 'search_cost' / 'kaiming' / workdir_lib.METRICS_FILE
     records = metrics.read_text()
-    again = train.MODES['search_cost'](config, str(tmp_path))
+    again = launcher.MODES['search_cost'](config, str(tmp_path))
     assert metrics.read_text() == records
     for name, row in result['runs'].items():
         assert {**again['runs'][name], 'search_seconds': 0} == {**row, 'search_seconds': 0}
@@ -146,7 +150,7 @@ def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
 def test_restriction_mode_telemetry_adds_up(pretrained, tmp_path):
     config = study_config(pretrained, 'restriction')
     config.restriction.variants = 'all,poly4,edge_popup'
-    result = train.MODES['restriction'](config, str(tmp_path))
+    result = launcher.MODES['restriction'](config, str(tmp_path))
     assert_valid_png(tmp_path / 'restriction.png')
     assert list(result['runs']) == ['all', 'poly4', 'edge_popup']
     for row in result['runs'].values():
@@ -160,7 +164,7 @@ def test_restriction_mode_telemetry_adds_up(pretrained, tmp_path):
         # A weight's first flip is not a flip-back, every later one is.
         assert row['weights_ever_flipped'] == row['mask_changes'] - row['flip_backs']
         assert row['mask_changes'] > 0
-    with open(tmp_path / 'restriction' / 'poly4' / train.METRICS_FILE) as f:
+    with open(tmp_path / 'restriction' / 'poly4' / workdir_lib.METRICS_FILE) as f:
         records = [json.loads(line) for line in f]
     assert {r['swap_rate'] for r in records if r['mode'] == 'search'} == {1.0, 1 / 16}
     # The per-step trace also reaches TensorBoard, one scalar per step.
@@ -181,7 +185,7 @@ def test_stability_mode_separates_statistics_and_oscillation(pretrained, tmp_pat
     config = study_config(pretrained, 'stability')
     config.search.epochs = 4  # the stable protocol freezes the masks for the last one
     config.stability.variants = 'paper,stable'
-    result = train.MODES['stability'](config, str(tmp_path))
+    result = launcher.MODES['stability'](config, str(tmp_path))
     assert_valid_png(tmp_path / 'stability.png')
     paper, stable = result['runs']['paper'], result['runs']['stable']
     for row in (paper, stable):
@@ -197,44 +201,44 @@ def test_stability_mode_separates_statistics_and_oscillation(pretrained, tmp_pat
     assert paper['mask_changes'][-1][1] > 0
     # Twelve pre-training steps: the dense network is well above chance (10 %), not good.
     assert 0.0 <= result['magnitude_top1'] <= 1.0 and result['dense_top1'] > 0.25
-    assert 'paper' in search_studies.format_stability(result)
+    assert 'paper' in stability.format_stability(result)
 
 
 def test_sweep_mode_compares_jackpot_magnitude_and_random(pretrained, tmp_path):
     config = study_config(pretrained, 'sweep')
     config.sweep.sparsities = '0.5, 0.9'
-    result = train.MODES['sweep'](config, str(tmp_path))
+    result = launcher.MODES['sweep'](config, str(tmp_path))
     assert_valid_png(tmp_path / 'accuracy_vs_sparsity.png')
     assert [round(r['sparsity'], 4) for r in result['rows']] == [0.5, 0.9]
-    setup = train.Setup(config)
+    setup = rc.Setup(config)
     params, batch_stats, _ = setup.load_weights(pretrained)
     config.search.sparsity = 0.9
-    expected = train.baseline_accuracies(config, setup, params, batch_stats)
+    expected = search_run.baseline_accuracies(config, setup, params, batch_stats)
     row = result['rows'][1]
     assert row['magnitude_top1'] == expected['magnitude_top1']
     assert row['random_top1'] == expected['random_top1']
     assert result['dense_top1'] == expected['dense_top1']
     for row in result['rows']:
-        assert_valid_png(os.path.join(row['workdir'], train.LAYER_SPARSITY_PNG))
-        assert_valid_png(os.path.join(row['workdir'], train.MASK_CHANGES_PNG))
+        assert_valid_png(os.path.join(row['workdir'], workdir_lib.LAYER_SPARSITY_PNG))
+        assert_valid_png(os.path.join(row['workdir'], workdir_lib.MASK_CHANGES_PNG))
 
 
 def test_study_lists_are_validated_with_the_field_named():
     config = config_lib.get_config()
     config.search_cost.inits = 'magnitude,xavier'
     with pytest.raises(ValueError, match="search_cost.inits.*'xavier'"):
-        config_lib.validate(config)
+        launcher.validate(config)
     config = config_lib.get_config()
     config.sweep.sparsities = '0.5,1.0'
     with pytest.raises(ValueError, match=r'sweep.sparsities.*1\.0'):
-        config_lib.validate(config)
+        launcher.validate(config)
     config.sweep.sparsities = '0.5,high'
     with pytest.raises(ValueError, match='sweep.sparsities'):
-        config_lib.validate(config)
+        launcher.validate(config)
     config = config_lib.get_config()
     config.restriction.variants = ''
     with pytest.raises(ValueError, match='restriction.variants is empty'):
-        config_lib.validate(config)
+        launcher.validate(config)
 
 
 def test_plot_curves_draws_a_reference_line(tmp_path):
@@ -253,15 +257,17 @@ def test_nm_search_keeps_n_of_every_m_and_reports_the_pattern(pretrained, tmp_pa
     config.search.pattern = '2:4'
     config.search.sparsity = 0.5
     config.search.score_init = init
-    config_lib.validate(config)
-    found = train.run_search(config, str(tmp_path))
+    launcher.validate(config)
+    found = search_run.run_search(config, str(tmp_path))
     assert sum(r['mask_changes'] for r in found['history']) > 0
-    _, masks, _, _ = train.checkpoint.load_jackpot(os.path.join(tmp_path, train.JACKPOT_DIR))
+    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
     assert np.all(masks['conv1/kernel'])  # 1 input channel: not a multiple of 4, left dense
     for path in ('conv2/kernel', 'conv3/kernel'):
         assert structured.group_violations(masks[path], 2, 4) == 0
         assert np.count_nonzero(masks[path]) * 2 == masks[path].size
-    report = train.mask_report(config, train.checkpoint.load_weights(pretrained)[0], masks)
+    report = rc.plan_masks(config, checkpoint.load_weights(pretrained)[0]).report(
+        checkpoint.load_weights(pretrained)[0], masks
+    )
     assert report['pattern'] == '2:4 along input channels' and report['group_violations'] == 0
     assert report['dense_layers'] == ['conv1/kernel']
     assert 'pattern 2:4 along input channels: 0 groups break it' in (
@@ -273,9 +279,9 @@ def test_nm_baselines_are_n_m_masks_too(pretrained):
     config = study_config(pretrained, 'demo')
     config.search.pattern = '1:4'
     config.search.sparsity = 0.75
-    params = train.checkpoint.load_weights(pretrained)[0]
-    counts, magnitude = train.initial_pruning(config, params)
-    random = train.random_masks(config, params, counts, jax.random.key(1))
+    params = checkpoint.load_weights(pretrained)[0]
+    plan = rc.plan_masks(config, params)
+    magnitude, random = plan.magnitude_masks(params), plan.random_masks(params, jax.random.key(1))
     for masks in (magnitude, random):
         for path in ('conv2/kernel', 'conv3/kernel'):
             assert structured.group_violations(masks[path], 1, 4) == 0
@@ -286,13 +292,13 @@ def test_pattern_must_agree_with_the_sparsity():
     config = config_lib.get_config()
     config.search.pattern = '2:4'
     with pytest.raises(ValueError, match=r"'2:4' removes 2/4.*search.sparsity=0.5"):
-        config_lib.validate(config)
+        launcher.validate(config)
     config.search.pattern = '4:2'
     with pytest.raises(ValueError, match="'4:2'"):
-        config_lib.validate(config)
+        launcher.validate(config)
     config.search.pattern = '1:3'
     config.search.sparsity = 2 / 3
-    config_lib.validate(config)
+    launcher.validate(config)
 
 
 def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
@@ -328,19 +334,19 @@ def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
 def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained, tmp_path):
     config = study_config(pretrained, 'search')
     config.search.bn_recalibration_steps = 0
-    plain = train.run_search(config, str(tmp_path / 'plain'))
+    plain = search_run.run_search(config, str(tmp_path / 'plain'))
     config.search.bn_recalibration_steps = 3
-    found = train.run_search(config, str(tmp_path / 'recalibrated'))
+    found = search_run.run_search(config, str(tmp_path / 'recalibrated'))
     # The search itself is unchanged: same masks and running statistics as without it.
     jax.tree.map(np.testing.assert_array_equal, plain['state'].masks, found['state'].masks)
     jax.tree.map(
         np.testing.assert_array_equal, plain['state'].batch_stats, found['state'].batch_stats
     )
     # The jackpot carries the statistics re-estimated over 3 batches under its mask.
-    setup = train.Setup(config)
+    setup = rc.Setup(config)
     masked = sparsity.masked_params(found['state'].frozen_params, found['state'].masks)
-    expected = train.adapt_batch_stats(setup, masked, found['state'].batch_stats, 3, 64)
-    _, masks, saved, _ = train.checkpoint.load_jackpot(str(tmp_path / 'recalibrated' / 'jackpot'))
+    expected = rc.adapt_batch_stats(setup, masked, found['state'].batch_stats, 3, 64)
+    _, masks, saved, _ = checkpoint.load_jackpot(str(tmp_path / 'recalibrated' / 'jackpot'))
     jax.tree.map(np.testing.assert_allclose, jax.device_get(expected), saved)
     assert not np.allclose(
         saved['bn1']['mean'], jax.device_get(found['state'].batch_stats)['bn1']['mean']
@@ -348,4 +354,4 @@ def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained,
     assert found['history'][-1]['test_top1'] == setup.evaluate(masked, expected)['top1']
     config.search.bn_recalibration_steps = -2
     with pytest.raises(ValueError, match='search.bn_recalibration_steps must be >= 0'):
-        config_lib.validate(config)
+        launcher.validate(config)

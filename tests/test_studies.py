@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jackpot_jax import checkpoint, criteria, plots, sparsity, studies, train
+from jackpot_jax import checkpoint, criteria, launcher, plots, sparsity
+from jackpot_jax import workdir as workdir_lib
+from jackpot_jax.studies import overlap
 from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import read_jsonl
 
@@ -32,7 +34,7 @@ def assert_valid_png(path):
 def test_mask_overlap_golden_numbers():
     a = {'l1': np.array([1, 1, 0, 0], bool), 'l2': np.array([[1, 0], [0, 0]], bool)}
     b = {'l1': np.array([1, 0, 1, 0], bool), 'l2': np.array([[1, 0], [0, 0]], bool)}
-    got = studies.mask_overlap(a, b)
+    got = overlap.mask_overlap(a, b)
     l1, l2, overall = got['per_layer']['l1'], got['per_layer']['l2'], got['overall']
     assert (l1['size'], l1['kept_a'], l1['kept_b'], l1['shared']) == (4, 2, 2, 1)
     assert l1['shared_kept_fraction'] == 0.5 and l1['iou'] == pytest.approx(1 / 3)
@@ -53,20 +55,20 @@ def test_mask_overlap_golden_numbers():
 def test_mask_overlap_is_relative_to_the_first_mask_and_handles_empty_layers():
     a = {'l': np.array([1, 1, 1, 0], bool)}
     b = {'l': np.array([1, 0, 0, 0], bool)}
-    assert studies.mask_overlap(a, b)['overall']['shared_kept_fraction'] == pytest.approx(1 / 3)
-    assert studies.mask_overlap(b, a)['overall']['shared_kept_fraction'] == 1.0
-    assert studies.mask_overlap(a, b)['overall']['iou'] == pytest.approx(1 / 3)
+    assert overlap.mask_overlap(a, b)['overall']['shared_kept_fraction'] == pytest.approx(1 / 3)
+    assert overlap.mask_overlap(b, a)['overall']['shared_kept_fraction'] == 1.0
+    assert overlap.mask_overlap(a, b)['overall']['iou'] == pytest.approx(1 / 3)
     empty = {'l': np.zeros(4, bool)}
-    both_empty = studies.mask_overlap(empty, empty)['overall']
+    both_empty = overlap.mask_overlap(empty, empty)['overall']
     assert both_empty['shared_kept_fraction'] == 1.0 and both_empty['iou'] == 1.0
-    assert studies.mask_overlap(a, empty)['overall']['shared_kept_fraction'] == 0.0
+    assert overlap.mask_overlap(a, empty)['overall']['shared_kept_fraction'] == 0.0
 
 
 def test_mask_overlap_rejects_masks_of_different_layers_or_shapes():
     with pytest.raises(ValueError, match=r"only in a \['x'\]"):
-        studies.mask_overlap({'x': np.ones(2, bool)}, {'y': np.ones(2, bool)})
+        overlap.mask_overlap({'x': np.ones(2, bool)}, {'y': np.ones(2, bool)})
     with pytest.raises(ValueError, match='shapes differ'):
-        studies.mask_overlap({'x': np.ones(2, bool)}, {'x': np.ones(3, bool)})
+        overlap.mask_overlap({'x': np.ones(2, bool)}, {'x': np.ones(3, bool)})
 
 
 # ----------------------------------------------------------------------------
@@ -85,18 +87,18 @@ def tiny_config():
 def overlap_run(tmp_path_factory):
     """A demo workdir (weights drawn in numpy instead of pre-trained: it is faster), then overlap."""
     workdir = str(tmp_path_factory.mktemp('overlap'))
-    tiny_model.save_weights(os.path.join(workdir, train.PRETRAINED_DIR), width=4)
-    summary = train.run_demo(tiny_config(), workdir)
-    result = studies.run_overlap(tiny_config(), workdir)
+    tiny_model.save_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR), width=4)
+    summary = launcher.run_demo(tiny_config(), workdir)
+    result = overlap.run_overlap(tiny_config(), workdir)
     return workdir, summary, result
 
 
 def test_overlap_writes_every_criterion_to_json_and_png(overlap_run):
     workdir, _, result = overlap_run
-    with open(os.path.join(workdir, studies.OVERLAP_JSON)) as f:
+    with open(os.path.join(workdir, overlap.OVERLAP_JSON)) as f:
         saved = json.load(f)
     assert set(saved['criteria']) == set(criteria.CRITERIA)
-    _, jackpot, _, meta = checkpoint.load_jackpot(os.path.join(workdir, train.JACKPOT_DIR))
+    _, jackpot, _, meta = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     assert saved['counts'] == meta['counts']
     for name, row in saved['criteria'].items():
         assert 0.0 <= row['top1'] <= 1.0, name
@@ -106,7 +108,7 @@ def test_overlap_writes_every_criterion_to_json_and_png(overlap_run):
             assert layer['kept_a'] == layer['kept_b'] == layer['size'] - meta['counts'][path]
             assert 0.0 <= layer['shared_kept_fraction'] <= 1.0
     assert saved == json.loads(json.dumps(result))
-    assert_valid_png(os.path.join(workdir, studies.OVERLAP_PNG))
+    assert_valid_png(os.path.join(workdir, overlap.OVERLAP_PNG))
 
 
 def test_overlap_accuracies_match_the_demo(overlap_run):
@@ -129,22 +131,22 @@ def test_overlap_settings_come_from_the_optional_config_group_and_a_table_is_pri
     config.overlap = ml_collections.ConfigDict(
         {'criteria': 'magnitude, random', 'batch_size': 16, 'bn_steps': 3}
     )
-    result = studies.run_overlap(config, workdir)
+    result = overlap.run_overlap(config, workdir)
     assert list(result['criteria']) == ['magnitude', 'random'] and result['batch_size'] == 16
     for row in [result['jackpot_pretrained_bn'], *result['criteria'].values()]:
         assert 0.0 <= row['top1_bn_adapted'] <= 1.0
     out = capsys.readouterr().out
     for text in ('magnitude', 'jackpot, pre-trained BN', 'BN adapted', 'shared kept by chance'):
         assert text in out
-    assert_valid_png(os.path.join(workdir, studies.OVERLAP_PNG))
-    assert set(studies.run_overlap(config, workdir, names=('magnitude',))['criteria']) == {
+    assert_valid_png(os.path.join(workdir, overlap.OVERLAP_PNG))
+    assert set(overlap.run_overlap(config, workdir, names=('magnitude',))['criteria']) == {
         'magnitude'
     }
     with pytest.raises(ValueError, match='unknown criteria'):
-        studies.run_overlap(config, workdir, names=('obd',))
+        overlap.run_overlap(config, workdir, names=('obd',))
     config.overlap.bn_steps = -1
     with pytest.raises(ValueError, match='bn_steps must be >= 0'):
-        studies.run_overlap(config, workdir)
+        overlap.run_overlap(config, workdir)
 
 
 # ----------------------------------------------------------------------------
@@ -152,9 +154,9 @@ def test_overlap_settings_come_from_the_optional_config_group_and_a_table_is_pri
 # ----------------------------------------------------------------------------
 def test_plots_write_valid_pngs(overlap_run, tmp_path):
     workdir, _, _ = overlap_run
-    params, _, _ = checkpoint.load_weights(os.path.join(workdir, train.PRETRAINED_DIR))
-    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(workdir, train.JACKPOT_DIR))
-    records = read_jsonl(os.path.join(workdir, train.METRICS_FILE))
+    params, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
+    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
     search = [r for r in records if r['mode'] == 'search']
     paths = [
         plots.plot_layer_sparsity(

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jackpot_jax import checkpoint, sparsity, train
+from jackpot_jax import checkpoint, launcher, metrics, search_run, sparsity, weight_training
+from jackpot_jax import workdir as workdir_lib
 from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import read_jsonl
 
@@ -30,7 +31,7 @@ def tiny_config():
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('demo'))
-    summary = train.run_demo(tiny_config(), workdir)
+    summary = launcher.run_demo(tiny_config(), workdir)
     return workdir, summary
 
 
@@ -60,14 +61,14 @@ def test_demo_writes_summary_metrics_weights_and_jackpot(demo_run):
 
 def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, tmp_path):
     workdir, _ = demo_run
-    params, _, _ = checkpoint.load_weights(os.path.join(workdir, train.PRETRAINED_DIR))
+    params, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     config = tiny_config()
-    config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
-    found = train.run_search(config, str(tmp_path))
+    config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
+    found = search_run.run_search(config, str(tmp_path))
     jax.tree.map(
         np.testing.assert_array_equal, params, jax.device_get(found['state'].frozen_params)
     )
-    scores, masks, _, meta = checkpoint.load_jackpot(os.path.join(tmp_path, train.JACKPOT_DIR))
+    scores, masks, _, meta = checkpoint.load_jackpot(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
     assert meta['counts'] == found['counts']
     for path, k in found['counts'].items():
         assert masks[path].dtype == bool and masks[path].size - masks[path].sum() == k
@@ -76,7 +77,7 @@ def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, 
 
 def test_evaluate_mode_reproduces_the_final_jackpot_accuracy(demo_run, capsys):
     workdir, summary = demo_run
-    result = train.run_evaluate(tiny_config(), workdir)
+    result = launcher.run_evaluate(tiny_config(), workdir)
     assert result['top1'] == pytest.approx(summary['jackpot_top1'])
     assert 'sparsity over prunable weights: 90.00%' in capsys.readouterr().out
 
@@ -85,17 +86,17 @@ def test_weights_of_another_model_are_rejected_with_the_mismatch(demo_run, tmp_p
     workdir, _ = demo_run
     config = tiny_config()
     config.model.width = 16
-    config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
+    config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
     with pytest.raises(ValueError, match=r'conv1/kernel: expected shape \(3, 3, 1, 16\)'):
-        train.run_search(config, str(tmp_path))
+        search_run.run_search(config, str(tmp_path))
     config.model.name = 'resnet20'
     with pytest.raises(ValueError, match="model 'small_cnn'"):
-        train.run_search(config, str(tmp_path))
+        search_run.run_search(config, str(tmp_path))
 
 
 def test_missing_pretrained_weights_say_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="mode 'pretrain'"):
-        train.run_search(tiny_config(), str(tmp_path))
+        search_run.run_search(tiny_config(), str(tmp_path))
 
 
 def test_command_line_runs_search_from_a_config_file_with_overrides(demo_run, tmp_path):
@@ -110,10 +111,10 @@ def test_command_line_runs_search_from_a_config_file_with_overrides(demo_run, tm
         '--config.model.width=8',
         '--config.search.epochs=1',
         '--config.search.sparsity=0.95',
-        f'--config.pretrained={os.path.join(workdir, train.PRETRAINED_DIR)}',
+        f'--config.pretrained={os.path.join(workdir, workdir_lib.PRETRAINED_DIR)}',
     ]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
-    _, masks, _, meta = checkpoint.load_jackpot(os.path.join(tmp_path, train.JACKPOT_DIR))
+    _, masks, _, meta = checkpoint.load_jackpot(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
     assert meta['summary']['sparsity'] == pytest.approx(0.95, abs=1e-3)
     assert sum(meta['counts'].values()) == 5832 - 291  # keep floor(5832 * 0.05) of width 8
 
@@ -157,11 +158,11 @@ def test_tuning_under_a_fixed_mask_keeps_pruned_weights_exactly_zero(demo_run, t
     workdir, _ = demo_run
     config = tiny_config()
     config.tune.epochs = 1
-    result = train.run_tune(config, workdir)
+    result = weight_training.run_tune(config, workdir)
     assert 0.0 <= result['top1'] <= 1.0
-    tuned, _, _ = checkpoint.load_weights(os.path.join(workdir, train.TUNED_DIR))
-    original, _, _ = checkpoint.load_weights(os.path.join(workdir, train.PRETRAINED_DIR))
-    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(workdir, train.JACKPOT_DIR))
+    tuned, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.TUNED_DIR))
+    original, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
+    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     flat_tuned, flat_original = sparsity.flatten(tuned), sparsity.flatten(original)
     for path, mask in masks.items():
         w = np.asarray(flat_tuned[path])
@@ -178,8 +179,8 @@ def test_bfloat16_search_lands_within_a_point_of_float32(demo_run, tmp_path):
     config = tiny_config()
     config.mode = 'search'
     config.model.dtype = 'bfloat16'
-    config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
-    found = train.run_search(config, str(tmp_path))
+    config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
+    found = search_run.run_search(config, str(tmp_path))
     assert abs(found['jackpot_top1'] - summary['jackpot_top1']) <= 0.01
     state = found['state']
     floats = [state.frozen_params, state.scores, state.opt_state, state.batch_stats]
@@ -187,7 +188,7 @@ def test_bfloat16_search_lands_within_a_point_of_float32(demo_run, tmp_path):
     assert np.dtype(np.float32) in dtypes  # optimizer step counts are integers
     assert all(d == np.float32 for d in dtypes if jnp.issubdtype(d, jnp.floating))
     config.mode = 'evaluate'
-    assert train.run_evaluate(config, str(tmp_path))['top1'] == found['jackpot_top1']
+    assert launcher.run_evaluate(config, str(tmp_path))['top1'] == found['jackpot_top1']
 
 
 def _watch_host_reads(monkeypatch):
@@ -236,18 +237,18 @@ def test_search_steps_never_wait_on_the_host(demo_run, tmp_path, monkeypatch):
     config = tiny_config()
     config.mode, config.protocol = 'search', 'paper'
     config.search.epochs, config.steps_per_epoch, config.checkpoint.every_steps = 1, 4, 2
-    config.pretrained = os.path.join(workdir, train.PRETRAINED_DIR)
+    config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
     entered, reads = _watch_host_reads(monkeypatch)
-    train.run_search(config, str(tmp_path / 'clean'))
+    search_run.run_search(config, str(tmp_path / 'clean'))
     assert entered.count('disallow') == 1 and entered.count('allow') == 1  # the checkpoint
     assert not reads, reads[0]
 
-    add = train.EpochMetrics.add
+    add = metrics.EpochMetrics.add
 
     def leaky_add(self, step, metrics):
         float(metrics['loss'])  # a per-step host sync
         add(self, step, metrics)
 
-    monkeypatch.setattr(train.EpochMetrics, 'add', leaky_add)
-    train.run_search(config, str(tmp_path / 'leaky'))
+    monkeypatch.setattr(metrics.EpochMetrics, 'add', leaky_add)
+    search_run.run_search(config, str(tmp_path / 'leaky'))
     assert len(reads) == 4 and 'leaky_add' in reads[0]

@@ -15,7 +15,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jackpot_jax import checkpoint, models, search, sparsity, structured, train
+from jackpot_jax import checkpoint, launcher, models, search, search_run, sparsity, weight_training
+from jackpot_jax import run_context as rc
+from jackpot_jax import workdir as workdir_lib
 from jackpot_jax import config as config_lib
 
 KEY = jax.random.key(0)
@@ -107,7 +109,7 @@ def _search_config(**search):
 def test_allocations_on_a_vit():
     """Counts over the attention and MLP kernels: one exact budget (uniform: per layer)."""
     params = _tiny_vit()[1]['params']
-    kernels = train.prunable_kernels(config_lib.get_config(), params)
+    kernels = rc.plan_masks(config_lib.get_config(), params).kernels(params)
     assert set(kernels) == set(sparsity.prunable_paths(params))
     sizes = {p: int(np.size(w)) for p, w in kernels.items()}
     total = sum(sizes.values())
@@ -134,7 +136,9 @@ def test_search_steps_on_a_vit_keep_counts_and_frozen_weights(settings):
     model, variables, x = _tiny_vit()
     params = variables['params']
     frozen = jax.device_get(sparsity.flatten(params))  # the step donates its state
-    counts, masks, scores = train.initial_search(config, params)
+    plan = rc.plan_masks(config, params)
+    counts = plan.counts
+    masks, scores = plan.initial_masks_and_scores(params, config.search.score_init)
     optimizer = search.sgd_optimizer(5.0, 0.0, 0.9, 1, 3)
     state = search.init_search_state(params, {}, masks, scores, optimizer)
     step = search.make_search_step(
@@ -143,7 +147,7 @@ def test_search_steps_on_a_vit_keep_counts_and_frozen_weights(settings):
         counts=counts,
         steps_per_epoch=3,
         epochs=1,
-        pattern=structured.parse_pattern(config.search.pattern),
+        pattern=plan.pattern,
     )
     labels = jnp.arange(16) % 10
     changes = 0
@@ -155,7 +159,7 @@ def test_search_steps_on_a_vit_keep_counts_and_frozen_weights(settings):
     for path, mask in state.masks.items():
         assert int(np.size(mask) - np.count_nonzero(mask)) == counts[path], path
     if 'pattern' in settings:
-        assert train.mask_report(config, params, state.masks)['group_violations'] == 0
+        assert plan.report(params, state.masks)['group_violations'] == 0
     for path, leaf in sparsity.flatten(state.frozen_params).items():
         np.testing.assert_array_equal(leaf, frozen[path])
 
@@ -168,20 +172,20 @@ def test_launcher_pretrains_searches_evaluates_and_exports_a_vit(tmp_path, capsy
     config.steps_per_epoch = 2
     config.pretrain.epochs = 1
     config.search.epochs = 1
-    config_lib.validate(config)
+    launcher.validate(config)
     workdir = str(tmp_path)
-    train.run_pretrain(config, workdir)
-    params, stats, _ = checkpoint.load_weights(os.path.join(workdir, train.PRETRAINED_DIR))
+    weight_training.run_pretrain(config, workdir)
+    params, stats, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     assert stats == {}
-    found = train.run_search(config, workdir)
-    _, masks, jackpot_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, train.JACKPOT_DIR))
+    found = search_run.run_search(config, workdir)
+    _, masks, jackpot_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     assert jackpot_stats == {}
     assert set(masks) == set(sparsity.prunable_paths(params))
-    evaluated = train.run_evaluate(config, workdir)
+    evaluated = launcher.run_evaluate(config, workdir)
     assert evaluated['top1'] == pytest.approx(found['jackpot_top1'])
-    exported = train.run_export(config, workdir)['masked_weights']
+    exported = launcher.run_export(config, workdir)['masked_weights']
     config.pretrained, config.jackpot = exported, 'none'
-    assert train.run_evaluate(config, workdir)['top1'] == pytest.approx(found['jackpot_top1'])
+    assert launcher.run_evaluate(config, workdir)['top1'] == pytest.approx(found['jackpot_top1'])
     # A second search run resumes from the checkpoint of the first (no batch stats in it).
     config.pretrained, config.jackpot = '', ''
-    assert train.run_search(config, workdir)['jackpot_top1'] == found['jackpot_top1']
+    assert search_run.run_search(config, workdir)['jackpot_top1'] == found['jackpot_top1']

@@ -829,11 +829,12 @@ def test_official_jackpot_2021_edge_popup(tmp_path):
 
 def test_launcher_accepts_converted_workdir(tmp_path):
     """The launcher's workdir names, meta check, shape check and jackpot fingerprint."""
-    from jackpot_jax import train
+    from jackpot_jax import trees
+    from jackpot_jax import workdir as workdir_lib
 
     assert (convert.PRETRAINED_DIR, convert.JACKPOT_DIR) == (
-        train.PRETRAINED_DIR,
-        train.JACKPOT_DIR,
+        workdir_lib.PRETRAINED_DIR,
+        workdir_lib.JACKPOT_DIR,
     )
     dense = official_model('resnet32', seed=13)
     state = make_jackpot_state(state_numpy(dense), official_convs(dense), 'fc', '2023', seed=14)
@@ -853,18 +854,18 @@ def test_launcher_accepts_converted_workdir(tmp_path):
         )
         == 0
     )
-    params, stats, meta = checkpoint.load_weights(str(tmp_path / train.PRETRAINED_DIR))
+    params, stats, meta = checkpoint.load_weights(str(tmp_path / workdir_lib.PRETRAINED_DIR))
     assert meta['model']['name'] == 'resnet32'
     model = models.get_model(meta['model']['name'], meta['num_classes'])
     expected = jax.eval_shape(
         functools.partial(model.init, train=False), jax.random.key(0), np.zeros((1, 32, 32, 3))
     )
-    train.check_tree_matches(expected['params'], params, 'params')
-    train.check_tree_matches(expected['batch_stats'], stats, 'batch stats')
+    trees.check_tree_matches(expected['params'], params, 'params')
+    trees.check_tree_matches(expected['batch_stats'], stats, 'batch stats')
     _, masks, jackpot_stats, jackpot_meta = checkpoint.load_jackpot(
-        str(tmp_path / train.JACKPOT_DIR)
+        str(tmp_path / workdir_lib.JACKPOT_DIR)
     )
-    train.check_tree_matches(expected['batch_stats'], jackpot_stats, 'jackpot batch stats')
+    trees.check_tree_matches(expected['batch_stats'], jackpot_stats, 'jackpot batch stats')
     assert jackpot_meta['weights_fingerprint'] == checkpoint.weights_fingerprint(params)
     assert sorted(masks) == sorted(sparsity.prunable_paths(params))
     # A jackpot the search saved without scores exports its masks as the .mask scores.

@@ -10,7 +10,8 @@ import os
 import numpy as np
 import torch
 
-from jackpot_jax import checkpoint, train
+from jackpot_jax import checkpoint
+from jackpot_jax import workdir as workdir_lib
 from test_convert import cli, official_model
 
 
@@ -19,7 +20,7 @@ def _stderr_lines(capsys) -> list[str]:
 
 
 def _fingerprint(workdir) -> str:
-    params, _, _ = checkpoint.load_weights(os.path.join(workdir, train.PRETRAINED_DIR))
+    params, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     return checkpoint.weights_fingerprint(params)
 
 
@@ -30,7 +31,7 @@ def test_convert_overwrites_a_workdir_only_when_told(tmp_path, capsys):
     out = tmp_path / 'run'
     convert_second = ('official', '--arch', 'resnet32', '--input', tmp_path / '2.pth')
     assert cli('official', '--arch', 'resnet32', '--input', tmp_path / '1.pth', '--output', out) == 0
-    os.makedirs(out / train.CHECKPOINTS_DIR)  # a search was started in it
+    os.makedirs(out / workdir_lib.CHECKPOINTS_DIR)  # a search was started in it
     first = _fingerprint(out)
     capsys.readouterr()
 
@@ -42,7 +43,7 @@ def test_convert_overwrites_a_workdir_only_when_told(tmp_path, capsys):
 
     assert cli(*convert_second, '--output', out, '--overwrite') == 0
     assert _fingerprint(out) != first
-    assert sorted(os.listdir(out)) == [train.CHECKPOINTS_DIR, train.PRETRAINED_DIR]
+    assert sorted(os.listdir(out)) == [workdir_lib.CHECKPOINTS_DIR, workdir_lib.PRETRAINED_DIR]
 
 
 def test_a_pickled_module_is_refused_with_how_to_save_a_state_dict(tmp_path, capsys):

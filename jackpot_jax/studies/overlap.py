@@ -1,4 +1,4 @@
-"""Research studies over a found jackpot: how it compares with other pruning criteria.
+"""Study 'overlap': how a found jackpot compares with other pruning criteria.
 
 ``run_overlap`` (launcher mode 'overlap') builds the masks of every criterion of
 ``criteria.CRITERIA`` at the jackpot's own per-layer counts k_l, evaluates each
@@ -19,7 +19,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from jackpot_jax import checkpoint, criteria, parallel, plots, sparsity, train
+from jackpot_jax import checkpoint, criteria, parallel, plots, sparsity
+from jackpot_jax import run_context as rc
 from jackpot_jax import config as config_lib
 
 OVERLAP_JSON = 'overlap.json'
@@ -169,10 +170,10 @@ def run_overlap(
     search). Writes WORKDIR/overlap.json and WORKDIR/overlap.png; prints a table.
     """
     names, batch_size, bn_steps = _overlap_settings(config, names)
-    setup = train.Setup(config)
-    weights = train.pretrained_path(config, workdir)
+    setup = rc.Setup(config)
+    weights = rc.pretrained_path(config, workdir)
     params, batch_stats, fingerprint = setup.load_weights(weights)
-    path = train.jackpot_path(config, workdir)
+    path = rc.jackpot_path(config, workdir)
     _, jackpot_masks, jackpot_stats, meta = checkpoint.load_jackpot(path)
     if meta.get('weights_fingerprint') not in (None, fingerprint):
         raise ValueError(
@@ -195,7 +196,7 @@ def run_overlap(
         masked = params if masks is None else sparsity.masked_params(params, masks)
         row = setup.evaluate(masked, batch_stats)
         if adapt:
-            stats = train.adapt_batch_stats(
+            stats = rc.adapt_batch_stats(
                 setup, masked, batch_stats, bn_steps, config.search.batch_size
             )
             adapted = setup.evaluate(masked, stats)

@@ -1,0 +1,163 @@
+"""The launcher: one function per mode, each a thin layer over library calls, and the
+table of modes (:data:`MODES`) that ``jackpot-jax --mode=NAME`` dispatches on.
+
+Workdir layout (names in :mod:`jackpot_jax.workdir`):
+  pretrained/        dense weights made by 'pretrain' (unless config.pretrained points elsewhere)
+  checkpoints/<step> search checkpoints (scores, bit-packed masks, optimizer state, BN stats)
+  jackpot/           the found jackpot: bit-packed masks + batch statistics + meta
+  tuned/             weights tuned under the jackpot's mask ('tune', or search with tune.epochs)
+  masked_weights/    export: the masked dense params, loadable as ordinary weights
+  metrics.jsonl      one JSON record per epoch; summary.json: the demo's table
+  layer_sparsity.png, mask_changes.png   the search's per-layer sparsity and mask changes
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+
+from jackpot_jax import checkpoint, config_checks, mask_plan, parallel, sparsity
+from jackpot_jax import config as config_lib
+from jackpot_jax import run_context as rc
+from jackpot_jax.search_run import baseline_accuracies, run_search
+from jackpot_jax.studies import overlap, restriction, search_cost, stability, sweep
+from jackpot_jax.weight_training import ensure_pretrained, run_pretrain, run_tune
+from jackpot_jax.workdir import MASKED_WEIGHTS_DIR, TUNED_DIR
+
+
+@rc.resolved
+def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Evaluates the jackpot (masks + its batch statistics) over the weights.
+
+    With ``config.jackpot='none'`` the weights are evaluated as they are, e.g. the
+    masked weights written by 'export'.
+    """
+    setup = rc.Setup(config)
+    params, batch_stats, fingerprint = setup.load_weights(rc.pretrained_path(config, workdir))
+    if not config_lib.is_no_jackpot(config.jackpot):
+        path = rc.jackpot_path(config, workdir)
+        _, masks, batch_stats, meta = checkpoint.load_jackpot(path)
+        rc.check_jackpot_weights(config, workdir, meta, fingerprint)
+        masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
+        params = sparsity.masked_params(params, masks)
+        what = f'jackpot {path}'
+    else:
+        flat = sparsity.flatten(params)
+        s = config.search
+        masks = {
+            p: flat[p] != 0
+            for p in sparsity.prunable_paths(params, s.prune_include, s.prune_exclude)
+        }
+        what = f'weights {rc.pretrained_path(config, workdir)}'
+    result = setup.evaluate(params, batch_stats)
+    report = mask_plan.mask_report(params, parallel.to_host(masks), config.search.pattern)
+    rc.print_main(sparsity.format_sparsity_report(report))
+    rc.print_main(f"{what}: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
+    tuned = os.path.join(workdir, TUNED_DIR)
+    if os.path.isdir(tuned) and not config.pretrained:
+        tuned_params, tuned_stats, _ = setup.load_weights(tuned)
+        result['tuned_top1'] = setup.evaluate(tuned_params, tuned_stats)['top1']
+        rc.print_main(f"tuned weights {tuned}: test top-1 {result['tuned_top1']:.4f}")
+    return {**result, 'sparsity': report['sparsity']}
+
+
+@rc.resolved
+def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
+    """Writes the jackpot's masked dense params as ordinary weights (WORKDIR/masked_weights)."""
+    setup = rc.Setup(config)
+    params, _, fingerprint = setup.load_weights(rc.pretrained_path(config, workdir))
+    _, masks, batch_stats, meta = checkpoint.load_jackpot(rc.jackpot_path(config, workdir))
+    rc.check_jackpot_weights(config, workdir, meta, fingerprint)
+    masked = parallel.to_host(sparsity.masked_params(params, parallel.replicate(masks, setup.mesh)))
+    out = os.path.join(workdir, MASKED_WEIGHTS_DIR)
+    checkpoint.save_weights(
+        out,
+        masked,
+        batch_stats,
+        {
+            'model': config.model.to_dict(),
+            'num_classes': setup.source.num_classes,
+            'source': f'masked by {rc.jackpot_path(config, workdir)}',
+        },
+    )
+    rc.print_main(
+        f'masked weights written to {out}; evaluate them with '
+        f'--mode=evaluate --config.pretrained={out} --config.jackpot=none'
+    )
+    return {'masked_weights': out}
+
+
+@rc.resolved
+def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Pretrain -> search -> compare with magnitude and random masks; writes summary.json."""
+    total_start = time.perf_counter()
+    ensure_pretrained(config, workdir)
+    setup = rc.Setup(config)
+    params, batch_stats, _ = setup.load_weights(rc.pretrained_path(config, workdir))
+    summary = baseline_accuracies(config, setup, params, batch_stats)
+    found = run_search(config, workdir)
+    for key in (
+        'jackpot_top1',
+        'best_top1',
+        'best_epoch',
+        'best_selected_on',
+        'last5_test_top1_range',
+        'sparsity',
+        'model_sparsity',
+        'search_seconds',
+    ):
+        summary[key] = found[key]
+    summary['total_seconds'] = time.perf_counter() - total_start
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
+    rc.print_main(format_summary(config, summary))
+    return summary
+
+
+def format_summary(config: ml_collections.ConfigDict, summary: dict[str, Any]) -> str:
+    rows = [
+        ('dense (pre-trained, all weights)', summary['dense_top1']),
+        ('magnitude-pruned, no retraining', summary['magnitude_top1']),
+        ('random mask, same per-layer counts', summary['random_top1']),
+        ('lottery jackpot, no weight trained', summary['jackpot_top1']),
+    ]
+    lines = [
+        f"{config.model.name} on {config.data.name}, "
+        f"sparsity {summary['sparsity']:.2%} of prunable weights "
+        f"({summary['model_sparsity']:.2%} of the whole model)",
+        f"{'':36}  test top-1",
+    ]
+    lines += [f'{name:<36}  {value:>9.2%}' for name, value in rows]
+    lines.append(
+        f"best epoch of the search (chosen on the {summary['best_selected_on']} split): epoch "
+        f"{summary['best_epoch']}, test top-1 {summary['best_top1']:.2%}; search time "
+        f"{summary['search_seconds']:.1f} s, total {summary['total_seconds']:.1f} s"
+    )
+    return '\n'.join(lines)
+
+
+MODES: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] = {
+    'demo': run_demo,
+    'pretrain': run_pretrain,
+    'search': run_search,
+    'tune': run_tune,
+    'evaluate': run_evaluate,
+    'export': run_export,
+    'overlap': overlap.run_overlap,
+    'search_cost': search_cost.run_search_cost,
+    'restriction': restriction.run_restriction,
+    'sweep': sweep.run_sweep,
+    'stability': stability.run_stability,
+}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad field (the mode included) and how to fix it."""
+    config_checks.validate(config, tuple(MODES))

@@ -1,0 +1,216 @@
+"""What every launcher mode shares: the run context (:class:`Setup`: mesh, data, model),
+BatchNorm re-estimation, workdir paths, the mask plan of a config, and progress bars.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from tqdm import auto as tqdm
+
+from jackpot_jax import checkpoint, data, mask_plan, models, parallel, search, trees
+from jackpot_jax import config_checks
+from jackpot_jax import config as config_lib
+from jackpot_jax.metrics import to_python
+from jackpot_jax.workdir import JACKPOT_DIR, PRETRAINED_DIR
+
+
+def resolved(mode):
+    """Runs a mode on the config with the fields left to config.protocol filled in."""
+
+    @functools.wraps(mode)
+    def run(config: ml_collections.ConfigDict, *args, **kwargs):
+        return mode(config_checks.resolve_protocol(config), *args, **kwargs)
+
+    return run
+
+
+class Setup:
+    """What every mode needs: the device mesh, the data source and the model."""
+
+    def __init__(self, config: ml_collections.ConfigDict):
+        config = config_checks.resolve_protocol(config)
+        self.config = config
+        if config.num_devices and jax.process_count() > 1:
+            raise ValueError(
+                f'num_devices={config.num_devices} with {jax.process_count()} processes would '
+                'leave hosts without devices; use num_devices=0 (all) on multi-host runs'
+            )
+        self.mesh = parallel.make_mesh(config.num_devices or None)
+        self.source = data.load_source(
+            config.data.name,
+            config.data.data_dir or None,
+            config.data,
+            validation_fraction=config.data.validation_fraction,
+            threads=config.data.threads,
+        )
+        kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
+        dtype = models.compute_dtype(config.model.get('dtype', 'float32'))
+        self.model = models.get_model(
+            config.model.name, self.source.num_classes, dtype=dtype, **kwargs
+        )
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        parallel.check_batch_size(batch_size, self.mesh)
+        try:
+            steps = self.source.steps_per_epoch(batch_size)
+        except ValueError as e:
+            fraction = self.config.data.validation_fraction
+            if not fraction:
+                raise
+            raise ValueError(
+                f'{e}, after data.validation_fraction={fraction!r} held out the validation '
+                'split; lower one of them'
+            ) from None
+        return min(steps, self.config.steps_per_epoch) if self.config.steps_per_epoch else steps
+
+    def train_epoch(self, batch_size: int, epoch: int, start_step: int = 0) -> Iterator[tuple]:
+        """Global training batches, sharded over the mesh (two in flight to the devices)."""
+        batches = self.source.train_epoch(batch_size, self.config.seed, epoch, start_step)
+        steps = self.steps_per_epoch(batch_size) - start_step
+        yield from parallel.prefetch_to_mesh(itertools.islice(batches, steps), self.mesh)
+
+    def evaluate(self, params: Any, batch_stats: Any, split: str = 'test') -> dict[str, float]:
+        """Top-1 / top-5 accuracy (fractions) on 'test' or 'validation', each example once."""
+        batch_size = self.config.data.eval_batch_size
+        parallel.check_batch_size(batch_size, self.mesh)
+        totals = {'correct1': 0, 'correct5': 0, 'count': 0}
+        for batch in self.source.eval_batches(batch_size, split):
+            counts = search.eval_step(
+                params, batch_stats, *parallel.shard_batch(self.mesh, *batch), model=self.model
+            )
+            totals = {k: totals[k] + v for k, v in counts.items()}
+        totals = to_python(totals)
+        return {
+            'top1': totals['correct1'] / totals['count'],
+            'top5': totals['correct5'] / totals['count'],
+        }
+
+    def load_weights(self, path: str) -> tuple[dict, dict, str]:
+        """Weights checked leaf by leaf against the model, replicated; and their fingerprint."""
+        params, batch_stats, meta = checkpoint.load_weights(path)
+        saved_model = meta.get('model', {}).get('name')
+        if saved_model != self.config.model.name:
+            raise ValueError(
+                f'the weights at {path} are for model {saved_model!r}, but config.model.name is '
+                f'{self.config.model.name!r}; point config.pretrained at matching weights or '
+                'use another --workdir'
+            )
+        sample = jnp.zeros((1, *self.source.image_shape), jnp.float32)
+        init = functools.partial(self.model.init, train=False)
+        expected = jax.eval_shape(init, jax.random.key(0), sample)
+        trees.check_tree_matches(expected['params'], params, f'the params at {path}')
+        trees.check_tree_matches(
+            expected.get('batch_stats', {}), batch_stats, f'the batch statistics at {path}'
+        )
+        fingerprint = checkpoint.weights_fingerprint(params)
+        params, batch_stats = parallel.replicate((params, batch_stats), self.mesh)
+        return params, batch_stats, fingerprint
+
+
+@functools.partial(jax.jit, static_argnames='model')
+def _bn_statistics_step(params: Any, batch_stats: Any, images: jax.Array, *, model) -> Any:
+    variables = {'params': params, 'batch_stats': batch_stats}
+    _, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
+    return updates['batch_stats']
+
+
+def adapt_batch_stats(
+    setup: Setup, params: Any, batch_stats: Any, steps: int, batch_size: int
+) -> Any:
+    """BatchNorm running statistics updated over ``steps`` training batches; params unchanged.
+
+    The model's own running-average update (Flax momentum 0.9 = PyTorch 0.1), as in
+    the search's BatchNorm training mode, starting from ``batch_stats``; the batches are
+    the first ``steps`` of the training stream (epoch 0 onwards), so it is deterministic.
+    """
+    if not jax.tree.leaves(batch_stats):  # no BatchNorm: nothing to re-estimate
+        return batch_stats
+    batches = (b for epoch in itertools.count() for b in setup.train_epoch(batch_size, epoch))
+    for images, _ in itertools.islice(batches, steps):
+        batch_stats = _bn_statistics_step(params, batch_stats, images, model=setup.model)
+    return batch_stats
+
+
+def print_main(*args) -> None:
+    """Prints on process 0 only."""
+    if jax.process_index() == 0:
+        print(*args)
+
+
+def pretrained_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    return config.pretrained or os.path.join(workdir, PRETRAINED_DIR)
+
+
+def jackpot_path(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """The jackpot folder; config.jackpot 'none' (no jackpot) is never a folder name."""
+    if config_lib.is_no_jackpot(config.jackpot):
+        raise ValueError(
+            f'config.jackpot={config.jackpot!r} means no jackpot, but mode {config.mode!r} needs '
+            "one: set config.jackpot to a jackpot folder ('' = WORKDIR/jackpot)"
+        )
+    return config.jackpot or os.path.join(workdir, JACKPOT_DIR)
+
+
+def check_jackpot_weights(
+    config: ml_collections.ConfigDict, workdir: str, jackpot_meta: Mapping, fingerprint: str
+) -> None:
+    """Raises ValueError unless the jackpot was found in the weights of this fingerprint."""
+    if jackpot_meta.get('weights_fingerprint') not in (None, fingerprint):
+        raise ValueError(
+            f'the jackpot at {jackpot_path(config, workdir)} was found in other weights than '
+            f'{pretrained_path(config, workdir)} (weights fingerprint '
+            f"{jackpot_meta['weights_fingerprint'][:12]} != {fingerprint[:12]}); point "
+            'config.pretrained at the original weights, or config.jackpot at a jackpot of these'
+        )
+
+
+def progress(steps: int, batch_size: int, desc: str, initial: int = 0):
+    """A progress bar counted in steps, showing throughput in images per second."""
+    return tqdm.tqdm(
+        total=steps,
+        initial=initial,
+        desc=desc,
+        unit='img',
+        unit_scale=batch_size,
+        leave=False,
+        disable=jax.process_index() != 0,
+    )
+
+
+def epoch_learning_rate(cfg: ml_collections.ConfigDict, epoch: int) -> float:
+    """The learning rate of an epoch under the per-epoch cosine."""
+    return float(search.epoch_cosine(cfg.learning_rate, cfg.epochs, 1)(epoch))
+
+
+
+
+def plan_masks(config: ml_collections.ConfigDict, params: Mapping) -> mask_plan.MaskPlan:
+    """The mask plan of ``config.search`` (sparsity, allocation, pattern, include/exclude)."""
+    s = config.search
+    return mask_plan.plan_masks(
+        params,
+        s.sparsity,
+        s.allocation,
+        s.pattern,
+        s.prune_include,
+        s.prune_exclude,
+        model_name=f'model {config.model.name!r}',
+    )
+
+
+def random_masks_key(config: ml_collections.ConfigDict) -> jax.Array:
+    """The key of the random-mask baseline: ``jax.random.key(seed + 1)``."""
+    return jax.random.key(config.seed + 1)
+
+
+def score_init_key(config: ml_collections.ConfigDict) -> jax.Array:
+    """The key of drawn score inits ('kaiming', 'random'): ``jax.random.key(seed + 2)``."""
+    return jax.random.key(config.seed + 2)

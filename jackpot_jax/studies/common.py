@@ -1,0 +1,71 @@
+"""What the studies share: one search per variant over the same frozen weights.
+
+Each variant is an ordinary, resumable search in ``WORKDIR/<study>/<variant>`` (its own
+checkpoints, jackpot, metrics and plots) over ``WORKDIR/pretrained``, which is trained
+first if missing; rerunning a study resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+
+from jackpot_jax import config_checks
+from jackpot_jax import run_context as rc
+from jackpot_jax.search_run import run_search
+
+
+def variant_config(
+    config: ml_collections.ConfigDict, workdir: str, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """A search config over the study's frozen weights with dotted-key ``overrides``."""
+    sub = ml_collections.ConfigDict(config.to_dict())
+    sub.mode = 'search'
+    sub.pretrained = os.path.abspath(rc.pretrained_path(config, workdir))
+    sub.jackpot = ''
+    sub.tune.epochs = 0
+    for key, value in overrides.items():
+        if '.' in key:
+            group, field = key.split('.')
+            sub[group][field] = value
+        else:
+            sub[key] = value
+    config_checks.validate(sub)
+    return sub
+
+
+def run_variant(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    study: str,
+    name: str,
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One search of a study, in ``WORKDIR/<study>/<name>``; its summary and epoch history."""
+    sub = variant_config(config, workdir, overrides)
+    folder = os.path.join(workdir, study, name)
+    rc.print_main(f'{study}: searching {name} in {folder}')
+    found = run_search(sub, folder)
+    return {k: v for k, v in found.items() if k not in ('state', 'counts')} | {'workdir': folder}
+
+
+def write_result(workdir: str, name: str, result: Mapping[str, Any]) -> None:
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, name), 'w') as f:
+            json.dump(result, f, indent=2)
+
+
+def header(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    s = config.search
+    return {
+        'model': config.model.name,
+        'data': config.data.name,
+        'sparsity': s.sparsity,
+        'allocation': s.allocation,
+        'epochs': s.epochs,
+    }
