@@ -11,26 +11,26 @@ WORKDIR/pretrained), e.g. made by ``configs/cifar_pretrain.py:MODEL,DATASET``
 (its pretrain settings are the ``pretrain`` fields here too) or converted from the
 authors' checkpoints with ``python -m jackpot_jax.convert official``.
 
-Published rows (the paper; top-1 %, search only, frozen weights):
+Published rows (the paper; search only, frozen weights), their top-1 in ``PUBLISHED``:
 
-| --config=                                        | model     | data      | top-1 |
-|--------------------------------------------------|-----------|-----------|-------|
-| configs/cifar_search.py:vgg19,cifar10,90,30      | VGG-19    | CIFAR-10  | 93.88 |
-| configs/cifar_search.py:vgg19,cifar10,90,160     | VGG-19    | CIFAR-10  | 93.94 |
-| configs/cifar_search.py:vgg19,cifar10,95,30      | VGG-19    | CIFAR-10  | 93.49 |
-| configs/cifar_search.py:vgg19,cifar10,95,160     | VGG-19    | CIFAR-10  | 93.74 |
-| configs/cifar_search.py:vgg19,cifar100,90,30     | VGG-19    | CIFAR-100 | 72.59 |
-| configs/cifar_search.py:vgg19,cifar100,90,160    | VGG-19    | CIFAR-100 | 74.61 |
-| configs/cifar_search.py:vgg19,cifar100,95,30     | VGG-19    | CIFAR-100 | 71.76 |
-| configs/cifar_search.py:vgg19,cifar100,95,160    | VGG-19    | CIFAR-100 | 73.35 |
-| configs/cifar_search.py:resnet32,cifar10,90,30   | ResNet-32 | CIFAR-10  | 93.70 |
-| configs/cifar_search.py:resnet32,cifar10,90,160  | ResNet-32 | CIFAR-10  | 94.39 |
-| configs/cifar_search.py:resnet32,cifar10,95,30   | ResNet-32 | CIFAR-10  | 92.90 |
-| configs/cifar_search.py:resnet32,cifar10,95,160  | ResNet-32 | CIFAR-10  | 93.41 |
-| configs/cifar_search.py:resnet32,cifar100,90,30  | ResNet-32 | CIFAR-100 | 72.22 |
-| configs/cifar_search.py:resnet32,cifar100,90,160 | ResNet-32 | CIFAR-100 | 73.43 |
-| configs/cifar_search.py:resnet32,cifar100,95,30  | ResNet-32 | CIFAR-100 | 69.38 |
-| configs/cifar_search.py:resnet32,cifar100,95,160 | ResNet-32 | CIFAR-100 | 70.31 |
+| --config=                                        | model     | data      |
+|--------------------------------------------------|-----------|-----------|
+| configs/cifar_search.py:vgg19,cifar10,90,30      | VGG-19    | CIFAR-10  |
+| configs/cifar_search.py:vgg19,cifar10,90,160     | VGG-19    | CIFAR-10  |
+| configs/cifar_search.py:vgg19,cifar10,95,30      | VGG-19    | CIFAR-10  |
+| configs/cifar_search.py:vgg19,cifar10,95,160     | VGG-19    | CIFAR-10  |
+| configs/cifar_search.py:vgg19,cifar100,90,30     | VGG-19    | CIFAR-100 |
+| configs/cifar_search.py:vgg19,cifar100,90,160    | VGG-19    | CIFAR-100 |
+| configs/cifar_search.py:vgg19,cifar100,95,30     | VGG-19    | CIFAR-100 |
+| configs/cifar_search.py:vgg19,cifar100,95,160    | VGG-19    | CIFAR-100 |
+| configs/cifar_search.py:resnet32,cifar10,90,30   | ResNet-32 | CIFAR-10  |
+| configs/cifar_search.py:resnet32,cifar10,90,160  | ResNet-32 | CIFAR-10  |
+| configs/cifar_search.py:resnet32,cifar10,95,30   | ResNet-32 | CIFAR-10  |
+| configs/cifar_search.py:resnet32,cifar10,95,160  | ResNet-32 | CIFAR-10  |
+| configs/cifar_search.py:resnet32,cifar100,90,30  | ResNet-32 | CIFAR-100 |
+| configs/cifar_search.py:resnet32,cifar100,90,160 | ResNet-32 | CIFAR-100 |
+| configs/cifar_search.py:resnet32,cifar100,95,30  | ResNet-32 | CIFAR-100 |
+| configs/cifar_search.py:resnet32,cifar100,95,160 | ResNet-32 | CIFAR-100 |
 
 Append ``,tiny`` to any of them for a seconds-long smoke run.
 Settings (docs/method.md §3): SGD momentum 0.9 on the scores, lr 0.1 with a per-epoch

@@ -10,14 +10,14 @@ The searched weights are torchvision's ResNet-50, converted with
 and passed as ``--config.pretrained=DIR/pretrained``. ImageNet must be prepared for
 tfds in ``--config.data.data_dir`` (see jackpot_jax/input_pipeline.py).
 
-Published rows (top-1 %, the paper):
+Published rows (the paper), their top-1 in ``PUBLISHED``:
 
-| --config=                                | sparsity | search epochs | tune epochs | top-1 |
-|------------------------------------------|----------|---------------|-------------|-------|
-| configs/imagenet_search.py:80            | 80%      | 30            | 0           | 75.19 |
-| configs/imagenet_search.py:80,tune       | 80%      | 30            | 10          | 76.66 |
-| configs/imagenet_search.py:90            | 90%      | 30            | 0           | 72.43 |
-| configs/imagenet_search.py:90,tune       | 90%      | 30            | 10          | 74.62 |
+| --config=                                | sparsity | search epochs | tune epochs |
+|------------------------------------------|----------|---------------|-------------|
+| configs/imagenet_search.py:80            | 80%      | 30            | 0           |
+| configs/imagenet_search.py:80,tune       | 80%      | 30            | 10          |
+| configs/imagenet_search.py:90            | 90%      | 30            | 0           |
+| configs/imagenet_search.py:90,tune       | 90%      | 30            | 10          |
 
 The abstract's claim (>70% at 90% after 5 search epochs): ``configs/imagenet_search.py:90,5``.
 Append ``,tiny`` to any of them for a smoke run. Settings (docs/method.md §3): SGD

@@ -226,11 +226,6 @@ CRITERIA: dict[str, Criterion] = {
 # ----------------------------------------------------------------------------
 # Masks at fixed per-layer counts.
 # ----------------------------------------------------------------------------
-def masks_from_scores(scores: Mapping[str, Array], counts: Mapping[str, int]) -> FlatTree:
-    """Per layer, prune exactly the k_l lowest keep scores (ties: lower flat index pruned)."""
-    return sparsity.masks_from_scores(scores, counts)
-
-
 @functools.partial(jax.jit, static_argnames=('name', 'model', 'paths', 'options'))
 def _scores(name, model, params, batch_stats, batch, rng, *, paths, options):
     scores = CRITERIA[name].scores(model, params, batch_stats, paths, batch, rng, **dict(options))
@@ -240,7 +235,8 @@ def _scores(name, model, params, batch_stats, batch, rng, *, paths, options):
 
 @functools.partial(jax.jit, static_argnames='counts')
 def _masks(scores, *, counts):
-    return masks_from_scores(scores, dict(counts))
+    """Per layer, prune exactly the k_l lowest keep scores (ties: lower flat index pruned)."""
+    return sparsity.masks_from_scores(scores, dict(counts))
 
 
 def criterion_scores(

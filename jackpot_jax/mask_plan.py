@@ -48,7 +48,7 @@ def plan_counts(
     return sparsity_lib.pruned_counts(jax.device_get(dict(kernels)), sparsity, allocation)
 
 
-def magnitude_masks(
+def _magnitude_masks(
     kernels: Mapping[str, jax.Array], counts: Mapping[str, int], pattern: Pattern = None
 ) -> dict[str, jax.Array]:
     """The smallest-|w| weights pruned at the given counts (within groups under N:M)."""
@@ -58,7 +58,7 @@ def magnitude_masks(
     return sparsity_lib.magnitude_masks(kernels, counts)
 
 
-def random_masks(
+def _random_masks(
     rng: jax.Array,
     kernels: Mapping[str, jax.Array],
     counts: Mapping[str, int],
@@ -71,7 +71,7 @@ def random_masks(
     return sparsity_lib.random_masks(rng, kernels, counts)
 
 
-def masks_from_scores(
+def _masks_from_scores(
     scores: Mapping[str, jax.Array],
     counts: Mapping[str, int],
     pattern: Pattern = None,
@@ -103,7 +103,7 @@ def initial_masks_and_scores(
     """
     nm = structured.parse_pattern(pattern)
     if score_init == 'magnitude':
-        masks = jax.jit(functools.partial(magnitude_masks, counts=counts, pattern=nm))(kernels)
+        masks = jax.jit(functools.partial(_magnitude_masks, counts=counts, pattern=nm))(kernels)
         return masks, sparsity_lib.init_scores(masks, pruned_score)
     draw = {'kaiming': sparsity_lib.kaiming_scores, 'random': sparsity_lib.uniform_scores}
     if score_init not in draw:
@@ -111,7 +111,7 @@ def initial_masks_and_scores(
             f'unknown score_init {score_init!r}; choose one of {sparsity_lib.SCORE_INITS}'
         )
     scores = jax.jit(draw[score_init])(jax.random.key(0) if rng is None else rng, kernels)
-    pick = functools.partial(masks_from_scores, counts=counts, pattern=nm, mask_update=mask_update)
+    pick = functools.partial(_masks_from_scores, counts=counts, pattern=nm, mask_update=mask_update)
     return jax.jit(pick)(scores), scores
 
 
@@ -141,11 +141,11 @@ class MaskPlan:
         return {p: flat[p] for p in self.paths}
 
     def magnitude_masks(self, params: Mapping) -> dict[str, jax.Array]:
-        fn = functools.partial(magnitude_masks, counts=self.counts, pattern=self.pattern)
+        fn = functools.partial(_magnitude_masks, counts=self.counts, pattern=self.pattern)
         return jax.jit(fn)(self.kernels(params))
 
     def random_masks(self, params: Mapping, rng: jax.Array) -> dict[str, jax.Array]:
-        fn = functools.partial(random_masks, counts=self.counts, pattern=self.pattern)
+        fn = functools.partial(_random_masks, counts=self.counts, pattern=self.pattern)
         return jax.jit(fn)(rng, self.kernels(params))
 
     def initial_masks_and_scores(

@@ -16,29 +16,23 @@ import pytest
 from jackpot_jax import checkpoint, launcher, models, search, search_run, sparsity, weight_training
 from jackpot_jax import run_context as rc
 from jackpot_jax import workdir as workdir_lib
-from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import read_jsonl
+from tiny_model import tiny_config  # tests/tiny_model.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6  # steps per epoch
 
 
-def tiny_config(weights):
-    config = config_lib.get_config()
-    config.mode = 'search'
-    config.model.width = 8
-    config.pretrain.epochs = 1
-    config.search.epochs = 2
-    config.steps_per_epoch = STEPS
-    config.checkpoint.every_steps = 2
-    config.pretrained = weights
-    return config
+def search_config(weights):
+    fields = {'mode': 'search', 'pretrain.epochs': 1, 'search.epochs': 2}
+    fields.update({'steps_per_epoch': STEPS, 'checkpoint.every_steps': 2, 'pretrained': weights})
+    return tiny_config(**fields)
 
 
 @pytest.fixture(scope='module')
 def weights(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('weights'))
-    config = tiny_config('')
+    config = search_config('')
     weight_training.run_pretrain(config, workdir)
     return os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
 
@@ -47,7 +41,7 @@ def weights(tmp_path_factory):
 def reference(weights, tmp_path_factory):
     """An uninterrupted search."""
     workdir = str(tmp_path_factory.mktemp('reference'))
-    result = search_run.run_search(tiny_config(weights), workdir)
+    result = search_run.run_search(search_config(weights), workdir)
     return workdir, jax.device_get(result['state'])
 
 
@@ -116,10 +110,10 @@ def test_interrupted_search_resumes_bit_identically(
     with monkeypatch.context() as patch:
         _interrupt_after(patch, interrupt_at)
         with pytest.raises(_Interrupt):
-            search_run.run_search(tiny_config(weights), workdir)
+            search_run.run_search(search_config(weights), workdir)
     saved = checkpoint.SearchCheckpoints(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)).steps()
     assert saved and max(saved) < 2 * STEPS
-    resumed = search_run.run_search(tiny_config(weights), workdir)
+    resumed = search_run.run_search(search_config(weights), workdir)
     _assert_same_search(resumed['state'], ref_state)
     assert _search_records(workdir) == _search_records(ref_dir)
 
@@ -179,7 +173,7 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(weights, reference, 
 def test_restore_across_device_layouts(
     weights, tmp_path, monkeypatch, devices_before, devices_after
 ):
-    config = tiny_config(weights)
+    config = search_config(weights)
     config.num_devices = devices_before
     with monkeypatch.context() as patch:
         _interrupt_after(patch, STEPS + 1)
@@ -212,8 +206,8 @@ def test_changed_weights_or_config_are_refused_with_the_difference(weights, tmp_
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 3)
         with pytest.raises(_Interrupt):
-            search_run.run_search(tiny_config(weights), workdir)
-    config = tiny_config(weights)
+            search_run.run_search(search_config(weights), workdir)
+    config = search_config(weights)
     config.search.sparsity = 0.95
     with pytest.raises(ValueError, match=r'search.sparsity: checkpoint 0.9, now 0.95'):
         search_run.run_search(config, workdir)
@@ -222,7 +216,7 @@ def test_changed_weights_or_config_are_refused_with_the_difference(weights, tmp_
     params = jax.tree.map(lambda x: x * 1.5, params)
     checkpoint.save_weights(other, params, batch_stats, meta)
     with pytest.raises(ValueError, match='differ from those the search'):
-        search_run.run_search(tiny_config(other), workdir)
+        search_run.run_search(search_config(other), workdir)
 
 
 def test_corrupted_checkpoint_names_the_folder_to_delete(weights, tmp_path, monkeypatch):
@@ -230,7 +224,7 @@ def test_corrupted_checkpoint_names_the_folder_to_delete(weights, tmp_path, monk
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 5)
         with pytest.raises(_Interrupt):
-            search_run.run_search(tiny_config(weights), workdir)
+            search_run.run_search(search_config(weights), workdir)
     ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)
     latest = os.path.join(ckpt_dir, '4')
     for path in glob.glob(os.path.join(latest, 'scores', '**', '*'), recursive=True):
@@ -238,9 +232,9 @@ def test_corrupted_checkpoint_names_the_folder_to_delete(weights, tmp_path, monk
             with open(path, 'r+b') as f:
                 f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(checkpoint.CheckpointError, match=f'{latest}.*Delete that folder'):
-        search_run.run_search(tiny_config(weights), workdir)
+        search_run.run_search(search_config(weights), workdir)
     shutil.rmtree(latest)
-    result = search_run.run_search(tiny_config(weights), workdir)  # resumes from step 2
+    result = search_run.run_search(search_config(weights), workdir)  # resumes from step 2
     assert int(result['state'].step) == 2 * STEPS
 
 
@@ -273,14 +267,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(weights, tmp_path, mo
 
     monkeypatch.setattr(search, 'make_search_step', make)
     with pytest.raises(FloatingPointError, match='at step 4.*last good checkpoint is step 2'):
-        search_run.run_search(tiny_config(weights), str(tmp_path))
+        search_run.run_search(search_config(weights), str(tmp_path))
     steps = checkpoint.SearchCheckpoints(os.path.join(tmp_path, workdir_lib.CHECKPOINTS_DIR)).steps()
     assert steps == [2]
 
 
 def test_export_evaluates_like_the_jackpot(weights, reference, capsys):
     workdir, _ = reference
-    config = tiny_config(weights)
+    config = search_config(weights)
     jackpot = launcher.run_evaluate(config, workdir)
     out = launcher.run_export(config, workdir)['masked_weights']
     config.pretrained, config.jackpot = out, 'none'

@@ -35,8 +35,8 @@ def dense_batch(seed=0, size=8):
 
 
 def masks(scores, counts):
-    """criteria.masks_from_scores, jitted (eager ranking dispatches op by op, slowly)."""
-    return jax.jit(functools.partial(criteria.masks_from_scores, counts=counts))(scores)
+    """sparsity.masks_from_scores (criteria rank with it), jitted (eager is slow)."""
+    return jax.jit(functools.partial(sparsity.masks_from_scores, counts=counts))(scores)
 
 
 def pruned_by_stable_rank(score, k):

@@ -20,11 +20,11 @@ from jackpot_jax import checkpoint, convert, data, errors, launcher, models, sea
 from jackpot_jax.metrics import EpochMetrics
 from jackpot_jax import run_context as rc
 from jackpot_jax import weight_training
-from jackpot_jax import config as config_lib
 from jackpot_jax import main as cli
 from jackpot_jax import workdir as workdir_lib
 import tiny_model  # tests/tiny_model.py
 from test_data import _write_idx, make_fashion_files
+from tiny_model import tiny_config  # tests/tiny_model.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,15 +32,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------
 # Helpers.
 # ----------------------------------------------------------------------------
-def tiny_config(**fields):
-    config = config_lib.get_config()
-    config.model.width = 8
-    for dotted, value in fields.items():
-        group, _, field = dotted.rpartition('.')
-        (config[group] if group else config)[field] = value
-    return config
-
-
 @pytest.fixture
 def launch(monkeypatch, capsys):
     """Runs the launcher in-process: ``launch(*flags) -> (exit status, stderr lines)``."""

@@ -15,26 +15,25 @@ from jackpot_jax.studies import search_cost, stability
 from jackpot_jax import config as config_lib
 
 from test_studies import assert_valid_png
+from tiny_model import tiny_config  # tests/tiny_model.py
 
 
-def tiny_config():
-    config = config_lib.get_config()
-    config.model.width = 8
-    config.pretrain.epochs = 2
-    config.search.epochs = 2
-    config.steps_per_epoch = 6
-    return config
+def study_base():
+    # The paper's protocol: these tests are about the studies, not the protocols (the
+    # stability study sets the protocol of each of its variants).
+    fields = {'protocol': 'paper', 'pretrain.epochs': 2, 'search.epochs': 2}
+    return tiny_config(**fields, steps_per_epoch=6)
 
 
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('pretrained'))
-    weight_training.run_pretrain(tiny_config(), workdir)
+    weight_training.run_pretrain(study_base(), workdir)
     return os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
 
 
 def study_config(pretrained, mode):
-    config = tiny_config()
+    config = study_base()
     config.mode = mode
     config.pretrained = pretrained
     return config

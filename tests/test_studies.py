@@ -11,10 +11,10 @@ from PIL import Image
 from jackpot_jax import checkpoint, criteria, launcher, plots, sparsity
 from jackpot_jax import workdir as workdir_lib
 from jackpot_jax.studies import overlap
-from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import read_jsonl
 
 import tiny_model  # tests/tiny_model.py
+from tiny_model import tiny_config  # tests/tiny_model.py
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -74,13 +74,9 @@ def test_mask_overlap_rejects_masks_of_different_layers_or_shapes():
 # ----------------------------------------------------------------------------
 # The 'overlap' mode on a tiny digits workdir.
 # ----------------------------------------------------------------------------
-def tiny_config():
-    config = config_lib.get_config()
-    config.model.width = 4
-    config.search.epochs = 1
-    config.search.batch_size = 32
-    config.steps_per_epoch = 2
-    return config
+def overlap_config():
+    fields = {'model.width': 4, 'search.epochs': 1, 'search.batch_size': 32}
+    return tiny_config(**fields, steps_per_epoch=2)
 
 
 @pytest.fixture(scope='module')
@@ -88,8 +84,8 @@ def overlap_run(tmp_path_factory):
     """A demo workdir (weights drawn in numpy instead of pre-trained: it is faster), then overlap."""
     workdir = str(tmp_path_factory.mktemp('overlap'))
     tiny_model.save_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR), width=4)
-    summary = launcher.run_demo(tiny_config(), workdir)
-    result = overlap.run_overlap(tiny_config(), workdir)
+    summary = launcher.run_demo(overlap_config(), workdir)
+    result = overlap.run_overlap(overlap_config(), workdir)
     return workdir, summary, result
 
 
@@ -127,7 +123,7 @@ def test_overlap_settings_come_from_the_optional_config_group_and_a_table_is_pri
     overlap_run, capsys
 ):
     workdir, _, _ = overlap_run
-    config = tiny_config()
+    config = overlap_config()
     config.overlap = ml_collections.ConfigDict(
         {'criteria': 'magnitude, random', 'batch_size': 16, 'bn_steps': 3}
     )

@@ -14,24 +14,20 @@ import pytest
 
 from jackpot_jax import checkpoint, launcher, metrics, search_run, sparsity, weight_training
 from jackpot_jax import workdir as workdir_lib
-from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import read_jsonl
+from tiny_model import tiny_config  # tests/tiny_model.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config():
-    config = config_lib.get_config()
-    config.model.width = 8
-    config.pretrain.epochs = 2
-    config.search.epochs = 2
-    return config
+def demo_config():
+    return tiny_config(**{'pretrain.epochs': 2, 'search.epochs': 2})
 
 
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('demo'))
-    summary = launcher.run_demo(tiny_config(), workdir)
+    summary = launcher.run_demo(demo_config(), workdir)
     return workdir, summary
 
 
@@ -62,7 +58,7 @@ def test_demo_writes_summary_metrics_weights_and_jackpot(demo_run):
 def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, tmp_path):
     workdir, _ = demo_run
     params, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
-    config = tiny_config()
+    config = demo_config()
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
     found = search_run.run_search(config, str(tmp_path))
     jax.tree.map(
@@ -77,14 +73,14 @@ def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, 
 
 def test_evaluate_mode_reproduces_the_final_jackpot_accuracy(demo_run, capsys):
     workdir, summary = demo_run
-    result = launcher.run_evaluate(tiny_config(), workdir)
+    result = launcher.run_evaluate(demo_config(), workdir)
     assert result['top1'] == pytest.approx(summary['jackpot_top1'])
     assert 'sparsity over prunable weights: 90.00%' in capsys.readouterr().out
 
 
 def test_weights_of_another_model_are_rejected_with_the_mismatch(demo_run, tmp_path):
     workdir, _ = demo_run
-    config = tiny_config()
+    config = demo_config()
     config.model.width = 16
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
     with pytest.raises(ValueError, match=r'conv1/kernel: expected shape \(3, 3, 1, 16\)'):
@@ -96,7 +92,7 @@ def test_weights_of_another_model_are_rejected_with_the_mismatch(demo_run, tmp_p
 
 def test_missing_pretrained_weights_say_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="mode 'pretrain'"):
-        search_run.run_search(tiny_config(), str(tmp_path))
+        search_run.run_search(demo_config(), str(tmp_path))
 
 
 def test_command_line_runs_search_from_a_config_file_with_overrides(demo_run, tmp_path):
@@ -156,7 +152,7 @@ def test_tensorboard_has_the_search_scalars(demo_run):
 
 def test_tuning_under_a_fixed_mask_keeps_pruned_weights_exactly_zero(demo_run, tmp_path):
     workdir, _ = demo_run
-    config = tiny_config()
+    config = demo_config()
     config.tune.epochs = 1
     result = weight_training.run_tune(config, workdir)
     assert 0.0 <= result['top1'] <= 1.0
@@ -176,7 +172,7 @@ def test_bfloat16_search_lands_within_a_point_of_float32(demo_run, tmp_path):
     """Same frozen weights and settings as the demo's float32 search, computed in bfloat16:
     the jackpot's test top-1 is within 1 point, and everything carried stays float32."""
     workdir, summary = demo_run
-    config = tiny_config()
+    config = demo_config()
     config.mode = 'search'
     config.model.dtype = 'bfloat16'
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
@@ -234,7 +230,7 @@ def test_search_steps_never_wait_on_the_host(demo_run, tmp_path, monkeypatch):
     """The step loop (with a mid-epoch checkpoint) runs under the device-to-host guard and
     reads nothing back; a float() of a metric in the loop is caught."""
     workdir, _ = demo_run
-    config = tiny_config()
+    config = demo_config()
     config.mode, config.protocol = 'search', 'paper'
     config.search.epochs, config.steps_per_epoch, config.checkpoint.every_steps = 1, 4, 2
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)

@@ -1,4 +1,5 @@
-"""The tiny model of the scale-out tests: small_cnn on 8x8x1 images, weights made in numpy.
+"""Test-size helpers: :func:`tiny_config` (the base config at test size) and the tiny
+model of the scale-out tests: small_cnn on 8x8x1 images, weights made in numpy.
 
 Drawing the weights in numpy (He-normal kernels, identity BatchNorm) costs no XLA
 compile, which the 2-core test machine would otherwise spend seconds on.
@@ -11,12 +12,25 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from jackpot_jax import checkpoint, models
+from jackpot_jax import config as config_lib
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
+
+
+def tiny_config(**fields: Any) -> ml_collections.ConfigDict:
+    """The base config (digits demo) with small_cnn at width 8 and ``fields`` set, keyed
+    by dotted name: ``tiny_config(**{'search.epochs': 2, 'steps_per_epoch': 6})``."""
+    config = config_lib.get_config()
+    config.model.width = 8
+    for dotted, value in fields.items():
+        group, _, field = dotted.rpartition('.')
+        (config[group] if group else config)[field] = value
+    return config
 
 
 def variables(width: int = 4, seed: int = 0) -> dict[str, Any]:
