@@ -19,7 +19,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jackpot_jax import adapters, checkpoint, parallel, plots, search, sparsity
+from jackpot_jax import adapters, checkpoint, config_checks, parallel, plots, search, sparsity
+from jackpot_jax import config as config_lib
 from jackpot_jax import run_context as rc
 from jackpot_jax.metrics import EpochMetrics, MetricWriter, read_jsonl
 from jackpot_jax.weight_training import run_tune
@@ -55,6 +56,14 @@ def _search_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
+def _legacy_identity() -> dict[str, Any]:
+    """The identity of a search with every field at the value that reproduces the code from
+    before the field existed: its default, and the paper's protocol (once the only one)."""
+    config = config_lib.get_config()
+    config.protocol = 'paper'
+    return _search_identity(config_checks.resolve_protocol(config))
+
+
 def _check_resumable(saved: dict[str, Any], expected: dict[str, Any], directory: str) -> None:
     if saved['weights_fingerprint'] != expected['weights_fingerprint']:
         raise ValueError(
@@ -63,10 +72,19 @@ def _check_resumable(saved: dict[str, Any], expected: dict[str, Any], directory:
             f"{saved['weights_fingerprint'][:12]} != {expected['weights_fingerprint'][:12]}); "
             'point config.pretrained at the original weights, or use a new --workdir'
         )
+    legacy = _legacy_identity()
     diffs = sorted(
-        f"{k.replace('/', '.')}: checkpoint {saved['config'].get(k)!r}, now {v!r}"
+        f"{k.replace('/', '.')}: checkpoint {saved['config'][k]!r}, now {v!r}"
         for k, v in expected['config'].items()
-        if saved['config'].get(k) != v
+        if k in saved['config'] and saved['config'][k] != v
+    )
+    # A field the checkpoint lacks was added after it was written; the search it holds
+    # ran as the field's legacy value says, so only that value resumes it.
+    diffs += sorted(
+        f"{k.replace('/', '.')}: not in the checkpoint (written before the field existed: "
+        f'it ran as {legacy.get(k)!r}), now {v!r}'
+        for k, v in expected['config'].items()
+        if k not in saved['config'] and (k not in legacy or legacy[k] != v)
     )
     diffs += [
         f"{k.replace('/', '.')}: only in the checkpoint"
