@@ -47,8 +47,12 @@ def test_demo_writes_summary_metrics_weights_and_jackpot(demo_run):
     for key in ('dense_top1', 'magnitude_top1', 'random_top1', 'jackpot_top1'):
         assert 0.0 <= saved[key] <= 1.0
     assert saved['sparsity'] == pytest.approx(0.9, abs=1e-4)
-    assert saved['dense_top1'] > 0.5  # two epochs of dense training already learn digits
-    assert saved['jackpot_top1'] > saved['random_top1']
+    # At this size (width 8, two epochs each) the dense network reaches about 80 %, the
+    # magnitude and random masks collapse to chance, and the jackpot recovers to within a
+    # few points of dense without training a weight (about 75 %).
+    assert saved['dense_top1'] > 0.7
+    assert max(saved['magnitude_top1'], saved['random_top1']) < 0.2
+    assert saved['jackpot_top1'] >= saved['dense_top1'] - 0.10
     records = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
     search_records = [r for r in records if r['mode'] == 'search']
     assert [r['epoch'] for r in search_records] == [1, 2]
