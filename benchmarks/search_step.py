@@ -568,7 +568,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 **{**vars(args), 'batch_size': batch or args.batch_size, 'steps': steps or args.steps}
             )
             if args.compare:
-                result['models'][key] = bench_model(name, run_args, compile_log)
+                try:
+                    result['models'][key] = bench_model(name, run_args, compile_log)
+                except jax.errors.JaxRuntimeError as e:
+                    if 'RESOURCE_EXHAUSTED' not in str(e):
+                        raise
+                    # Too big for this device: say so and go on with the next model.
+                    reason = f'out of memory: {str(e).splitlines()[0]}'
+                    log(f'{key}: skipped, {reason}')
+                    result['models'][key] = {'model': name, 'batch_size': batch, 'skipped': reason}
             if args.scaling:
                 result.setdefault('scaling', {})[key] = bench_scaling(name, run_args, compile_log)
     finally:
@@ -608,6 +616,9 @@ def summary_table(rows: dict[str, dict[str, Any]]) -> str:
     )
     table = [header]
     for r in rows.values():
+        if 'skipped' in r:
+            table.append((f"{r['model']} ({r['batch_size']})", r['skipped'], '', '', '', ''))
+            continue
         per_layer = r.get('mask_update_per_layer')
         table.append(
             (
