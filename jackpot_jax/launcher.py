@@ -39,7 +39,7 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     masked weights written by 'export'.
     """
     setup = rc.Setup(config)
-    params, batch_stats, fingerprint = setup.load_weights(rc.pretrained_path(config, workdir))
+    params, batch_stats, fingerprint = setup.load_pretrained(workdir)
     if not config_lib.is_no_jackpot(config.jackpot):
         path = rc.jackpot_path(config, workdir)
         _, masks, batch_stats, meta = checkpoint.load_jackpot(path)
@@ -48,12 +48,9 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         params = sparsity.masked_params(params, masks)
         what = f'jackpot {path}'
     else:
-        flat = sparsity.flatten(params)
         s = config.search
-        masks = {
-            p: flat[p] != 0
-            for p in sparsity.prunable_paths(params, s.prune_include, s.prune_exclude)
-        }
+        kernels = mask_plan.prunable_kernels(params, s.prune_include, s.prune_exclude)
+        masks = {p: w != 0 for p, w in kernels.items()}
         what = f'weights {rc.pretrained_path(config, workdir)}'
     result = setup.evaluate(params, batch_stats)
     report = mask_plan.mask_report(params, parallel.to_host(masks), config.search.pattern)
@@ -71,7 +68,7 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Writes the jackpot's masked dense params as ordinary weights (WORKDIR/masked_weights)."""
     setup = rc.Setup(config)
-    params, _, fingerprint = setup.load_weights(rc.pretrained_path(config, workdir))
+    params, _, fingerprint = setup.load_pretrained(workdir)
     _, masks, batch_stats, meta = checkpoint.load_jackpot(rc.jackpot_path(config, workdir))
     rc.check_jackpot_weights(config, workdir, meta, fingerprint)
     masked = parallel.to_host(sparsity.masked_params(params, parallel.replicate(masks, setup.mesh)))
@@ -99,7 +96,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     total_start = time.perf_counter()
     ensure_pretrained(config, workdir)
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_weights(rc.pretrained_path(config, workdir))
+    params, batch_stats, _ = setup.load_pretrained(workdir)
     summary = baseline_accuracies(config, setup, params, batch_stats)
     found = run_search(config, workdir)
     for key in (

@@ -133,8 +133,6 @@ class MaskPlan:
     paths: tuple[str, ...]
     counts: dict[str, int]
     pattern: NByM | None
-    include: str
-    exclude: str | None
 
     def kernels(self, params: Mapping) -> dict[str, jax.Array]:
         flat = sparsity_lib.flatten(params)
@@ -192,4 +190,4 @@ def plan_masks(
             f'has input channels divisible by {nm.m} (input channels: {channels}); pick an M '
             "that divides some of them, or search.pattern=''"
         )
-    return MaskPlan(tuple(kernels), counts, nm, include, exclude)
+    return MaskPlan(tuple(kernels), counts, nm)

@@ -93,6 +93,10 @@ class Setup:
             'top5': totals['correct5'] / totals['count'],
         }
 
+    def load_pretrained(self, workdir: str) -> tuple[dict, dict, str]:
+        """:meth:`load_weights` of the config's pretrained weights (WORKDIR/pretrained)."""
+        return self.load_weights(pretrained_path(self.config, workdir))
+
     def load_weights(self, path: str) -> tuple[dict, dict, str]:
         """Weights checked leaf by leaf against the model, replicated; and their fingerprint."""
         params, batch_stats, meta = checkpoint.load_weights(path)
@@ -204,11 +208,6 @@ def plan_masks(config: ml_collections.ConfigDict, params: Mapping) -> mask_plan.
         s.prune_exclude,
         model_name=f'model {config.model.name!r}',
     )
-
-
-def random_masks_key(config: ml_collections.ConfigDict) -> jax.Array:
-    """The key of the random-mask baseline: ``jax.random.key(seed + 1)``."""
-    return jax.random.key(config.seed + 1)
 
 
 def score_init_key(config: ml_collections.ConfigDict) -> jax.Array:

@@ -315,21 +315,25 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 
 
 @rc.resolved
+def mask_baselines(
+    config: ml_collections.ConfigDict, setup: rc.Setup, params: Any, batch_stats: Any
+) -> dict[str, float]:
+    """Test top-1, without retraining, of the magnitude mask and of a random mask
+    (``jax.random.key(seed + 1)``) at the search's per-layer counts."""
+    plan = rc.plan_masks(config, params)
+    masks = {
+        'magnitude_top1': plan.magnitude_masks(params),
+        'random_top1': plan.random_masks(params, jax.random.key(config.seed + 1)),
+    }
+    return {
+        key: setup.evaluate(sparsity.masked_params(params, m), batch_stats)['top1']
+        for key, m in masks.items()
+    }
+
+
 def baseline_accuracies(
     config: ml_collections.ConfigDict, setup: rc.Setup, params: Any, batch_stats: Any
 ) -> dict[str, float]:
-    """Test top-1 of the dense weights and, without retraining, of the magnitude mask and of
-    a random mask (``jax.random.key(seed + 1)``) at the search's per-layer counts."""
-    plan = rc.plan_masks(config, params)
-    magnitude = plan.magnitude_masks(params)
-    random = plan.random_masks(params, rc.random_masks_key(config))
-
-    def accuracy(masks):
-        masked = params if masks is None else sparsity.masked_params(params, masks)
-        return setup.evaluate(masked, batch_stats)['top1']
-
-    return {
-        'dense_top1': accuracy(None),
-        'magnitude_top1': accuracy(magnitude),
-        'random_top1': accuracy(random),
-    }
+    """Test top-1 of the dense weights, then :func:`mask_baselines`."""
+    dense = setup.evaluate(params, batch_stats)['top1']
+    return {'dense_top1': dense, **mask_baselines(config, setup, params, batch_stats)}

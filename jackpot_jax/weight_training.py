@@ -167,7 +167,7 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     if not config.tune.epochs:
         raise ValueError('tune.epochs is 0; set --config.tune.epochs=N (the paper uses 10)')
     setup = rc.Setup(config)
-    params, _, fingerprint = setup.load_weights(rc.pretrained_path(config, workdir))
+    params, _, fingerprint = setup.load_pretrained(workdir)
     _, masks, batch_stats, meta = checkpoint.load_jackpot(rc.jackpot_path(config, workdir))
     rc.check_jackpot_weights(config, workdir, meta, fingerprint)
     masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)

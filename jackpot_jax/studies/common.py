@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -18,6 +18,7 @@ import ml_collections
 from jackpot_jax import config_checks
 from jackpot_jax import run_context as rc
 from jackpot_jax.search_run import run_search
+from jackpot_jax.weight_training import ensure_pretrained
 
 
 def variant_config(
@@ -54,10 +55,32 @@ def run_variant(
     return {k: v for k, v in found.items() if k not in ('state', 'counts')} | {'workdir': folder}
 
 
-def write_result(workdir: str, name: str, result: Mapping[str, Any]) -> None:
+def run_variants(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    study: str,
+    overrides: Mapping[str, Mapping[str, Any]],
+) -> dict[str, dict[str, Any]]:
+    """:func:`run_variant` for every ``{name: overrides}``, pre-training first if needed."""
+    ensure_pretrained(config, workdir)
+    return {name: run_variant(config, workdir, study, name, o) for name, o in overrides.items()}
+
+
+def save_result(
+    workdir: str,
+    study: str,
+    result: Mapping[str, Any],
+    plot: Callable[[str], None],
+    text: str,
+    figure: str = '',
+) -> None:
+    """Writes ``WORKDIR/<study>.json`` and the figure (``plot(path)``, default
+    ``<study>.png``) on process 0, and prints ``text``."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, name), 'w') as f:
+        with open(os.path.join(workdir, f'{study}.json'), 'w') as f:
             json.dump(result, f, indent=2)
+        plot(os.path.join(workdir, figure or f'{study}.png'))
+    rc.print_main(text)
 
 
 def header(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -7,18 +7,14 @@ mask oscillating). Telemetry is the search step's own metrics. Writes
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import ml_collections
 
 from jackpot_jax import config as config_lib
 from jackpot_jax import plots, sparsity
-from jackpot_jax import run_context as rc
 from jackpot_jax.studies import common
-from jackpot_jax.weight_training import ensure_pretrained
 
 
 # Config overrides of each variant of the 'restriction' study.
@@ -77,21 +73,15 @@ def format_restriction(result: Mapping[str, Any]) -> str:
 
 def run_restriction(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Mode 'restriction': one search per ``restriction.variants``, with per-step telemetry."""
-    ensure_pretrained(config, workdir)
     variants = config_lib.parse_list('restriction.variants', config.restriction.variants)
-    runs = {
-        name: common.run_variant(
-            config,
-            workdir,
-            'restriction',
-            name,
-            {**RESTRICTION_OVERRIDES[name], 'search.step_trace': True},
-        )
-        for name in variants
-    }
+    overrides = {n: {**RESTRICTION_OVERRIDES[n], 'search.step_trace': True} for n in variants}
+    runs = common.run_variants(config, workdir, 'restriction', overrides)
     result = {**common.header(config), 'runs': {n: restriction_summary(r) for n, r in runs.items()}}
-    common.write_result(workdir, 'restriction.json', result)
-    if jax.process_index() == 0:
-        plots.plot_restriction(result, os.path.join(workdir, 'restriction.png'))
-    rc.print_main(format_restriction(result))
+    common.save_result(
+        workdir,
+        'restriction',
+        result,
+        lambda path: plots.plot_restriction(result, path),
+        format_restriction(result),
+    )
     return result

@@ -5,18 +5,14 @@ epochs each needs to reach a target. Writes ``search_cost.json`` / ``.png``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import jax
 import ml_collections
 
 from jackpot_jax import config as config_lib
 from jackpot_jax import plots
-from jackpot_jax import run_context as rc
 from jackpot_jax.studies import common
-from jackpot_jax.weight_training import ensure_pretrained
 
 
 SEARCH_COST_BASELINE = 'kaiming'
@@ -103,23 +99,21 @@ def format_search_cost(result: Mapping[str, Any]) -> str:
 
 def run_search_cost(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Mode 'search_cost': one search per ``search_cost.inits``; curves and epochs to target."""
-    ensure_pretrained(config, workdir)
     inits = config_lib.parse_list('search_cost.inits', config.search_cost.inits)
-    runs = {
-        init: common.run_variant(config, workdir, 'search_cost', init, {'search.score_init': init})
-        for init in inits
-    }
+    overrides = {init: {'search.score_init': init} for init in inits}
+    runs = common.run_variants(config, workdir, 'search_cost', overrides)
     result = {**common.header(config), **search_cost_summary(runs, config.search_cost.target)}
-    common.write_result(workdir, 'search_cost.json', result)
-    if jax.process_index() == 0:
+
+    def plot(path: str) -> None:
         plots.plot_curves(
             {name: row['test_top1'] for name, row in result['runs'].items()},
-            os.path.join(workdir, 'search_cost.png'),
+            path,
             xlabel='search epoch',
             ylabel='test top-1 (no weight trained)',
             title=f"Score initialisation: {result['model']} on {result['data']}, "
             f"sparsity {result['sparsity']:.0%}",
             hline=(result['target_top1'], 'target'),
         )
-    rc.print_main(format_search_cost(result))
+
+    common.save_result(workdir, 'search_cost', result, plot, format_search_cost(result))
     return result

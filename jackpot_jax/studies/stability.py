@@ -9,11 +9,9 @@ rate. Writes ``stability.json`` / ``.png``.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import ml_collections
 
 from jackpot_jax import config as config_lib
@@ -21,7 +19,6 @@ from jackpot_jax import plots
 from jackpot_jax import run_context as rc
 from jackpot_jax.search_run import baseline_accuracies
 from jackpot_jax.studies import common
-from jackpot_jax.weight_training import ensure_pretrained
 
 
 # Config overrides of each variant of the 'stability' study (the protocol fills the rest).
@@ -89,32 +86,23 @@ def format_stability(result: Mapping[str, Any]) -> str:
 
 def run_stability(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Mode 'stability': one search per ``stability.variants``, both statistics per epoch."""
-    ensure_pretrained(config, workdir)
     variants = config_lib.parse_list('stability.variants', config.stability.variants)
-    runs = {
-        name: common.run_variant(
-            config,
-            workdir,
-            'stability',
-            name,
-            {
-                **STABILITY_OVERRIDES[name],
-                'search.step_trace': True,
-                'search.compare_bn_statistics': True,
-            },
-        )
-        for name in variants
-    }
+    telemetry = {'search.step_trace': True, 'search.compare_bn_statistics': True}
+    overrides = {n: {**STABILITY_OVERRIDES[n], **telemetry} for n in variants}
+    runs = common.run_variants(config, workdir, 'stability', overrides)
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_weights(rc.pretrained_path(config, workdir))
+    params, batch_stats, _ = setup.load_pretrained(workdir)
     result = {
         **common.header(config),
         **baseline_accuracies(config, setup, params, batch_stats),
         'runs': {n: stability_summary(r) for n, r in runs.items()},
     }
-    common.write_result(workdir, 'stability.json', result)
-    if jax.process_index() == 0:
-        plots.plot_stability(result, os.path.join(workdir, 'stability.png'))
-    rc.print_main(format_stability(result))
+    common.save_result(
+        workdir,
+        'stability',
+        result,
+        lambda path: plots.plot_stability(result, path),
+        format_stability(result),
+    )
     return result
 

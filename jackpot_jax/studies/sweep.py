@@ -4,17 +4,15 @@ mask (no weight trained). Writes ``sweep.json`` and ``accuracy_vs_sparsity.png``
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import ml_collections
 
 from jackpot_jax import config as config_lib
 from jackpot_jax import plots
 from jackpot_jax import run_context as rc
-from jackpot_jax.search_run import baseline_accuracies
+from jackpot_jax.search_run import mask_baselines
 from jackpot_jax.studies import common
 from jackpot_jax.weight_training import ensure_pretrained
 
@@ -37,14 +35,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     """Mode 'sweep': a jackpot per ``sweep.sparsities``, against magnitude and random masks."""
     ensure_pretrained(config, workdir)
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_weights(rc.pretrained_path(config, workdir))
-    rows, dense = [], None
+    params, batch_stats, _ = setup.load_pretrained(workdir)
+    dense = setup.evaluate(params, batch_stats)['top1']
+    rows = []
     for value in config_lib.parse_list('sweep.sparsities', config.sweep.sparsities, float):
         overrides = {'search.sparsity': value}
-        baselines = baseline_accuracies(
+        baselines = mask_baselines(
             common.variant_config(config, workdir, overrides), setup, params, batch_stats
         )
-        dense = baselines.pop('dense_top1')
         run = common.run_variant(config, workdir, 'sweep', f'{value:g}', overrides)
         rows.append(
             {
@@ -57,8 +55,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
         )
     result = {**common.header(config), 'dense_top1': dense, 'rows': rows}
     del result['sparsity']
-    common.write_result(workdir, 'sweep.json', result)
-    if jax.process_index() == 0:
+
+    def plot(path: str) -> None:
         plots.plot_curves(
             {
                 name: [(r['sparsity'], r[key]) for r in rows]
@@ -68,11 +66,14 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
                     ('random mask', 'random_top1'),
                 ]
             },
-            os.path.join(workdir, 'accuracy_vs_sparsity.png'),
+            path,
             xlabel='sparsity (fraction of prunable weights removed)',
             ylabel='test top-1',
             title=f"{result['model']} on {result['data']}: no weight trained",
             hline=(dense, 'dense'),
         )
-    rc.print_main(format_sweep(result))
+
+    common.save_result(
+        workdir, 'sweep', result, plot, format_sweep(result), figure='accuracy_vs_sparsity.png'
+    )
     return result
