@@ -43,11 +43,6 @@ def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.Config
         group, name = field.split('.')
         if resolved[group][name] == -1:
             resolved[group][name] = value
-    if config.data.validation_fraction == -1 and config.data.name not in data.DATASETS:
-        # A validation split carved from a tfds training split is not supported yet: such
-        # runs choose on the test split, as the paper does, and their summaries say so
-        # ('best_selected_on': 'test'); an explicit fraction > 0 is refused with the fix.
-        resolved.data.validation_fraction = 0.0
     return resolved
 
 

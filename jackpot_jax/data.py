@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jackpot_jax import holdout
+
 DATASETS = ('digits', 'fashion_mnist')  # in memory, no TensorFlow needed
 TFDS_DATASETS = ('cifar10', 'cifar100', 'imagenet2012')  # see input_pipeline.py
 TFDS_PREFIX = 'tfds:'  # 'tfds:NAME': any tfds image-classification dataset
@@ -94,20 +96,10 @@ def split_validation(dataset: ArrayDataset, fraction: float) -> ArrayDataset:
     for every run over the same data (see VALIDATION_SEED). ``fraction == 0`` returns
     the dataset unchanged.
     """
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(
-            f'data.validation_fraction must be in [0, 1), got {fraction!r}; it is the share '
-            'of the training images held out for choosing epochs and settings (e.g. 0.1)'
-        )
-    if fraction == 0.0:
+    count = holdout.validation_count(fraction, len(dataset.train_labels))
+    if count == 0:
         return dataset
     n = len(dataset.train_labels)
-    count = max(1, round(fraction * n))
-    if count >= n:
-        raise ValueError(
-            f'data.validation_fraction={fraction!r} leaves no training images out of {n}; '
-            'lower it'
-        )
     order = np.random.default_rng(VALIDATION_SEED).permutation(n)
     held, kept = np.sort(order[:count]), np.sort(order[count:])
     return dataclasses.replace(

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from jackpot_jax import holdout
 
 try:  # TF must not grab GPU memory that JAX needs; it only runs the input pipeline.
     tf.config.experimental.set_visible_devices([], 'GPU')
@@ -492,19 +493,47 @@ def _split_sizes(name: str, splits: Sequence[Any], data_dir: str | None) -> list
     return sizes
 
 
-def _train_split(name: str, process_index: int, process_count: int) -> Any:
+def _splits(name: str, data_dir: str | None, validation_fraction: float) -> tuple[str, str]:
+    """(training split, validation split or '') as tfds split strings.
+
+    The validation split is the last ``holdout.validation_count`` examples of the
+    dataset's training split in the prepared files' order (tfds shuffles examples when it
+    prepares them), the training split the others: disjoint, and the same on every run
+    and every host.
+    """
+    train = _spec(name).train_split
+    if not validation_fraction:
+        return train, ''
+    (n,) = _split_sizes(name, [train], data_dir)
+    kept = n - holdout.validation_count(validation_fraction, n)
+    return f'{train}[:{kept}]', f'{train}[{kept}:]'
+
+
+def _eval_split_of(name: str, data_dir: str | None, split: str, validation_fraction: float) -> str:
+    """The tfds split behind eval split 'test' or 'validation' (the one carved from train)."""
+    if split == 'test':
+        return _spec(name).eval_split
+    if split != 'validation':
+        raise ValueError(f"unknown eval split {split!r}; choose 'test' or 'validation'")
+    held = _splits(name, data_dir, validation_fraction)[1]
+    if not held:
+        raise ValueError(f'{name} has no validation split; set data.validation_fraction > 0')
+    return held
+
+
+def _train_split(split: str, process_index: int, process_count: int) -> Any:
     # drop_remainder: every process gets the same number of examples, hence of steps.
     return tfds.split_for_jax_process(
-        _spec(name).train_split,
+        split,
         process_index=process_index,
         process_count=process_count,
         drop_remainder=True,
     )
 
 
-def _eval_split(name: str, process_index: int, process_count: int) -> Any:
+def _eval_split(split: str, process_index: int, process_count: int) -> Any:
     # No drop_remainder: together the shards hold every eval example exactly once.
-    return tfds.even_splits(_spec(name).eval_split, n=process_count, drop_remainder=False)[
+    return tfds.even_splits(split, n=process_count, drop_remainder=False)[
         process_index
     ]
 
@@ -532,13 +561,16 @@ def steps_per_epoch(
     batch_size: int,
     data_dir: str | None = None,
     process_count: int | None = None,
+    validation_fraction: float = 0.0,
 ) -> int:
     """Full global batches per epoch: every process's train slice holds
-    floor(num_train / process_count) examples and drops its last partial batch."""
+    floor(num_train / process_count) examples and drops its last partial batch.
+    ``num_train`` excludes the validation split held out by ``validation_fraction``."""
     _spec(name)
     process_count = _process_count(process_count)
     per_process = _per_process_batch(batch_size, process_count)
-    (n,) = _split_sizes(name, [_train_split(name, 0, process_count)], data_dir)
+    train = _splits(name, data_dir, validation_fraction)[0]
+    (n,) = _split_sizes(name, [_train_split(train, 0, process_count)], data_dir)
     if per_process > n:
         raise ValueError(
             f'per-process batch {per_process} exceeds the {n} training examples each of the '
@@ -552,12 +584,15 @@ def num_eval_batches(
     batch_size: int,
     data_dir: str | None = None,
     process_count: int | None = None,
+    split: str = 'test',
+    validation_fraction: float = 0.0,
 ) -> int:
     """Batches `eval_iterator` yields on every process (the largest shard, rounded up)."""
     _spec(name)
     process_count = _process_count(process_count)
     per_process = _per_process_batch(batch_size, process_count)
-    shards = [_eval_split(name, i, process_count) for i in range(process_count)]
+    tfds_split = _eval_split_of(name, data_dir, split, validation_fraction)
+    shards = [_eval_split(tfds_split, i, process_count) for i in range(process_count)]
     largest = max(_split_sizes(name, shards, data_dir))
     return -(-largest // per_process)
 
@@ -575,6 +610,7 @@ def train_iterator(
     shuffle_buffer: int | None = None,
     dtype: Any = np.float32,
     threads: int = 0,
+    validation_fraction: float = 0.0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """One epoch of augmented training batches for this process.
 
@@ -582,6 +618,7 @@ def train_iterator(
     full batches only. The order and the augmentation depend only on (seed, epoch,
     process_index); `start_step` skips that many batches of the epoch (mid-epoch resume).
     `threads` > 0 caps the cores the pipeline uses (see `pipeline_options`).
+    `validation_fraction` > 0 leaves out the validation split (see `_splits`).
     """
     spec = _spec(name)
     process_index, process_count = _processes(process_index, process_count)
@@ -589,7 +626,9 @@ def train_iterator(
     if start_step < 0:
         raise ValueError(f'start_step={start_step} must be >= 0')
     buffer = spec.shuffle_buffer if shuffle_buffer is None else int(shuffle_buffer)
-    split = _train_split(name, process_index, process_count)
+    split = _train_split(
+        _splits(name, data_dir, validation_fraction)[0], process_index, process_count
+    )
     if spec.cache:
         # Kept in memory across epochs, so the file order must not depend on the epoch;
         # the full-size shuffle buffer reshuffles each epoch.
@@ -629,8 +668,13 @@ def eval_iterator(
     process_count: int | None = None,
     dtype: Any = np.float32,
     threads: int = 0,
+    split: str = 'test',
+    validation_fraction: float = 0.0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The eval split once, in order: (images, labels int32, valid bool) per batch.
+    """Eval split ``split`` once, in order: (images, labels int32, valid bool) per batch.
+
+    'test' is the dataset's eval split; 'validation' the one ``validation_fraction``
+    carves from the training split (eval preprocessing, no augmentation).
 
     Each example goes to exactly one process. Padding examples (zeros, label 0,
     valid=False) fill the last batch, and fully padded batches make every process yield
@@ -639,8 +683,12 @@ def eval_iterator(
     spec = _spec(name)
     process_index, process_count = _processes(process_index, process_count)
     per_process = _per_process_batch(batch_size, process_count)
-    num_batches = num_eval_batches(name, batch_size, data_dir, process_count)
-    ds = _base(name, _eval_split(name, process_index, process_count), data_dir, shuffle_files=False)
+    num_batches = num_eval_batches(
+        name, batch_size, data_dir, process_count, split, validation_fraction
+    )
+    tfds_split = _eval_split_of(name, data_dir, split, validation_fraction)
+    shard = _eval_split(tfds_split, process_index, process_count)
+    ds = _base(name, shard, data_dir, shuffle_files=False)
     preprocess = _eval_fn(name)
     out_dtype = tf.as_dtype(np.dtype(dtype))
     ds = ds.map(
@@ -665,17 +713,12 @@ class TfdsSource:
     threads: int = 0  # cores the input pipeline may use; 0 = every core
 
     def __post_init__(self):
-        if self.validation_fraction:
-            raise ValueError(
-                f'data.validation_fraction={self.validation_fraction!r}: a validation split '
-                f'carved from the training split of {self.name} is not supported yet; set '
-                "--config.data.validation_fraction=0 (the best epoch is then reported on the "
-                "test split, as in the paper) or --config.protocol=paper"
-            )
+        if self.validation_fraction:  # the range and size checks, before any training
+            _splits(self.name, self.data_dir, self.validation_fraction)
 
     @property
     def has_validation(self) -> bool:
-        return False
+        return self.validation_fraction > 0
 
     @functools.cached_property
     def info(self) -> DatasetInfo:
@@ -690,7 +733,9 @@ class TfdsSource:
         return self.info.image_shape
 
     def steps_per_epoch(self, batch_size: int) -> int:
-        return steps_per_epoch(self.name, batch_size, self.data_dir)
+        return steps_per_epoch(
+            self.name, batch_size, self.data_dir, validation_fraction=self.validation_fraction
+        )
 
     def train_epoch(
         self, batch_size: int, seed: int, epoch: int, start_step: int = 0
@@ -703,15 +748,19 @@ class TfdsSource:
             epoch=epoch,
             start_step=start_step,
             threads=self.threads,
+            validation_fraction=self.validation_fraction,
         )
 
     def eval_batches(
         self, batch_size: int, split: str = 'test'
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        if split != 'test':
-            raise ValueError(f'{self.name} has no {split!r} split here; use data.validation_fraction=0')
         return eval_iterator(
-            self.name, batch_size=batch_size, data_dir=self.data_dir, threads=self.threads
+            self.name,
+            batch_size=batch_size,
+            data_dir=self.data_dir,
+            threads=self.threads,
+            split=split,
+            validation_fraction=self.validation_fraction,
         )
 
 

@@ -425,6 +425,62 @@ def test_genuine_train_order_depends_on_seed_and_epoch_only(genuine_cifar10):
     assert not np.array_equal(first_labels, np.concatenate([b[1] for b in other_seed]))
 
 
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_genuine_validation_split_is_disjoint_from_training_and_deterministic(
+    genuine_cifar10, process_count
+):
+    """0.2 of the 50 records: 10 held out, read once each, never in a training batch."""
+    data_dir, train, _ = genuine_cifar10
+    kwargs = dict(data_dir=data_dir, process_count=process_count, validation_fraction=0.2)
+    assert ip.steps_per_epoch('cifar10', 4, **kwargs) == 40 // 4
+    held, trained = [], []
+    for index in range(process_count):
+        for seed in (0, 1):
+            for images, labels in _batches(
+                ip.train_iterator('cifar10', batch_size=4, seed=seed, process_index=index, **kwargs)
+            ):
+                trained.extend(
+                    _source_of_augmented(im, int(lab), train)
+                    for im, lab in zip(images, labels, strict=True)
+                )
+        for images, labels, valid in _batches(
+            ip.eval_iterator(
+                'cifar10', batch_size=2 * process_count, process_index=index, split='validation',
+                **kwargs,
+            )
+        ):
+            held.extend(
+                _source_of_augmented(im, int(lab), train)  # unaugmented: offset 4, no flip
+                for im, lab in zip(images[valid], labels[valid], strict=True)
+            )
+    assert len(held) == len(set(held)) == 10
+    assert set(trained) == set(range(5 * PER_FILE)) - set(held)
+    # The same records on every call (here: after the in-memory cache is dropped).
+    ip.clear_cache()
+    again = [
+        int(x[0, 0, 0])
+        for index in range(process_count)
+        for images, _, valid in _batches(
+            ip.eval_iterator(
+                'cifar10', batch_size=2 * process_count, process_index=index, split='validation',
+                **kwargs,
+            )
+        )
+        for x in _to_pixels(images[valid])
+    ]
+    assert sorted(again) == sorted(int(train[1][i][0, 0, 0]) for i in held)
+
+
+def test_validation_fraction_that_leaves_no_training_example_is_refused(genuine_cifar10):
+    data_dir, _, _ = genuine_cifar10
+    with pytest.raises(ValueError, match='validation_fraction=0.99 leaves no training'):
+        ip.TfdsSource('cifar10', data_dir, validation_fraction=0.99)
+    with pytest.raises(ValueError, match=r'must be in \[0, 1\), got 1.5'):
+        ip.TfdsSource('cifar10', data_dir, validation_fraction=1.5)
+    with pytest.raises(ValueError, match='no validation split; set data.validation_fraction'):
+        list(ip.eval_iterator('cifar10', batch_size=2, data_dir=data_dir, split='validation'))
+
+
 # --------------------------------------------------------------------------
 # The fast ImageNet training path against the reference order of operations.
 # --------------------------------------------------------------------------
