@@ -471,7 +471,7 @@ def restricted_update(
     kept: Array,
     t: Array,
     k: Array,
-    rate: Array | float | None,
+    rate: Array | float,
     segments: Segments,
 ) -> Array:
     """Steps 3-5 of docs/method.md §4 on packed keys, given every segment's threshold key t.
@@ -480,13 +480,10 @@ def restricted_update(
     |R| = |D| > 0 and k > 0. Then the p = ceil(|R| rate) best of R are revived and the
     p worst of D dropped (ties: lower index first): both selections, in every segment,
     are ONE search over the revival and drop problems packed side by side.
+    (Rate 1 needs no selection: :func:`short_restriction_updates` does it per layer.)
     """
     usable = segments.in_use()
     above = keys > segments.per_chunk(t)[None, :]
-    if rate is None:  # rate 1: every candidate swaps, so the mask is simply s > t
-        at_or_below = segments.totals(jnp.sum(~above & usable, axis=0, dtype=jnp.int32))
-        swap = (at_or_below == k) & (k > 0)
-        return jnp.where(segments.per_chunk(swap)[None, :], above, kept)
     revive_candidates = ~kept & above & usable
     drop_candidates = kept & ~above & usable
     num_revive = segments.totals(jnp.sum(revive_candidates, axis=0, dtype=jnp.int32))
@@ -525,10 +522,19 @@ def short_restriction_updates(
     if not paths:
         return new
     segments = Segments([masks[p].size for p in paths])
-    keys = segments.pack([sortable_key(scores[p]) for p in paths], MAX_KEY)
-    kept = segments.pack([masks[p] for p in paths], False)
+    layer_keys = [sortable_key(scores[p]) for p in paths]
+    keys = segments.pack(layer_keys, MAX_KEY)
     k = jnp.stack([jnp.asarray(counts[p], jnp.int32) for p in paths])
     t = kth_smallest_keys(keys, k, segments)
+    if rate is None:
+        # Rate 1: every candidate swaps, so a layer's mask becomes simply key > t. One
+        # elementwise pass per layer; no packed masks (packing costs copies on a CPU).
+        for j, p in enumerate(paths):
+            above = layer_keys[j] > t[j]
+            at_or_below = masks[p].size - jnp.sum(above, dtype=jnp.int32)
+            new[p] = jnp.where((at_or_below == k[j]) & (k[j] > 0), above, masks[p])
+        return new
+    kept = segments.pack([masks[p] for p in paths], False)
     updated = restricted_update(keys, kept, t, k, rate, segments)
     new.update(zip(paths, segments.unpack(updated, [masks[p].shape for p in paths])))
     return new
