@@ -96,10 +96,10 @@ def split_validation(dataset: ArrayDataset, fraction: float) -> ArrayDataset:
     for every run over the same data (see VALIDATION_SEED). ``fraction == 0`` returns
     the dataset unchanged.
     """
-    count = holdout.validation_count(fraction, len(dataset.train_labels))
+    n = len(dataset.train_labels)
+    count = holdout.validation_count(fraction, n)
     if count == 0:
         return dataset
-    n = len(dataset.train_labels)
     order = np.random.default_rng(VALIDATION_SEED).permutation(n)
     held, kept = np.sort(order[:count]), np.sort(order[count:])
     return dataclasses.replace(

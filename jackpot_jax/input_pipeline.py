@@ -592,6 +592,13 @@ def num_eval_batches(
     process_count = _process_count(process_count)
     per_process = _per_process_batch(batch_size, process_count)
     tfds_split = _eval_split_of(name, data_dir, split, validation_fraction)
+    return _num_batches(name, tfds_split, per_process, data_dir, process_count)
+
+
+def _num_batches(
+    name: str, tfds_split: str, per_process: int, data_dir: str | None, process_count: int
+) -> int:
+    """Per-process batches that hold the largest process shard of ``tfds_split``."""
     shards = [_eval_split(tfds_split, i, process_count) for i in range(process_count)]
     largest = max(_split_sizes(name, shards, data_dir))
     return -(-largest // per_process)
@@ -683,10 +690,8 @@ def eval_iterator(
     spec = _spec(name)
     process_index, process_count = _processes(process_index, process_count)
     per_process = _per_process_batch(batch_size, process_count)
-    num_batches = num_eval_batches(
-        name, batch_size, data_dir, process_count, split, validation_fraction
-    )
     tfds_split = _eval_split_of(name, data_dir, split, validation_fraction)
+    num_batches = _num_batches(name, tfds_split, per_process, data_dir, process_count)
     shard = _eval_split(tfds_split, process_index, process_count)
     ds = _base(name, shard, data_dir, shuffle_files=False)
     preprocess = _eval_fn(name)
