@@ -29,10 +29,13 @@ from jackpot_jax.config import (
 # Mask-update rules compared by mode 'restriction': the three short-restriction rates and
 # the 2021 edge-popup rule.
 RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
+# Which epoch's jackpot a search keeps (search.final_jackpot).
+FINAL_JACKPOTS = ('last', 'best_validation')
 
 
 def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with every field left at -1 set by ``config.protocol``.
+    """A copy of ``config`` with every field left to ``config.protocol`` (-1, or '' for a
+    text field) set by it.
 
     Idempotent; fields set explicitly (>= 0) are kept, so a protocol can be mixed with
     single changes (e.g. the paper's protocol with re-estimated statistics).
@@ -41,7 +44,7 @@ def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.Config
     resolved = ml_collections.ConfigDict(config.to_dict())
     for field, value in PROTOCOLS[config.protocol].items():
         group, name = field.split('.')
-        if resolved[group][name] == -1:
+        if resolved[group][name] in (-1, ''):
             resolved[group][name] = value
     return resolved
 
@@ -167,6 +170,7 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
     check_choice('rate_schedule', s.rate_schedule, sparsity.RATE_SCHEDULES)
     check_choice('bn_mode', s.bn_mode, search.BN_MODES)
     check_choice('search.score_init', s.score_init, sparsity.SCORE_INITS)
+    check_choice('search.final_jackpot', s.final_jackpot, FINAL_JACKPOTS)
     _check_regex('search.prune_include', s.prune_include)
     _check_regex('search.prune_exclude', s.prune_exclude)
     pattern = structured.parse_pattern(s.pattern)
@@ -193,6 +197,12 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
     ]:
         if not 0.0 <= value < 1.0:
             raise ValueError(f'{name} must be in [0, 1) (or -1: set by config.protocol), got {value!r}')
+    if s.final_jackpot == 'best_validation' and not config.data.validation_fraction:
+        raise ValueError(
+            "search.final_jackpot='best_validation' chooses on the validation split, but "
+            'data.validation_fraction is 0 (no validation split); set '
+            "--config.data.validation_fraction=0.1, or --config.search.final_jackpot=last"
+        )
     if not 0.0 <= s.pruned_score < 1.0:
         raise ValueError(
             f'search.pruned_score must be in [0, 1) so magnitude-kept weights '

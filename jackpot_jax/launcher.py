@@ -101,6 +101,9 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     found = run_search(config, workdir)
     for key in (
         'jackpot_top1',
+        'jackpot_epoch',
+        'final_jackpot',
+        'last_epoch_top1',
         'best_top1',
         'best_epoch',
         'best_selected_on',
@@ -132,6 +135,11 @@ def format_summary(config: ml_collections.ConfigDict, summary: dict[str, Any]) -
         f"{'':36}  test top-1",
     ]
     lines += [f'{name:<36}  {value:>9.2%}' for name, value in rows]
+    if summary['final_jackpot'] == 'best_validation':
+        lines.append(
+            f"the jackpot is epoch {summary['jackpot_epoch']}'s, the best on the validation "
+            f"split; the last epoch's tests at {summary['last_epoch_top1']:.2%}"
+        )
     lines.append(
         f"best epoch of the search (chosen on the {summary['best_selected_on']} split): epoch "
         f"{summary['best_epoch']}, test top-1 {summary['best_top1']:.2%}; search time "

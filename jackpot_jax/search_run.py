@@ -3,7 +3,8 @@
 :func:`run_search` plans the masks once, restores the workdir's latest checkpoint if
 there is one (refusing one written under other settings or other weights), evaluates
 every epoch, picks the best epoch on the validation split when there is one, and saves
-the jackpot. :func:`baseline_accuracies` gives the dense, magnitude and random-mask
+the jackpot: the last epoch's, or (``search.final_jackpot='best_validation'``) the one of
+the epoch best on the validation split, restored from its checkpoint. :func:`baseline_accuracies` gives the dense, magnitude and random-mask
 accuracies it is compared with.
 """
 
@@ -36,7 +37,8 @@ from jackpot_jax.workdir import (
 _RESUMABLE_CHANGES = ('mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
                       'data.data_dir', 'data.eval_batch_size', 'tune', 'pretrain', 'overlap',
                       'search.step_trace', 'search.compare_bn_statistics', 'search_cost',
-                      'restriction', 'sweep', 'stability', 'data.threads')
+                      'restriction', 'sweep', 'stability', 'data.threads',
+                      'search.final_jackpot')
 # fmt: on
 # BatchNorm re-estimation steps of search.compare_bn_statistics when the search itself
 # does not re-estimate (search.bn_recalibration_steps = 0).
@@ -264,6 +266,13 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                     ', '.join(f"{k} top-1 {record[k + '_top1']:.4f}" for k in eval_splits),
                     record['mask_changes'],
                 )
+        ckpts.wait()
+        seconds = search_seconds() if start < s.epochs * steps else earlier_seconds
+        kept, jackpot = history[-1], state
+        if s.final_jackpot == 'best_validation':
+            kept, jackpot = _best_on_validation(history, ckpts, state)
+            if jackpot is not state:
+                jackpot_stats = None  # re-estimated below under the kept epoch's masks
     except FloatingPointError as e:
         ckpts.wait()
         raise FloatingPointError(
@@ -274,17 +283,19 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     finally:
         ckpts.wait()
         ckpts.close()
-    seconds = search_seconds() if start < s.epochs * steps else earlier_seconds
 
-    host_masks = parallel.to_host(state.masks)
+    host_masks = parallel.to_host(jackpot.masks)
     report = plan.report(params, host_masks)
     # The best epoch is chosen on the validation split when there is one; only the
     # paper's protocol (no validation split) chooses it on the test split, as published.
     best = max(history, key=lambda r: r[f'{selection_split}_top1'])
     last = [r['test_top1'] for r in history[-5:]]
     summary = {
-        'jackpot_top1': history[-1]['test_top1'],
-        'jackpot_top5': history[-1]['test_top5'],
+        'jackpot_top1': kept['test_top1'],
+        'jackpot_top5': kept['test_top5'],
+        'jackpot_epoch': kept['epoch'],
+        'final_jackpot': s.final_jackpot,
+        'last_epoch_top1': history[-1]['test_top1'],
         'best_top1': best['test_top1'],
         'best_epoch': best['epoch'],
         'best_selected_on': selection_split,
@@ -296,13 +307,13 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
             sum(np.count_nonzero(v) for v in parallel.to_host(state.ever_flipped).values())
         ),
     }
-    if 'validation_top1' in history[-1]:
-        summary['jackpot_validation_top1'] = history[-1]['validation_top1']
+    if 'validation_top1' in kept:
+        summary['jackpot_validation_top1'] = kept['validation_top1']
     checkpoint.save_jackpot(
         rc.jackpot_path(config, workdir),
         None,
         host_masks,
-        jackpot_variables(state)[1] if jackpot_stats is None else jackpot_stats,
+        jackpot_variables(jackpot)[1] if jackpot_stats is None else jackpot_stats,
         {**identity, 'model': config.model.to_dict(), 'summary': summary},
     )
     logging.info('jackpot sparsity report:\n%s', sparsity.format_sparsity_report(report))
@@ -312,6 +323,36 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     if config.tune.epochs:
         summary['tuned_top1'] = run_tune(config, workdir)['top1']
     return {**summary, 'state': state, 'counts': counts, 'history': history}
+
+
+def _best_on_validation(
+    history: list[dict[str, Any]], ckpts: checkpoint.SearchCheckpoints, state: Any
+) -> tuple[dict[str, Any], Any]:
+    """The record and search state of the epoch with the best validation top-1 (the
+    latest on ties); its state is ``state`` when it is the last epoch, else restored
+    from its checkpoint, which the checkpoint policy keeps."""
+    if 'validation_top1' not in history[-1]:
+        raise ValueError(
+            "search.final_jackpot='best_validation' needs a validation split, and this "
+            'search evaluated none; set data.validation_fraction > 0, or '
+            'search.final_jackpot=last'
+        )
+    saved = set(ckpts.steps())
+    candidates = [r for r in history if r['step'] in saved or r is history[-1]]
+    best = max(reversed(candidates), key=lambda r: r['validation_top1'])
+    overall = max(reversed(history), key=lambda r: r['validation_top1'])
+    if best['validation_top1'] < overall['validation_top1']:
+        logging.warning(
+            'the checkpoint of epoch %d (best on validation) is gone from %s; keeping epoch %d, '
+            'the best one still saved',
+            overall['epoch'],
+            ckpts.directory,
+            best['epoch'],
+        )
+    if best is history[-1]:
+        return best, state
+    restored, _ = ckpts.restore(best['step'], like=state)
+    return best, restored
 
 
 @rc.resolved

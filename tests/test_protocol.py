@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 import tiny_model  # tests/tiny_model.py
-from jackpot_jax import checkpoint, config_checks, data, launcher, search, search_run, sparsity
+from jackpot_jax import checkpoint, config_checks, data, launcher, parallel, search, search_run
+from jackpot_jax import sparsity
+from jackpot_jax import run_context as rc
 from jackpot_jax import config as config_lib
 from test_checkpoint import _assert_same_search, _Interrupt, _interrupt_after
 
@@ -160,3 +162,83 @@ def test_frozen_phase_resumes_bit_identically(weights, stable_run, tmp_path, mon
     resumed = search_run.run_search(config, workdir)
     _assert_same_search(resumed['state'], jax.device_get(result['state']))
     assert resumed['history'] == result['history']
+
+
+def _scripted_validation(monkeypatch, top1s):
+    """Makes each epoch's validation top-1 the next of ``top1s`` (test is measured as is),
+    so which epoch is best on validation is known in advance."""
+    original = rc.Setup.evaluate
+    calls = iter(top1s)
+
+    def evaluate(self, params, batch_stats, split='test'):
+        result = original(self, params, batch_stats, split)
+        return {**result, 'top1': next(calls)} if split == 'validation' else result
+
+    monkeypatch.setattr(rc.Setup, 'evaluate', evaluate)
+
+
+def _epoch_end_states(monkeypatch):
+    """Host copies of the masks and running statistics saved at every checkpoint, by step."""
+    states = {}
+    original = checkpoint.SearchCheckpoints.save
+
+    def save(self, state, meta, metrics):
+        host = jax.device_get(state)
+        states[int(host.step)] = (host.masks, host.batch_stats)
+        return original(self, state, meta, metrics)
+
+    monkeypatch.setattr(checkpoint.SearchCheckpoints, 'save', save)
+    return states
+
+
+@pytest.mark.parametrize(
+    'validation, kept_epoch',
+    [((0.5, 0.9, 0.6, 0.7), 2), ((0.5, 0.9, 0.9, 0.7), 3), ((0.5, 0.6, 0.7, 0.8), 4)],
+)
+def test_jackpot_of_the_best_validation_epoch_is_the_one_saved(
+    weights, tmp_path, monkeypatch, validation, kept_epoch
+):
+    """The stable protocol keeps the epoch best on validation (the latest on ties): its masks,
+    statistics re-estimated under them, and the test top-1 measured at that epoch."""
+    _scripted_validation(monkeypatch, validation)
+    states = _epoch_end_states(monkeypatch)
+    config = _config(weights, epochs=4)
+    config.search.mask_freeze_fraction = 0.0  # so every epoch ends with other masks
+    result = search_run.run_search(config, str(tmp_path))
+    kept = result['history'][kept_epoch - 1]
+    assert result['jackpot_epoch'] == kept_epoch and result['final_jackpot'] == 'best_validation'
+    assert result['jackpot_top1'] == kept['test_top1']
+    assert result['jackpot_validation_top1'] == validation[kept_epoch - 1]
+    assert result['last_epoch_top1'] == result['history'][-1]['test_top1']
+
+    _, masks, saved_stats, meta = checkpoint.load_jackpot(str(tmp_path / 'jackpot'))
+    epoch_masks, running_stats = states[kept['step']]
+    jax.tree.map(np.testing.assert_array_equal, dict(epoch_masks), masks)
+    setup = rc.Setup(config_checks.resolve_protocol(config))
+    params, _, _ = checkpoint.load_weights(weights)
+    masked = parallel.replicate(sparsity.masked_params(sparsity.flatten(params), masks), setup.mesh)
+    expected = rc.adapt_batch_stats(
+        setup, masked, parallel.replicate(running_stats, setup.mesh), 50, 16
+    )
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected), saved_stats)
+    assert setup.evaluate(masked, parallel.replicate(saved_stats, setup.mesh)) == {
+        'top1': kept['test_top1'],
+        'top5': kept['test_top5'],
+    }
+    assert meta['summary']['jackpot_epoch'] == kept_epoch
+    if kept_epoch < 4:  # a different jackpot from the last epoch's
+        assert any((masks[p] != states[result['history'][-1]['step']][0][p]).any() for p in masks)
+
+
+def test_last_epoch_jackpot_on_request_and_no_choice_without_validation(weights, tmp_path):
+    config = _config(weights, epochs=2)
+    config.search.final_jackpot = 'last'
+    result = search_run.run_search(config, str(tmp_path))
+    assert result['jackpot_epoch'] == 2 and result['jackpot_top1'] == result['last_epoch_top1']
+    paper = _config(weights, 'paper')
+    paper.search.final_jackpot = 'best_validation'
+    with pytest.raises(ValueError, match=r"final_jackpot='best_validation'.*validation_fraction"):
+        launcher.validate(paper)
+    paper.search.final_jackpot = 'best_test'
+    with pytest.raises(ValueError, match="unknown search.final_jackpot 'best_test'"):
+        launcher.validate(paper)
