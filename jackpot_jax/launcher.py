@@ -138,12 +138,16 @@ def format_summary(config: ml_collections.ConfigDict, summary: dict[str, Any]) -
     if summary['final_jackpot'] == 'best_validation':
         lines.append(
             f"the jackpot is epoch {summary['jackpot_epoch']}'s, the best on the validation "
-            f"split; the last epoch's tests at {summary['last_epoch_top1']:.2%}"
+            f"split (the last epoch's: test top-1 {summary['last_epoch_top1']:.2%})"
+        )
+    else:
+        lines.append(
+            f"the jackpot is the last epoch's; best epoch (chosen on the "
+            f"{summary['best_selected_on']} split): {summary['best_epoch']}, test top-1 "
+            f"{summary['best_top1']:.2%}"
         )
     lines.append(
-        f"best epoch of the search (chosen on the {summary['best_selected_on']} split): epoch "
-        f"{summary['best_epoch']}, test top-1 {summary['best_top1']:.2%}; search time "
-        f"{summary['search_seconds']:.1f} s, total {summary['total_seconds']:.1f} s"
+        f"search time {summary['search_seconds']:.1f} s, total {summary['total_seconds']:.1f} s"
     )
     return '\n'.join(lines)
 

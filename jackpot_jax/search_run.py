@@ -286,9 +286,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
 
     host_masks = parallel.to_host(jackpot.masks)
     report = plan.report(params, host_masks)
-    # The best epoch is chosen on the validation split when there is one; only the
-    # paper's protocol (no validation split) chooses it on the test split, as published.
-    best = max(history, key=lambda r: r[f'{selection_split}_top1'])
+    # The best epoch (the latest on ties) is chosen on the validation split when there is
+    # one; only the paper's protocol (no validation split) chooses it on the test split, as
+    # published.
+    best = max(reversed(history), key=lambda r: r[f'{selection_split}_top1'])
     last = [r['test_top1'] for r in history[-5:]]
     summary = {
         'jackpot_top1': kept['test_top1'],
@@ -315,6 +316,13 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         host_masks,
         jackpot_variables(jackpot)[1] if jackpot_stats is None else jackpot_stats,
         {**identity, 'model': config.model.to_dict(), 'summary': summary},
+    )
+    logging.info(
+        'the jackpot is epoch %d\'s (search.final_jackpot=%s): test top-1 %.4f; last epoch %.4f',
+        kept['epoch'],
+        s.final_jackpot,
+        kept['test_top1'],
+        history[-1]['test_top1'],
     )
     logging.info('jackpot sparsity report:\n%s', sparsity.format_sparsity_report(report))
     if jax.process_index() == 0:

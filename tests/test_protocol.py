@@ -146,7 +146,7 @@ def test_every_epoch_reports_validation_and_both_statistics(stable_run):
         assert 0.0 <= record[key] <= 1.0
     assert record['test_top1_recalibrated'] == record['test_top1']
     assert result['best_selected_on'] == 'validation'
-    best = max(result['history'], key=lambda r: r['validation_top1'])
+    best = max(reversed(result['history']), key=lambda r: r['validation_top1'])  # latest on ties
     assert result['best_epoch'] == best['epoch'] and result['best_top1'] == best['test_top1']
 
 
