@@ -4,8 +4,9 @@
 there is one (refusing one written under other settings or other weights), evaluates
 every epoch, picks the best epoch on the validation split when there is one, and saves
 the jackpot: the last epoch's, or (``search.final_jackpot='best_validation'``) the one of
-the epoch best on the validation split, restored from its checkpoint. :func:`baseline_accuracies` gives the dense, magnitude and random-mask
-accuracies it is compared with.
+the epoch best on the validation split, restored from its checkpoint.
+:func:`baseline_accuracies` gives the dense, magnitude and random-mask accuracies it is
+compared with.
 """
 
 from __future__ import annotations
