@@ -49,6 +49,16 @@ def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.Config
     return resolved
 
 
+def check_final_jackpot(config: ml_collections.ConfigDict) -> None:
+    """Refuses a choice on the validation split when there is none (a resolved config)."""
+    if config.search.final_jackpot == 'best_validation' and not config.data.validation_fraction:
+        raise ValueError(
+            "search.final_jackpot='best_validation' chooses on the validation split, but "
+            'data.validation_fraction is 0 (no validation split); set '
+            "--config.data.validation_fraction=0.1, or --config.search.final_jackpot=last"
+        )
+
+
 def _check_keys(
     config: ml_collections.ConfigDict, base: ml_collections.ConfigDict, prefix: str = ''
 ) -> None:
@@ -197,12 +207,7 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
     ]:
         if not 0.0 <= value < 1.0:
             raise ValueError(f'{name} must be in [0, 1) (or -1: set by config.protocol), got {value!r}')
-    if s.final_jackpot == 'best_validation' and not config.data.validation_fraction:
-        raise ValueError(
-            "search.final_jackpot='best_validation' chooses on the validation split, but "
-            'data.validation_fraction is 0 (no validation split); set '
-            "--config.data.validation_fraction=0.1, or --config.search.final_jackpot=last"
-        )
+    check_final_jackpot(config)
     if not 0.0 <= s.pruned_score < 1.0:
         raise ValueError(
             f'search.pruned_score must be in [0, 1) so magnitude-kept weights '

@@ -118,6 +118,7 @@ def _truncate_metrics(path: str, mode: str, after_step: int) -> None:
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Searches a jackpot in the frozen weights; resumes from WORKDIR/checkpoints if present."""
     s = config.search
+    config_checks.check_final_jackpot(config)  # before the search, not after it
     setup = rc.Setup(config)
     weights_path = rc.pretrained_path(config, workdir)
     params, batch_stats, fingerprint = setup.load_weights(weights_path)
@@ -268,12 +269,9 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
                     record['mask_changes'],
                 )
         ckpts.wait()
-        seconds = search_seconds() if start < s.epochs * steps else earlier_seconds
         kept, jackpot = history[-1], state
         if s.final_jackpot == 'best_validation':
             kept, jackpot = _best_on_validation(history, ckpts, state)
-            if jackpot is not state:
-                jackpot_stats = None  # re-estimated below under the kept epoch's masks
     except FloatingPointError as e:
         ckpts.wait()
         raise FloatingPointError(
@@ -284,13 +282,14 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     finally:
         ckpts.wait()
         ckpts.close()
+    seconds = search_seconds() if start < s.epochs * steps else earlier_seconds
 
     host_masks = parallel.to_host(jackpot.masks)
     report = plan.report(params, host_masks)
     # The best epoch (the latest on ties) is chosen on the validation split when there is
     # one; only the paper's protocol (no validation split) chooses it on the test split, as
     # published.
-    best = max(reversed(history), key=lambda r: r[f'{selection_split}_top1'])
+    best = _best_epoch(history, selection_split)
     last = [r['test_top1'] for r in history[-5:]]
     summary = {
         'jackpot_top1': kept['test_top1'],
@@ -311,11 +310,14 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     }
     if 'validation_top1' in kept:
         summary['jackpot_validation_top1'] = kept['validation_top1']
+    # The last epoch's statistics were computed when this run evaluated it.
+    reuse = jackpot is state and jackpot_stats is not None
+    stats = jackpot_stats if reuse else jackpot_variables(jackpot)[1]
     checkpoint.save_jackpot(
         rc.jackpot_path(config, workdir),
         None,
         host_masks,
-        jackpot_variables(jackpot)[1] if jackpot_stats is None else jackpot_stats,
+        stats,
         {**identity, 'model': config.model.to_dict(), 'summary': summary},
     )
     logging.info(
@@ -334,22 +336,21 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
     return {**summary, 'state': state, 'counts': counts, 'history': history}
 
 
+def _best_epoch(records: list[dict[str, Any]], split: str) -> dict[str, Any]:
+    """The record with the best top-1 on ``split``, the latest on ties."""
+    return max(reversed(records), key=lambda r: r[f'{split}_top1'])
+
+
 def _best_on_validation(
     history: list[dict[str, Any]], ckpts: checkpoint.SearchCheckpoints, state: Any
 ) -> tuple[dict[str, Any], Any]:
     """The record and search state of the epoch with the best validation top-1 (the
     latest on ties); its state is ``state`` when it is the last epoch, else restored
     from its checkpoint, which the checkpoint policy keeps."""
-    if 'validation_top1' not in history[-1]:
-        raise ValueError(
-            "search.final_jackpot='best_validation' needs a validation split, and this "
-            'search evaluated none; set data.validation_fraction > 0, or '
-            'search.final_jackpot=last'
-        )
     saved = set(ckpts.steps())
     candidates = [r for r in history if r['step'] in saved or r is history[-1]]
-    best = max(reversed(candidates), key=lambda r: r['validation_top1'])
-    overall = max(reversed(history), key=lambda r: r['validation_top1'])
+    best = _best_epoch(candidates, 'validation')
+    overall = _best_epoch(history, 'validation')
     if best['validation_top1'] < overall['validation_top1']:
         logging.warning(
             'the checkpoint of epoch %d (best on validation) is gone from %s; keeping epoch %d, '

@@ -239,6 +239,9 @@ def test_last_epoch_jackpot_on_request_and_no_choice_without_validation(weights,
     paper.search.final_jackpot = 'best_validation'
     with pytest.raises(ValueError, match=r"final_jackpot='best_validation'.*validation_fraction"):
         launcher.validate(paper)
+    with pytest.raises(ValueError, match=r"final_jackpot='best_validation'.*validation_fraction"):
+        search_run.run_search(paper, str(tmp_path / 'refused'))  # before any step
+    assert not (tmp_path / 'refused').exists()
     paper.search.final_jackpot = 'best_test'
     with pytest.raises(ValueError, match="unknown search.final_jackpot 'best_test'"):
         launcher.validate(paper)
