@@ -27,6 +27,7 @@ _EXPORTS = {
     'Jackpot': 'api',
     'evaluate': 'api',
     'find_jackpot': 'api',
+    'recalibrate_statistics': 'api',
     'MaskPlan': 'mask_plan',
     'initial_masks_and_scores': 'mask_plan',
     'plan_counts': 'mask_plan',

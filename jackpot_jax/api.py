@@ -23,8 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jackpot_jax import adapters, mask_plan, search
+from jackpot_jax import adapters, config_checks, mask_plan, search
 from jackpot_jax import sparsity as sparsity_lib
+from jackpot_jax.config import PROTOCOLS
 
 Batches = Iterable[tuple[Any, ...]] | Callable[[int], Iterable[tuple[Any, ...]]]
 
@@ -51,6 +52,52 @@ def evaluate(
 @functools.partial(jax.jit, static_argnames='forward')
 def _eval_logits(forward, params, statistics, images):
     return forward(params, statistics, images, train=False)[0]
+
+
+@functools.partial(jax.jit, static_argnames='forward')
+def _train_statistics(forward, params, statistics, images, rng):
+    return forward(params, statistics, images, train=True, rng=rng)[1]
+
+
+def recalibrate_statistics(
+    forward: adapters.Forward,
+    params: Any,
+    statistics: Any,
+    batches: Batches,
+    steps: int,
+    *,
+    steps_per_epoch: int | None = None,
+    rng: jax.Array | int = 0,
+) -> Any:
+    """The model's statistics (BatchNorm running averages) re-estimated under fixed params.
+
+    ``steps`` train-mode forward passes over the first training batches (epoch 0, then
+    1, ...; ``steps_per_epoch`` of each), starting from ``statistics`` with the model's
+    own running-average update; no gradient, params unchanged. Statistics measured while
+    the masks were still moving describe none of them; these describe the final masks.
+    """
+    if not steps or not jax.tree.leaves(statistics):  # nothing to re-estimate
+        return statistics
+    key = jax.random.key(rng) if isinstance(rng, int) else rng
+    for i, batch in enumerate(itertools.islice(_epochs_of(batches, steps_per_epoch), steps)):
+        statistics = _train_statistics(
+            forward, params, statistics, jnp.asarray(batch[0]), jax.random.fold_in(key, i)
+        )
+    return statistics
+
+
+def _epochs_of(batches: Batches, steps_per_epoch: int | None) -> Iterator[tuple[Any, ...]]:
+    """The training batches of epoch 0, 1, 2, ... one after the other."""
+    for epoch in itertools.count():
+        count = 0
+        stream = itertools.islice(_batch_stream(batches, epoch), steps_per_epoch)
+        for count, batch in enumerate(stream, 1):
+            yield batch
+        if not count:
+            raise ValueError(
+                f'the training batches of epoch {epoch} are empty; pass a re-iterable (a list) or '
+                'a callable epoch -> batches'
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -104,9 +151,13 @@ class Jackpot:
                 f"epoch {r['epoch']}: loss {r['loss']:.4f}, train top-1 {r['top1']:.2%}, "
                 f"mask changes {r['mask_changes']}"
             )
-            if 'eval_top1' in r:
-                line += f", eval top-1 {r['eval_top1']:.2%}"
+            for name in ('validation_top1', 'eval_top1'):
+                if name in r:
+                    line += f", {name.split('_')[0]} top-1 {r[name]:.2%}"
             lines.append(line)
+        kept = self.report['kept_epoch']
+        rule = 'best on validation' if self.report['final_jackpot'] == 'best_validation' else 'last'
+        lines.append(f'jackpot kept: epoch {kept} ({rule})')
         return '\n'.join(lines)
 
 
@@ -172,6 +223,11 @@ def find_jackpot(
     rate_schedule: str = 'all',
     prune_include: str = sparsity_lib.DEFAULT_INCLUDE,
     prune_exclude: str | None = sparsity_lib.DEFAULT_EXCLUDE,
+    protocol: str = 'stable',
+    mask_freeze_fraction: float | None = None,
+    bn_recalibration_steps: int | None = None,
+    final_jackpot: str | None = None,
+    validation_batches: Iterable[tuple[Any, ...]] | None = None,
     train_kwargs: Mapping[str, Any] | None = None,
     eval_kwargs: Mapping[str, Any] | None = None,
     bn_mode: str = 'train',
@@ -188,10 +244,24 @@ def find_jackpot(
     ``learning_rate``). ``train_kwargs`` / ``eval_kwargs`` are the model's train/eval-mode
     keywords (default: read from its signature: ``train``, ``training``,
     ``is_training`` or ``deterministic``). ``rng`` (a key or a seed) feeds dropout, folded
-    with the step. The remaining options are those of the launcher's ``search.*`` config.
+    with the step.
+
+    ``protocol`` fills the three options left at None, as the launcher's
+    ``config.protocol`` does: 'stable' freezes the masks for the last quarter of the
+    epochs (``mask_freeze_fraction``), re-estimates the statistics over 50 training
+    batches under every evaluated mask (``bn_recalibration_steps``) and, given
+    ``validation_batches`` (held-out *training* examples, never the test set), returns
+    the epoch best on them (``final_jackpot='best_validation'``, the latest on ties);
+    'paper' is the authors' search: none of these, the last epoch. ``eval_batches`` are
+    only reported on, never chosen by. The remaining options are those of the launcher's
+    ``search.*`` config.
     """
     if epochs < 1:
         raise ValueError(f'epochs must be >= 1, got {epochs!r}')
+    freeze, recalibration_steps, final_jackpot = _protocol_options(
+        protocol, mask_freeze_fraction, bn_recalibration_steps, final_jackpot,
+        validation_batches is not None,
+    )
     forward, params, statistics, split = as_forward(
         model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
     )
@@ -203,6 +273,7 @@ def find_jackpot(
         raise ValueError(f'steps_per_epoch must be >= 1, got {steps_per_epoch!r}')
     key = jax.random.key(rng) if isinstance(rng, int) else rng
     init_key, step_key = jax.random.split(key)
+    recalibration_key = jax.random.fold_in(key, 1)  # dropout while re-estimating
 
     plan = mask_plan.plan_masks(params, sparsity, allocation, pattern, prune_include, prune_exclude)
     counts = plan.counts
@@ -224,10 +295,12 @@ def find_jackpot(
         bn_mode=bn_mode,
         label_smoothing=label_smoothing,
         pattern=plan.pattern,
+        mask_frozen_from=search.mask_freeze_step(freeze, epochs, steps_per_epoch),
         rng=step_key,
     )
 
     history = []
+    kept = None  # (epoch, masks, scores, statistics) of the jackpot returned
     for epoch in range(epochs):
         step_metrics = []
         stream = _batch_stream(batches, epoch)
@@ -241,22 +314,81 @@ def find_jackpot(
                 'epoch -> batches, or lower steps_per_epoch'
             )
         record = {'epoch': epoch + 1, **_epoch_record(jax.device_get(step_metrics))}
-        if eval_batches is not None:
+        last = epoch == epochs - 1
+        if last or validation_batches is not None or eval_batches is not None:
             masked = sparsity_lib.masked_params(state.frozen_params, state.masks)
-            record['eval_top1'] = evaluate(forward, masked, state.batch_stats, eval_batches)
+            jackpot_statistics = recalibrate_statistics(
+                forward, masked, state.batch_stats, batches, recalibration_steps,
+                steps_per_epoch=steps_per_epoch, rng=recalibration_key,
+            )
+            for name, held_out in (
+                ('validation_top1', validation_batches),
+                ('eval_top1', eval_batches),
+            ):
+                if held_out is not None:
+                    record[name] = evaluate(forward, masked, jackpot_statistics, held_out)
+            best = final_jackpot == 'best_validation' and (
+                kept is None or record['validation_top1'] >= history[kept[0] - 1]['validation_top1']
+            )
+            if best or (final_jackpot == 'last' and last):
+                # Copies: the next step donates (overwrites) the state's buffers.
+                kept = (epoch + 1, *copy((state.masks, state.scores, jackpot_statistics)))
         history.append(record)
 
-    masks = jax.device_get(state.masks)
+    kept_epoch, kept_masks, kept_scores, kept_statistics = kept
+    masks = jax.device_get(kept_masks)
     return Jackpot(
         masks=masks,
-        scores=state.scores,
+        scores=kept_scores,
         counts=counts,
-        params=sparsity_lib.masked_params(state.frozen_params, state.masks),
-        statistics=state.batch_stats,
-        report={'sparsity': sparsity_lib.sparsity_report(params, masks), 'epochs': history},
+        params=sparsity_lib.masked_params(state.frozen_params, kept_masks),
+        statistics=kept_statistics,
+        report={
+            'sparsity': sparsity_lib.sparsity_report(params, masks),
+            'epochs': history,
+            'kept_epoch': kept_epoch,
+            'final_jackpot': final_jackpot,
+        },
         forward=forward,
         nnx_split=split,
     )
+
+
+def _protocol_options(
+    protocol: str,
+    mask_freeze_fraction: float | None,
+    bn_recalibration_steps: int | None,
+    final_jackpot: str | None,
+    has_validation: bool,
+) -> tuple[float, int, str]:
+    """``(mask_freeze_fraction, bn_recalibration_steps, final_jackpot)``, each one left at
+    None set by ``protocol``; without validation batches the last epoch is kept."""
+    config_checks.check_choice('protocol', protocol, tuple(PROTOCOLS))
+    defaults = PROTOCOLS[protocol]
+    if mask_freeze_fraction is None:
+        mask_freeze_fraction = defaults['search.mask_freeze_fraction']
+    if bn_recalibration_steps is None:
+        bn_recalibration_steps = defaults['search.bn_recalibration_steps']
+    if final_jackpot is None:
+        final_jackpot = defaults['search.final_jackpot'] if has_validation else 'last'
+    if not 0 <= mask_freeze_fraction < 1:
+        raise ValueError(
+            f'mask_freeze_fraction must be in [0, 1) (the fraction of the epochs with the masks '
+            f'frozen), got {mask_freeze_fraction!r}'
+        )
+    if bn_recalibration_steps < 0:
+        raise ValueError(
+            f'bn_recalibration_steps must be >= 0 (0: keep the running statistics), got '
+            f'{bn_recalibration_steps!r}'
+        )
+    config_checks.check_choice('final_jackpot', final_jackpot, config_checks.FINAL_JACKPOTS)
+    if final_jackpot == 'best_validation' and not has_validation:
+        raise ValueError(
+            "final_jackpot='best_validation' chooses on validation_batches, but none were given; "
+            'pass validation_batches= (held-out training examples, not the test set), or '
+            "final_jackpot='last'"
+        )
+    return mask_freeze_fraction, bn_recalibration_steps, final_jackpot
 
 
 def _epoch_record(steps: list[dict[str, Any]]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import jackpot_jax
-from jackpot_jax import adapters, sparsity
+from jackpot_jax import adapters, api, search, sparsity
 
 NUM_CLASSES = 4
 
@@ -159,10 +159,11 @@ def test_nnx_module_with_batchnorm_and_dropout():
     batches = _batches()
     jackpot = jackpot_jax.find_jackpot(net, None, batches, eval_batches=batches, **SEARCH)
     _frozen_kernel_kept_exactly(jackpot, adapters._string_keys(nnx.to_pure_dict(before)))
-    # BatchNorm statistics moved in train mode; the dropout stream advanced once per step.
+    # BatchNorm statistics moved in train mode; the dropout stream advanced once per step
+    # and once per batch of the re-estimation under the last masks (50, the stable protocol).
     stats = sparsity.flatten(jackpot.statistics)
     assert np.abs(stats['norm/mean']).sum() > 0
-    assert int(stats['drop/rngs/count']) == 2 * len(batches)
+    assert int(stats['drop/rngs/count']) == 2 * len(batches) + 50
     epochs = jackpot.report['epochs']
     assert epochs[-1]['loss'] < epochs[0]['loss'] and epochs[-1]['eval_top1'] > 0.25  # chance
     module = jackpot.module()  # an NNX module holding the jackpot
@@ -171,6 +172,126 @@ def test_nnx_module_with_batchnorm_and_dropout():
     # The user's own module is untouched.
     _, after, _ = nnx.split(net, nnx.Param, ...)
     jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(before), nnx.to_pure_dict(after))
+
+
+# ----------------------------------------------------------------------------
+# The protocol: mask freeze, re-estimated statistics, the epoch best on validation.
+# ----------------------------------------------------------------------------
+class BnMlp(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Dense(32, name='hidden')(x.reshape(len(x), -1))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.5, name='norm')(x))
+        return nn.Dense(NUM_CLASSES, name='head')(x)
+
+
+def _reference_search(model, variables, batches, epochs, stop_after):
+    """The building blocks by hand: the search of ``epochs`` epochs stopped after
+    ``stop_after`` of them; its (masks, scores, running statistics)."""
+    kernels = jackpot_jax.prunable_kernels(variables['params'], exclude='^head/')
+    counts = jackpot_jax.plan_counts(kernels, SEARCH['sparsity'])
+    masks, scores = jackpot_jax.initial_masks_and_scores(kernels, counts)
+    sgd = search.sgd_optimizer(SEARCH['learning_rate'], 5e-4, 0.9, epochs, len(batches))
+    stats = {'batch_stats': variables['batch_stats']}
+    state = jackpot_jax.init_search_state(
+        jax.tree.map(jnp.copy, variables['params']), jax.tree.map(jnp.copy, stats), masks,
+        scores, sgd,
+    )
+    step = jackpot_jax.make_search_step(
+        forward=jackpot_jax.linen_forward(model, ('batch_stats',)),
+        optimizer=sgd,
+        counts=counts,
+        steps_per_epoch=len(batches),
+        epochs=epochs,
+        rng=jax.random.split(jax.random.key(0))[1],
+    )
+    for _ in range(stop_after):
+        for images, labels in batches:
+            state, _ = step(state, images, labels)
+    return state.masks, state.scores, state.batch_stats
+
+
+@pytest.mark.parametrize(
+    'validation_top1, kept', [((0.5, 0.9, 0.6), 2), ((0.9, 0.9, 0.6), 2), ((0.5, 0.6, 0.7), 3)]
+)
+def test_stable_protocol_returns_the_epoch_best_on_validation(monkeypatch, validation_top1, kept):
+    """Scripted validation top-1 per epoch; the jackpot returned is the kept epoch's masks
+    and scores, with statistics re-estimated under its masks (latest epoch on ties)."""
+    model, variables = _linen(BnMlp)
+    batches, validation = _batches(), _batches(n=1, seed=1)
+    script = iter(validation_top1)
+    real_evaluate = api.evaluate
+    monkeypatch.setattr(
+        api,
+        'evaluate',
+        lambda fwd, p, s, b: next(script) if b is validation else real_evaluate(fwd, p, s, b),
+    )
+    search_ = {**SEARCH, 'epochs': 3}
+    jackpot = jackpot_jax.find_jackpot(
+        model, variables, batches, validation_batches=validation, eval_batches=batches, **search_
+    )
+    assert jackpot.report['kept_epoch'] == kept
+    assert jackpot.report['final_jackpot'] == 'best_validation'
+    assert [r['validation_top1'] for r in jackpot.report['epochs']] == list(validation_top1)
+    assert f'jackpot kept: epoch {kept} (best on validation)' in jackpot.summary()
+
+    masks, scores, running = _reference_search(model, variables, batches, 3, stop_after=kept)
+    np.testing.assert_array_equal(jackpot.masks['hidden/kernel'], masks['hidden/kernel'])
+    np.testing.assert_array_equal(jackpot.scores['hidden/kernel'], scores['hidden/kernel'])
+    masked = sparsity.masked_params(variables['params'], masks)
+    forward = jackpot_jax.linen_forward(model, ('batch_stats',))
+    fresh = api.recalibrate_statistics(
+        forward, masked, running, batches, 50, rng=jax.random.fold_in(jax.random.key(0), 1)
+    )
+    jax.tree.map(np.testing.assert_array_equal, jackpot.statistics, fresh)
+    assert not np.allclose(  # re-estimated: not the running statistics of that epoch
+        jackpot.statistics['batch_stats']['norm']['mean'], running['batch_stats']['norm']['mean']
+    )
+    # What the report says of the kept epoch is what the jackpot scores.
+    assert real_evaluate(forward, jackpot.params, jackpot.statistics, batches) == (
+        jackpot.report['epochs'][kept - 1]['eval_top1']
+    )
+
+
+def test_paper_protocol_is_the_plain_search_and_keeps_the_last_epoch():
+    model, variables = _linen(BnMlp)
+    batches = _batches()
+    jackpot = jackpot_jax.find_jackpot(
+        model, variables, batches, protocol='paper', validation_batches=batches,
+        **{**SEARCH, 'epochs': 3},
+    )
+    assert jackpot.report['kept_epoch'] == 3 and jackpot.report['final_jackpot'] == 'last'
+    masks, scores, running = _reference_search(model, variables, batches, 3, stop_after=3)
+    np.testing.assert_array_equal(jackpot.masks['hidden/kernel'], masks['hidden/kernel'])
+    np.testing.assert_array_equal(jackpot.scores['hidden/kernel'], scores['hidden/kernel'])
+    jax.tree.map(np.testing.assert_array_equal, jackpot.statistics, running)
+
+
+@pytest.mark.parametrize('protocol, frozen', [('stable', True), ('paper', False)])
+def test_stable_protocol_freezes_the_masks_for_the_last_quarter(protocol, frozen):
+    model, variables = _linen(Mlp)
+    jackpot = jackpot_jax.find_jackpot(
+        model, variables, _batches(), protocol=protocol, **{**SEARCH, 'epochs': 4}
+    )
+    changes = [r['mask_changes'] for r in jackpot.report['epochs']]
+    assert changes[2] > 0
+    assert (changes[3] == 0) == frozen
+
+
+@pytest.mark.parametrize(
+    'options, message',
+    [
+        ({'final_jackpot': 'best_validation'}, 'pass validation_batches='),
+        ({'final_jackpot': 'best'}, "unknown final_jackpot 'best'"),
+        ({'protocol': 'fast'}, "unknown protocol 'fast'; choose one of stable, paper"),
+        ({'mask_freeze_fraction': 1.0}, r'mask_freeze_fraction must be in \[0, 1\)'),
+        ({'bn_recalibration_steps': -1}, 'bn_recalibration_steps must be >= 0'),
+    ],
+)
+def test_bad_protocol_options_are_named(options, message):
+    model, variables = _linen(Mlp)
+    with pytest.raises(ValueError, match=message):
+        jackpot_jax.find_jackpot(model, variables, _batches(), **{**SEARCH, **options})
 
 
 # ----------------------------------------------------------------------------
