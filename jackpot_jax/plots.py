@@ -6,6 +6,7 @@ switch, no display needed). Every function writes one PNG and returns its path.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -16,6 +17,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 MAX_LEGEND_LAYERS = 16  # per-layer line plots name at most this many layers in a legend
+
+# Font fallbacks (a mathtext family not installed: DejaVu Sans is used) are not the
+# run's news; without this, absl's log shows about ten such warnings per figure set.
+logging.getLogger('matplotlib.font_manager').setLevel(logging.ERROR)
 
 
 def _figure(
