@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 from tqdm import auto as tqdm
 
-from jackpot_jax import checkpoint, data, mask_plan, models, parallel, search, trees
+from jackpot_jax import adapters, api, checkpoint, data, mask_plan, models, parallel, search, trees
 from jackpot_jax import config_checks
 from jackpot_jax import config as config_lib
 from jackpot_jax.metrics import to_python
@@ -56,6 +56,8 @@ class Setup:
         self.model = models.get_model(
             config.model.name, self.source.num_classes, dtype=dtype, **kwargs
         )
+        # One forward per run: jitted functions that take it as a static argument compile once.
+        self.forward = adapters.linen_forward(self.model, 'batch_stats')
 
     def steps_per_epoch(self, batch_size: int) -> int:
         parallel.check_batch_size(batch_size, self.mesh)
@@ -119,13 +121,6 @@ class Setup:
         return params, batch_stats, fingerprint
 
 
-@functools.partial(jax.jit, static_argnames='model')
-def _bn_statistics_step(params: Any, batch_stats: Any, images: jax.Array, *, model) -> Any:
-    variables = {'params': params, 'batch_stats': batch_stats}
-    _, updates = model.apply(variables, images, train=True, mutable=['batch_stats'])
-    return updates['batch_stats']
-
-
 def adapt_batch_stats(
     setup: Setup, params: Any, batch_stats: Any, steps: int, batch_size: int
 ) -> Any:
@@ -135,12 +130,8 @@ def adapt_batch_stats(
     the search's BatchNorm training mode, starting from ``batch_stats``; the batches are
     the first ``steps`` of the training stream (epoch 0 onwards), so it is deterministic.
     """
-    if not jax.tree.leaves(batch_stats):  # no BatchNorm: nothing to re-estimate
-        return batch_stats
-    batches = (b for epoch in itertools.count() for b in setup.train_epoch(batch_size, epoch))
-    for images, _ in itertools.islice(batches, steps):
-        batch_stats = _bn_statistics_step(params, batch_stats, images, model=setup.model)
-    return batch_stats
+    batches = functools.partial(setup.train_epoch, batch_size)  # epoch -> its batches
+    return api.recalibrate_statistics(setup.forward, params, batch_stats, batches, steps)
 
 
 def print_main(*args) -> None:

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jackpot_jax import adapters, checkpoint, config_checks, parallel, plots, search, sparsity
+from jackpot_jax import checkpoint, config_checks, parallel, plots, search, sparsity
 from jackpot_jax import config as config_lib
 from jackpot_jax import run_context as rc
 from jackpot_jax.metrics import EpochMetrics, MetricWriter, read_jsonl
@@ -137,7 +137,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         search.init_search_state(params, batch_stats, masks, scores, optimizer), setup.mesh
     )
     step_fn = search.make_search_step(
-        forward=adapters.linen_forward(setup.model, 'batch_stats'),
+        forward=setup.forward,
         optimizer=optimizer,
         counts=counts,
         steps_per_epoch=steps,
