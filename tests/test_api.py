@@ -80,6 +80,36 @@ def _frozen_kernel_kept_exactly(jackpot, params):
     assert mask.size - mask.sum() == jackpot.counts['hidden/kernel'] == int(0.75 * mask.size)
 
 
+def _reference_search(model, variables, batches, epochs, stop_after, optimizer=None):
+    """The building blocks by hand: the search of ``epochs`` epochs (default optimizer: the
+    paper's SGD) stopped after ``stop_after`` of them; its (masks, scores, statistics)."""
+    kernels = jackpot_jax.prunable_kernels(variables['params'], exclude='^head/')
+    counts = jackpot_jax.plan_counts(kernels, SEARCH['sparsity'])
+    masks, scores = jackpot_jax.initial_masks_and_scores(kernels, counts)
+    if optimizer is None:
+        optimizer = search.sgd_optimizer(SEARCH['learning_rate'], 5e-4, 0.9, epochs, len(batches))
+    collections = tuple(name for name in variables if name != 'params')
+    state = jackpot_jax.init_search_state(
+        jax.tree.map(jnp.copy, variables['params']),
+        jax.tree.map(jnp.copy, {name: variables[name] for name in collections}),
+        masks,
+        scores,
+        optimizer,
+    )
+    step = jackpot_jax.make_search_step(
+        forward=jackpot_jax.linen_forward(model, collections),
+        optimizer=optimizer,
+        counts=counts,
+        steps_per_epoch=len(batches),
+        epochs=epochs,
+        rng=jax.random.split(jax.random.key(0))[1],
+    )
+    for _ in range(stop_after):
+        for images, labels in batches:
+            state, _ = step(state, images, labels)
+    return state.masks, state.scores, state.batch_stats
+
+
 def test_batchnorm_free_linen_model():
     model, variables = _linen(Mlp)
     batches = _batches()
@@ -111,27 +141,10 @@ def test_building_blocks_make_the_same_search_with_any_optax_optimizer():
     batches = _batches()
     adam = optax.adam(0.05)
     found = jackpot_jax.find_jackpot(model, variables, batches, optimizer=adam, **SEARCH)
-
-    kernels = jackpot_jax.prunable_kernels(variables['params'], exclude='^head/')
-    counts = jackpot_jax.plan_counts(kernels, 0.75)
-    masks, scores = jackpot_jax.initial_masks_and_scores(kernels, counts)
-    state = jackpot_jax.init_search_state(
-        jax.tree.map(jnp.copy, variables['params']), {}, masks, scores, adam
-    )
-    step = jackpot_jax.make_search_step(
-        forward=jackpot_jax.linen_forward(model, ()),
-        optimizer=adam,
-        counts=counts,
-        steps_per_epoch=len(batches),
-        epochs=2,
-        rng=jax.random.split(jax.random.key(0))[1],
-    )
-    for _ in range(2):
-        for images, labels in batches:
-            state, _ = step(state, images, labels)
+    masks, scores, _ = _reference_search(model, variables, batches, 2, stop_after=2, optimizer=adam)
     for path in masks:
-        np.testing.assert_array_equal(state.masks[path], found.masks[path])
-        np.testing.assert_array_equal(state.scores[path], found.scores[path])
+        np.testing.assert_array_equal(masks[path], found.masks[path])
+        np.testing.assert_array_equal(scores[path], found.scores[path])
 
 
 def test_dropout_model_uses_the_rng_folded_with_the_step():
@@ -183,32 +196,6 @@ class BnMlp(nn.Module):
         x = nn.Dense(32, name='hidden')(x.reshape(len(x), -1))
         x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.5, name='norm')(x))
         return nn.Dense(NUM_CLASSES, name='head')(x)
-
-
-def _reference_search(model, variables, batches, epochs, stop_after):
-    """The building blocks by hand: the search of ``epochs`` epochs stopped after
-    ``stop_after`` of them; its (masks, scores, running statistics)."""
-    kernels = jackpot_jax.prunable_kernels(variables['params'], exclude='^head/')
-    counts = jackpot_jax.plan_counts(kernels, SEARCH['sparsity'])
-    masks, scores = jackpot_jax.initial_masks_and_scores(kernels, counts)
-    sgd = search.sgd_optimizer(SEARCH['learning_rate'], 5e-4, 0.9, epochs, len(batches))
-    stats = {'batch_stats': variables['batch_stats']}
-    state = jackpot_jax.init_search_state(
-        jax.tree.map(jnp.copy, variables['params']), jax.tree.map(jnp.copy, stats), masks,
-        scores, sgd,
-    )
-    step = jackpot_jax.make_search_step(
-        forward=jackpot_jax.linen_forward(model, ('batch_stats',)),
-        optimizer=sgd,
-        counts=counts,
-        steps_per_epoch=len(batches),
-        epochs=epochs,
-        rng=jax.random.split(jax.random.key(0))[1],
-    )
-    for _ in range(stop_after):
-        for images, labels in batches:
-            state, _ = step(state, images, labels)
-    return state.masks, state.scores, state.batch_stats
 
 
 @pytest.mark.parametrize(
