@@ -56,8 +56,7 @@ class Setup:
         self.model = models.get_model(
             config.model.name, self.source.num_classes, dtype=dtype, **kwargs
         )
-        # One forward per run: jitted functions that take it as a static argument compile once.
-        self.forward = adapters.linen_forward(self.model, 'batch_stats')
+        self.forward = _launcher_forward(self.model)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         parallel.check_batch_size(batch_size, self.mesh)
@@ -119,6 +118,13 @@ class Setup:
         fingerprint = checkpoint.weights_fingerprint(params)
         params, batch_stats = parallel.replicate((params, batch_stats), self.mesh)
         return params, batch_stats, fingerprint
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher_forward(model: Any) -> Any:
+    """One forward per model (modules compare by their fields): jitted functions that take
+    it as a static argument compile once per model, not once per run context."""
+    return adapters.linen_forward(model, 'batch_stats')
 
 
 def adapt_batch_stats(
