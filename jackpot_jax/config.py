@@ -33,12 +33,14 @@ PROTOCOLS = {
         'data.validation_fraction': 0.1,
         'search.bn_recalibration_steps': 50,
         'search.mask_freeze_fraction': 0.25,
+        'search.swap_margin': 0.0,
         'search.final_jackpot': 'best_validation',
     },
     'paper': {
         'data.validation_fraction': 0.0,
         'search.bn_recalibration_steps': 0,
         'search.mask_freeze_fraction': 0.0,
+        'search.swap_margin': 0.0,
         'search.final_jackpot': 'last',
     },
 }
@@ -118,6 +120,11 @@ def get_config() -> ml_collections.ConfigDict:
     # BatchNorm statistics still train): ends the late oscillation between near-tied weights.
     # In [0, 1); 0 = never (the paper). -1 = set by config.protocol (stable: 0.25, paper: 0).
     config.search.mask_freeze_fraction = -1.0
+    # A hysteresis on the short restriction's threshold: kept weights rank this much
+    # higher in the mask update, so a pruned weight comes back only if its score beats
+    # the one it replaces by more than the margin (counts stay exact). >= 0; 0 = none
+    # (the paper). -1 = set by config.protocol.
+    config.search.swap_margin = -1.0
     # Which epoch's jackpot the search saves: 'last', or 'best_validation' (the epoch with
     # the best validation top-1; needs data.validation_fraction > 0). Never chosen on test.
     # '' = set by config.protocol (stable: 'best_validation', paper: 'last').

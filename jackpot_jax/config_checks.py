@@ -208,6 +208,7 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
         if not 0.0 <= value < 1.0:
             raise ValueError(f'{name} must be in [0, 1) (or -1: set by config.protocol), got {value!r}')
     check_final_jackpot(config)
+    search.check_swap_margin(s.swap_margin, s.mask_update, 'search.swap_margin')
     if not 0.0 <= s.pruned_score < 1.0:
         raise ValueError(
             f'search.pruned_score must be in [0, 1) so magnitude-kept weights '

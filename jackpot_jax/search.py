@@ -103,6 +103,7 @@ def search_step(
     label_smoothing: float = 0.0,
     pattern: tuple[int, int] | None = None,
     mask_frozen_from: int | None = None,
+    swap_margin: float = 0.0,
     rng: jax.Array | None = None,
 ) -> tuple[SearchState, Metrics]:
     """One search step (pure; see :func:`make_search_step` for the jitted form).
@@ -113,7 +114,9 @@ def search_step(
     folded with the step number, feeds the model's random streams (dropout).
     ``pattern`` (N, M) keeps the masks N:M: the update runs within every group.
     From step ``mask_frozen_from`` on (if given) the masks stay as they are; the
-    scores and BatchNorm statistics still train.
+    scores and BatchNorm statistics still train. ``swap_margin`` > 0 ranks kept weights
+    that much higher in the mask update (:func:`sparsity.with_swap_margin`): a pruned
+    weight comes back only if it beats the one it replaces by more than the margin.
     """
     if forward is None:
         forward = adapters.linen_forward(model, 'batch_stats')
@@ -129,14 +132,16 @@ def search_step(
     updates, opt_state = optimizer.update(grads, state.opt_state, state.scores)
     scores = optax.apply_updates(state.scores, updates)
 
+    # The update ranks these; the optimizer keeps learning the scores themselves.
+    ranking = sparsity.with_swap_margin(scores, state.masks, swap_margin) if swap_margin else scores
     epoch = state.step // steps_per_epoch
     rate = None if rate_schedule == 'all' else sparsity.swap_rate(rate_schedule, epoch, epochs)
     if pattern:
         masks, _ = structured.update_masks(
-            scores, state.masks, counts, *pattern, mode=mask_update, rate=rate
+            ranking, state.masks, counts, *pattern, mode=mask_update, rate=rate
         )
     else:
-        masks, _ = sparsity.update_masks(scores, state.masks, counts, mode=mask_update, rate=rate)
+        masks, _ = sparsity.update_masks(ranking, state.masks, counts, mode=mask_update, rate=rate)
     swap_rate = jnp.float32(1.0) if rate is None else rate
     if mask_frozen_from is not None:
         frozen = state.step >= mask_frozen_from
@@ -178,12 +183,24 @@ def mask_freeze_step(fraction: float, epochs: int, steps_per_epoch: int) -> int 
     return (epochs - frozen_epochs) * steps_per_epoch if frozen_epochs else None
 
 
+def check_swap_margin(margin: float, mask_update: str, name: str = 'swap_margin') -> None:
+    """A margin must be >= 0, and only the short restriction has a kept set to favour."""
+    if not margin >= 0:
+        raise ValueError(f'{name} must be >= 0 (0 = no margin), got {margin!r}')
+    if margin and mask_update != 'short_restriction':
+        raise ValueError(
+            f'{name}={margin!r} applies to the short restriction only, but the mask update is '
+            f"{mask_update!r}; set {name}=0, or use mask_update='short_restriction'"
+        )
+
+
 def make_search_step(
     **settings,
 ) -> Callable[[SearchState, jax.Array, jax.Array], tuple[SearchState, Metrics]]:
     """The jitted search step with the state donated. ``settings`` are search_step's keywords."""
     if settings.get('bn_mode', 'train') not in BN_MODES:
         raise ValueError(f"unknown bn_mode {settings['bn_mode']!r}; choose one of {BN_MODES}")
+    check_swap_margin(settings.get('swap_margin', 0.0), settings.get('mask_update', 'short_restriction'))
     return jax.jit(functools.partial(search_step, **settings), donate_argnums=0)
 
 

@@ -148,6 +148,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         label_smoothing=s.label_smoothing,
         pattern=plan.pattern,
         mask_frozen_from=search.mask_freeze_step(s.mask_freeze_fraction, s.epochs, steps),
+        swap_margin=s.swap_margin,
     )
 
     # Restore: the workdir's own latest checkpoint, else start from the initial masks.

@@ -460,6 +460,20 @@ def swap_rate(schedule: str, epoch: Array | int, total_epochs: int) -> Array:
     raise ValueError(f'unknown rate schedule {schedule!r}; choose one of {RATE_SCHEDULES}')
 
 
+def with_swap_margin(
+    scores: Mapping[str, Array], masks: Mapping[str, Array], margin: float
+) -> FlatTree:
+    """The scores the mask update ranks by: ``s + margin`` where the mask keeps, ``s`` elsewhere.
+
+    A hysteresis on the threshold: a pruned weight displaces a kept one only when its
+    score beats the kept one's by more than ``margin``, so near-tied weights stop trading
+    places step after step. Ranking these scores keeps every count exact (it is still a
+    k-th selection); ``margin = 0`` is the short restriction itself. The scores the
+    optimizer learns are not changed.
+    """
+    return {p: scores[p] + jnp.where(masks[p], jnp.float32(margin), 0) for p in scores}
+
+
 def _active(counts: Mapping[str, Array | int], paths) -> list[str]:
     """The paths whose pruned count is not a static 0 (those layers are left alone)."""
     return [p for p in paths if not (isinstance(counts[p], (int, np.integer)) and counts[p] == 0)]
