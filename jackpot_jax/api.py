@@ -227,6 +227,7 @@ def find_jackpot(
     mask_freeze_fraction: float | None = None,
     bn_recalibration_steps: int | None = None,
     final_jackpot: str | None = None,
+    swap_margin: float | None = None,
     validation_batches: Iterable[tuple[Any, ...]] | None = None,
     train_kwargs: Mapping[str, Any] | None = None,
     eval_kwargs: Mapping[str, Any] | None = None,
@@ -246,22 +247,25 @@ def find_jackpot(
     ``is_training`` or ``deterministic``). ``rng`` (a key or a seed) feeds dropout, folded
     with the step.
 
-    ``protocol`` fills the three options left at None, as the launcher's
+    ``protocol`` fills the options left at None, as the launcher's
     ``config.protocol`` does: 'stable' freezes the masks for the last quarter of the
     epochs (``mask_freeze_fraction``), re-estimates the statistics over 50 training
     batches under every evaluated mask (``bn_recalibration_steps``) and, given
     ``validation_batches`` (held-out *training* examples, never the test set), returns
     the epoch best on them (``final_jackpot='best_validation'``, the latest on ties);
-    'paper' is the authors' search: none of these, the last epoch. ``eval_batches`` are
+    'paper' is the authors' search: none of these, the last epoch. ``swap_margin`` is a
+    hysteresis on the threshold: a pruned weight comes back only if its score beats the
+    kept one it replaces by more than the margin (0 = none). ``eval_batches`` are
     only reported on, never chosen by. The remaining options are those of the launcher's
     ``search.*`` config.
     """
     if epochs < 1:
         raise ValueError(f'epochs must be >= 1, got {epochs!r}')
-    freeze, recalibration_steps, final_jackpot = _protocol_options(
-        protocol, mask_freeze_fraction, bn_recalibration_steps, final_jackpot,
+    freeze, recalibration_steps, final_jackpot, swap_margin = _protocol_options(
+        protocol, mask_freeze_fraction, bn_recalibration_steps, final_jackpot, swap_margin,
         validation_batches is not None,
     )
+    search.check_swap_margin(swap_margin, mask_update)
     forward, params, statistics, split = as_forward(
         model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
     )
@@ -296,6 +300,7 @@ def find_jackpot(
         label_smoothing=label_smoothing,
         pattern=plan.pattern,
         mask_frozen_from=search.mask_freeze_step(freeze, epochs, steps_per_epoch),
+        swap_margin=swap_margin,
         rng=step_key,
     )
 
@@ -359,10 +364,11 @@ def _protocol_options(
     mask_freeze_fraction: float | None,
     bn_recalibration_steps: int | None,
     final_jackpot: str | None,
+    swap_margin: float | None,
     has_validation: bool,
-) -> tuple[float, int, str]:
-    """``(mask_freeze_fraction, bn_recalibration_steps, final_jackpot)``, each one left at
-    None set by ``protocol``; without validation batches the last epoch is kept."""
+) -> tuple[float, int, str, float]:
+    """``(mask_freeze_fraction, bn_recalibration_steps, final_jackpot, swap_margin)``, each
+    one left at None set by ``protocol``; without validation batches the last epoch is kept."""
     config_checks.check_choice('protocol', protocol, tuple(PROTOCOLS))
     defaults = PROTOCOLS[protocol]
     if mask_freeze_fraction is None:
@@ -371,6 +377,8 @@ def _protocol_options(
         bn_recalibration_steps = defaults['search.bn_recalibration_steps']
     if final_jackpot is None:
         final_jackpot = defaults['search.final_jackpot'] if has_validation else 'last'
+    if swap_margin is None:
+        swap_margin = defaults['search.swap_margin']
     if not 0 <= mask_freeze_fraction < 1:
         raise ValueError(
             f'mask_freeze_fraction must be in [0, 1) (the fraction of the epochs with the masks '
@@ -388,7 +396,7 @@ def _protocol_options(
             'pass validation_batches= (held-out training examples, not the test set), or '
             "final_jackpot='last'"
         )
-    return mask_freeze_fraction, bn_recalibration_steps, final_jackpot
+    return mask_freeze_fraction, bn_recalibration_steps, final_jackpot, swap_margin
 
 
 def _epoch_record(steps: list[dict[str, Any]]) -> dict[str, Any]:

@@ -190,7 +190,7 @@ def check_swap_margin(margin: float, mask_update: str, name: str = 'swap_margin'
     if margin and mask_update != 'short_restriction':
         raise ValueError(
             f'{name}={margin!r} applies to the short restriction only, but the mask update is '
-            f"{mask_update!r}; set {name}=0, or use mask_update='short_restriction'"
+            f'{mask_update!r}; set {name}=0, or choose the short restriction as the mask update'
         )
 
 

@@ -265,6 +265,16 @@ def test_stable_protocol_freezes_the_masks_for_the_last_quarter(protocol, frozen
     assert (changes[3] == 0) == frozen
 
 
+@pytest.mark.parametrize('margin, moves', [(0.0, True), (1.0, False)])
+def test_swap_margin_holds_the_masks_until_a_score_clears_it(margin, moves):
+    """Scores start at 1.0 (kept) and 0.99 (pruned): a margin of 1 is never cleared."""
+    model, variables = _linen(Mlp)
+    jackpot = jackpot_jax.find_jackpot(
+        model, variables, _batches(), protocol='paper', swap_margin=margin, **SEARCH
+    )
+    assert (sum(r['mask_changes'] for r in jackpot.report['epochs']) > 0) == moves
+
+
 @pytest.mark.parametrize(
     'options, message',
     [
@@ -273,6 +283,8 @@ def test_stable_protocol_freezes_the_masks_for_the_last_quarter(protocol, frozen
         ({'protocol': 'fast'}, "unknown protocol 'fast'; choose one of stable, paper"),
         ({'mask_freeze_fraction': 1.0}, r'mask_freeze_fraction must be in \[0, 1\)'),
         ({'bn_recalibration_steps': -1}, 'bn_recalibration_steps must be >= 0'),
+        ({'swap_margin': -1.0}, r'swap_margin must be >= 0 \(0 = no margin\)'),
+        ({'swap_margin': 0.1, 'mask_update': 'edge_popup'}, 'applies to the short restriction'),
     ],
 )
 def test_bad_protocol_options_are_named(options, message):

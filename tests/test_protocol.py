@@ -245,3 +245,55 @@ def test_last_epoch_jackpot_on_request_and_no_choice_without_validation(weights,
     paper.search.final_jackpot = 'best_test'
     with pytest.raises(ValueError, match="unknown search.final_jackpot 'best_test'"):
         launcher.validate(paper)
+
+
+@pytest.fixture(scope='module')
+def margin_run(weights, tmp_path_factory):
+    """The paper's search (3 epochs of 6 steps) with a swap margin of 0.002."""
+    config = _config(weights, 'paper')
+    config.search.swap_margin = 0.002
+    return config, search_run.run_search(config, str(tmp_path_factory.mktemp('margin')))
+
+
+def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
+    weights, margin_run, tmp_path, monkeypatch
+):
+    config, result = margin_run
+    state = jax.device_get(result['state'])
+    assert _fingerprint(state.masks, state.scores)[0] != PAPER_GOLDEN[0]  # the margin acts
+    assert sum(r['mask_changes'] for r in result['history']) > 0  # and masks still move
+    flat = sparsity.flatten(checkpoint.load_weights(weights)[0])
+    for path, count in result['counts'].items():
+        assert int(np.size(flat[path]) - state.masks[path].sum()) == count
+    config = copy.deepcopy(config)
+    config.checkpoint.every_steps = 4
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 10)  # in epoch 2
+        with pytest.raises(_Interrupt):
+            search_run.run_search(config, str(tmp_path))
+    resumed = search_run.run_search(config, str(tmp_path))
+    _assert_same_search(resumed['state'], state)
+    assert resumed['history'] == result['history']
+
+
+def test_swap_margin_no_score_can_clear_keeps_the_first_mask(weights, tmp_path):
+    config = _config(weights, 'paper', epochs=1)
+    config.search.swap_margin = 1.0  # scores start at 1.0 (kept) and 0.99 (pruned)
+    result = search_run.run_search(config, str(tmp_path))
+    assert result['history'][0]['mask_changes'] == 0
+
+
+@pytest.mark.parametrize(
+    'margin, update, message',
+    [
+        (-0.1, 'short_restriction', r'search.swap_margin must be >= 0 \(0 = no margin\), got -0.1'),
+        (0.01, 'edge_popup', r"search.swap_margin=0.01 applies to the short restriction only.*"
+                             r"set search.swap_margin=0"),
+    ],
+)
+def test_bad_swap_margin_is_a_config_error(margin, update, message):
+    config = config_lib.get_config()
+    config.search.swap_margin = margin
+    config.search.mask_update = update
+    with pytest.raises(ValueError, match=message):
+        launcher.validate(config)

@@ -594,6 +594,47 @@ def test_short_restriction_invariant_over_many_updates():
     assert total_changes > 100
 
 
+def test_swap_margin_golden():
+    """n=6, k=3, kept {0, 3, 5}: 0.52 displaces 0.30 (+0.01) but 0.505 not 0.50 (+0.01)."""
+    scores = {'a': jnp.float32([0.50, 0.52, 0.10, 0.90, 0.505, 0.30])}
+    mask = {'a': jnp.array([T, F, F, T, F, T])}
+    cases = {  # margin: (masks at rate 1, masks at rate 0.5)
+        0.0: ([F, T, F, T, T, F], [T, T, F, T, F, F]),  # the short restriction itself.
+        0.01: ([T, T, F, T, F, F], [T, T, F, T, F, F]),  # one candidate pair left.
+        0.3: ([T, F, F, T, F, T], [T, F, F, T, F, T]),  # nothing clears 0.3.
+    }
+    for margin, expected in cases.items():
+        ranking = sp.with_swap_margin(scores, mask, margin)
+        for rate, want in zip((None, 0.5), expected):
+            got = sp.short_restriction_updates(ranking, mask, {'a': 3}, rate)['a']
+            np.testing.assert_array_equal(_np(got), want, err_msg=f'{margin} {rate}')
+    np.testing.assert_array_equal(_np(sp.with_swap_margin(scores, mask, 0.0)['a']), scores['a'])
+
+
+def test_swap_margin_keeps_counts_and_every_swap_clears_the_margin():
+    """300 random updates with a margin: exact counts, and every revived weight's score
+    beats every dropped weight's by more than the margin (in the ranking's float32)."""
+    rng = np.random.default_rng(5)
+    update = jax.jit(lambda s, m, margin: sp.short_restriction_updates(
+        sp.with_swap_margin(s, m, margin), m, {'a': 30}))
+    swaps = 0
+    for _ in range(300):
+        s = {'a': jnp.asarray(rng.standard_normal(40).astype(np.float32))}
+        b = {'a': jnp.asarray(_random_mask(rng, (40,), 30))}
+        margin = np.float32(rng.choice([0.0, 0.05, 0.5]))
+        new = _np(update(s, b, margin)['a'])
+        old, score = _np(b['a']), _np(s['a'])
+        assert new.sum() == 10
+        revived, dropped = score[new & ~old], score[old & ~new]
+        if revived.size:
+            swaps += 1
+            assert revived.min() > dropped.max() + margin
+        # Unchanged when no pruned score beats a kept one by the margin.
+        if score[~old].max() <= score[old].min() + margin:
+            np.testing.assert_array_equal(new, old)
+    assert swaps > 100
+
+
 # ----------------------------------------------------------------------------
 # 8. edge_popup_mask and update_masks
 # ----------------------------------------------------------------------------
