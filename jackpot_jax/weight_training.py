@@ -135,13 +135,17 @@ def train_weights(
     return state, result
 
 
+def initial_variables(setup: rc.Setup, seed: int) -> dict:
+    """The config's model at initialisation: ``{'params': ..., 'batch_stats': ...}``."""
+    sample = jnp.zeros((1, *setup.source.image_shape), jnp.float32)
+    return jax.jit(functools.partial(setup.model.init, train=False))(jax.random.key(seed), sample)
+
+
 @rc.resolved
 def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains the dense model and saves it as the frozen starting point of searches."""
     setup = rc.Setup(config)
-    sample = jnp.zeros((1, *setup.source.image_shape), jnp.float32)
-    init = jax.jit(functools.partial(setup.model.init, train=False))
-    variables = init(jax.random.key(config.seed), sample)
+    variables = initial_variables(setup, config.seed)
     state, result = train_weights(
         setup,
         config.pretrain,

@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jackpot_jax import checkpoint, launcher, search_run, weight_training
+from jackpot_jax import checkpoint, config_checks, launcher, search_run, weight_training
 from jackpot_jax import run_context as rc
 from jackpot_jax import workdir as workdir_lib
 from jackpot_jax.metrics import read_jsonl
@@ -316,16 +316,25 @@ def pretrained(mock_data_dir, tmp_path_factory):
 
     def get(model: str, dataset: str) -> str:
         if (model, dataset) not in made:
-            if dataset == 'imagenet2012':  # no pretrain config: the search's own recipe
+            workdir = str(tmp_path_factory.mktemp(f'pretrain_{model}_{dataset}'))
+            if dataset == 'imagenet2012':
+                # No pretrain config (users bring torchvision's weights): ResNet-50 at its
+                # initialisation, which spares the suite a ResNet-50 training compile.
                 config = load_config('configs/imagenet_search.py:90,tiny')
-                config.mode = 'pretrain'
+                config.data.data_dir = mock_data_dir
+                setup = rc.Setup(config_checks.resolve_protocol(config))
+                variables = weight_training.initial_variables(setup, config.seed)
+                meta = {'model': config.model.to_dict(), 'num_classes': setup.source.num_classes}
+                checkpoint.save_weights(
+                    rc.pretrained_path(config, workdir),
+                    variables['params'], variables['batch_stats'], meta,
+                )
             else:
                 config = load_config(f'configs/cifar_pretrain.py:{short[model]},{dataset},tiny')
-            config.data.data_dir = mock_data_dir
-            workdir = str(tmp_path_factory.mktemp(f'pretrain_{model}_{dataset}'))
-            weight_training.run_pretrain(config, workdir)
-            records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
-            assert [r['mode'] for r in records] == ['pretrain', 'pretrain']  # epoch + test
+                config.data.data_dir = mock_data_dir
+                weight_training.run_pretrain(config, workdir)
+                records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
+                assert [r['mode'] for r in records] == ['pretrain', 'pretrain']  # epoch + test
             made[model, dataset] = rc.pretrained_path(config, workdir)
         return made[model, dataset]
 
