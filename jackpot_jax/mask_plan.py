@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -84,6 +84,17 @@ def _masks_from_scores(
     return sparsity_lib.masks_from_scores(scores, counts, mask_update)
 
 
+@functools.lru_cache(maxsize=64)
+def _jitted(fn: Callable, counts: tuple[tuple[str, int], ...], **options: Any) -> Callable:
+    """``fn`` jitted with these counts (as items) and options: one compilation per model
+    and plan, however many times it is planned."""
+    return jax.jit(functools.partial(fn, counts=dict(counts), **options))
+
+
+def _counts_key(counts: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
+    return tuple((p, int(c)) for p, c in counts.items())
+
+
 def initial_masks_and_scores(
     kernels: Mapping[str, jax.Array],
     counts: Mapping[str, int],
@@ -103,7 +114,7 @@ def initial_masks_and_scores(
     """
     nm = structured.parse_pattern(pattern)
     if score_init == 'magnitude':
-        masks = jax.jit(functools.partial(_magnitude_masks, counts=counts, pattern=nm))(kernels)
+        masks = _jitted(_magnitude_masks, _counts_key(counts), pattern=nm)(kernels)
         return masks, sparsity_lib.init_scores(masks, pruned_score)
     draw = {'kaiming': sparsity_lib.kaiming_scores, 'random': sparsity_lib.uniform_scores}
     if score_init not in draw:
@@ -111,8 +122,8 @@ def initial_masks_and_scores(
             f'unknown score_init {score_init!r}; choose one of {sparsity_lib.SCORE_INITS}'
         )
     scores = jax.jit(draw[score_init])(jax.random.key(0) if rng is None else rng, kernels)
-    pick = functools.partial(_masks_from_scores, counts=counts, pattern=nm, mask_update=mask_update)
-    return jax.jit(pick)(scores), scores
+    pick = _jitted(_masks_from_scores, _counts_key(counts), pattern=nm, mask_update=mask_update)
+    return pick(scores), scores
 
 
 def mask_report(
@@ -139,12 +150,12 @@ class MaskPlan:
         return {p: flat[p] for p in self.paths}
 
     def magnitude_masks(self, params: Mapping) -> dict[str, jax.Array]:
-        fn = functools.partial(_magnitude_masks, counts=self.counts, pattern=self.pattern)
-        return jax.jit(fn)(self.kernels(params))
+        fn = _jitted(_magnitude_masks, _counts_key(self.counts), pattern=self.pattern)
+        return fn(self.kernels(params))
 
     def random_masks(self, params: Mapping, rng: jax.Array) -> dict[str, jax.Array]:
-        fn = functools.partial(_random_masks, counts=self.counts, pattern=self.pattern)
-        return jax.jit(fn)(rng, self.kernels(params))
+        fn = _jitted(_random_masks, _counts_key(self.counts), pattern=self.pattern)
+        return fn(rng, self.kernels(params))
 
     def initial_masks_and_scores(
         self,
