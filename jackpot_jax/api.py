@@ -265,7 +265,6 @@ def find_jackpot(
         protocol, mask_freeze_fraction, bn_recalibration_steps, final_jackpot, swap_margin,
         validation_batches is not None,
     )
-    search.check_swap_margin(swap_margin, mask_update)
     forward, params, statistics, split = as_forward(
         model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
     )
