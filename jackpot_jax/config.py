@@ -123,7 +123,7 @@ def get_config() -> ml_collections.ConfigDict:
     # A hysteresis on the short restriction's threshold: kept weights rank this much
     # higher in the mask update, so a pruned weight comes back only if its score beats
     # the one it replaces by more than the margin (counts stay exact). >= 0; 0 = none
-    # (the paper). -1 = set by config.protocol.
+    # (the paper). -1 = set by config.protocol (stable: 0, paper: 0).
     config.search.swap_margin = -1.0
     # Which epoch's jackpot the search saves: 'last', or 'best_validation' (the epoch with
     # the best validation top-1; needs data.validation_fraction > 0). Never chosen on test.

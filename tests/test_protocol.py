@@ -93,7 +93,7 @@ def test_protocols_fill_only_the_fields_left_to_them():
     config = config_lib.get_config()
     stable = config_checks.resolve_protocol(config)
     assert stable.data.validation_fraction == 0.1 and stable.search.bn_recalibration_steps == 50
-    assert stable.search.mask_freeze_fraction == 0.25
+    assert stable.search.mask_freeze_fraction == 0.25 and stable.search.swap_margin == 0.0
     config.protocol = 'paper'
     config.search.bn_recalibration_steps = 7
     paper = config_checks.resolve_protocol(config)
