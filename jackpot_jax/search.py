@@ -200,7 +200,9 @@ def make_search_step(
     """The jitted search step with the state donated. ``settings`` are search_step's keywords."""
     if settings.get('bn_mode', 'train') not in BN_MODES:
         raise ValueError(f"unknown bn_mode {settings['bn_mode']!r}; choose one of {BN_MODES}")
-    check_swap_margin(settings.get('swap_margin', 0.0), settings.get('mask_update', 'short_restriction'))
+    check_swap_margin(
+        settings.get('swap_margin', 0.0), settings.get('mask_update', 'short_restriction')
+    )
     return jax.jit(functools.partial(search_step, **settings), donate_argnums=0)
 
 

@@ -318,10 +318,13 @@ def pretrained(mock_data_dir, tmp_path_factory):
         if (model, dataset) not in made:
             workdir = str(tmp_path_factory.mktemp(f'pretrain_{model}_{dataset}'))
             if dataset == 'imagenet2012':
+                config = load_config('configs/imagenet_search.py:90,tiny')
+            else:
+                config = load_config(f'configs/cifar_pretrain.py:{short[model]},{dataset},tiny')
+            config.data.data_dir = mock_data_dir
+            if dataset == 'imagenet2012':
                 # No pretrain config (users bring torchvision's weights): ResNet-50 at its
                 # initialisation, which spares the suite a ResNet-50 training compile.
-                config = load_config('configs/imagenet_search.py:90,tiny')
-                config.data.data_dir = mock_data_dir
                 setup = rc.Setup(config_checks.resolve_protocol(config))
                 variables = weight_training.initial_variables(setup, config.seed)
                 meta = {'model': config.model.to_dict(), 'num_classes': setup.source.num_classes}
@@ -330,8 +333,6 @@ def pretrained(mock_data_dir, tmp_path_factory):
                     variables['params'], variables['batch_stats'], meta,
                 )
             else:
-                config = load_config(f'configs/cifar_pretrain.py:{short[model]},{dataset},tiny')
-                config.data.data_dir = mock_data_dir
                 weight_training.run_pretrain(config, workdir)
                 records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
                 assert [r['mode'] for r in records] == ['pretrain', 'pretrain']  # epoch + test
