@@ -84,15 +84,17 @@ def _masks_from_scores(
     return sparsity_lib.masks_from_scores(scores, counts, mask_update)
 
 
+def _jitted(fn: Callable, counts: Mapping[str, int], **options: Any) -> Callable:
+    """``fn`` jitted with these counts and options: one compilation per model and plan,
+    however many times it is planned."""
+    return _jitted_on_items(fn, tuple((p, int(c)) for p, c in counts.items()), **options)
+
+
 @functools.lru_cache(maxsize=64)
-def _jitted(fn: Callable, counts: tuple[tuple[str, int], ...], **options: Any) -> Callable:
-    """``fn`` jitted with these counts (as items) and options: one compilation per model
-    and plan, however many times it is planned."""
+def _jitted_on_items(
+    fn: Callable, counts: tuple[tuple[str, int], ...], **options: Any
+) -> Callable:
     return jax.jit(functools.partial(fn, counts=dict(counts), **options))
-
-
-def _counts_key(counts: Mapping[str, int]) -> tuple[tuple[str, int], ...]:
-    return tuple((p, int(c)) for p, c in counts.items())
 
 
 def initial_masks_and_scores(
@@ -114,7 +116,7 @@ def initial_masks_and_scores(
     """
     nm = structured.parse_pattern(pattern)
     if score_init == 'magnitude':
-        masks = _jitted(_magnitude_masks, _counts_key(counts), pattern=nm)(kernels)
+        masks = _jitted(_magnitude_masks, counts, pattern=nm)(kernels)
         return masks, sparsity_lib.init_scores(masks, pruned_score)
     draw = {'kaiming': sparsity_lib.kaiming_scores, 'random': sparsity_lib.uniform_scores}
     if score_init not in draw:
@@ -122,7 +124,7 @@ def initial_masks_and_scores(
             f'unknown score_init {score_init!r}; choose one of {sparsity_lib.SCORE_INITS}'
         )
     scores = jax.jit(draw[score_init])(jax.random.key(0) if rng is None else rng, kernels)
-    pick = _jitted(_masks_from_scores, _counts_key(counts), pattern=nm, mask_update=mask_update)
+    pick = _jitted(_masks_from_scores, counts, pattern=nm, mask_update=mask_update)
     return pick(scores), scores
 
 
@@ -150,11 +152,11 @@ class MaskPlan:
         return {p: flat[p] for p in self.paths}
 
     def magnitude_masks(self, params: Mapping) -> dict[str, jax.Array]:
-        fn = _jitted(_magnitude_masks, _counts_key(self.counts), pattern=self.pattern)
+        fn = _jitted(_magnitude_masks, self.counts, pattern=self.pattern)
         return fn(self.kernels(params))
 
     def random_masks(self, params: Mapping, rng: jax.Array) -> dict[str, jax.Array]:
-        fn = _jitted(_random_masks, _counts_key(self.counts), pattern=self.pattern)
+        fn = _jitted(_random_masks, self.counts, pattern=self.pattern)
         return fn(rng, self.kernels(params))
 
     def initial_masks_and_scores(

@@ -317,12 +317,14 @@ def pretrained(mock_data_dir, tmp_path_factory):
     def get(model: str, dataset: str) -> str:
         if (model, dataset) not in made:
             workdir = str(tmp_path_factory.mktemp(f'pretrain_{model}_{dataset}'))
-            if dataset == 'imagenet2012':
-                config = load_config('configs/imagenet_search.py:90,tiny')
-            else:
-                config = load_config(f'configs/cifar_pretrain.py:{short[model]},{dataset},tiny')
+            imagenet = dataset == 'imagenet2012'
+            config = load_config(
+                'configs/imagenet_search.py:90,tiny'
+                if imagenet
+                else f'configs/cifar_pretrain.py:{short[model]},{dataset},tiny'
+            )
             config.data.data_dir = mock_data_dir
-            if dataset == 'imagenet2012':
+            if imagenet:
                 # No pretrain config (users bring torchvision's weights): ResNet-50 at its
                 # initialisation, which spares the suite a ResNet-50 training compile.
                 setup = rc.Setup(config_checks.resolve_protocol(config))

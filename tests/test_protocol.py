@@ -247,31 +247,25 @@ def test_last_epoch_jackpot_on_request_and_no_choice_without_validation(weights,
         launcher.validate(paper)
 
 
-@pytest.fixture(scope='module')
-def margin_run(weights, tmp_path_factory):
+def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
+    weights, tmp_path, monkeypatch
+):
     """The paper's search (3 epochs of 6 steps) with a swap margin of 0.002."""
     config = _config(weights, 'paper')
     config.search.swap_margin = 0.002
-    return config, search_run.run_search(config, str(tmp_path_factory.mktemp('margin')))
-
-
-def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
-    weights, margin_run, tmp_path, monkeypatch
-):
-    config, result = margin_run
+    result = search_run.run_search(config, str(tmp_path / 'whole'))
     state = jax.device_get(result['state'])
     assert _fingerprint(state.masks, state.scores)[0] != PAPER_GOLDEN[0]  # the margin acts
     assert sum(r['mask_changes'] for r in result['history']) > 0  # and masks still move
     flat = sparsity.flatten(checkpoint.load_weights(weights)[0])
     for path, count in result['counts'].items():
         assert int(np.size(flat[path]) - state.masks[path].sum()) == count
-    config = copy.deepcopy(config)
     config.checkpoint.every_steps = 4
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 10)  # in epoch 2
         with pytest.raises(_Interrupt):
-            search_run.run_search(config, str(tmp_path))
-    resumed = search_run.run_search(config, str(tmp_path))
+            search_run.run_search(config, str(tmp_path / 'resumed'))
+    resumed = search_run.run_search(config, str(tmp_path / 'resumed'))
     _assert_same_search(resumed['state'], state)
     assert resumed['history'] == result['history']
 
