@@ -147,11 +147,24 @@ def test_chained_all_layer_updates_track_the_reference():
     assert moves > 20
 
 
-def test_select_and_kth_over_segments_equal_per_layer():
+@pytest.mark.parametrize('chunk', [8, 24, 64, 2048])
+def test_counts_per_chunk_are_exact(chunk):
+    """Counted in uint8 blocks, then summed: equal to a plain count, full columns too."""
+    rng = np.random.default_rng(chunk)
+    segments = sp.Segments([3 * chunk + 5, chunk], chunk)
+    flags = rng.random((chunk, 2 * segments.num_chunks)) < 0.6  # a repeated(2) layout
+    flags[:, 0] = True
+    got = segments.count_per_chunk(jnp.asarray(flags))
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(got), flags.sum(axis=0))
+
+
+@pytest.mark.parametrize('chunk', [8, 32])  # one block per column; two blocks of 16
+def test_select_and_kth_over_segments_equal_per_layer(chunk):
     """The segment searches themselves, with valid masks and counts past the valid size."""
     rng = np.random.default_rng(3)
     sizes = [1, 6, 13, 40, 3]
-    segments = sp.Segments(sizes, chunk=8)  # several chunks per segment
+    segments = sp.Segments(sizes, chunk=chunk)  # several chunks per segment at 8
     select = jax.jit(lambda k, c, v: sp.select_smallest_keys(k, c, segments, v))
     kth = jax.jit(lambda k, c, v: sp.kth_smallest_keys(k, c, segments, v))
     ref_select, ref_kth = jax.jit(ref.select_smallest), jax.jit(ref.kth_smallest_key)
