@@ -19,7 +19,7 @@ import torch.nn as tnn
 import torch.nn.functional as F
 import torchvision
 
-from jackpot_jax import checkpoint, convert, models, sparsity, torch_io
+from jackpot_jax import checkpoint, convert, models, name_tables, sparsity, torch_io
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -355,7 +355,7 @@ def make_jackpot_state(dense: dict, convs: list[str], classifier: str, fmt: str,
 # ----------------------------------------------------------------------------
 # Name tables and small pieces.
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize('arch', sorted(convert.ARCHS['torchvision']))
+@pytest.mark.parametrize('arch', sorted(name_tables.ARCHS['torchvision']))
 def test_torchvision_table_matches_torchvision_keys(arch):
     with torch.device('meta'):
         model = torchvision.models.get_model(arch, weights=None)
@@ -542,7 +542,7 @@ def test_torchvision_masked_export(tmp_path, resnet18):
     for path, mask in masks.items():
         torch_name = torch_names('resnet18', 'torchvision')[path]
         weight = model.get_parameter(f'{torch_name}.weight').detach().numpy()
-        expected = convert._kernel_to_torch(convert.CONV, np.asarray(flat[path]) * np.asarray(mask))
+        expected = convert._kernel_to_torch(name_tables.CONV, np.asarray(flat[path]) * np.asarray(mask))
         np.testing.assert_array_equal(weight, expected, err_msg=path)
         assert int((weight == 0).sum()) >= counts[path]
     x = inputs((1, 3, 64, 64))

@@ -13,7 +13,7 @@ import torch
 import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
-from jackpot_jax import convert, models, sparsity
+from jackpot_jax import convert, models, name_tables, sparsity
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -48,8 +48,8 @@ def small_torch_vit(seed: int = 0, num_classes: int = 10) -> VisionTransformer:
     return randomised(VisionTransformer(num_classes=num_classes, **SMALL), seed)
 
 
-def small_arch(num_classes: int = 10) -> convert.Arch:
-    return convert.vit_arch(**SMALL, num_classes=num_classes, name='vit_small')
+def small_arch(num_classes: int = 10) -> name_tables.Arch:
+    return name_tables.vit_arch(**SMALL, num_classes=num_classes, name='vit_small')
 
 
 def state_numpy(model: torch.nn.Module) -> dict[str, np.ndarray]:
@@ -76,7 +76,7 @@ def torch_forward(model: torch.nn.Module, x: np.ndarray, blocks: int) -> tuple[n
     return logits, acts
 
 
-def flax_forward(arch: convert.Arch, num_classes: int, params, x: np.ndarray):
+def flax_forward(arch: name_tables.Arch, num_classes: int, params, x: np.ndarray):
     model = models.get_model(arch.model, num_classes, **dict(arch.model_kwargs))
     logits, state = model.apply(
         {'params': params},
