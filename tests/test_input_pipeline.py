@@ -13,13 +13,14 @@ import pytest
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 
+from jackpot_jax import image_preprocessing as pre  # noqa: E402  pylint: disable=g-import-not-at-top
 from jackpot_jax import input_pipeline as ip  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MOCK_N = 7
-CIFAR_MEAN = np.array(ip.CIFAR_MEAN, np.float32)
-CIFAR_STD = np.array(ip.CIFAR_STD, np.float32)
-IMAGENET_MEAN = np.array(ip.IMAGENET_MEAN, np.float32)
-IMAGENET_STD = np.array(ip.IMAGENET_STD, np.float32)
+CIFAR_MEAN = np.array(pre.CIFAR_MEAN, np.float32)
+CIFAR_STD = np.array(pre.CIFAR_STD, np.float32)
+IMAGENET_MEAN = np.array(pre.IMAGENET_MEAN, np.float32)
+IMAGENET_STD = np.array(pre.IMAGENET_STD, np.float32)
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +49,7 @@ def _batches(iterator):
 
 def test_white_cifar_image_normalises_to_one_minus_mean_over_std():
     white = tf.fill([32, 32, 3], tf.constant(255, tf.uint8))
-    out = ip.preprocess_cifar_eval(white).numpy()
+    out = pre.preprocess_cifar_eval(white).numpy()
     np.testing.assert_allclose(
         out, np.broadcast_to((1 - CIFAR_MEAN) / CIFAR_STD, out.shape), rtol=1e-6
     )
@@ -59,7 +60,7 @@ def test_cifar_train_crop_keeps_centre_and_pads_with_black():
     white_n, black_n = (1 - CIFAR_MEAN) / CIFAR_STD, -CIFAR_MEAN / CIFAR_STD
     saw_padding = False
     for i in range(20):
-        out = ip.preprocess_cifar_train(white, tf.constant([3, i], tf.int64)).numpy()
+        out = pre.preprocess_cifar_train(white, tf.constant([3, i], tf.int64)).numpy()
         assert out.shape == (32, 32, 3) and out.dtype == np.float32
         # The crop offset is within +-4 pixels, so the central 24x24 is always image.
         np.testing.assert_allclose(
@@ -74,11 +75,11 @@ def test_cifar_train_crop_keeps_centre_and_pads_with_black():
 
 def test_cifar_train_augmentation_is_a_function_of_the_seed():
     image = tf.constant(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8))
-    a = ip.preprocess_cifar_train(image, tf.constant([1, 2], tf.int64)).numpy()
-    b = ip.preprocess_cifar_train(image, tf.constant([1, 2], tf.int64)).numpy()
+    a = pre.preprocess_cifar_train(image, tf.constant([1, 2], tf.int64)).numpy()
+    b = pre.preprocess_cifar_train(image, tf.constant([1, 2], tf.int64)).numpy()
     np.testing.assert_array_equal(a, b)
     others = [
-        ip.preprocess_cifar_train(image, tf.constant([1, s], tf.int64)).numpy() for s in range(3, 8)
+        pre.preprocess_cifar_train(image, tf.constant([1, s], tf.int64)).numpy() for s in range(3, 8)
     ]
     assert any(not np.array_equal(a, o) for o in others)
 
@@ -86,27 +87,27 @@ def test_cifar_train_augmentation_is_a_function_of_the_seed():
 def test_random_resized_crop_window_is_valid_and_falls_back_to_centre():
     for i in range(30):
         top, left, h, w = (
-            int(v) for v in ip.random_resized_crop_window(100, 200, tf.constant([0, i], tf.int64))
+            int(v) for v in pre.random_resized_crop_window(100, 200, tf.constant([0, i], tf.int64))
         )
         assert 0 < h and 0 <= top and top + h <= 100
         assert 0 < w and 0 <= left and left + w <= 200
         assert 0.08 * 0.9 <= h * w / 20000 <= 1.0
         assert 0.7 <= w / h <= 1.43
     # Too thin for any draw: torchvision's centre crop at the nearest allowed aspect.
-    tall = [int(v) for v in ip.random_resized_crop_window(1000, 10, tf.constant([0, 1], tf.int64))]
+    tall = [int(v) for v in pre.random_resized_crop_window(1000, 10, tf.constant([0, 1], tf.int64))]
     assert tall == [(1000 - 13) // 2, 0, 13, 10]
-    wide = [int(v) for v in ip.random_resized_crop_window(10, 1000, tf.constant([0, 1], tf.int64))]
+    wide = [int(v) for v in pre.random_resized_crop_window(10, 1000, tf.constant([0, 1], tf.int64))]
     assert wide == [0, (1000 - 13) // 2, 10, 13]
 
 
 def test_imagenet_eval_resizes_shorter_side_then_centre_crops():
-    assert tuple(ip.resize_shorter_side(tf.zeros([300, 500, 3])).shape) == (256, 426, 3)
-    assert tuple(ip.resize_shorter_side(tf.zeros([500, 300, 3])).shape) == (426, 256, 3)
+    assert tuple(pre.resize_shorter_side(tf.zeros([300, 500, 3])).shape) == (256, 426, 3)
+    assert tuple(pre.resize_shorter_side(tf.zeros([500, 300, 3])).shape) == (426, 256, 3)
     ramp = tf.reshape(tf.range(426, dtype=tf.float32), [1, 426, 1]) * tf.ones([256, 1, 3])
-    crop = ip.center_crop(ramp).numpy()
+    crop = pre.center_crop(ramp).numpy()
     assert crop.shape == (224, 224, 3) and crop[0, 0, 0] == 101  # round((426 - 224) / 2)
     white = tf.io.encode_png(tf.fill([37, 90, 3], tf.constant(255, tf.uint8)))
-    out = ip.preprocess_imagenet_eval(white).numpy()
+    out = pre.preprocess_imagenet_eval(white).numpy()
     expected = (1 - IMAGENET_MEAN) / IMAGENET_STD
     np.testing.assert_allclose(out, np.broadcast_to(expected, (224, 224, 3)), rtol=1e-5, atol=1e-5)
 
@@ -114,7 +115,7 @@ def test_imagenet_eval_resizes_shorter_side_then_centre_crops():
 @pytest.mark.parametrize('encode', [tf.io.encode_png, tf.io.encode_jpeg])
 def test_imagenet_train_output_from_png_and_jpeg(encode):
     white = encode(tf.fill([64, 48, 3], tf.constant(255, tf.uint8)))
-    out = ip.preprocess_imagenet_train(white, tf.constant([5, 6], tf.int64)).numpy()
+    out = pre.preprocess_imagenet_train(white, tf.constant([5, 6], tf.int64)).numpy()
     assert out.shape == (224, 224, 3) and out.dtype == np.float32
     expected = (1 - IMAGENET_MEAN) / IMAGENET_STD
     np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=0.03)
@@ -496,15 +497,15 @@ def test_fast_imagenet_train_matches_crop_resize_flip_reference(size):
     for i in range(6):
         seed = tf.constant([4, i], tf.int64)
         crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-        window = ip.random_resized_crop_window(size[0], size[1], crop_seed)
+        window = pre.random_resized_crop_window(size[0], size[1], crop_seed)
         crop = tf.image.decode_and_crop_jpeg(jpeg, tf.stack(window), channels=3)
         resized = tf.image.resize(crop, [224, 224], 'bilinear', antialias=True)
         want = tf.image.stateless_random_flip_left_right(resized, seed=flip_seed).numpy()
-        got = ip.augment_imagenet_train(jpeg, seed).numpy()
+        got = pre.augment_imagenet_train(jpeg, seed).numpy()
         np.testing.assert_allclose(got, want, atol=0.02)
         np.testing.assert_allclose(
-            ip.preprocess_imagenet_train(jpeg, seed).numpy(),
-            ip.normalize(want, ip.IMAGENET_MEAN, ip.IMAGENET_STD).numpy(),
+            pre.preprocess_imagenet_train(jpeg, seed).numpy(),
+            pre.normalize(want, pre.IMAGENET_MEAN, pre.IMAGENET_STD).numpy(),
             atol=1e-3,
         )
 
