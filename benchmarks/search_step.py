@@ -363,6 +363,8 @@ def measure(
     cpu: dict[str, list[float]] = {n: [] for n in runners}
     steps = [n for n, run in runners.items() if isinstance(run, Stateful)]
     for names in (steps, [n for n in runners if n not in steps]):
+        if not names:
+            continue
         for _ in range(args.warmup):
             for name in names:
                 jax.block_until_ready(runners[name]())

@@ -78,6 +78,37 @@ def test_search_step_benchmark_times_n_m_masks(capsys):
     assert _positive(m['mask_update']['ms_median'])
 
 
+def test_steps_and_pure_functions_are_timed_in_separate_phases():
+    calls = []
+
+    def step(name):
+        return lambda state: (calls.append(name) or state + 1, state)
+
+    def pure(name):
+        return lambda: calls.append(name) or 0
+
+    runners = {
+        'search': search_step.Stateful(step('search'), 0),
+        'dense': search_step.Stateful(step('dense'), 0),
+        'mask_update': search_step.Pure(pure('mask_update')),
+        'mask_update_per_layer': search_step.Pure(pure('mask_update_per_layer')),
+    }
+    args = search_step.parse_args(['--steps=3', '--warmup=1', '--inner=1'])
+    samples, first, _ = search_step.measure(runners, args, search_step.CompileLog())
+    assert all(len(samples[n]) == 3 and 'cpu_ms_median' in first[n] for n in runners)
+    timed = calls[len(runners) :]  # after the first calls: warm-up and timed samples
+    steps, pure_calls = timed[: 4 * 2], timed[4 * 2 :]
+    assert set(steps) == {'search', 'dense'} and set(pure_calls) == {
+        'mask_update',
+        'mask_update_per_layer',
+    }
+    # Steps only (the --scaling comparison): no empty phase to time.
+    calls.clear()
+    only_steps = {n: runners[n] for n in ('search', 'dense')}
+    samples, _, _ = search_step.measure(only_steps, args, search_step.CompileLog())
+    assert [len(samples[n]) for n in only_steps] == [3, 3]
+
+
 def test_model_specs_parse_and_reject_bad_entries():
     assert search_step.parse_model_specs('resnet32, resnet50:256:2,vgg19_cifar:64') == [
         ('resnet32', 0, 0),
