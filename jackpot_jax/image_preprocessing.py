@@ -1,12 +1,13 @@
 """Image preprocessing for the tf.data pipelines: pure TF functions, one example at a time.
 
 They reproduce the reference's torchvision transforms: CIFAR's pad-crop-flip, ImageNet's
-random-resized crop (``RandomResizedCrop.get_params``' draws and fallback), resize of the
-shorter side to 256 and centre crop 224, both antialiased bilinear as PIL resizes, and
-the per-channel normalisation; :class:`ImageTransform` is the configurable resize, crop and
-flip of any other tfds dataset (``data.name='tfds:NAME'``). Randomness is stateless, from a ``[2]`` int seed, so the
-same seed gives the same pixels on every run and after every resume. The ``augment_*``
-functions stop before the normalisation, which the pipeline applies to whole batches.
+random-resized crop (``RandomResizedCrop.get_params``' draws and fallback), resize of
+the shorter side to 256 and centre crop 224, both antialiased bilinear as PIL resizes,
+and the per-channel normalisation; :class:`ImageTransform` is the configurable resize,
+crop and flip of any other tfds dataset (``data.name='tfds:NAME'``). Randomness is
+stateless, from a ``[2]`` int seed, so the same seed gives the same pixels on every run
+and after every resume. The ``augment_*`` functions stop before the normalisation, which
+the pipeline applies to whole batches.
 """
 
 from __future__ import annotations
