@@ -49,7 +49,6 @@ except RuntimeError:  # TF devices were already initialised by someone else.
 DATASETS = ('cifar10', 'cifar100', 'imagenet2012')
 
 
-
 @dataclasses.dataclass(frozen=True)
 class _Spec:
     """How one dataset is read and preprocessed."""

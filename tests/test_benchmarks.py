@@ -97,7 +97,8 @@ def test_steps_and_pure_functions_are_timed_in_separate_phases():
     samples, first, _ = search_step.measure(runners, args, search_step.CompileLog())
     assert all(len(samples[n]) == 3 and 'cpu_ms_median' in first[n] for n in runners)
     timed = calls[len(runners) :]  # after the first calls: warm-up and timed samples
-    steps, pure_calls = timed[: 4 * 2], timed[4 * 2 :]
+    step_calls = (args.warmup + args.steps) * 2  # two steps, each called once a round
+    steps, pure_calls = timed[:step_calls], timed[step_calls:]
     assert set(steps) == {'search', 'dense'} and set(pure_calls) == {
         'mask_update',
         'mask_update_per_layer',
