@@ -8,7 +8,7 @@ times, interleaved step by step after compilation and warm-up:
   * ``mask_update``: the jitted mask update over all layers, rate 'all' (``--pattern``: N:M):
     one search over every layer at once;
   * ``mask_update_per_layer``: the per-layer update it replaced (one search per layer,
-    ``tests/per_layer_reference.py``), on the same inputs, for comparison;
+    ``benchmarks/per_layer_reference.py``), on the same inputs, for comparison;
   * ``mask_update_rate``: the all-layer update with a traced rate < 1 (the general path);
   * ``search_no_mask_update``: the search step traced with the mask update replaced by
     the identity, so ``search - search_no_mask_update`` is the in-step cost of the update.
@@ -54,7 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jackpot_jax import models, parallel, search, sparsity, structured, weight_training  # noqa: E402
-from tests import per_layer_reference  # noqa: E402
+from benchmarks import per_layer_reference  # noqa: E402
 
 # name: (image size, default batch, classes, weight decay)
 MODEL_DEFAULTS = {

@@ -1,7 +1,8 @@
 """The all-layer mask update equals the per-layer one, mask for mask.
 
-``per_layer_reference`` holds the per-layer update the library ran before (one
-bisection loop per layer; per-layer argsorts for N:M groups). Here both run on
+``benchmarks/per_layer_reference.py`` holds the per-layer update the library ran
+before (one bisection loop per layer; per-layer argsorts for N:M groups), which the
+search-step benchmark also times. Here both run on
 hundreds of random multi-layer cases: ties, -0.0 / +0.0, infinities, layers of one
 weight, k = 0, k = n, partial rates, chained updates, both mask rules. Counts are
 passed traced so that each layout compiles once.
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import per_layer_reference as ref
+from benchmarks import per_layer_reference as ref
 from jackpot_jax import sparsity as sp
 from jackpot_jax import structured as st
 

@@ -4,8 +4,8 @@ One exact k-th value search (32-pass bisection over the sortable keys) per layer
 the unstructured rules; per-layer stable argsorts within N:M groups. Kept here, unchanged
 except that ``k`` may be traced (``k == 0`` is a ``jnp.where``, not an ``if``), so the
 all-layer update in :mod:`jackpot_jax.sparsity` / :mod:`jackpot_jax.structured` can be
-compared with it mask for mask. ``benchmarks/search_step.py`` times it beside the
-library's update.
+compared with it mask for mask (``tests/test_all_layer_update.py``).
+``benchmarks/search_step.py`` times it beside the library's update.
 """
 
 from __future__ import annotations
