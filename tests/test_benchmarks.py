@@ -1,7 +1,9 @@
 """Smoke test of the search-step benchmark: runs end to end and reports sane numbers."""
 
+import ast
 import json
 import math
+import os
 
 import pytest
 
@@ -139,3 +141,21 @@ def test_input_pipeline_benchmark_smoke(capsys, tmp_path):
     data = result['imagenet_data']
     assert data['jpeg_quality'] == 90 and 10 < data['jpeg_kb_mean'] < 400
     assert input_pipeline.MIN_SIZE <= data['height_range'][0] <= data['height_range'][1]
+
+
+def test_benchmarks_import_the_package_and_themselves_only():
+    """A benchmark runs from a checkout without the tests: no import of tests/."""
+    folder = os.path.dirname(search_step.__file__)
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith('.py'):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = [a.name.split('.')[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                roots = [node.module.split('.')[0]]
+            else:
+                continue
+            assert 'tests' not in roots, f'benchmarks/{name} imports from tests/'
