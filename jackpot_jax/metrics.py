@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 
 from jackpot_jax import parallel
 
@@ -101,22 +102,82 @@ class _EventFile:
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """All records of a JSON-lines file."""
+    """All records of a JSON-lines file, such as ``WORKDIR/metrics.jsonl``.
+
+    A run that dies while it writes a record leaves the file's last line cut short: that
+    line is skipped with a warning naming the file. Records appended after such a line
+    (a resumed run) start on the same line; the cut record is dropped there too, with a
+    warning. Any other line that is not a JSON record raises ValueError naming the file
+    and the line.
+    """
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = f.read().split('\n')
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+            continue
+        except json.JSONDecodeError as e:
+            error = e
+        record = _record_after_cut_one(line)
+        if record is not None:
+            logging.warning(
+                '%s, line %d: dropped a record cut short (a run stopped while writing it) '
+                'before the complete one appended to it',
+                path,
+                i + 1,
+            )
+        elif i == last:
+            logging.warning(
+                '%s: skipped its last line, a record cut short (a run stopped while writing '
+                'it): %.80r',
+                path,
+                line,
+            )
+            continue
+        else:
+            raise ValueError(
+                f'{path}, line {i + 1}: not a JSON record ({error}): {line[:80]!r}; delete '
+                'that line (the file only holds metrics) and rerun'
+            ) from None
+        records.append(record)
+    return records
+
+
+def _record_after_cut_one(line: str) -> dict[str, Any] | None:
+    """The complete record at the end of ``line`` when a record cut short precedes it
+    (``{"mode": "sea{"mode": "search", ...}``), else None."""
+    start = line.find('{', 1)
+    while start > 0:
+        try:
+            record = json.loads(line[start:])
+        except json.JSONDecodeError:
+            start = line.find('{', start + 1)
+            continue
+        return record if isinstance(record, dict) else None
+    return None
 
 
 class EpochMetrics:
     """Per-epoch sums of the step metrics, folded in step order (so a resumed run adds
     the same floats in the same order as an uninterrupted one). Device values are
-    fetched lazily, at :meth:`flush`, to keep the steps asynchronous. With
-    ``trace=True`` the result also lists every step's loss, mask changes and flip-backs."""
+    fetched lazily, at :meth:`flush`, to keep the steps asynchronous. The loss and every
+    named task metric (e.g. ``top1``) are averaged over the steps; mask changes and
+    flip-backs are summed. With ``trace=True`` the result also lists every step's loss,
+    mask changes and flip-backs."""
 
     COUNTS = ('mask_changes', 'flip_backs')
     TRACED = ('loss', 'mask_changes', 'flip_backs')
+    # Step metrics that are neither averaged nor summed.
+    _NOT_AVERAGED = ('swap_rate', 'scores_finite')
 
     def __init__(self, sums: dict[str, Any] | None = None, trace: bool = False):
-        self.sums = sums or {}
+        self.sums = dict(sums or {})
+        if 'loss' in self.sums:  # sums saved before the task metrics were grouped
+            self.sums['means'] = {k: self.sums.pop(k) for k in ('loss', 'top1') if k in self.sums}
         self.trace = trace
         self._pending: list[tuple[int, Any]] = []
 
@@ -134,16 +195,17 @@ class EpochMetrics:
             if not metrics.get('scores_finite', True):
                 raise FloatingPointError(f'scores became inf or NaN at step {step}')
             self.sums['steps'] = self.sums.get('steps', 0) + 1
-            for key in ('loss', 'top1'):
-                self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
-            for key in self.COUNTS:
-                if key in metrics:
-                    self.sums[key] = self.sums.get(key, 0) + metrics[key]
+            means = self.sums.setdefault('means', {})
+            for key, value in metrics.items():
+                if key in self.COUNTS:
+                    self.sums[key] = self.sums.get(key, 0) + value
                     per_layer = self.sums.setdefault(key + '_per_layer', {})
                     for path, n in metrics[key + '_per_layer'].items():
                         per_layer[path] = per_layer.get(path, 0) + n
-            if 'swap_rate' in metrics:
-                self.sums['swap_rate'] = metrics['swap_rate']
+                elif key == 'swap_rate':
+                    self.sums['swap_rate'] = value
+                elif key not in self._NOT_AVERAGED and not key.endswith('_per_layer'):
+                    means[key] = means.get(key, 0.0) + value
             if self.trace:
                 trace = self.sums.setdefault('trace', {'step': [], **{k: [] for k in self.TRACED}})
                 trace['step'].append(step)
@@ -152,9 +214,8 @@ class EpochMetrics:
         self._pending = []
 
     def result(self) -> dict[str, Any]:
+        """The epoch's record: means of the loss and task metrics, and the summed counts."""
         self.flush()
-        out = {k: v for k, v in self.sums.items() if k not in ('steps', 'loss', 'top1')}
-        out.update(
-            loss=self.sums['loss'] / self.sums['steps'], top1=self.sums['top1'] / self.sums['steps']
-        )
+        out = {k: v for k, v in self.sums.items() if k not in ('steps', 'means')}
+        out.update({k: v / self.sums['steps'] for k, v in self.sums['means'].items()})
         return out

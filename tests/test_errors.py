@@ -17,6 +17,7 @@ import pytest
 from absl import flags
 
 from jackpot_jax import checkpoint, convert, data, errors, launcher, models, search, sparsity
+from jackpot_jax import metrics
 from jackpot_jax.metrics import EpochMetrics
 from jackpot_jax import run_context as rc
 from jackpot_jax import weight_training
@@ -358,3 +359,28 @@ def test_to_torch_refuses_an_output_name_it_cannot_write(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 1 and len(err) == 1
     assert '--output out.txt: the file name must end in .pth, .pt, .safetensors' in err[0]
+
+
+# ----------------------------------------------------------------------------
+# Never lose a user's work.
+# ----------------------------------------------------------------------------
+def test_a_metrics_file_cut_short_by_a_crash_still_reads(tmp_path, caplog):
+    path = str(tmp_path / workdir_lib.METRICS_FILE)
+    with open(path, 'w') as f:
+        f.write('{"mode": "search", "step": 1}\n{"mode": "search", "st')  # died mid-write
+    assert metrics.read_jsonl(path) == [{'mode': 'search', 'step': 1}]
+    assert f'{path}: skipped its last line' in caplog.text
+    # A resumed run appends to the cut line: its records still read, the cut one is dropped.
+    metrics.MetricWriter(str(tmp_path)).write({'mode': 'search', 'step': 2, 'loss': {'a': 1.0}})
+    caplog.clear()
+    records = metrics.read_jsonl(path)
+    assert [r['step'] for r in records] == [1, 2] and records[1]['loss'] == {'a': 1.0}
+    assert f'{path}, line 2: dropped a record cut short' in caplog.text
+
+
+def test_a_corrupt_metrics_line_names_the_file_and_line(tmp_path):
+    path = str(tmp_path / workdir_lib.METRICS_FILE)
+    with open(path, 'w') as f:
+        f.write('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=f'{path}, line 2: not a JSON record .*delete that line'):
+        metrics.read_jsonl(path)
