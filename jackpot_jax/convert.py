@@ -27,11 +27,12 @@ launcher's workdir layout)::
     python -m jackpot_jax.convert official --arch resnet32 --input FILE \\
         [--jackpot FILE --sparsity 0.9] --output OUT
     python -m jackpot_jax.convert to-torch --arch resnet32 --weights OUT/pretrained \\
-        [--jackpot OUT/jackpot] --format torchvision|official [--masked] --output FILE
+        [--jackpot OUT/jackpot] --format torchvision|official [--masked] --output FILE \\
+        [--overwrite]
 
-An OUT that already holds weights, a jackpot or checkpoints is refused unless
-``--overwrite`` is given. Errors in the input end in one line; ``--traceback`` shows
-the traceback.
+An OUT that already holds weights, a jackpot or checkpoints, and a to-torch FILE that
+exists, are refused unless ``--overwrite`` is given. Errors in the input end in one
+line; ``--traceback`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -258,6 +259,22 @@ def _key_problems(
     return problems
 
 
+def _non_finite_problems(state_dict: Mapping[str, Any]) -> list[str]:
+    """One line per floating tensor holding NaN or inf (a diverged training run's)."""
+    problems = []
+    for key, value in state_dict.items():
+        values = np.asarray(value)
+        if not np.issubdtype(values.dtype, np.floating):
+            continue
+        bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+        if bad:
+            problems.append(
+                f'{key}: {bad} of {values.size} values are NaN or infinite; weights must be '
+                'finite: convert a checkpoint saved before the training diverged'
+            )
+    return problems
+
+
 def _bn_counters(arch: Arch) -> set[str]:
     return {f'{l.torch}.num_batches_tracked' for l in arch.table if l.kind == BN}
 
@@ -327,6 +344,7 @@ def torch_to_flax(
     num_classes = infer_num_classes(state_dict, arch)
     expected = expected_torch_shapes(arch, num_classes)
     problems = _key_problems(state_dict, expected, _bn_counters(arch), arch)
+    problems += _non_finite_problems(state_dict)
     _raise_problems(problems, f'{what} for {arch.family} {arch.name}')
     params, stats = _convert_checked(state_dict, arch)
     return Weights(params, stats, num_classes)
@@ -381,6 +399,8 @@ def official_jackpot_to_flax(
     num_classes = infer_num_classes(weights_sd, spec)
     expected = expected_torch_shapes(spec, num_classes)
     problems = _key_problems(weights_sd, expected, _bn_counters(spec), spec)
+    scores_named = {f'{layer}.mask': value for layer, value in scores_sd.items()}
+    problems += _non_finite_problems({**weights_sd, **scores_named})
 
     prunable = [l for l in spec.table if l.kind == CONV]
     fmt = '2023' if any(l.torch in bmasks_sd for l in prunable) else '2021'
@@ -679,13 +699,25 @@ def run_to_torch(
     jackpot: str | None = None,
     masked: bool = False,
     mask_format: str | None = None,
+    overwrite: bool = False,
 ) -> str:
-    """jackpot_jax weights (+ jackpot) -> a torch state dict file (.pth/.pt/.safetensors)."""
+    """jackpot_jax weights (+ jackpot) -> a torch state dict file (.pth/.pt/.safetensors).
+
+    Refuses an ``output`` that exists unless ``overwrite``; the file is replaced only once
+    its successor is complete.
+    """
     arch = get_arch(arch_name, family)
     if not output.endswith(TORCH_SUFFIXES):
         raise errors.UserError(
             f'--output {output}: the file name must end in {", ".join(TORCH_SUFFIXES)} '
             '(.safetensors writes a safetensors file, the others torch.save)'
+        )
+    if os.path.isdir(output):
+        raise errors.UserError(f'--output {output} is a folder; pass a file name')
+    if os.path.exists(output) and not overwrite:
+        raise errors.UserError(
+            f'--output {output} already exists; pass another --output, or --overwrite to '
+            'replace it'
         )
     if mask_format is None:
         mask_format = '2023' if family == 'official' and jackpot is not None else 'none'
@@ -764,6 +796,7 @@ def _parser() -> argparse.ArgumentParser:
         '--mask_format', choices=MASK_FORMATS, help='official only; default 2023 with a jackpot'
     )
     out.add_argument('--output', required=True, help='.pth, .pt or .safetensors file')
+    out.add_argument('--overwrite', action='store_true', help='replace an existing OUTPUT file')
     return parser
 
 
@@ -791,6 +824,7 @@ def _run(args: argparse.Namespace) -> None:
             args.jackpot,
             args.masked,
             args.mask_format,
+            args.overwrite,
         )
         print(f'wrote {path}')
 

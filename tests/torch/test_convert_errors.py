@@ -66,3 +66,41 @@ def test_random_bytes_are_not_a_readable_torch_file(tmp_path, capsys):
         (line,) = _stderr_lines(capsys)
         assert line.startswith(f'error: {path} is not a readable {kind} file (')
         assert 'copy it again' in line
+
+
+def test_to_torch_replaces_an_existing_file_only_when_told(tmp_path, capsys):
+    torch.save({'state_dict': official_model('resnet32').state_dict()}, tmp_path / 'in.pth')
+    convert_in = ('official', '--arch', 'resnet32', '--input', tmp_path / 'in.pth')
+    assert cli(*convert_in, '--output', tmp_path) == 0
+    out = tmp_path / 'mine.pth'
+    out.write_bytes(b'a file of the user')
+    to_torch = ('to-torch', '--arch', 'resnet32', '--format', 'official', '--weights', tmp_path)
+    capsys.readouterr()
+
+    assert cli(*to_torch, '--output', out) == 1
+    (line,) = _stderr_lines(capsys)
+    assert line == (
+        f'error: --output {out} already exists; pass another --output, or --overwrite to '
+        'replace it'
+    )
+    assert out.read_bytes() == b'a file of the user'
+
+    assert cli(*to_torch, '--output', out, '--overwrite') == 0
+    assert 'conv1.weight' in torch.load(out, weights_only=True)['state_dict']
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('mine')) == ['mine.pth']
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, capsys):
+    state = official_model('resnet32').state_dict()
+    state['conv1.weight'][0, 0, 0, :2] = float('nan')
+    state['bn1.running_var'][3] = float('inf')
+    torch.save({'state_dict': state}, tmp_path / 'diverged.pth')
+    out = tmp_path / 'run'
+    path = tmp_path / 'diverged.pth'
+    assert cli('official', '--arch', 'resnet32', '--input', path, '--output', out) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: 2 problem(s) with {path} for official resnet32')
+    assert 'conv1.weight: 2 of 864 values are NaN or infinite' in err
+    assert 'bn1.running_var: 1 of 32 values are NaN or infinite' in err
+    assert 'convert a checkpoint saved before the training diverged' in err
+    assert not out.exists()
