@@ -129,20 +129,23 @@ def binomial_standard_error(p: float, n: int) -> float:
 
 
 def final_mask_epochs(records: Sequence[Mapping]) -> tuple[int, ...]:
-    """Epochs evaluated with the final masks: the last that changed them and all later ones."""
+    """Epochs evaluated with the final masks: the last that changed them and all later ones.
+
+    Only those epochs need a ``'mask_changes'`` count (an int, or per-layer counts).
+    """
     ordered = _ordered(records)
-    for record in ordered:
-        if 'mask_changes' not in record:
+    for i in range(len(ordered) - 1, -1, -1):
+        record = ordered[i]
+        if record.get('mask_changes') is None:
             raise ValueError(
                 f"epoch {record['epoch']}'s record has no 'mask_changes' (keys: "
-                f"{sorted(record)}); rule 'best_frozen' needs the mask changes of every "
-                "epoch: record them, or choose with rule 'one_standard_error' or 'last'"
+                f"{sorted(record)}); rule 'best_frozen' needs the mask changes of the last "
+                "epoch that changed the masks and of every later one: record them, or "
+                "choose with rule 'one_standard_error' or 'last'"
             )
-    start = 0
-    for i, record in enumerate(ordered):
         if _count(record['mask_changes'], record['epoch']) > 0:
-            start = i
-    return tuple(r['epoch'] for r in ordered[start:])
+            return tuple(r['epoch'] for r in ordered[i:])
+    return tuple(r['epoch'] for r in ordered)
 
 
 def choose_epoch(

@@ -135,6 +135,11 @@ def test_best_frozen_and_final_mask_epochs():
     per_layer = _history([0.9, 0.8], mask_changes=[{'a': 0, 'b': 1}, {'a': 2, 'b': 0}])
     assert sel.final_mask_epochs(per_layer) == (2,)
     assert sel.choose_epoch(per_layer, rule='best_frozen').epoch == 2
+    # Only the trailing counts are needed: from the last epoch that changed the masks on.
+    partial = _history([0.9, 0.8, 0.85, 0.85], mask_changes=[None, 5, 0, 0])
+    assert sel.final_mask_epochs(partial) == (2, 3, 4)
+    with pytest.raises(ValueError, match=r"epoch 1's record has no 'mask_changes'"):
+        sel.final_mask_epochs(_history([0.9, 0.8], mask_changes=[None, 0]))
     # Masks that never changed: every epoch holds them.
     assert sel.final_mask_epochs(_history([0.5, 0.6], mask_changes=[0, 0])) == (1, 2)
 
@@ -226,7 +231,7 @@ def test_bad_inputs_name_the_value_and_the_fix():
         sel.choose_epoch(_history([97.5, 98.0]), num_examples=144)
     with pytest.raises(ValueError, match=r"epoch 2 appears twice"):
         sel.choose_epoch(records + [{'epoch': 2, 'validation_top1': 0.5}])
-    with pytest.raises(ValueError, match=r"epoch 1's record has no 'mask_changes'.*'last'"):
+    with pytest.raises(ValueError, match=r"epoch 2's record has no 'mask_changes'.*'last'"):
         sel.choose_epoch(records, rule='best_frozen')
     with pytest.raises(ValueError, match=r"needs an 'epoch' key"):
         sel.choose_epoch([{'validation_top1': 0.5}])
