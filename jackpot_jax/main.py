@@ -23,10 +23,14 @@ from jackpot_jax import errors, launcher, parallel, sparsity
 from jackpot_jax import workdir as workdir_lib
 
 DEFAULT_CONFIG = os.path.abspath(config_lib.__file__)
+PACKAGE_DIR = os.path.dirname(DEFAULT_CONFIG)
 # No default here: parse_flags supplies it, so that a bad override is reported when flags
 # are parsed, not while this module is imported.
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, f'Path to a config file (see configs/); default {DEFAULT_CONFIG}.',
+    'config', None,
+    'A config file, FILE.py[:ARGS]. configs/NAME.py names the file under the working '
+    'directory or, when there is none, the copy installed with the package. Default: '
+    'jackpot_jax/config.py (the digits demo).',
     lock_config=True,
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Folder for weights, jackpots, metrics.')
@@ -43,10 +47,42 @@ class _QuietLibraries(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or 'orbax' not in record.pathname
 
 
+def packaged_configs_dir() -> str | None:
+    """The config files' folder: ``jackpot_jax/configs`` once installed (pyproject.toml
+    maps the repository's ``configs/`` there), the repository's ``configs/`` in a clone."""
+    for folder in (os.path.join(PACKAGE_DIR, 'configs'),
+                   os.path.join(os.path.dirname(PACKAGE_DIR), 'configs')):  # fmt: skip
+        if os.path.isfile(os.path.join(folder, '__init__.py')):
+            return folder
+    return None
+
+
+def resolve_config_argument(value: str) -> str:
+    """``configs/NAME.py[:ARGS]`` (or ``jackpot_jax/NAME.py``) as the file under the working
+    directory if there is one, else as the copy that ships with the package."""
+    path, colon, args = value.partition(':')
+    if os.path.exists(path):
+        return value
+    parts = os.path.normpath(path).split(os.sep)
+    folder = {'configs': packaged_configs_dir(), 'jackpot_jax': PACKAGE_DIR}.get(parts[0])
+    if len(parts) == 2 and folder and os.path.isfile(os.path.join(folder, parts[1])):
+        return os.path.join(folder, parts[1]) + colon + args
+    return value
+
+
 def _with_config(argv: Sequence[str]) -> list[str]:
-    """``argv`` with ``--config=DEFAULT_CONFIG`` first unless a config file is given."""
-    given = any(re.match(r'-{1,2}config(=|$)', a) for a in argv[1:])
-    return list(argv) if given else [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
+    """``argv`` with ``--config=DEFAULT_CONFIG`` first unless a config file is given; a
+    given ``configs/NAME.py`` missing under the working directory is the packaged one."""
+    out, given = [argv[0]], False
+    for arg in argv[1:]:
+        match = re.match(r'(-{1,2}config=)(.*)$', arg)
+        if match:
+            arg = match.group(1) + resolve_config_argument(match.group(2))
+        elif re.match(r'-{1,2}config$', out[-1]):  # '--config VALUE'
+            arg = resolve_config_argument(arg)
+        given = given or bool(re.match(r'-{1,2}config(=|$)', arg))
+        out.append(arg)
+    return out if given else [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
 
 
 def _unknown_key_message(error: Exception, argv: Sequence[str]) -> str | None:
