@@ -15,10 +15,15 @@ that already exists is replaced only once its successor is complete (see :func:`
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
+import logging as std_logging
 import os
+import re
 import shutil
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -47,6 +52,86 @@ OLD_SUFFIX = '.old'
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message says which one and what to do."""
+
+
+# ----------------------------------------------------------------------------
+# A write that fails (a full disk, a quota, permissions): one error, not a log of tracebacks.
+# ----------------------------------------------------------------------------
+# What orbax names the folder of a save in progress (renamed when complete).
+_ORBAX_TMP = '.orbax-checkpoint-tmp'
+# Errors of orbax/tensorstore that come from the file system, not from the data.
+_WRITE_FAILURE = re.compile(
+    r'os_error_code|Failed writing|Error writing|No space left|quota|Read-only file system',
+    re.IGNORECASE,
+)
+_quiet_depth = 0  # writes in progress (nested or asynchronous)
+_held_logs: list[std_logging.LogRecord] = []
+_previous_unraisablehook = None
+
+
+def _hold_orbax_errors(record: std_logging.LogRecord) -> bool:
+    """Holds orbax's error logs back while a checkpoint is written: a failed write logs
+    the same error, with a background thread's traceback, once per thread it touched."""
+    if record.levelno >= std_logging.ERROR and 'orbax' in record.pathname:
+        _held_logs.append(record)
+        return False
+    return True
+
+
+def _drop_closed_loop_errors(unraisable: Any) -> None:
+    """Drops tensorstore's 'Event loop is closed' reports: writes that end after orbax
+    gave up on a failed save, which the caller reports once."""
+    error = unraisable.exc_value
+    if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+        return
+    (_previous_unraisablehook or sys.__unraisablehook__)(unraisable)
+
+
+def _quiet_start() -> None:
+    """From here until the matching :func:`_quiet_end`, a failed write is one error."""
+    global _quiet_depth, _previous_unraisablehook
+    if _quiet_depth == 0:
+        std_logging.getLogger('absl').addFilter(_hold_orbax_errors)
+        _previous_unraisablehook = sys.unraisablehook
+        sys.unraisablehook = _drop_closed_loop_errors
+    _quiet_depth += 1
+
+
+def _quiet_end(failed: bool) -> None:
+    """Ends a :func:`_quiet_start`. The held logs are dropped if ``failed`` (the caller
+    raised the failure as one :class:`CheckpointError`), else logged as they came."""
+    global _quiet_depth
+    if failed:
+        _held_logs.clear()
+    _quiet_depth -= 1
+    if _quiet_depth:
+        return
+    std_logging.getLogger('absl').removeFilter(_hold_orbax_errors)
+    if sys.unraisablehook is _drop_closed_loop_errors:
+        sys.unraisablehook = _previous_unraisablehook or sys.__unraisablehook__
+    held = list(_held_logs)
+    _held_logs.clear()
+    for record in held:
+        std_logging.getLogger(record.name).handle(record)
+
+
+def _write_failure(error: Exception) -> str | None:
+    """Why the file system refused a write (e.g. 'No space left on device'), or None
+    when ``error`` is no write failure."""
+    if isinstance(error, OSError):
+        return error.strerror or str(error)
+    text = str(error)
+    if not _WRITE_FAILURE.search(text):
+        return None
+    code = re.search(r"os_error_code='?(\d+)", text)
+    return os.strerror(int(code.group(1))) if code else text.strip().splitlines()[0][:300]
+
+
+def _remove_partial(pattern: str) -> None:
+    """Deletes what a failed save left (it only takes space) on process 0."""
+    if jax.process_index() == 0:
+        for partial in glob.glob(pattern):
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------
@@ -113,12 +198,29 @@ def _save(path: str, arrays: Mapping[str, Any], meta: Mapping[str, Any]) -> None
         for name, tree in arrays.items()
         if name not in _MAYBE_EMPTY or _has_leaves(tree)
     }
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-        checkpointer.save(
-            new,
-            force=True,  # a leftover of an interrupted save
-            args=ocp.args.Composite(meta=ocp.args.JsonSave(dict(meta)), **items),
-        )
+    failed = False
+    _quiet_start()
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+            checkpointer.save(
+                new,
+                force=True,  # a leftover of an interrupted save
+                args=ocp.args.Composite(meta=ocp.args.JsonSave(dict(meta)), **items),
+            )
+    except Exception as e:  # orbax and tensorstore raise many types for a failed write
+        reason = _write_failure(e)
+        if reason is None:
+            raise
+        failed = True
+        _remove_partial(new)
+        _remove_partial(glob.escape(new) + _ORBAX_TMP + '*')
+        kept = f'; the one already at {path} is untouched' if os.path.isdir(path) else ''
+        raise CheckpointError(
+            f'could not write the checkpoint {path}: {reason}; free space on that disk (or '
+            f'fix its permissions), or write elsewhere, and rerun{kept}'
+        ) from e
+    finally:
+        _quiet_end(failed)
     if jax.process_index() == 0:
         if os.path.isdir(old):
             shutil.rmtree(old)
@@ -245,6 +347,9 @@ class SearchCheckpoints:
             ),
             item_handlers={'meta': ocp.JsonCheckpointHandler(), **handlers},
         )
+        # Saves run in the background; a failed one is raised, as one CheckpointError, by
+        # the next save, wait or close.
+        self._writing = False
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -271,11 +376,16 @@ class SearchCheckpoints:
             if name not in _MAYBE_EMPTY or _has_leaves(tree)
         }
         meta = {**meta, 'step': step, 'mask_shapes': shapes}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),
-            metrics=dict(metrics) if metrics else None,
-        )
+        if not self._writing:
+            _quiet_start()
+            self._writing = True
+        # A failure raised here may be the save before's (orbax waits for it first).
+        with self._write_failures_reported():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),
+                metrics=dict(metrics) if metrics else None,
+            )
 
     def read_meta(self, step: int) -> dict[str, Any]:
         try:
@@ -333,8 +443,40 @@ class SearchCheckpoints:
             f'folder to resume from an earlier one {others or "(none left: start again)"}'
         )
 
+    @contextlib.contextmanager
+    def _write_failures_reported(self) -> Iterator[None]:
+        """A failed write as one CheckpointError naming the folder; other errors as they are."""
+        try:
+            yield
+        except Exception as e:  # orbax and tensorstore raise many types for a failed write
+            reason = _write_failure(e)
+            if reason is None:
+                raise
+            self._writes_done(failed=True)
+            _remove_partial(os.path.join(glob.escape(self.directory), '*' + _ORBAX_TMP + '*'))
+            latest = self.latest_step()
+            resume = f'step {latest}' if latest is not None else 'none yet: it starts again'
+            raise CheckpointError(
+                f'could not write a search checkpoint in {self.directory}: {reason}; free '
+                'space on that disk (or fix its permissions) and rerun: the search resumes '
+                f'from its last complete checkpoint ({resume})'
+            ) from e
+
+    def _writes_done(self, failed: bool = False) -> None:
+        if self._writing:
+            self._writing = False
+            _quiet_end(failed)
+
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        try:
+            with self._write_failures_reported():
+                self._manager.wait_until_finished()
+        finally:
+            self._writes_done()
 
     def close(self) -> None:
-        self._manager.close()
+        try:
+            with self._write_failures_reported():
+                self._manager.close()
+        finally:
+            self._writes_done()

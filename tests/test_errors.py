@@ -4,11 +4,16 @@ The launcher runs in-process (its flag parser and ``main``), on tiny weights mad
 without training; one subprocess checks the real command line's stderr and exit code.
 """
 
+import contextlib
+import logging
 import math
 import os
+import resource
+import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -384,3 +389,67 @@ def test_a_corrupt_metrics_line_names_the_file_and_line(tmp_path):
         f.write('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=f'{path}, line 2: not a JSON record .*delete that line'):
         metrics.read_jsonl(path)
+
+
+@contextlib.contextmanager
+def _disk_full_past(limit: int):
+    """Writes past ``limit`` bytes of any file fail in this process (EFBIG), as on a full disk."""
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _no_noise(capfd, caplog, unraisable):
+    """Nothing but the raised error: no traceback on stderr, no error logged by orbax, no
+    'Event loop is closed' of its background writes."""
+    assert 'Traceback' not in capfd.readouterr().err
+    assert not [r.getMessage()[:200] for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not unraisable
+
+
+def test_a_failed_weights_write_is_one_error_naming_the_path(tmp_path, capfd, caplog, monkeypatch):
+    unraisable = []
+    monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
+    v = tiny_model.variables(width=64)  # 170 KB of random kernels
+    path = str(tmp_path / 'pretrained')
+    capfd.readouterr()
+    with _disk_full_past(64 * 1024), pytest.raises(checkpoint.CheckpointError) as failed:
+        checkpoint.save_weights(path, v['params'], v['batch_stats'], {})
+    assert str(failed.value).startswith(
+        f'could not write the checkpoint {path}: File too large; free space on that disk'
+    )
+    _no_noise(capfd, caplog, unraisable)
+    assert os.listdir(tmp_path) == []  # nothing half-written left to take space
+
+
+def test_a_failed_search_checkpoint_write_is_one_error_naming_the_folder(
+    tmp_path, capfd, caplog, monkeypatch
+):
+    unraisable = []
+    monkeypatch.setattr(sys, 'unraisablehook', unraisable.append)
+    kernels = {
+        p: w for p, w in sparsity.flatten(tiny_model.variables(width=64)['params']).items()
+        if p.endswith('kernel')
+    }
+    masks = {p: np.ones(w.shape, bool) for p, w in kernels.items()}
+    state = types.SimpleNamespace(
+        step=np.int32(6), scores=kernels, masks=masks, ever_flipped=masks,
+        opt_state={}, batch_stats={},
+    )  # fmt: skip
+    ckpts = checkpoint.SearchCheckpoints(str(tmp_path / 'checkpoints'))
+    capfd.readouterr()
+    with _disk_full_past(64 * 1024), pytest.raises(checkpoint.CheckpointError) as failed:
+        ckpts.save(state, {}, {'selection_top1': 0.5})
+        ckpts.wait()
+    ckpts.close()
+    assert str(failed.value).startswith(
+        f'could not write a search checkpoint in {ckpts.directory}: File too large; free space'
+    )
+    assert str(failed.value).endswith('(none yet: it starts again)')
+    _no_noise(capfd, caplog, unraisable)
+    assert os.listdir(ckpts.directory) == []
