@@ -1,4 +1,5 @@
-"""Command line: ``python -m jackpot_jax.main --config=configs/<file>.py --workdir=DIR``.
+"""Command line: ``jackpot-jax --config=configs/<file>.py[:ARGS] --workdir=DIR``
+(or ``python -m jackpot_jax.main ...``).
 
 With no flags it runs the embedded demo on scikit-learn's digits. Fields can be
 overridden on the command line, e.g. ``--config.search.sparsity=0.95``.
@@ -7,6 +8,7 @@ A mistake in the input ends in one line on stderr; ``--traceback`` shows the tra
 
 from __future__ import annotations
 
+import ast
 import difflib
 import logging as std_logging
 import os
@@ -38,6 +40,8 @@ _MODE = flags.DEFINE_enum('mode', None, list(launcher.MODES), 'Overrides config.
 _TRACEBACK = flags.DEFINE_bool('traceback', False, errors.TRACEBACK_HELP)
 # Modes that only read the workdir: no lock, no writability check.
 READ_ONLY_MODES = ('evaluate',)
+# --help, --helpshort, -?: the launcher's own help (absl's --helpfull lists every flag).
+_HELP_FLAG = re.compile(r'(-{1,2}(help|helpshort)(=(true|1))?|-\?)$')
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -85,6 +89,52 @@ def _with_config(argv: Sequence[str]) -> list[str]:
     return out if given else [argv[0], f'--config={DEFAULT_CONFIG}', *argv[1:]]
 
 
+def _first_line(doc: str | None) -> str:
+    """A docstring's first line without its mode prefix, its usage and its quoting."""
+    line = (doc or '').strip().split('\n', 1)[0].replace('``', '')
+    line = re.sub(r"^Mode '\w+': ", '', line).split(': --config=')[0].rstrip(':.')
+    return line[:1].upper() + line[1:]
+
+
+def _config_files() -> list[tuple[str, str]]:
+    """(usage, first docstring line) of every shipped config file, read without running it."""
+    folder = packaged_configs_dir()
+    rows = []
+    for name in sorted(os.listdir(folder) if folder else ()):
+        if not name.endswith('.py') or name.startswith('_'):
+            continue
+        with open(os.path.join(folder, name)) as f:
+            tree = ast.parse(f.read())
+        usage = f'configs/{name}'
+        for node in tree.body:  # the file's USAGE string, up to its first ', '
+            target = node.targets[0] if isinstance(node, ast.Assign) else None
+            if getattr(target, 'id', '') == 'USAGE' and isinstance(node.value, ast.Constant):
+                usage = str(node.value.value).split(', ')[0]
+        rows.append((usage, _first_line(ast.get_docstring(tree))))
+    return rows
+
+
+def help_text() -> str:
+    """What ``--help`` and ``--helpshort`` print: usage, the modes, the config files and the
+    launcher's own flags (not the hundreds that absl and the libraries define)."""
+    lines = [(__doc__ or '').strip(), '', 'modes (--mode=NAME, or the config\'s mode field):']
+    width = max(map(len, launcher.MODES))
+    lines += [f'  {m:<{width}}  {_first_line(f.__doc__)}' for m, f in launcher.MODES.items()]
+    files = _config_files()
+    if files:
+        lines += ['', 'config files (--config=FILE[:ARGS]; installed with the package too):']
+        lines += [f'  {usage}\n      {doc}' for usage, doc in files]
+    lines += ['', 'flags:']
+    module = flags.FLAGS.find_module_defining_flag(_WORKDIR.name)
+    for flag in sorted(flags.FLAGS.get_key_flags_for_module(module), key=lambda f: f.name):
+        name = f'--[no]{flag.name}' if flag.boolean else f'--{flag.name}'
+        default = '' if flag.default is None else f' (default: {flag.default_as_str})'
+        text = f'{name}: {flag.help}{default}'
+        lines.append(flags.text_wrap(text, indent='      ', firstline_indent='  '))
+    lines += ['', 'Try --helpfull to get a list of all flags (absl\'s and the libraries\' too).']
+    return '\n'.join(lines)
+
+
 def _unknown_key_message(error: Exception, argv: Sequence[str]) -> str | None:
     """'unknown config key ...; did you mean ...' for an override naming no field."""
     match = re.search(r"'([^'\\]+)\\*'", str(error))
@@ -125,6 +175,9 @@ def flag_error_message(error: Exception, argv: Sequence[str]) -> str:
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl flag parsing; a bad flag, override or config argument ends in one usage line."""
+    if any(_HELP_FLAG.match(a) for a in argv[1:]):
+        print(help_text())
+        sys.exit(0)
     argv = _with_config(argv)
     sys.argv = argv  # ml_collections reads the config overrides from sys.argv
     try:
