@@ -194,6 +194,68 @@ def get_config() -> ml_collections.ConfigDict:
     return config
 
 
+# A search resumes from WORKDIR/checkpoints only under the config it started with: its
+# identity. Every field of get_config() is classified here, by dotted name, a group's name
+# standing for all of its fields; tests/test_config.py checks that the two lists cover
+# every field exactly once, so a new field must be classified where it is added.
+# May change when a search resumes: where things are and run, what runs after the search,
+# what is only recorded, and which epoch's jackpot is saved (chosen from the same epochs).
+RESUMABLE_FIELDS = (
+    'mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
+    'data.data_dir', 'data.eval_batch_size', 'data.threads',
+    'tune', 'pretrain', 'overlap', 'search_cost', 'restriction', 'sweep', 'stability',
+    'search.step_trace', 'search.compare_bn_statistics', 'search.final_jackpot',
+)  # fmt: skip
+# A resumed search must share these with the one that wrote the checkpoint. A field in
+# neither list (a model's own keyword, e.g. configs/vit_digits.py's) counts as identity.
+SEARCH_IDENTITY_FIELDS = (
+    'protocol', 'seed', 'steps_per_epoch', 'model',
+    'data.name', 'data.validation_fraction', 'data.image_size', 'data.resize',
+    'data.random_flip', 'data.mean', 'data.std', 'data.eval_split',
+    'search.sparsity', 'search.allocation', 'search.epochs', 'search.batch_size',
+    'search.learning_rate', 'search.weight_decay', 'search.momentum',
+    'search.label_smoothing', 'search.pruned_score', 'search.score_init',
+    'search.mask_update', 'search.rate_schedule', 'search.bn_mode',
+    'search.bn_recalibration_steps', 'search.mask_freeze_fraction', 'search.swap_margin',
+    'search.prune_include', 'search.prune_exclude', 'search.pattern',
+)  # fmt: skip
+
+
+def _covers(entry: str, name: str) -> bool:
+    return name == entry or name.startswith(entry + '.')
+
+
+def fields(config: ml_collections.ConfigDict) -> dict[str, object]:
+    """Every leaf field of ``config`` by dotted name (``'search.sparsity'``) -> its value."""
+    out = {}
+
+    def walk(tree: dict, prefix: str) -> None:
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                walk(value, f'{prefix}{key}.')
+            else:
+                out[prefix + key] = value
+
+    walk(config.to_dict(), '')
+    return out
+
+
+def is_resumable(name: str) -> bool:
+    """Whether the field of dotted ``name`` may change when a search resumes."""
+    return any(_covers(entry, name) for entry in RESUMABLE_FIELDS)
+
+
+def search_identity(config: ml_collections.ConfigDict) -> dict[str, object]:
+    """The fields (dotted name -> value) a resumed search must share with the one that
+    wrote its checkpoint: every field that is not resumable."""
+    return {name: value for name, value in fields(config).items() if not is_resumable(name)}
+
+
+def search_identity_fields(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The dotted names of :func:`search_identity`, sorted."""
+    return tuple(sorted(search_identity(config)))
+
+
 def parse_list(name: str, text: str, kind: type = str) -> tuple:
     """A comma-separated config field as a tuple of ``kind``; empty or unparsable -> ValueError."""
     items = [item.strip() for item in str(text).split(',') if item.strip()]

@@ -67,3 +67,40 @@ def test_every_config_file_is_valid(name):
     config = module.get_config()
     assert isinstance(config, ml_collections.ConfigDict)
     launcher.validate(config)
+
+
+def _covered(entries, names):
+    return {n for n in names if any(n == e or n.startswith(e + '.') for e in entries)}
+
+
+def test_every_field_is_either_resumable_or_part_of_the_search_identity():
+    """A new field of get_config() must be classified: may it change when a search resumes
+    (config.RESUMABLE_FIELDS), or must it match (config.SEARCH_IDENTITY_FIELDS)?"""
+    config = config_lib.get_config()
+    names = set(config_lib.fields(config))
+    resumable = _covered(config_lib.RESUMABLE_FIELDS, names)
+    identity = _covered(config_lib.SEARCH_IDENTITY_FIELDS, names)
+    unclassified = sorted(names - resumable - identity)
+    assert not unclassified, (
+        f'{unclassified}: add each to RESUMABLE_FIELDS or SEARCH_IDENTITY_FIELDS '
+        '(jackpot_jax/config.py)'
+    )
+    assert not resumable & identity, f'in both lists: {sorted(resumable & identity)}'
+    for entries in (config_lib.RESUMABLE_FIELDS, config_lib.SEARCH_IDENTITY_FIELDS):
+        assert len(set(entries)) == len(entries)
+        stale = [e for e in entries if not _covered([e], names)]
+        assert not stale, f'{stale} name no field of get_config()'
+    assert config_lib.search_identity_fields(config) == tuple(sorted(identity))
+    assert all(config_lib.is_resumable(n) for n in resumable)
+    assert not any(config_lib.is_resumable(n) for n in identity)
+
+
+def test_a_models_own_fields_are_part_of_the_search_identity():
+    spec = importlib.util.spec_from_file_location(
+        'cfg', os.path.join(REPO, 'configs', 'vit_digits.py')
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    identity = config_lib.search_identity(module.get_config())
+    assert identity['model.patch_size'] == 2 and identity['search.sparsity'] == 0.9
+    assert 'data.data_dir' not in identity and 'tune.epochs' not in identity
