@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.mean = '0.5'  # of [0, 1] pixels: one value, or one per channel, comma-separated.
     config.data.std = '0.5'
     config.data.eval_split = ''  # '' = 'test', else 'validation'.
+    # Text datasets ('python_source') only: tokens per window, the model's input length
+    # (at most a language model's model.context); 0 = 128.
+    config.data.context = 0
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'small_cnn'

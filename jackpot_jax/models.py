@@ -1,8 +1,9 @@
-"""Flax Linen model zoo: small CNN, CIFAR ResNets, VGG-19 (CIFAR), torchvision ResNets, VGG-BNs
-and Vision Transformers (:mod:`jackpot_jax.vit`).
+"""Flax Linen model zoo: small CNN, CIFAR ResNets, VGG-19 (CIFAR), torchvision ResNets, VGG-BNs,
+Vision Transformers (:mod:`jackpot_jax.vit`) and a GPT-style language model (:mod:`jackpot_jax.gpt`).
 
-Every model is called as ``model(x, train=...)`` on NHWC float32 input and returns
-float32 logits ``[B, num_classes]``. ``dtype`` is the computation dtype of the body
+Every image model is called as ``model(x, train=...)`` on NHWC float32 input and returns
+float32 logits ``[B, num_classes]``; the language model ``gpt`` takes tokens ``[B, T]`` and
+returns logits ``[B, T, vocab]`` (``num_classes`` is the vocabulary). ``dtype`` is the computation dtype of the body
 (see :data:`DTYPES`); parameters and BatchNorm statistics are always float32, and the
 classifier computes the logits in float32.
 
@@ -22,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jackpot_jax import user_models, vit
+from jackpot_jax import gpt, user_models, vit
 
 Dtype = Any
 
@@ -352,6 +353,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
         name: functools.partial(vit.VisionTransformer, **hyperparameters)
         for name, hyperparameters in vit.CONFIGS.items()
     },
+    # A causal language model over the data's vocabulary (:mod:`jackpot_jax.gpt`).
+    'gpt': gpt.gpt,
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -79,20 +80,31 @@ class Setup:
         yield from parallel.prefetch_to_mesh(itertools.islice(batches, steps), self.mesh)
 
     def evaluate(self, params: Any, batch_stats: Any, split: str = 'test') -> dict[str, float]:
-        """Top-1 / top-5 accuracy (fractions) on 'test' or 'validation', each example once."""
+        """Top-1 / top-5 accuracy (fractions) on 'test' or 'validation', each example once.
+
+        With token labels ``[B, T]`` (a language model) the fractions count tokens, and the
+        result also holds the mean per-token cross-entropy ``loss`` (nats) and
+        ``perplexity`` = exp(loss).
+        """
         batch_size = self.config.data.eval_batch_size
         parallel.check_batch_size(batch_size, self.mesh)
-        totals = {'correct1': 0, 'correct5': 0, 'count': 0}
+        totals = {'correct1': 0, 'correct5': 0, 'count': 0, 'loss_sum': 0.0}
+        tokens = False
         for batch in self.source.eval_batches(batch_size, split):
+            tokens = batch[1].ndim > 1
             counts = search.eval_step(
                 params, batch_stats, *parallel.shard_batch(self.mesh, *batch), model=self.model
             )
             totals = {k: totals[k] + v for k, v in counts.items()}
         totals = to_python(totals)
-        return {
+        result = {
             'top1': totals['correct1'] / totals['count'],
             'top5': totals['correct5'] / totals['count'],
         }
+        if tokens:
+            result['loss'] = totals['loss_sum'] / totals['count']
+            result['perplexity'] = math.exp(min(result['loss'], 700.0))  # no overflow
+        return result
 
     def load_pretrained(self, workdir: str) -> tuple[dict, dict, str]:
         """:meth:`load_weights` of the config's pretrained weights (WORKDIR/pretrained)."""

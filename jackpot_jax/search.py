@@ -216,9 +216,22 @@ def eval_step(
     *,
     model: nn.Module,
 ) -> dict[str, jax.Array]:
-    """Counts of correct top-1 / top-5 predictions over the valid examples of a batch."""
+    """Counts of correct top-1 / top-5 predictions over the valid examples of a batch, and
+    the sum of their cross-entropies (``loss_sum``).
+
+    Labels ``[B]`` against logits ``[B, C]`` count examples; labels ``[B, T]`` (next
+    tokens) against logits ``[B, T, V]`` count tokens: ``valid [B]`` covers every token
+    of its example.
+    """
     logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
+    valid = jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (labels.ndim - 1)), labels.shape)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    hit1 = (top5[:, 0] == labels) & valid
-    hit5 = jnp.any(top5 == labels[:, None], axis=-1) & valid
-    return {'correct1': jnp.sum(hit1), 'correct5': jnp.sum(hit5), 'count': jnp.sum(valid)}
+    hit1 = (top5[..., 0] == labels) & valid
+    hit5 = jnp.any(top5 == labels[..., None], axis=-1) & valid
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return {
+        'correct1': jnp.sum(hit1),
+        'correct5': jnp.sum(hit5),
+        'count': jnp.sum(valid),
+        'loss_sum': jnp.sum(jnp.where(valid, losses, 0.0)),
+    }

@@ -127,11 +127,11 @@ def train_weights(
         {
             'mode': mode,
             'epoch': cfg.epochs,
-            'test_top1': result['top1'],
-            'test_top5': result['top5'],
+            # test_top1, test_top5; a language model's also test_loss, test_perplexity.
+            **{f'test_{name}': value for name, value in result.items()},
         }
     )
-    logging.info('%s: test top-1 %.4f', mode, result['top1'])
+    logging.info('%s: test %s', mode, ', '.join(f'{k} {v:.4f}' for k, v in result.items()))
     return state, result
 
 
