@@ -214,7 +214,7 @@ RESUMABLE_FIELDS = (
 SEARCH_IDENTITY_FIELDS = (
     'protocol', 'seed', 'steps_per_epoch', 'model',
     'data.name', 'data.validation_fraction', 'data.image_size', 'data.resize',
-    'data.random_flip', 'data.mean', 'data.std', 'data.eval_split',
+    'data.random_flip', 'data.mean', 'data.std', 'data.eval_split', 'data.context',
     'search.sparsity', 'search.allocation', 'search.epochs', 'search.batch_size',
     'search.learning_rate', 'search.weight_decay', 'search.momentum',
     'search.label_smoothing', 'search.pruned_score', 'search.score_init',
