@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import ml_collections
 
 from jackpot_jax import criteria, data, models, search, sparsity, structured, user_models
+from jackpot_jax import settings as settings_lib
 from jackpot_jax.config import (
     CPU_COLLECTIVES,
     FLOAT32_ONLY_MODES,
@@ -30,7 +31,7 @@ from jackpot_jax.config import (
 # the 2021 edge-popup rule.
 RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
 # Which epoch's jackpot a search keeps (search.final_jackpot).
-FINAL_JACKPOTS = ('last', 'best_validation')
+FINAL_JACKPOTS = settings_lib.FINAL_JACKPOTS
 
 
 def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -38,22 +39,27 @@ def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.Config
     text field) set by it.
 
     Idempotent; fields set explicitly (>= 0) are kept, so a protocol can be mixed with
-    single changes (e.g. the paper's protocol with re-estimated statistics).
+    single changes (e.g. the paper's protocol with re-estimated statistics). Without a
+    validation split the jackpot kept is the last epoch's (one rule with the library:
+    :meth:`jackpot_jax.settings.SearchSettings.resolved`).
     """
     check_choice('protocol', config.protocol, tuple(PROTOCOLS))
     resolved = ml_collections.ConfigDict(config.to_dict())
     for field, value in PROTOCOLS[config.protocol].items():
         group, name = field.split('.')
         if resolved[group][name] in (-1, ''):
+            if field == 'search.final_jackpot' and not resolved.data.validation_fraction:
+                value = 'last'
             resolved[group][name] = value
     return resolved
 
 
 def check_final_jackpot(config: ml_collections.ConfigDict) -> None:
     """Refuses a choice on the validation split when there is none (a resolved config)."""
-    if config.search.final_jackpot == 'best_validation' and not config.data.validation_fraction:
+    choice = config.search.final_jackpot
+    if choice != 'last' and not config.data.validation_fraction:
         raise ValueError(
-            "search.final_jackpot='best_validation' chooses on the validation split, but "
+            f"search.final_jackpot={choice!r} chooses on the validation split, but "
             'data.validation_fraction is 0 (no validation split); set '
             "--config.data.validation_fraction=0.1, or --config.search.final_jackpot=last"
         )
@@ -169,6 +175,10 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
             "'none' with --mode=evaluate to evaluate the weights as they are"
         )
     _check_dtype(config)
+    if not isinstance(config.overwrite, bool):
+        raise ValueError(
+            f'overwrite must be true or false (replace what exists), got {config.overwrite!r}'
+        )
     s = config.search
     if not 0.0 <= s.sparsity < 1.0:
         raise ValueError(
@@ -179,6 +189,7 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
     check_choice('mask_update', s.mask_update, sparsity.MASK_UPDATES)
     check_choice('rate_schedule', s.rate_schedule, sparsity.RATE_SCHEDULES)
     check_choice('bn_mode', s.bn_mode, search.BN_MODES)
+    check_choice('search.optimizer', s.optimizer, settings_lib.OPTIMIZERS)
     check_choice('search.score_init', s.score_init, sparsity.SCORE_INITS)
     check_choice('search.final_jackpot', s.final_jackpot, FINAL_JACKPOTS)
     _check_regex('search.prune_include', s.prune_include)

@@ -17,9 +17,9 @@ import jax.numpy as jnp
 import optax
 
 from jackpot_jax import adapters, sparsity, structured
+from jackpot_jax.settings import BN_MODES
 
 Metrics = dict[str, Any]
-BN_MODES = ('train', 'frozen')
 
 
 @flax.struct.dataclass
@@ -67,6 +67,47 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
+# A batch is a tuple ``(inputs, labels, ...)`` or a dict; these keys name its parts.
+INPUT_KEYS = ('inputs', 'image', 'images', 'x')
+LABEL_KEYS = ('label', 'labels', 'targets', 'y')
+# ``loss_fn(outputs, batch) -> (loss, {name: value})``: the scalar the scores minimise and
+# named scalar metrics (averaged per epoch and, in evaluation, over the examples).
+LossFn = Callable[[Any, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+def _part(batch: Any, index: int, keys: tuple[str, ...], what: str) -> Any:
+    if isinstance(batch, Mapping):
+        for key in keys:
+            if key in batch:
+                return batch[key]
+        raise KeyError(
+            f'a dict batch needs its {what} under one of {keys}, got keys {sorted(batch)}; '
+            f'rename the key, or pass a loss_fn (and inputs_fn) that reads your batches'
+        )
+    return batch[index]
+
+
+def batch_inputs(batch: Any) -> Any:
+    """The model's input of a batch: ``batch[0]``, or a dict's ``inputs`` / ``image`` / ..."""
+    return _part(batch, 0, INPUT_KEYS, 'model inputs')
+
+
+def batch_labels(batch: Any) -> Any:
+    """The integer labels of a batch: ``batch[1]``, or a dict's ``label`` / ``labels`` / ..."""
+    return _part(batch, 1, LABEL_KEYS, 'labels')
+
+
+def classification_loss(label_smoothing: float = 0.0) -> LossFn:
+    """The default task: softmax cross-entropy against integer labels, and top-1."""
+
+    def loss_fn(logits, batch):
+        labels = batch_labels(batch)
+        top1 = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return cross_entropy(logits, labels, label_smoothing), {'top1': top1}
+
+    return loss_fn
+
+
 def init_search_state(
     frozen_params: Mapping,
     batch_stats: Mapping,
@@ -88,9 +129,7 @@ def init_search_state(
 
 def search_step(
     state: SearchState,
-    images: jax.Array,
-    labels: jax.Array,
-    *,
+    *batch: Any,
     model: nn.Module | None = None,
     forward: adapters.Forward | None = None,
     optimizer: optax.GradientTransformation,
@@ -105,6 +144,8 @@ def search_step(
     mask_frozen_from: int | None = None,
     swap_margin: float = 0.0,
     rng: jax.Array | None = None,
+    loss_fn: LossFn | None = None,
+    inputs_fn: Callable[[Any], Any] = batch_inputs,
 ) -> tuple[SearchState, Metrics]:
     """One search step (pure; see :func:`make_search_step` for the jitted form).
 
@@ -117,18 +158,28 @@ def search_step(
     scores and BatchNorm statistics still train. ``swap_margin`` > 0 ranks kept weights
     that much higher in the mask update (:func:`sparsity.with_swap_margin`): a pruned
     weight comes back only if it beats the one it replaces by more than the margin.
+    ``batch`` is ``images, labels`` or one batch (a tuple or a dict); ``loss_fn(outputs,
+    batch)`` (default: :func:`classification_loss`) gives the loss and named metrics,
+    ``inputs_fn(batch)`` the model's input.
     """
+    batch = batch[0] if len(batch) == 1 else batch
+    loss_fn = loss_fn or classification_loss(label_smoothing)
     if forward is None:
         forward = adapters.linen_forward(model, 'batch_stats')
     train = bn_mode == 'train'
     step_rng = None if rng is None else jax.random.fold_in(rng, state.step)
 
-    def loss_fn(scores):
+    def objective(scores):
         params = sparsity.masked_params(state.frozen_params, state.masks, scores)
-        logits, statistics = forward(params, state.batch_stats, images, train=train, rng=step_rng)
-        return cross_entropy(logits, labels, label_smoothing), (logits, statistics)
+        outputs, statistics = forward(
+            params, state.batch_stats, inputs_fn(batch), train=train, rng=step_rng
+        )
+        loss, task_metrics = loss_fn(outputs, batch)
+        return loss, (task_metrics, statistics)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.scores)
+    (loss, (task_metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.scores
+    )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.scores)
     scores = optax.apply_updates(state.scores, updates)
 
@@ -154,7 +205,7 @@ def search_step(
 
     metrics = {
         'loss': loss,
-        'top1': jnp.mean(jnp.argmax(logits, -1) == labels),
+        **task_metrics,
         'mask_changes': sum(changes.values()),
         'mask_changes_per_layer': changes,
         'flip_backs': sum(flip_backs.values()),
@@ -194,9 +245,7 @@ def check_swap_margin(margin: float, mask_update: str, name: str = 'swap_margin'
         )
 
 
-def make_search_step(
-    **settings,
-) -> Callable[[SearchState, jax.Array, jax.Array], tuple[SearchState, Metrics]]:
+def make_search_step(**settings) -> Callable[..., tuple[SearchState, Metrics]]:
     """The jitted search step with the state donated. ``settings`` are search_step's keywords."""
     if settings.get('bn_mode', 'train') not in BN_MODES:
         raise ValueError(f"unknown bn_mode {settings['bn_mode']!r}; choose one of {BN_MODES}")
