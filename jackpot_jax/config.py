@@ -59,6 +59,11 @@ def get_config() -> ml_collections.ConfigDict:
     # The jackpot to evaluate, tune or export; '' means WORKDIR/jackpot (made by 'search'),
     # 'none' evaluates the weights as they are.
     config.jackpot = ''
+    # Nothing that exists is replaced unless this is True: 'pretrain' refuses existing
+    # weights, a search refuses a config.jackpot outside its workdir and a jackpot (or
+    # tuned weights) it would not resume, 'tune' refuses WORKDIR/tuned and 'export'
+    # WORKDIR/masked_weights, each before any work starts.
+    config.overwrite = False
     # Cap on training steps per epoch (0 = whole epochs); for smoke tests and benchmarks.
     config.steps_per_epoch = 0
 
@@ -202,12 +207,14 @@ def get_config() -> ml_collections.ConfigDict:
 # standing for all of its fields; tests/test_config.py checks that the two lists cover
 # every field exactly once, so a new field must be classified where it is added.
 # May change when a search resumes: where things are and run, what runs after the search,
-# what is only recorded, and which epoch's jackpot is saved (chosen from the same epochs).
+# what is only recorded, which epoch's jackpot is saved (chosen from the same epochs),
+# and whether existing outputs may be replaced.
 RESUMABLE_FIELDS = (
     'mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
     'data.data_dir', 'data.eval_batch_size', 'data.threads',
     'tune', 'pretrain', 'overlap', 'search_cost', 'restriction', 'sweep', 'stability',
     'search.step_trace', 'search.compare_bn_statistics', 'search.final_jackpot',
+    'overwrite',
 )  # fmt: skip
 # A resumed search must share these with the one that wrote the checkpoint. A field in
 # neither list (a model's own keyword, e.g. configs/vit_digits.py's) counts as identity.

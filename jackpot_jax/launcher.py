@@ -9,6 +9,8 @@ Workdir layout (names in :mod:`jackpot_jax.workdir`):
   masked_weights/    export: the masked dense params, loadable as ordinary weights
   metrics.jsonl      one JSON record per epoch; summary.json: the demo's table
   layer_sparsity.png, mask_changes.png   the search's per-layer sparsity and mask changes
+Nothing there is replaced unless config.overwrite (checked before any work): see
+run_context.check_search_outputs, check_pretrain_output and check_new_output.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     params, batch_stats, fingerprint = setup.load_pretrained(workdir)
     if not config_lib.is_no_jackpot(config.jackpot):
         path = rc.jackpot_path(config, workdir)
-        _, masks, batch_stats, meta = checkpoint.load_jackpot(path)
+        masks, batch_stats, meta = setup.load_jackpot(path)
         rc.check_jackpot_weights(config, workdir, meta, fingerprint)
         masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
         params = sparsity.masked_params(params, masks)
@@ -66,13 +68,17 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
 
 @rc.resolved
 def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
-    """Writes the jackpot's masked dense params as ordinary weights (WORKDIR/masked_weights)."""
+    """Writes the jackpot's masked dense params as ordinary weights (WORKDIR/masked_weights).
+
+    Refuses to replace masked weights already there unless ``config.overwrite``.
+    """
+    out = os.path.join(workdir, MASKED_WEIGHTS_DIR)
+    rc.check_new_output(config, out, 'masked weights')
     setup = rc.Setup(config)
     params, _, fingerprint = setup.load_pretrained(workdir)
-    _, masks, batch_stats, meta = checkpoint.load_jackpot(rc.jackpot_path(config, workdir))
+    masks, batch_stats, meta = setup.load_jackpot(rc.jackpot_path(config, workdir))
     rc.check_jackpot_weights(config, workdir, meta, fingerprint)
     masked = parallel.to_host(sparsity.masked_params(params, parallel.replicate(masks, setup.mesh)))
-    out = os.path.join(workdir, MASKED_WEIGHTS_DIR)
     checkpoint.save_weights(
         out,
         masked,
@@ -92,8 +98,13 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
 
 @rc.resolved
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Pretrain -> search -> compare with magnitude and random masks; writes summary.json."""
+    """Pretrain -> search -> compare with magnitude and random masks; writes summary.json.
+
+    Reuses the pre-trained weights already there; refuses, before any training, a search
+    that :func:`run_context.check_search_outputs` refuses.
+    """
     total_start = time.perf_counter()
+    rc.check_search_outputs(config, workdir)
     ensure_pretrained(config, workdir)
     setup = rc.Setup(config)
     params, batch_stats, _ = setup.load_pretrained(workdir)
@@ -119,6 +130,29 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             json.dump(summary, f, indent=2)
     rc.print_main(format_summary(config, summary))
     return summary
+
+
+@rc.resolved
+def run_search_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Searches a jackpot in the frozen weights; resumes from WORKDIR/checkpoints if present.
+
+    :func:`search_run.run_search` once :func:`run_context.check_search_outputs` allows
+    its outputs: never a jackpot outside the workdir, nor over one it would not resume,
+    unless ``config.overwrite``.
+    """
+    rc.check_search_outputs(config, workdir)
+    return run_search(config, workdir)
+
+
+@rc.resolved
+def run_tune_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains the kept weights of the workdir's jackpot (pruned weights stay exactly zero).
+
+    :func:`weight_training.run_tune`, refused if WORKDIR/tuned exists, unless
+    ``config.overwrite``.
+    """
+    rc.check_new_output(config, os.path.join(workdir, TUNED_DIR), 'tuned weights')
+    return run_tune(config, workdir)
 
 
 def format_summary(config: ml_collections.ConfigDict, summary: dict[str, Any]) -> str:
@@ -155,8 +189,8 @@ def format_summary(config: ml_collections.ConfigDict, summary: dict[str, Any]) -
 MODES: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] = {
     'demo': run_demo,
     'pretrain': run_pretrain,
-    'search': run_search,
-    'tune': run_tune,
+    'search': run_search_mode,
+    'tune': run_tune_mode,
     'evaluate': run_evaluate,
     'export': run_export,
     'overlap': overlap.run_overlap,

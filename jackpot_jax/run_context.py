@@ -14,13 +14,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from tqdm import auto as tqdm
 
 from jackpot_jax import adapters, api, checkpoint, data, mask_plan, models, parallel, search, trees
 from jackpot_jax import config_checks
 from jackpot_jax import config as config_lib
+from jackpot_jax.errors import UserError
 from jackpot_jax.metrics import to_python
-from jackpot_jax.workdir import JACKPOT_DIR, PRETRAINED_DIR
+from jackpot_jax.workdir import (
+    CHECKPOINTS_DIR,
+    JACKPOT_DIR,
+    MASKED_WEIGHTS_DIR,
+    PRETRAINED_DIR,
+    TUNED_DIR,
+)
 
 
 def resolved(mode):
@@ -110,6 +118,12 @@ class Setup:
         """:meth:`load_weights` of the config's pretrained weights (WORKDIR/pretrained)."""
         return self.load_weights(pretrained_path(self.config, workdir))
 
+    def expected_variables(self) -> dict[str, Any]:
+        """Shapes of the model's ``{'params': ..., 'batch_stats': ...}`` (no compute)."""
+        sample = jnp.zeros((1, *self.source.image_shape), jnp.float32)
+        init = functools.partial(self.model.init, train=False)
+        return jax.eval_shape(init, jax.random.key(0), sample)
+
     def load_weights(self, path: str) -> tuple[dict, dict, str]:
         """Weights checked leaf by leaf against the model, replicated; and their fingerprint."""
         params, batch_stats, meta = checkpoint.load_weights(path)
@@ -120,9 +134,7 @@ class Setup:
                 f'{self.config.model.name!r}; point config.pretrained at matching weights or '
                 'use another --workdir'
             )
-        sample = jnp.zeros((1, *self.source.image_shape), jnp.float32)
-        init = functools.partial(self.model.init, train=False)
-        expected = jax.eval_shape(init, jax.random.key(0), sample)
+        expected = self.expected_variables()
         trees.check_tree_matches(expected['params'], params, f'the params at {path}')
         trees.check_tree_matches(
             expected.get('batch_stats', {}), batch_stats, f'the batch statistics at {path}'
@@ -130,6 +142,43 @@ class Setup:
         fingerprint = checkpoint.weights_fingerprint(params)
         params, batch_stats = parallel.replicate((params, batch_stats), self.mesh)
         return params, batch_stats, fingerprint
+
+    def load_jackpot(self, path: str) -> tuple[dict, dict, dict[str, Any]]:
+        """``(masks, batch_stats, meta)`` of the jackpot at ``path`` (on the host), its
+        masks and batch statistics checked against the model.
+
+        Raises CheckpointError naming the path, what is missing or does not fit, and the
+        fix, where the model would otherwise fail inside its first evaluation.
+        """
+        _, masks, batch_stats, meta = checkpoint.load_jackpot(path)
+        expected = self.expected_variables()
+        want_stats = trees.leaf_shapes(expected.get('batch_stats', {}))
+        got_stats = trees.leaf_shapes(batch_stats)
+        name = self.config.model.name
+        fix = (
+            'search it again (--mode=search into a new --workdir), or point config.jackpot at '
+            'a complete jackpot of this model'
+        )
+        if want_stats and not got_stats:
+            raise checkpoint.CheckpointError(
+                f'the jackpot at {path} holds no batch statistics, but model {name!r} has '
+                f'BatchNorm layers ({len(want_stats)} statistics, e.g. {next(iter(want_stats))}); '
+                f'its batch_stats item was lost: {fix}'
+            )
+        problems = trees.tree_mismatches(want_stats, got_stats, 'batch statistics ')
+        kernels = trees.leaf_shapes(expected['params'])
+        for p, mask in sorted(masks.items()):
+            if kernels.get(p) != tuple(np.shape(mask)):
+                want = f'shape {kernels[p]}' if p in kernels else 'no such parameter'
+                problems.append(f'mask {p} {tuple(np.shape(mask))}: the model has {want}')
+        if problems:
+            shown = problems[:10] + ([f'and {len(problems) - 10} more'] if problems[10:] else [])
+            raise checkpoint.CheckpointError(
+                f'the jackpot at {path} does not fit model {name!r} ('
+                + '; '.join(shown)
+                + f'): it was saved for another model or an item of it was damaged: {fix}'
+            )
+        return masks, batch_stats, meta
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,6 +219,80 @@ def jackpot_path(config: ml_collections.ConfigDict, workdir: str) -> str:
             "one: set config.jackpot to a jackpot folder ('' = WORKDIR/jackpot)"
         )
     return config.jackpot or os.path.join(workdir, JACKPOT_DIR)
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def has_search_checkpoints(workdir: str) -> bool:
+    """Whether ``WORKDIR/checkpoints`` holds a complete search checkpoint (a step folder)."""
+    folder = os.path.join(workdir, CHECKPOINTS_DIR)
+    return os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder))
+
+
+def check_search_outputs(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses, before a search starts, to write its jackpot outside its workdir, or over a
+    jackpot (or tuned weights, with tune.epochs) of an earlier search it would not resume.
+
+    A search in a workdir with search checkpoints resumes them, and its jackpot replaces
+    the one they made. ``config.overwrite`` allows both. Raises UserError naming the path
+    and the fix.
+    """
+    if config.overwrite:
+        return
+    path = jackpot_path(config, workdir)
+    own = os.path.join(workdir, JACKPOT_DIR)
+    if not _same_path(path, own):
+        there = ', replacing the jackpot there' if os.path.exists(path) else ''
+        raise UserError(
+            f'config.jackpot={config.jackpot!r} lies outside --workdir={workdir}, and a search '
+            f'writes its jackpot in its own workdir ({own}): leave config.jackpot empty, or '
+            f'pass --config.overwrite=true to write it to {path}{there}'
+        )
+    if has_search_checkpoints(workdir):
+        return
+    outputs = [own] + ([os.path.join(workdir, TUNED_DIR)] if config.tune.epochs else [])
+    present = [p for p in outputs if os.path.exists(p)]
+    if present:
+        raise UserError(
+            f'{" and ".join(present)} already exist{"s" if len(present) == 1 else ""}, and '
+            f'{os.path.join(workdir, CHECKPOINTS_DIR)} holds no search to resume, so a new '
+            'search would replace them: search into another --workdir, or pass '
+            '--config.overwrite=true to replace them'
+        )
+
+
+def check_pretrain_output(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses, before any training, to replace pre-trained weights (``config.overwrite``
+    allows it), naming what the workdir made from them."""
+    path = pretrained_path(config, workdir)
+    if config.overwrite or not os.path.exists(path):
+        return
+    made = [
+        os.path.join(workdir, name)
+        for name in (JACKPOT_DIR, CHECKPOINTS_DIR, TUNED_DIR, MASKED_WEIGHTS_DIR)
+        if os.path.exists(os.path.join(workdir, name))
+    ]
+    orphaned = (
+        f'; {", ".join(made)} {"was" if len(made) == 1 else "were"} made from them and '
+        'would be orphaned'
+        if made
+        else ''
+    )
+    raise UserError(
+        f'{path} already holds pre-trained weights{orphaned}: pretrain into another --workdir '
+        '(or --config.pretrained=NEW_FOLDER), or pass --config.overwrite=true to replace them'
+    )
+
+
+def check_new_output(config: ml_collections.ConfigDict, path: str, what: str) -> None:
+    """Refuses to replace ``what`` at ``path`` unless ``config.overwrite``."""
+    if os.path.exists(path) and not config.overwrite:
+        raise UserError(
+            f'{path} already holds {what}: move it elsewhere first, or pass '
+            '--config.overwrite=true to replace it'
+        )
 
 
 def check_jackpot_weights(

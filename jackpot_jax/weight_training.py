@@ -143,7 +143,12 @@ def initial_variables(setup: rc.Setup, seed: int) -> dict:
 
 @rc.resolved
 def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains the dense model and saves it as the frozen starting point of searches."""
+    """Trains the dense model and saves it as the frozen starting point of searches.
+
+    Refuses, before any training, to replace weights already there unless
+    ``config.overwrite`` (:func:`run_context.check_pretrain_output`).
+    """
+    rc.check_pretrain_output(config, workdir)
     setup = rc.Setup(config)
     variables = initial_variables(setup, config.seed)
     state, result = train_weights(
@@ -172,7 +177,7 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         raise ValueError('tune.epochs is 0; set --config.tune.epochs=N (the paper uses 10)')
     setup = rc.Setup(config)
     params, _, fingerprint = setup.load_pretrained(workdir)
-    _, masks, batch_stats, meta = checkpoint.load_jackpot(rc.jackpot_path(config, workdir))
+    masks, batch_stats, meta = setup.load_jackpot(rc.jackpot_path(config, workdir))
     rc.check_jackpot_weights(config, workdir, meta, fingerprint)
     masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
     state, result = train_weights(
@@ -190,7 +195,7 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
 
 @rc.resolved
 def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Pre-trains the dense model unless its weights are already there."""
+    """Pre-trains the dense model unless its weights are already there (then reused)."""
     if os.path.isdir(rc.pretrained_path(config, workdir)):
         logging.info('using the pre-trained weights at %s', rc.pretrained_path(config, workdir))
     else:

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -453,3 +454,105 @@ def test_a_failed_search_checkpoint_write_is_one_error_naming_the_folder(
     assert str(failed.value).endswith('(none yet: it starts again)')
     _no_noise(capfd, caplog, unraisable)
     assert os.listdir(ckpts.directory) == []
+
+
+def _tree_files(folder) -> dict[str, bytes]:
+    """Every file under ``folder`` and its bytes."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), 'rb') as f:
+                out[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return out
+
+
+def test_a_search_never_writes_into_another_workdirs_jackpot(weights_and_jackpot, tmp_path, launch):
+    weights_a, _, jackpot = weights_and_jackpot
+    other = str(tmp_path / 'other' / workdir_lib.JACKPOT_DIR)
+    shutil.copytree(jackpot, other)
+    before = _tree_files(other)
+    new = str(tmp_path / 'new')
+    status, err = launch(
+        f'--workdir={new}', '--mode=search', f'--config.jackpot={other}',
+        f'--config.pretrained={weights_a}', '--config.model.width=8',
+        '--config.search.epochs=1', '--config.steps_per_epoch=1',
+    )  # fmt: skip
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: config.jackpot='{other}' lies outside --workdir={new}")
+    assert f'pass --config.overwrite=true to write it to {other}, replacing the jackpot there' in err[0]
+    assert _tree_files(other) == before
+    assert not os.path.exists(os.path.join(new, workdir_lib.CHECKPOINTS_DIR))  # no step ran
+
+
+def test_a_new_search_never_replaces_a_jackpot_it_would_not_resume(weights_and_jackpot, tmp_path):
+    _, _, jackpot = weights_and_jackpot
+    workdir = str(tmp_path)
+    shutil.copytree(jackpot, os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    config = tiny_config(mode='search')
+    for run in (rc.check_search_outputs, launcher.run_demo, launcher.MODES['search']):
+        with pytest.raises(errors.UserError, match=(
+            f'{workdir}/jackpot already exists, and {workdir}/checkpoints holds no search to '
+            'resume, so a new search would replace them: search into another --workdir, or '
+            'pass --config.overwrite=true'
+        )):  # fmt: skip
+            run(config, workdir)
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))  # demo: no training
+    config.tune.epochs = 1
+    os.makedirs(os.path.join(workdir, workdir_lib.TUNED_DIR))
+    with pytest.raises(errors.UserError, match='jackpot and .*tuned already exist, '):
+        rc.check_search_outputs(config, workdir)
+    # Allowed: a search that resumes its own checkpoints, or one told to overwrite.
+    os.makedirs(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR, '12'))
+    rc.check_search_outputs(config, workdir)
+    rc.check_search_outputs(tiny_config(overwrite=True, jackpot=str(tmp_path / 'x')), workdir)
+
+
+def test_pretrain_never_replaces_weights_naming_what_they_would_orphan(
+    weights_and_jackpot, tmp_path, launch
+):
+    weights_a, _, jackpot = weights_and_jackpot
+    workdir = str(tmp_path)
+    pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
+    shutil.copytree(weights_a, pretrained)
+    shutil.copytree(jackpot, os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    before = _tree_files(pretrained)
+    status, err = launch(
+        f'--workdir={workdir}', '--mode=pretrain', '--config.model.width=8',
+        '--config.pretrain.epochs=1', '--config.steps_per_epoch=1',
+    )  # fmt: skip
+    assert status == 1 and err == [
+        f'error: {pretrained} already holds pre-trained weights; {workdir}/jackpot was made from '
+        'them and would be orphaned: pretrain into another --workdir (or '
+        '--config.pretrained=NEW_FOLDER), or pass --config.overwrite=true to replace them'
+    ]
+    assert _tree_files(pretrained) == before
+    weight_training.ensure_pretrained(tiny_config(), workdir)  # the demo reuses them
+    assert _tree_files(pretrained) == before
+
+
+@pytest.mark.parametrize('mode, folder', [('tune', 'tuned'), ('export', 'masked_weights')])
+def test_tune_and_export_never_replace_their_output(mode, folder, tmp_path, launch):
+    os.makedirs(tmp_path / folder)
+    flags = [f'--workdir={tmp_path}', f'--mode={mode}', '--config.tune.epochs=1']
+    status, err = launch(*flags)
+    assert status == 1 and err == [
+        f'error: {tmp_path / folder} already holds {"tuned" if mode == "tune" else "masked"} '
+        'weights: move it elsewhere first, or pass --config.overwrite=true to replace it'
+    ]
+    status, err = launch(*flags, '--config.overwrite=true')  # goes on, to the missing weights
+    assert status == 1 and len(err) == 1 and 'no weights checkpoint at' in err[0], err
+
+
+def test_a_jackpot_without_its_statistics_names_the_path_and_the_fix(weights_and_jackpot, tmp_path):
+    weights_a, _, jackpot = weights_and_jackpot
+    damaged = str(tmp_path / 'jackpot')
+    shutil.copytree(jackpot, damaged)
+    shutil.rmtree(os.path.join(damaged, 'batch_stats'))
+    config = tiny_config(pretrained=weights_a, jackpot=damaged, **{'tune.epochs': 1})
+    for run in (launcher.run_evaluate, launcher.run_export, weight_training.run_tune):
+        with pytest.raises(checkpoint.CheckpointError, match=(
+            f"the jackpot at {damaged} holds no batch statistics, but model 'small_cnn' has "
+            r'BatchNorm layers \(\d+ statistics, e.g. .*\); its batch_stats item was lost: '
+            'search it again'
+        )):  # fmt: skip
+            run(config, str(tmp_path))

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jackpot_jax import checkpoint, criteria, parallel, plots, sparsity
+from jackpot_jax import criteria, parallel, plots, sparsity
 from jackpot_jax import run_context as rc
 from jackpot_jax import config as config_lib
 
@@ -174,7 +174,7 @@ def run_overlap(
     weights = rc.pretrained_path(config, workdir)
     params, batch_stats, fingerprint = setup.load_weights(weights)
     path = rc.jackpot_path(config, workdir)
-    _, jackpot_masks, jackpot_stats, meta = checkpoint.load_jackpot(path)
+    jackpot_masks, jackpot_stats, meta = setup.load_jackpot(path)
     if meta.get('weights_fingerprint') not in (None, fingerprint):
         raise ValueError(
             f'the jackpot at {path} was found in other weights than {weights}; '
