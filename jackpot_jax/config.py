@@ -3,12 +3,15 @@
 Every file under ``configs/`` starts from :func:`get_config` and overrides a few
 fields, so ``config_checks.validate`` can reject unknown keys and bad values before
 any work starts. This file is itself a config file: ``--config=jackpot_jax/config.py``.
-It imports only ml_collections, so loading a config never imports JAX.
+It imports only ml_collections and the pure-Python :mod:`jackpot_jax.settings`, so
+loading a config never imports JAX.
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from jackpot_jax import settings
 
 CPU_COLLECTIVES = ('', 'gloo', 'mpi')
 # config.jackpot = 'none': no jackpot (evaluate the weights as they are). Modes that
@@ -21,28 +24,20 @@ FLOAT32_ONLY_MODES = ('overlap',)
 # Variants of mode 'stability': the paper's protocol, each change of the stable one on
 # its own, and the stable protocol.
 STABILITY_VARIANTS = ('paper', 'paper+recalibration', 'paper+freeze', 'stable')
-# What config.protocol sets for every field left at -1 ("set by the protocol").
+# What config.protocol sets for every field left at -1 ("set by the protocol"): the
+# library's table (jackpot_jax.settings.PROTOCOLS) under the config's field names.
 # 'stable': a validation split for every choice, BatchNorm statistics re-estimated
 # under each evaluated mask, the mask held fixed over the last quarter of the epochs
 # (at rate 1 it otherwise oscillates between near-tied weights to the end), and the
-# jackpot of the epoch best on the validation split kept as the result.
+# jackpot chosen on the validation split kept as the result.
 # 'paper': the published protocol, exactly as the authors' released code runs it
 # (the last epoch's jackpot is the result).
 PROTOCOLS = {
-    'stable': {
-        'data.validation_fraction': 0.1,
-        'search.bn_recalibration_steps': 50,
-        'search.mask_freeze_fraction': 0.25,
-        'search.swap_margin': 0.0,
-        'search.final_jackpot': 'best_validation',
-    },
-    'paper': {
-        'data.validation_fraction': 0.0,
-        'search.bn_recalibration_steps': 0,
-        'search.mask_freeze_fraction': 0.0,
-        'search.swap_margin': 0.0,
-        'search.final_jackpot': 'last',
-    },
+    protocol: {
+        ('data.' if name == 'validation_fraction' else 'search.') + name: value
+        for name, value in fields.items()
+    }
+    for protocol, fields in settings.PROTOCOLS.items()
 }
 
 
@@ -111,7 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.search.batch_size = 64
     config.search.learning_rate = 0.1
     config.search.weight_decay = 5e-4
-    config.search.momentum = 0.9
+    config.search.momentum = 0.9  # of 'sgd'.
+    # The scores' optimizer: 'sgd' (the paper's, PyTorch-style) | 'adam' | 'adamw'.
+    config.search.optimizer = 'sgd'
     config.search.label_smoothing = 0.0
     config.search.pruned_score = 0.99  # initial score of magnitude-pruned weights.
     # 'magnitude' (the paper) | 'kaiming' (edge-popup's scaled Kaiming uniform) | 'random' U(0,1).
@@ -133,9 +130,12 @@ def get_config() -> ml_collections.ConfigDict:
     # the one it replaces by more than the margin (counts stay exact). >= 0; 0 = none
     # (the paper). -1 = set by config.protocol (stable: 0, paper: 0).
     config.search.swap_margin = -1.0
-    # Which epoch's jackpot the search saves: 'last', or 'best_validation' (the epoch with
-    # the best validation top-1; needs data.validation_fraction > 0). Never chosen on test.
-    # '' = set by config.protocol (stable: 'best_validation', paper: 'last').
+    # Which epoch's jackpot the search saves: 'last', or a rule over the validation top-1
+    # (needs data.validation_fraction > 0; never chosen on test): 'one_standard_error' (the
+    # latest epoch within one binomial standard error of the best), 'best' (the latest on
+    # ties; 'best_validation' is its former name), 'best_frozen' (the best with the final
+    # masks). '' = set by config.protocol (stable: 'one_standard_error', paper: 'last';
+    # without a validation split: 'last').
     config.search.final_jackpot = ''
     # Also evaluate every epoch with the other statistics (the search's running ones and ones
     # re-estimated under the mask), recorded as *_running / *_recalibrated: a diagnostic.
@@ -144,6 +144,9 @@ def get_config() -> ml_collections.ConfigDict:
     # but the classifier's and a ViT's conv_proj); written out so configs need no JAX.
     config.search.prune_include = r'(^|/)kernel$'
     config.search.prune_exclude = r'^((fc|classifier)(_\d+)?|heads|conv_proj)/'
+    # Also leave dense the kernels whose output is the model's output (its classifier),
+    # found by tracing the model, whatever their names.
+    config.search.dense_output_layer = True
     # 'N:M' (e.g. '2:4'): keep N of every M consecutive input-channel weights in each
     # prunable layer whose input channels are a multiple of M (the others stay dense);
     # search.sparsity must then equal (M - N) / M (search.allocation is not used).
@@ -223,11 +226,12 @@ SEARCH_IDENTITY_FIELDS = (
     'data.name', 'data.validation_fraction', 'data.image_size', 'data.resize',
     'data.random_flip', 'data.mean', 'data.std', 'data.eval_split', 'data.context',
     'search.sparsity', 'search.allocation', 'search.epochs', 'search.batch_size',
-    'search.learning_rate', 'search.weight_decay', 'search.momentum',
+    'search.learning_rate', 'search.weight_decay', 'search.momentum', 'search.optimizer',
     'search.label_smoothing', 'search.pruned_score', 'search.score_init',
     'search.mask_update', 'search.rate_schedule', 'search.bn_mode',
     'search.bn_recalibration_steps', 'search.mask_freeze_fraction', 'search.swap_margin',
-    'search.prune_include', 'search.prune_exclude', 'search.pattern',
+    'search.prune_include', 'search.prune_exclude', 'search.dense_output_layer',
+    'search.pattern',
 )  # fmt: skip
 
 

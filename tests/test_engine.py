@@ -1,0 +1,273 @@
+"""The one search engine: the library and the launcher run the same loop, and the library
+gets the launcher's checkpoints, resume, devices and any loss."""
+
+from __future__ import annotations
+
+import ast
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jackpot_jax
+from jackpot_jax import config as config_lib
+from jackpot_jax import run_context as rc
+from jackpot_jax import search_run, sparsity, weight_training
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+CLASSES = 4
+
+
+class Mlp(nn.Module):
+    """A classifier whose output layer has a name the name rule does not know."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(32, name='hidden')(x.reshape(len(x), -1)))
+        return nn.Dense(CLASSES, name='head')(x)
+
+
+def _data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    y = (x[:, :CLASSES].argmax(-1)).astype(np.int32)
+    return x, y
+
+
+def _batches(n=64, size=16, seed=0):
+    x, y = _data(n, seed)
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, n, size)]
+
+
+def _variables(model=None):
+    model = model or Mlp()
+    return model, model.init(jax.random.key(0), jnp.zeros((1, 8)))
+
+
+SETTINGS = {'sparsity': 0.75, 'epochs': 2, 'progress': False}
+
+
+def test_the_package_has_one_search_loop():
+    """Only the engine builds and runs the search step."""
+    callers = []
+    for path in (REPO / 'jackpot_jax').rglob('*.py'):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, 'attr', None) == 'make_search_step':
+                callers.append(path.name)
+    assert callers == ['engine.py']
+
+
+def test_a_classifier_named_head_stays_dense_by_default():
+    model, variables = _variables()
+    jackpot = jackpot_jax.find_jackpot(model, variables, _batches(), **SETTINGS)
+    assert set(jackpot.masks) == {'hidden/kernel'}
+    assert 'head/kernel' in jackpot.summary()  # the summary says which layer and why
+    pruned = jackpot_jax.find_jackpot(
+        model, variables, _batches(), dense_output_layer=False, **SETTINGS
+    )
+    assert set(pruned.masks) == {'hidden/kernel', 'head/kernel'}
+
+
+def test_unknown_options_are_named_with_a_suggestion():
+    model, variables = _variables()
+    with pytest.raises(TypeError, match="'sparsty' .*did you mean 'sparsity'"):
+        jackpot_jax.find_jackpot(model, variables, _batches(), sparsty=0.5)
+
+
+def test_save_and_load_round_trip_refused_on_other_weights(tmp_path):
+    model, variables = _variables()
+    jackpot = jackpot_jax.find_jackpot(model, variables, _batches(), **SETTINGS)
+    path = str(tmp_path / 'jackpot')
+    jackpot.save(path)
+    with pytest.raises(FileExistsError, match='overwrite=True'):
+        jackpot.save(path)
+    loaded = jackpot_jax.load_jackpot(path, model, variables)
+    for p in jackpot.masks:
+        np.testing.assert_array_equal(loaded.masks[p], jackpot.masks[p])
+        np.testing.assert_array_equal(loaded.scores[p], jackpot.scores[p])
+    assert loaded.evaluate(_batches(seed=1)) == jackpot.evaluate(_batches(seed=1))
+    _, other = _variables()
+    other = jax.tree.map(lambda w: w + 1.0, other)
+    with pytest.raises(ValueError, match='found in other weights'):
+        jackpot_jax.load_jackpot(path, model, other)
+
+
+class Regressor(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.relu(nn.Dense(32, name='hidden')(x))
+        return nn.Dense(1, name='out')(x)[:, 0]
+
+
+def test_a_custom_loss_chooses_its_epoch_by_a_lower_is_better_metric():
+    x, _ = _data(64)
+    target = x[:, 0] * 2.0 - x[:, 1]
+    batches = [{'inputs': x[i : i + 16], 'target': target[i : i + 16]} for i in range(0, 64, 16)]
+    validation = [{'inputs': x[:16], 'target': target[:16]}]
+
+    def loss_fn(prediction, batch):
+        error = prediction - batch['target']
+        return jnp.mean(error**2), {'mae': jnp.mean(jnp.abs(error))}
+
+    model = Regressor()
+    variables = model.init(jax.random.key(0), x[:1])
+    jackpot = jackpot_jax.find_jackpot(
+        model, variables, batches, validation_batches=validation, loss_fn=loss_fn,
+        selection_metric='loss', final_jackpot='best', sparsity=0.5, epochs=3, progress=False,
+        learning_rate=0.5,
+    )
+    losses = [r['validation_loss'] for r in jackpot.report['epochs']]
+    best = len(losses) - int(np.argmin(losses[::-1]))  # the latest of the lowest
+    assert jackpot.report['kept_epoch'] == best
+    assert 'validation_mae' in jackpot.report['epochs'][0]
+    assert jackpot.evaluate(validation, metric='loss') == pytest.approx(losses[best - 1])
+
+
+def test_eight_devices_find_what_one_device_finds():
+    model, variables = _variables()
+    batches = _batches(n=64, size=16)
+    one = jackpot_jax.find_jackpot(model, variables, batches, **SETTINGS)
+    eight = jackpot_jax.find_jackpot(model, variables, batches, num_devices=8, **SETTINGS)
+    for p in one.masks:
+        np.testing.assert_array_equal(eight.masks[p], one.masks[p])
+        np.testing.assert_allclose(eight.scores[p], one.scores[p], atol=1e-5)
+
+
+def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
+    """Same weights, batches and settings: the same masks, scores and epoch records."""
+    config = config_lib.get_config()
+    config.pretrain.epochs = 1
+    config.search.epochs = 2
+    config.steps_per_epoch = 4
+    config.model.width = 8
+    config.num_devices = 1
+    workdir = str(tmp_path / 'run')
+    weight_training.run_pretrain(config, workdir)
+    found = search_run.run_search(config, workdir)
+
+    config = rc.config_checks.resolve_protocol(config)
+    setup = rc.Setup(config)
+    params, batch_stats, _ = setup.load_pretrained(workdir)
+    size = config.search.batch_size
+    steps = setup.steps_per_epoch(size)
+    jackpot = jackpot_jax.find_jackpot(
+        setup.model,
+        {'params': jax.device_get(params), 'batch_stats': jax.device_get(batch_stats)},
+        lambda epoch: setup.source.train_epoch(size, config.seed, epoch, 0),
+        steps_per_epoch=steps,
+        validation_batches=list(setup.source.eval_batches(config.data.eval_batch_size, 'validation')),
+        settings=search_run.search_settings(config, True),
+        progress=False,
+    )
+    state = found['state']
+    kept = found['jackpot_epoch']
+    assert jackpot.report['kept_epoch'] == kept
+    if kept == len(found['history']):
+        for p, m in jackpot.masks.items():
+            np.testing.assert_array_equal(m, np.asarray(state.masks[p]))
+            np.testing.assert_array_equal(jackpot.scores[p], np.asarray(state.scores[p]))
+    for launcher, library in zip(found['history'], jackpot.report['epochs']):
+        shared = set(launcher) & set(library) - {'validation_examples'}
+        assert {'loss', 'top1', 'mask_changes', 'validation_top1'} <= shared
+        assert {k: launcher[k] for k in shared} == {k: library[k] for k in shared}
+
+
+_RESUMABLE_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
+    import jackpot_jax
+
+    class Mlp(nn.Module):
+        @nn.compact
+        def __call__(self, x, train=False):
+            x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Dense(32)(x)))
+            return nn.Dense(4, name='head')(x)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 8)).astype(np.float32)
+    y = x[:, :4].argmax(-1).astype(np.int32)
+    kill_at = os.environ.get('KILL_AT')
+
+    def batches(epoch):
+        for i in range(6):
+            if kill_at == f'{epoch}:{i}':
+                os.kill(os.getpid(), signal.SIGKILL)
+            yield x[16 * i: 16 * i + 16], y[16 * i: 16 * i + 16]
+
+    model = Mlp()
+    variables = model.init(jax.random.key(0), x[:2])
+    jackpot = jackpot_jax.find_jackpot(
+        model, variables, batches, steps_per_epoch=6, validation_batches=[(x[:32], y[:32])],
+        sparsity=0.8, epochs=3, workdir=sys.argv[1], checkpoint_every=2, progress=False,
+        bn_recalibration_steps=3,
+    )
+    np.savez(sys.argv[2], **{'m_' + k: v for k, v in jackpot.masks.items()},
+             **{'s_' + k: np.asarray(v) for k, v in jackpot.scores.items()},
+             kept=jackpot.report['kept_epoch'],
+             losses=[r['loss'] for r in jackpot.report['epochs']])
+    """
+)
+
+
+def _run(script, workdir, out, kill_at=None):
+    env = {**os.environ, 'PYTHONPATH': str(REPO)}
+    env.pop('KILL_AT', None)
+    if kill_at:
+        env['KILL_AT'] = kill_at
+    return subprocess.run(
+        [sys.executable, str(script), str(workdir), str(out)], env=env, capture_output=True,
+        text=True, timeout=600,
+    )
+
+
+def test_a_killed_library_search_resumes_to_the_uninterrupted_result(tmp_path):
+    script = tmp_path / 'search.py'
+    script.write_text(_RESUMABLE_SCRIPT)
+    whole = _run(script, tmp_path / 'whole', tmp_path / 'whole.npz')
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _run(script, tmp_path / 'killed', tmp_path / 'killed.npz', kill_at='1:5')
+    assert killed.returncode == -9  # SIGKILL, mid-epoch 2
+    assert os.listdir(tmp_path / 'killed' / 'checkpoints')
+    resumed = _run(script, tmp_path / 'killed', tmp_path / 'killed.npz')
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = np.load(tmp_path / 'whole.npz'), np.load(tmp_path / 'killed.npz')
+    assert sorted(a.files) == sorted(b.files)
+    for name in a.files:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    # The jackpot was saved in the workdir, and loads over the same weights.
+    assert os.path.isdir(tmp_path / 'killed' / 'jackpot')
+
+
+def test_resume_refuses_other_settings_naming_them(tmp_path):
+    model, variables = _variables()
+    workdir = str(tmp_path / 'w')
+    jackpot_jax.find_jackpot(model, variables, _batches(), workdir=workdir, **SETTINGS)
+    with pytest.raises(ValueError, match=r'sparsity: checkpoint 0\.75, now 0\.5'):
+        jackpot_jax.find_jackpot(
+            model, variables, _batches(), workdir=workdir, **{**SETTINGS, 'sparsity': 0.5}
+        )
+    other = jax.tree.map(lambda w: w * 2.0, variables)
+    with pytest.raises(ValueError, match='other weights'):
+        jackpot_jax.find_jackpot(model, other, _batches(), workdir=workdir, **SETTINGS)
+
+
+def test_the_score_optimizer_is_a_setting():
+    model, variables = _variables()
+    sgd = jackpot_jax.find_jackpot(model, variables, _batches(), **SETTINGS)
+    adam = jackpot_jax.find_jackpot(
+        model, variables, _batches(), optimizer='adam', learning_rate=0.01, **SETTINGS
+    )
+    assert any(
+        not np.array_equal(sgd.scores[p], adam.scores[p]) for p in sgd.scores
+    )
+    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'"):
+        jackpot_jax.find_jackpot(model, variables, _batches(), optimizer='adagrad', **SETTINGS)
