@@ -13,8 +13,9 @@ are prunable by the default rule; embeddings, LayerNorms and biases stay dense.
 ``pretrain`` trains it with the launcher's SGD (momentum 0.9, per-epoch cosine) on
 next-token cross-entropy; an "epoch" is ``steps_per_epoch`` = 250 batches of 16 windows
 drawn from a fresh shuffle, 6 of them (1,500 steps, 3.1 M tokens, about 0.8 passes over
-the 3.96 MB of training text; about 35 minutes on two busy CPU cores). The result reports test top-1 / top-5 over
-tokens, the mean per-token ``loss`` (nats) and ``perplexity`` = exp(loss).
+the 3.96 MB of training text; about 30 minutes on two busy CPU cores). The result
+reports test top-1 / top-5 over tokens, the mean per-token ``loss`` (nats) and
+``perplexity`` = exp(loss).
 
 ``tiny`` shrinks everything to seconds for smoke tests: width 32, 2 blocks, context 16,
 2 epochs of 3 steps of 8 windows.

@@ -173,7 +173,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Mode 'overlap': other pruning criteria at the jackpot's per-layer counts.
     config.overlap = ml_collections.ConfigDict()
-    config.overlap.criteria = 'magnitude,random,snip,grasp,synflow'  # comma-separated.
+    config.overlap.criteria = 'magnitude,random,snip,grasp,synflow,wanda'  # comma-separated.
     config.overlap.batch_size = 0  # SNIP/GraSP scoring batch; 0 = search.batch_size.
     config.overlap.bn_steps = 0  # > 0: also evaluate with BN stats re-estimated over N batches.
 

@@ -78,7 +78,7 @@ def small_cnn():
 
 def test_every_criterion_keeps_exactly_n_minus_k_per_layer(small_cnn):
     _, _, kernels, counts, _, masks = small_cnn
-    assert set(masks) == {'magnitude', 'random', 'snip', 'grasp', 'synflow'}
+    assert set(masks) == {'magnitude', 'random', 'snip', 'grasp', 'synflow', 'wanda'}
     for name, found in masks.items():
         assert set(found) == set(counts), name
         for path, k in counts.items():
@@ -189,3 +189,109 @@ def test_missing_inputs_and_unknown_names_are_explained():
         criteria.criterion_masks('random', OneDense(), params, {}, counts)
     with pytest.raises(ValueError, match='needs input_shape'):
         criteria.criterion_masks('synflow', OneDense(), params, {}, counts)
+
+
+# ----------------------------------------------------------------------------
+# Wanda: |w| ||X_j||, compared within each output row.
+# ----------------------------------------------------------------------------
+class TwoDense(nn.Module):
+    """relu(x W1 + b1) W2 + b2: the second layer's input is the first one's activation."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        x = nn.relu(nn.Dense(8, name='hidden')(x))
+        return nn.Dense(4, name='out')(x)
+
+
+def _two_dense(seed=0):
+    rng = np.random.default_rng(seed)
+    params = {
+        'hidden': {
+            'kernel': rng.normal(size=(6, 8)).astype(np.float32),
+            'bias': rng.normal(size=8).astype(np.float32),
+        },
+        'out': {
+            'kernel': rng.normal(size=(8, 4)).astype(np.float32),
+            'bias': rng.normal(size=4).astype(np.float32),
+        },
+    }
+    batches = [rng.normal(size=(5, 3, 6)).astype(np.float32) for _ in range(2)]  # [B, T, in]
+    return params, batches
+
+
+def _numpy_wanda_scores(params, batches):
+    """The reference: input norms over every example and position of every batch."""
+    x = np.concatenate([b.reshape(-1, 6) for b in batches]).astype(np.float64)
+    h = np.maximum(x @ params['hidden']['kernel'] + params['hidden']['bias'], 0.0)
+    return {
+        'hidden/kernel': np.abs(params['hidden']['kernel']) * np.linalg.norm(x, axis=0)[:, None],
+        'out/kernel': np.abs(params['out']['kernel']) * np.linalg.norm(h, axis=0)[:, None],
+    }
+
+
+def _numpy_row_mask(score, pruned_per_row):
+    """Each output (column of the (in, out) kernel) prunes its lowest scores."""
+    keep = np.ones(score.shape, bool)
+    for j in range(score.shape[1]):
+        keep[np.argsort(score[:, j], kind='stable')[: pruned_per_row[j]], j] = False
+    return keep
+
+
+def test_wanda_norms_and_scores_match_a_numpy_reference_over_two_batches():
+    params, batches = _two_dense()
+    paths = ('hidden/kernel', 'out/kernel')
+    norms = criteria.activation_norms(TwoDense(), params, {}, paths, batches)
+    want = _numpy_wanda_scores(params, batches)
+    for p in paths:
+        got = criteria.wanda_keep_scores({p: params[p.split('/')[0]]['kernel']}, norms)[p]
+        np.testing.assert_allclose(got, want[p], rtol=1e-5, err_msg=p)
+
+
+def test_wanda_keeps_the_same_share_of_every_output_row():
+    params, batches = _two_dense()
+    found = criteria.wanda_masks(
+        TwoDense(), params, {}, batches, sparsity=0.5, paths=('hidden/kernel', 'out/kernel')
+    )
+    want = _numpy_wanda_scores(params, batches)
+    for p, k_row in (('hidden/kernel', 3), ('out/kernel', 4)):
+        m = np.asarray(found[p])
+        np.testing.assert_array_equal(m, _numpy_row_mask(want[p], [k_row] * m.shape[1]))
+        assert (m.sum(axis=0) == m.shape[0] - k_row).all(), p
+    # A layer count that does not divide by the rows: the first rows prune one more.
+    got = criteria.wanda_masks(TwoDense(), params, {}, batches, counts={'out/kernel': 14})
+    np.testing.assert_array_equal(
+        got['out/kernel'], _numpy_row_mask(want['out/kernel'], [4, 4, 3, 3])
+    )
+
+
+def test_wanda_two_four_prunes_two_of_every_four_inputs_of_each_output():
+    params, batches = _two_dense()
+    found = criteria.wanda_masks(
+        TwoDense(), params, {}, batches, pattern='2:4', paths=('hidden/kernel', 'out/kernel')
+    )
+    want = _numpy_wanda_scores(params, batches)
+    # hidden has 6 inputs (not a multiple of 4): it stays dense.
+    assert np.asarray(found['hidden/kernel']).all()
+    score, m = want['out/kernel'], np.asarray(found['out/kernel'])
+    for j in range(4):
+        for g in range(2):
+            group = score[4 * g : 4 * g + 4, j]
+            kept = np.zeros(4, bool)
+            kept[np.argsort(group, kind='stable')[2:]] = True
+            np.testing.assert_array_equal(m[4 * g : 4 * g + 4, j], kept)
+
+
+def test_wanda_as_a_criterion_uses_its_batch_and_ranks_per_row():
+    params, batches = _two_dense()
+    counts = {'hidden/kernel': 24, 'out/kernel': 16}
+    found = criteria.criterion_masks('wanda', TwoDense(), params, {}, counts, batch=(batches[0],))
+    want = _numpy_wanda_scores(params, batches[:1])
+    for p, k_row in (('hidden/kernel', 3), ('out/kernel', 4)):
+        want_mask = _numpy_row_mask(want[p], [k_row] * want[p].shape[1])
+        np.testing.assert_array_equal(found[p], want_mask, err_msg=p)
+    with pytest.raises(ValueError, match='needs a data batch'):
+        criteria.criterion_masks('wanda', TwoDense(), params, {}, counts)
+    with pytest.raises(ValueError, match='exactly one of sparsity=, counts= or pattern='):
+        criteria.wanda_masks(TwoDense(), params, {}, batches, sparsity=0.5, pattern='2:4')
+    with pytest.raises(ValueError, match='no calibration batch'):
+        criteria.wanda_masks(TwoDense(), params, {}, [], sparsity=0.5)
