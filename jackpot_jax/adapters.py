@@ -223,3 +223,44 @@ def split_nnx(
         param_state,
         other_state,
     )
+
+
+def as_forward(
+    model: Any,
+    variables: Mapping | None = None,
+    *,
+    train_kwargs: Mapping[str, Any] | None = None,
+    eval_kwargs: Mapping[str, Any] | None = None,
+) -> tuple[Forward, Any, Any, NnxSplit | None]:
+    """``(forward, params, statistics, nnx_split)`` of a Linen module (or its ``apply``) with
+    its variables, an NNX module, or a forward function with ``{'params', ...}`` variables."""
+    from flax import nnx  # pylint: disable=g-import-not-at-top
+
+    if isinstance(model, nnx.Module):
+        if variables is not None:
+            raise ValueError(
+                'an NNX module holds its own variables; call find_jackpot(model, None, batches)'
+            )
+        split = split_nnx(model, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs)
+        return split.forward, split.params, split.statistics, split
+    owner = getattr(model, '__self__', None)
+    if isinstance(owner, nn.Module) and getattr(model, '__name__', '') == 'apply':
+        model = owner  # model.apply: the module itself
+    if not isinstance(model, nn.Module) and not callable(model):
+        raise TypeError(
+            f'model is a {type(model).__name__}; pass a flax.linen.Module with its variables, '
+            'a flax.nnx.Module, or a forward(params, statistics, images, *, train, rng)'
+        )
+    if not isinstance(variables, Mapping) or 'params' not in variables:
+        raise ValueError(
+            "variables must be a mapping with 'params' (what model.init returns), got "
+            f'{type(variables).__name__}'
+        )
+    statistics = {k: v for k, v in variables.items() if k != 'params'}
+    if isinstance(model, nn.Module):
+        forward = linen_forward(
+            model, tuple(statistics), train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
+        )
+    else:
+        forward = model
+    return forward, variables['params'], statistics, None

@@ -137,6 +137,9 @@ def get_config() -> ml_collections.ConfigDict:
     # masks). '' = set by config.protocol (stable: 'one_standard_error', paper: 'last';
     # without a validation split: 'last').
     config.search.final_jackpot = ''
+    # The validation metric the kept epoch is chosen by: 'top1', or a lower-is-better one
+    # such as 'loss' or 'perplexity' (a language model's).
+    config.search.selection_metric = 'top1'
     # Also evaluate every epoch with the other statistics (the search's running ones and ones
     # re-estimated under the mask), recorded as *_running / *_recalibrated: a diagnostic.
     config.search.compare_bn_statistics = False
@@ -217,7 +220,7 @@ RESUMABLE_FIELDS = (
     'data.data_dir', 'data.eval_batch_size', 'data.threads',
     'tune', 'pretrain', 'overlap', 'search_cost', 'restriction', 'sweep', 'stability',
     'search.step_trace', 'search.compare_bn_statistics', 'search.final_jackpot',
-    'overwrite',
+    'search.selection_metric', 'overwrite',
 )  # fmt: skip
 # A resumed search must share these with the one that wrote the checkpoint. A field in
 # neither list (a model's own keyword, e.g. configs/vit_digits.py's) counts as identity.

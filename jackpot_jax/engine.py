@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
-import json
 import os
+import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -32,77 +31,20 @@ import numpy as np
 from absl import logging
 from tqdm import auto as tqdm
 
-from jackpot_jax import adapters, checkpoint, mask_plan, metrics, output_layer, parallel, search
-from jackpot_jax import selection, sparsity
+from jackpot_jax import adapters, checkpoint, evaluation, mask_plan, metrics, parallel
+from jackpot_jax import search, selection, sparsity
+from jackpot_jax import persistence as persistence_lib
+from jackpot_jax.persistence import Persistence
 from jackpot_jax.errors import UserError
 from jackpot_jax.settings import SearchSettings
 
 Batch = Any
 # (params, statistics, split) -> {metric: value, 'examples': count} on that split.
 Evaluator = Callable[[Any, Any, str], dict[str, float]]
-NAN_STOP_FILE = 'nan_stop.json'
 
 
 class SearchInterrupted(UserError, KeyboardInterrupt):
     """Ctrl-C during a search; the message says where it stopped and how to resume."""
-
-
-# ----------------------------------------------------------------------------
-# Statistics re-estimation and evaluation over batches.
-# ----------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames='forward')
-def _train_statistics(forward, params, statistics, inputs, rng):
-    return forward(params, statistics, inputs, train=True, rng=rng)[1]
-
-
-def recalibrate_statistics(
-    forward: adapters.Forward,
-    params: Any,
-    statistics: Any,
-    batches: Iterable[Batch] | Callable[[int], Iterable[Batch]],
-    steps: int,
-    *,
-    steps_per_epoch: int | None = None,
-    rng: jax.Array | int = 0,
-    inputs_fn: Callable[[Batch], Any] = search.batch_inputs,
-) -> Any:
-    """The model's statistics (BatchNorm running averages) re-estimated under fixed params.
-
-    ``steps`` train-mode forward passes over the first training batches (epoch 0, then
-    1, ...; ``steps_per_epoch`` of each), starting from ``statistics`` with the model's
-    own running-average update; no gradient, params unchanged. Statistics measured while
-    the masks were still moving describe none of them; these describe the final masks.
-    """
-    if not steps or not jax.tree.leaves(statistics):  # nothing to re-estimate
-        return statistics
-    key = jax.random.key(rng) if isinstance(rng, int) else rng
-    stream = itertools.islice(epochs_of(batches, steps_per_epoch), steps)
-    for i, batch in enumerate(stream):
-        inputs = jax.tree.map(jnp.asarray, inputs_fn(batch))
-        statistics = _train_statistics(
-            forward, params, statistics, inputs, jax.random.fold_in(key, i)
-        )
-    return statistics
-
-
-def batches_of_epoch(batches: Any, epoch: int) -> Iterator[Batch]:
-    """The batches of one epoch: ``batches(epoch)`` for a callable, else ``batches``."""
-    return iter(batches(epoch) if callable(batches) else batches)
-
-
-def epochs_of(batches: Any, steps_per_epoch: int | None) -> Iterator[Batch]:
-    """The training batches of epoch 0, 1, 2, ... one after the other."""
-    for epoch in itertools.count():
-        count = 0
-        for count, batch in enumerate(
-            itertools.islice(batches_of_epoch(batches, epoch), steps_per_epoch), 1
-        ):
-            yield batch
-        if not count:
-            raise ValueError(
-                f'the training batches of epoch {epoch} are empty; pass a re-iterable (a list) or '
-                'a callable epoch -> batches'
-            )
 
 
 # ----------------------------------------------------------------------------
@@ -140,46 +82,6 @@ class SearchTask:
     excluded_output_paths: tuple[str, ...] = ()  # left dense: the model's output layer
 
 
-@dataclasses.dataclass
-class Persistence:
-    """A workdir: checkpoints every ``every_steps`` and each epoch, resume, metrics file.
-
-    ``identity`` is stored with every checkpoint; ``check_resumable(saved_meta,
-    after_nan_stop)`` raises unless a checkpoint's meta matches this search's.
-    """
-
-    directory: str
-    identity: dict[str, Any]
-    check_resumable: Callable[[dict[str, Any], bool], None]
-    every_steps: int = 0
-    keep: int = 3
-    mode: str = 'search'
-
-    @property
-    def checkpoints(self) -> str:
-        return os.path.join(self.directory, 'checkpoints')
-
-    @property
-    def metrics_file(self) -> str:
-        return os.path.join(self.directory, 'metrics.jsonl')
-
-    @property
-    def nan_stop_file(self) -> str:
-        return os.path.join(self.checkpoints, NAN_STOP_FILE)
-
-
-def resume_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    """``'name: checkpoint X, now Y'`` for every setting that differs."""
-    diffs = [
-        f'{k}: checkpoint {saved[k]!r}, now {v!r}'
-        for k, v in expected.items()
-        if k in saved and saved[k] != v
-    ]
-    diffs += [f'{k}: not in the checkpoint, now {v!r}' for k, v in expected.items() if k not in saved]
-    diffs += [f'{k}: only in the checkpoint' for k in saved if k not in expected]
-    return sorted(diffs)
-
-
 # ----------------------------------------------------------------------------
 # The outcome.
 # ----------------------------------------------------------------------------
@@ -198,21 +100,6 @@ class SearchOutcome:
     search_seconds: float
 
 
-def score_optimizer(settings: SearchSettings, steps_per_epoch: int):
-    """The scores' optimizer: SGD (PyTorch-style, the paper's), Adam or AdamW, with the
-    per-epoch cosine; weight decay is added to the gradient (AdamW: decoupled)."""
-    import optax  # pylint: disable=g-import-not-at-top
-
-    s = settings
-    schedule = search.epoch_cosine(s.learning_rate, s.epochs, steps_per_epoch)
-    if s.optimizer == 'sgd':
-        return search.sgd_optimizer(s.learning_rate, s.weight_decay, s.momentum, s.epochs,
-                                    steps_per_epoch)
-    if s.optimizer == 'adamw':
-        return optax.adamw(schedule, weight_decay=s.weight_decay)
-    return optax.chain(optax.add_decayed_weights(s.weight_decay), optax.adam(schedule))
-
-
 def plan(task: SearchTask, settings: SearchSettings) -> mask_plan.MaskPlan:
     """The mask plan of the settings over the task's frozen params."""
     for name, choices in (
@@ -227,7 +114,7 @@ def plan(task: SearchTask, settings: SearchSettings) -> mask_plan.MaskPlan:
             )
     exclude = settings.prune_exclude
     if task.excluded_output_paths:
-        extra = '|'.join(f'^{p}$' for p in map(_escape, task.excluded_output_paths))
+        extra = '|'.join(f'^{p}$' for p in map(re.escape, task.excluded_output_paths))
         exclude = f'{exclude}|{extra}' if exclude else extra
     return mask_plan.plan_masks(
         task.params,
@@ -238,24 +125,6 @@ def plan(task: SearchTask, settings: SearchSettings) -> mask_plan.MaskPlan:
         exclude,
         model_name=task.model_name,
     )
-
-
-def _escape(path: str) -> str:
-    import re  # pylint: disable=g-import-not-at-top
-
-    return re.escape(path)
-
-
-def output_kernels(
-    forward: adapters.Forward, params: Any, statistics: Any, inputs: Any, include: str
-) -> tuple[str, ...]:
-    """The kernels (paths matching ``include``) whose output is the model's output: its
-    classifier, found by tracing the model on ``inputs``, whatever it is called."""
-    paths = output_layer.output_kernel_paths(
-        lambda p: forward(p, statistics, inputs, train=False)[0], params
-    )
-    prunable = sparsity.prunable_paths(params, include, None)
-    return tuple(p for p in paths if p in prunable)
 
 
 # ----------------------------------------------------------------------------
@@ -276,7 +145,7 @@ def run(
         task.params, s.score_init, mask_update=s.mask_update, pruned_score=s.pruned_score,
         rng=init_key,
     )
-    optimizer = task.optimizer or score_optimizer(s, steps)
+    optimizer = task.optimizer or search.score_optimizer(s, steps)
     copy = functools.partial(jax.tree.map, jnp.array)  # the step donates its state
     state = parallel.replicate(
         search.init_search_state(copy(task.params), copy(task.statistics), masks, scores,
@@ -304,7 +173,7 @@ def run(
 
     def jackpot_statistics(state):
         masked = sparsity.masked_params(state.frozen_params, state.masks)
-        stats = recalibrate_statistics(
+        stats = evaluation.recalibrate_statistics(
             task.forward, masked, state.batch_stats,
             lambda epoch: task.train_epoch(epoch, 0), s.bn_recalibration_steps,
             steps_per_epoch=steps, rng=recalibration_key, inputs_fn=task.inputs_fn,
@@ -322,7 +191,7 @@ def run(
                 record[f'{split}_{name}'] = value
         if task.compare_statistics:
             used = 'recalibrated' if s.bn_recalibration_steps else 'running'
-            other = state.batch_stats if used == 'recalibrated' else recalibrate_statistics(
+            other = state.batch_stats if used == 'recalibrated' else evaluation.recalibrate_statistics(
                 task.forward, masked, state.batch_stats,
                 lambda epoch: task.train_epoch(epoch, 0), DIAGNOSTIC_RECALIBRATION_STEPS,
                 steps_per_epoch=steps, rng=recalibration_key, inputs_fn=task.inputs_fn,
@@ -354,7 +223,7 @@ def run(
             os.remove(persistence.nan_stop_file)
     start = int(parallel.to_host(state.step))
     if persistence is not None:
-        _truncate_records(persistence.metrics_file, persistence.mode, start)
+        persistence_lib.truncate_records(persistence.metrics_file, persistence.mode, start)
         writer = metrics.MetricWriter(persistence.directory)
     clock = time.perf_counter()
 
@@ -421,7 +290,7 @@ def run(
             else jackpot_statistics(st)[1],
         )
     except FloatingPointError as e:
-        raise _nan_stop(e, ckpts, persistence) from e
+        raise persistence_lib.nan_stop_error(e, ckpts, persistence) from e
     except KeyboardInterrupt as e:
         if ckpts:
             ckpts.wait()
@@ -513,38 +382,3 @@ def _kept_epoch(history, s, split, ckpts, snapshots, state, statistics_of):
         return record, state.masks, state.scores, statistics_of(state), choice
     restored, _ = ckpts.restore(record['step'], like=state)
     return record, restored.masks, restored.scores, statistics_of(restored), choice
-
-
-def _nan_stop(error: FloatingPointError, ckpts, persistence) -> FloatingPointError:
-    """The error of a diverged search, naming the checkpoint a rerun resumes from."""
-    if ckpts is None:
-        return FloatingPointError(
-            f'{error}: the search stopped; lower learning_rate (or check the data) and run it again'
-        )
-    ckpts.wait()
-    latest = ckpts.latest_step()
-    if jax.process_index() == 0:
-        os.makedirs(persistence.checkpoints, exist_ok=True)
-        with open(persistence.nan_stop_file, 'w') as f:
-            json.dump({'stopped_after_step': latest}, f)
-    where = (
-        f'the rerun resumes from step {latest} in {ckpts.directory}' if latest is not None
-        else 'no checkpoint was written before it, so the rerun starts over'
-    )
-    return FloatingPointError(
-        f'{error}: the search stopped. Lower the learning rate (or check the data) and run the '
-        f'same search again with it: {where}, and the learning rate is the one setting it may '
-        'change'
-    )
-
-
-def _truncate_records(path: str, mode: str, after_step: int) -> None:
-    """Drops ``mode`` records written after ``after_step`` (by a run that then died)."""
-    if jax.process_index() or not os.path.exists(path):
-        return
-    records = metrics.read_jsonl(path)
-    kept = [r for r in records if r.get('mode') != mode or r.get('step', 0) <= after_step]
-    if len(kept) != len(records):
-        with open(path + '.tmp', 'w') as f:
-            f.writelines(json.dumps(r) + '\n' for r in kept)
-        os.replace(path + '.tmp', path)

@@ -36,6 +36,8 @@ from typing import Any
 import jax
 from jax.extend import core as jcore
 
+from jackpot_jax import sparsity
+
 LINEAR = frozenset({'dot_general', 'conv_general_dilated', 'ragged_dot', 'ragged_dot_general'})
 # Operations that only move, cast or select values: a kernel seen through them is a kernel.
 LAYOUT = frozenset({
@@ -186,3 +188,15 @@ def _sub_jaxprs(eqn: Any) -> list[tuple[Any, list[Any], list[tuple[int, int]]]]:
                 carries = []
             subs.append((held, outer_ins, carries))
     return subs
+
+
+def output_kernels(
+    forward: Callable[..., Any], params: Any, statistics: Any, inputs: Any, include: str
+) -> tuple[str, ...]:
+    """The kernels (paths matching ``include``) whose output is the model's output: its
+    classifier, found by tracing the model on ``inputs``, whatever it is called."""
+    paths = output_kernel_paths(
+        lambda p: forward(p, statistics, inputs, train=False)[0], params
+    )
+    prunable = set(sparsity.prunable_paths(params, include, None))
+    return tuple(p for p in paths if p in prunable)

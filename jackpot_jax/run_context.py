@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
 
-from jackpot_jax import adapters, checkpoint, engine, data, mask_plan, models, parallel, search, trees
+from jackpot_jax import adapters, checkpoint, evaluation, data, mask_plan, models, parallel, search, trees
 from jackpot_jax import config_checks
 from jackpot_jax import config as config_lib
 from jackpot_jax.errors import UserError
@@ -199,7 +199,7 @@ def adapt_batch_stats(
     the first ``steps`` of the training stream (epoch 0 onwards), so it is deterministic.
     """
     batches = functools.partial(setup.train_epoch, batch_size)  # epoch -> its batches
-    return engine.recalibrate_statistics(setup.forward, params, batch_stats, batches, steps)
+    return evaluation.recalibrate_statistics(setup.forward, params, batch_stats, batches, steps)
 
 
 def print_main(*args) -> None:

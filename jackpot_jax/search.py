@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jackpot_jax import adapters, sparsity, structured
-from jackpot_jax.settings import BN_MODES
+from jackpot_jax.settings import BN_MODES, SearchSettings
 
 Metrics = dict[str, Any]
 
@@ -57,6 +57,19 @@ def sgd_optimizer(
         optax.add_decayed_weights(weight_decay),
         optax.sgd(epoch_cosine(learning_rate, epochs, steps_per_epoch), momentum=momentum),
     )
+
+
+def score_optimizer(settings: SearchSettings, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The scores' optimizer: SGD (PyTorch-style, the paper's), Adam or AdamW, with the
+    per-epoch cosine; weight decay is added to the gradient (AdamW: decoupled)."""
+    s = settings
+    schedule = epoch_cosine(s.learning_rate, s.epochs, steps_per_epoch)
+    if s.optimizer == 'sgd':
+        return sgd_optimizer(s.learning_rate, s.weight_decay, s.momentum, s.epochs,
+                                    steps_per_epoch)
+    if s.optimizer == 'adamw':
+        return optax.adamw(schedule, weight_decay=s.weight_decay)
+    return optax.chain(optax.add_decayed_weights(s.weight_decay), optax.adam(schedule))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:

@@ -22,34 +22,18 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from jackpot_jax import checkpoint, config_checks, engine, parallel, plots, sparsity
+from jackpot_jax import checkpoint, config_checks, engine, output_layer, parallel, plots, sparsity
 from jackpot_jax import config as config_lib
 from jackpot_jax import run_context as rc
+from jackpot_jax import persistence as persistence_lib
 from jackpot_jax.settings import SearchSettings
 from jackpot_jax.weight_training import run_tune
 from jackpot_jax.workdir import CHECKPOINTS_DIR, LAYER_SPARSITY_PNG, MASK_CHANGES_PNG
 
-# Config fields that may change between a search and its resumption.
-# fmt: off
-_RESUMABLE_CHANGES = ('mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
-                      'data.data_dir', 'data.eval_batch_size', 'tune', 'pretrain', 'overlap',
-                      'search.step_trace', 'search.compare_bn_statistics', 'search_cost',
-                      'restriction', 'sweep', 'stability', 'data.threads',
-                      'search.final_jackpot', 'overwrite')
-# fmt: on
-
-
 def _search_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The config fields a resumed search must share with the one that wrote the checkpoint."""
-    flat = sparsity.flatten(config.to_dict())
-    return {
-        k: v
-        for k, v in flat.items()
-        if not any(
-            k == c or k.startswith(c + '/')
-            for c in (c.replace('.', '/') for c in _RESUMABLE_CHANGES)
-        )
-    }
+    """The config fields a resumed search must share with the one that wrote the checkpoint
+    (every field not marked resumable in :mod:`jackpot_jax.config`), '/'-joined as stored."""
+    return {k.replace('.', '/'): v for k, v in config_lib.search_identity(config).items()}
 
 
 def _legacy_identity() -> dict[str, Any]:
@@ -119,7 +103,7 @@ def search_task(
     if s.dense_output_layer:
         dtype = getattr(setup.source, 'input_dtype', jnp.float32)  # token models: integers
         sample = jnp.zeros((1, *setup.source.image_shape), dtype)
-        output_paths = engine.output_kernels(
+        output_paths = output_layer.output_kernels(
             setup.forward, params, batch_stats, sample, s.prune_include
         )
     return engine.SearchTask(
@@ -144,7 +128,6 @@ def search_task(
 @rc.resolved
 def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Searches a jackpot in the frozen weights; resumes from WORKDIR/checkpoints if present."""
-    s = config.search
     config_checks.check_final_jackpot(config)  # before the search, not after it
     setup = rc.Setup(config)
     weights_path = rc.pretrained_path(config, workdir)
@@ -158,7 +141,7 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         'weights_fingerprint': fingerprint,
         'weights_path': os.path.abspath(weights_path),
     }
-    persistence = engine.Persistence(
+    persistence = persistence_lib.Persistence(
         directory=workdir,
         identity=identity,
         check_resumable=lambda saved, after_nan: _check_resumable(

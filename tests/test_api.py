@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import jackpot_jax
-from jackpot_jax import adapters, api, search, sparsity
+from jackpot_jax import adapters, api, evaluation, search, sparsity
 
 NUM_CLASSES = 4
 
@@ -208,14 +208,14 @@ def test_stable_protocol_returns_the_epoch_best_on_validation(monkeypatch, valid
     batches, validation = _batches(), _batches(n=1, seed=1)
     script = iter(validation_top1)
     real_evaluate = api.evaluate
-    real_metrics = api.evaluate_metrics
+    real_metrics = evaluation.evaluate_metrics
 
     def scripted(fwd, p, s, b, **kwargs):
         if b is validation:
             return {'top1': next(script), 'examples': 1000}
         return real_metrics(fwd, p, s, b, **kwargs)
 
-    monkeypatch.setattr(api, 'evaluate_metrics', scripted)
+    monkeypatch.setattr(evaluation, 'evaluate_metrics', scripted)
     search_ = {**SEARCH, 'epochs': 3, 'final_jackpot': 'best'}
     jackpot = jackpot_jax.find_jackpot(
         model, variables, batches, validation_batches=validation, eval_batches=batches, **search_
@@ -230,7 +230,7 @@ def test_stable_protocol_returns_the_epoch_best_on_validation(monkeypatch, valid
     np.testing.assert_array_equal(jackpot.scores['hidden/kernel'], scores['hidden/kernel'])
     masked = sparsity.masked_params(variables['params'], masks)
     forward = jackpot_jax.linen_forward(model, ('batch_stats',))
-    fresh = api.recalibrate_statistics(
+    fresh = evaluation.recalibrate_statistics(
         forward, masked, running, batches, 50, rng=jax.random.fold_in(jax.random.key(0), 1)
     )
     jax.tree.map(np.testing.assert_array_equal, jackpot.statistics, fresh)

@@ -13,6 +13,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = 'jackpot_jax'
 # The launcher's layers (every other module is the library underneath).
 ORCHESTRATION = (
+    'api',
+    'engine',
     'launcher',
     'main',
     'run_context',
@@ -118,8 +120,19 @@ def test_layers_import_downwards_only():
     # The converter depends on the library, never on the launcher's run layer.
     run_layer = {prefix + m for m in ('launcher', 'run_context', 'search_run', 'weight_training')}
     assert not graph[prefix + 'convert'] & run_layer
-    # The base config imports no project module (config files load without JAX).
-    assert graph[prefix + 'config'] == set()
+    # The base config imports only the pure-Python settings (config files load without JAX).
+    assert graph[prefix + 'config'] <= {prefix + 'settings'}
+    assert graph[prefix + 'settings'] <= {prefix + 'selection'}
+    assert graph[prefix + 'selection'] == set()
+    # The library (api, engine and below) never imports the launcher's layers.
+    launcher_layer = {
+        prefix + m
+        for m in ('config', 'config_checks', 'paper_configs', 'launcher', 'main', 'run_context',
+                  'search_run', 'weight_training')
+    } | {m for m in graph if m.startswith(prefix + 'studies')}
+    library = ('api', 'engine', 'evaluation', 'persistence', 'batch_checks', 'search', 'settings')
+    for name in library:
+        assert not graph[prefix + name] & launcher_layer, f'{name} imports the launcher layer'
     assert graph[prefix + 'paper_configs'] == {prefix + 'config'}
 
 

@@ -271,6 +271,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(weights, tmp_path, mo
         search_run.run_search(search_config(weights), str(tmp_path))
     steps = checkpoint.SearchCheckpoints(os.path.join(tmp_path, workdir_lib.CHECKPOINTS_DIR)).steps()
     assert steps == [2]
+    # The advice works: the same search with a lower learning rate resumes from step 2.
+    monkeypatch.setattr(search, 'make_search_step', original)
+    config = search_config(weights)
+    config.search.learning_rate = 0.05
+    result = search_run.run_search(config, str(tmp_path))
+    assert [r['step'] for r in result['history']] == [STEPS, 2 * STEPS]
+    # Once resumed, the learning rate is part of the search again.
+    config.search.learning_rate = 0.01
+    config.search.epochs = 3
+    with pytest.raises(ValueError, match='search.learning_rate: checkpoint 0.05'):
+        search_run.run_search(config, str(tmp_path))
 
 
 def test_export_evaluates_like_the_jackpot(weights, reference, capsys):

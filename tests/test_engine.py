@@ -19,7 +19,7 @@ import pytest
 import jackpot_jax
 from jackpot_jax import config as config_lib
 from jackpot_jax import run_context as rc
-from jackpot_jax import search_run, sparsity, weight_training
+from jackpot_jax import search_run, weight_training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CLASSES = 4
