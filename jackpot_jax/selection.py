@@ -93,7 +93,7 @@ class EpochChoice:
     higher_is_better: bool = True
 
     def describe(self) -> str:
-        """One line: 'epoch 9 (latest within one standard error of the best, 0.7 SE below
+        """One line: 'epoch 9 (latest within one standard error of the best, 0.58 SE below
         epoch 7's 0.9792 on 144 validation examples)'."""
         reason = _REASONS[self.rule]
         if self.rule == 'best_frozen' and self.considered:
@@ -109,7 +109,7 @@ class EpochChoice:
         if self.gap_in_standard_errors is None:
             behind = f'{abs(self.best_value - self.value):.4f} {side}'
         else:
-            behind = f'{self.gap_in_standard_errors:.1f} SE {side}'
+            behind = f'{self.gap_in_standard_errors:.2f} SE {side}'
         return (
             f"epoch {self.epoch} ({reason}, {behind} epoch {self.best_epoch}'s "
             f'{self.best_value:.4f} {where})'

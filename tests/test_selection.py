@@ -81,7 +81,7 @@ def test_one_image_on_144_keeps_the_later_epoch():
     assert choice.gap_in_standard_errors == pytest.approx(0.583460, abs=1e-6)
     assert choice.considered == (1, 2, 3, 4)
     assert choice.describe() == (
-        'epoch 4 (latest within one standard error of the best, 0.6 SE below '
+        'epoch 4 (latest within one standard error of the best, 0.58 SE below '
         "epoch 2's 0.9792 on 144 validation examples)"
     )
 
@@ -180,7 +180,7 @@ def test_lower_is_better_metric():
     assert choice.epoch == 3
     assert choice.gap_in_standard_errors == pytest.approx(0.5)
     assert choice.describe() == (
-        'epoch 3 (latest within one standard error of the best, 0.5 SE above '
+        'epoch 3 (latest within one standard error of the best, 0.50 SE above '
         "epoch 2's 0.4000 in validation_loss)"
     )
     # The SE carried by the best record: 0.06, so up to 0.46.
