@@ -23,6 +23,11 @@ the main figures goes to stderr at the end.
 ``--scaling`` adds the search step's images/s on 1, 2, 4, 8 devices of a data-parallel
 mesh at a fixed global batch (on CPU, simulated devices: ``jax_num_cpu_devices`` is set
 before the first JAX operation).
+``--fsdp=N`` runs the comparison with the state split over N devices (a ``data`` x
+``fsdp`` mesh of ``--devices``, see ``jackpot_jax/parallel.py``); ``--memory`` adds, for
+fsdp = 1, 2, 4, 8 over all devices (or ``--devices``), the compiled search step's bytes
+per device (search state, arguments, outputs, temporaries; XLA's memory analysis) and,
+with ``--memory_timing``, the search and dense step times at each fsdp.
 
 Run from the repository root::
 
@@ -30,6 +35,7 @@ Run from the repository root::
     python -m benchmarks.search_step \
         --models=resnet32:128,vgg19_cifar:64,resnet50:16,resnet50:256:2
     python -m benchmarks.search_step --models=resnet20 --scaling --no-compare
+    python -m benchmarks.search_step --models=vit_b_16:8 --memory --no-compare
 """
 
 from __future__ import annotations
@@ -97,6 +103,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument('--inner', type=int, default=1, help='calls per timed sample')
     p.add_argument('--warmup', type=int, default=1, help='untimed calls after the first')
     p.add_argument('--devices', type=int, default=1, help='data-parallel mesh size')
+    p.add_argument(
+        '--fsdp', type=int, default=1, help='devices sharing one copy of the state (divides --devices)'
+    )
     p.add_argument('--rate', type=float, default=0.5, help='traced rate of mask_update_rate')
     p.add_argument(
         '--compare',
@@ -128,10 +137,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help='search-step images/s on 1, 2, 4, 8 devices at a fixed global batch',
     )
     p.add_argument(
+        '--memory',
+        action='store_true',
+        help='per-device memory of the search step at fsdp = 1, 2, 4, 8',
+    )
+    p.add_argument(
+        '--memory_timing',
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help='with --memory, also time the search and dense steps at each fsdp',
+    )
+    p.add_argument(
         '--cpu_devices',
         type=int,
         default=8,
-        help='simulated CPU devices when --scaling or --devices > 1',
+        help='simulated CPU devices when --scaling, --memory or --devices > 1',
     )
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--output', default='', help='also write the JSON to this file')
@@ -140,6 +160,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error('--steps and --inner must be >= 1, --warmup >= 0')
     if not 0.0 < args.rate < 1.0:
         p.error('--rate must be in (0, 1)')
+    if args.fsdp < 1 or args.devices % args.fsdp:
+        p.error(f'--fsdp={args.fsdp} must be >= 1 and divide --devices={args.devices}')
     return args
 
 
@@ -166,7 +188,7 @@ def configure_devices(args: argparse.Namespace) -> None:
     Only the CPU client is affected, so this is harmless on a GPU machine. If a backend
     is already up (e.g. under pytest, whose conftest asks for 8), it is left as it is.
     """
-    wanted = max(args.devices, args.cpu_devices if args.scaling else 1)
+    wanted = max(args.devices, args.cpu_devices if args.scaling or args.memory else 1)
     if wanted > 1:
         try:
             jax.config.update('jax_num_cpu_devices', wanted)
@@ -204,7 +226,7 @@ def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = models.get_model(name, classes, dtype=DTYPES[args.dtype])
     init = jax.jit(lambda rng, x: model.init(rng, x, train=False))
     variables = init(jax.random.key(args.seed), jnp.zeros((1, size, size, 3), jnp.float32))
-    params, batch_stats = variables['params'], variables['batch_stats']
+    params, batch_stats = variables['params'], variables.get('batch_stats', {})
     flat = sparsity.flatten(params)
     kernels = {p: flat[p] for p in sparsity.prunable_paths(params)}
     pattern = structured.parse_pattern(args.pattern)
@@ -242,8 +264,10 @@ def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
-def make_search_fn(s: dict[str, Any]) -> Callable:
+def make_search_fn(s: dict[str, Any], state: Any = None, mesh: Any = None) -> Callable:
+    """The jitted search step; with ``state`` and ``mesh``, keeping the state's layout."""
     return search.make_search_step(
+        state_sharding=None if mesh is None else parallel.state_sharding(state, mesh),
         model=s['model'],
         optimizer=s['optimizer'],
         counts=s['counts'],
@@ -287,7 +311,30 @@ def search_state(s: dict[str, Any], mesh) -> search.SearchState:
         fresh(s['scores']),
         s['optimizer'],
     )
-    return parallel.replicate(state, mesh)
+    return parallel.shard_state(state, mesh)
+
+
+def abstract_search_state(s: dict[str, Any], mesh) -> Any:
+    """The search state's shapes, dtypes and shardings on ``mesh``, no arrays."""
+    shapes = jax.eval_shape(
+        functools.partial(search.init_search_state, optimizer=s['optimizer']),
+        s['params'], s['batch_stats'], s['masks'], s['scores'],
+    )
+    return jax.tree.map(
+        lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
+        shapes, parallel.state_sharding(shapes, mesh),
+    )
+
+
+def dense_state_and_fn(s: dict[str, Any], mesh) -> tuple[Any, Callable]:
+    """The dense training state, placed like the search state, and its jitted step."""
+    state = parallel.shard_state(
+        weight_training.init_train_state(fresh(s['params']), fresh(s['batch_stats']), s['optimizer']),
+        mesh,
+    )
+    step = functools.partial(weight_training.train_step, model=s['model'], optimizer=s['optimizer'])
+    out = (parallel.state_sharding(state, mesh), parallel.replicated(mesh))
+    return state, jax.jit(step, donate_argnums=0, out_shardings=out)
 
 
 class Stateful:
@@ -401,24 +448,22 @@ def recompiled(later_compiles: int | None, size: int | None) -> bool | None:
 def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) -> dict[str, Any]:
     """The side-by-side comparison for one model."""
     s = setup(name, args)
-    mesh = parallel.make_mesh(args.devices)
+    mesh = parallel.make_mesh(args.devices, args.fsdp)
     parallel.check_batch_size(s['batch_size'], mesh)
     batch = parallel.shard_batch(mesh, s['images'], s['labels'])
-    search_fn = make_search_fn(s)
-    dense_fn = weight_training.make_train_step(model=s['model'], optimizer=s['optimizer'])
-    dense_state = parallel.replicate(
-        weight_training.init_train_state(fresh(s['params']), fresh(s['batch_stats']), s['optimizer']), mesh
-    )
+    state = search_state(s, mesh)
+    search_fn = make_search_fn(s, state, mesh)
+    dense_state, dense_fn = dense_state_and_fn(s, mesh)
     # Scores as they look after some steps: continuous values, so the update swaps weights.
     noise = np.random.default_rng(args.seed + 1)
     moved = {
         p: v + jnp.asarray(noise.normal(0, 0.01, v.shape), jnp.float32)
         for p, v in s['scores'].items()
     }
-    mask_args = parallel.replicate((moved, fresh(s['masks'])), mesh)
+    mask_args = parallel.shard_state((moved, fresh(s['masks'])), mesh)
     mask_fn = jax.jit(functools.partial(update_fn(s), rate=None))
     runners: dict[str, Callable] = {
-        'search': Stateful(search_fn, search_state(s, mesh), *batch),
+        'search': Stateful(search_fn, state, *batch),
         'dense': Stateful(dense_fn, dense_state, *batch),
         'mask_update': Pure(mask_fn, *mask_args),
     }
@@ -431,10 +476,12 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         rate = parallel.replicate(jnp.float32(args.rate), mesh)
         runners['mask_update_rate'] = Pure(rate_fn, *mask_args, rate)
     if args.ablation:
+        ablated = search_state(s, mesh)
         runners['search_no_mask_update'] = Stateful(
-            make_search_fn(s), search_state(s, mesh), *batch, patch=_identity_update
+            make_search_fn(s, ablated, mesh), ablated, *batch, patch=_identity_update
         )
-    log(f'{name}: batch {s["batch_size"]}, {args.dtype}, {args.devices} device(s)')
+    log(f'{name}: batch {s["batch_size"]}, {args.dtype}, {args.devices} device(s), '
+        f'{parallel.describe(mesh)}')
     samples, first, later_compiles = measure(runners, args, compile_log)
 
     b = s['batch_size']
@@ -447,6 +494,7 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         'sparsity': sum(s['counts'].values()) / sum(s['sizes'].values()),
         'pattern': args.pattern,
         'num_devices': args.devices,
+        'fsdp': args.fsdp,
         'prunable_layers': len(s['sizes']),
         'prunable_weights': sum(s['sizes'].values()),
         'kept_weights': sum(s['sizes'].values()) - sum(s['counts'].values()),
@@ -516,7 +564,8 @@ def bench_scaling(name: str, args: argparse.Namespace, compile_log: CompileLog) 
     for n in counts:
         mesh = parallel.make_mesh(n)
         batch = parallel.shard_batch(mesh, s['images'], s['labels'])
-        runners[f'devices_{n}'] = Stateful(make_search_fn(s), search_state(s, mesh), *batch)
+        state = search_state(s, mesh)
+        runners[f'devices_{n}'] = Stateful(make_search_fn(s, state, mesh), state, *batch)
     log(f'{name} scaling: batch {b}, devices {counts} of {available}')
     samples, first, later_compiles = measure(runners, args, compile_log)
     rows = []
@@ -540,6 +589,86 @@ def bench_scaling(name: str, args: argparse.Namespace, compile_log: CompileLog) 
             later_compiles, max((s for s in sizes if s is not None), default=None)
         ),
     }
+
+
+MEMORY_FSDP = (1, 2, 4, 8)
+
+
+def bench_memory(name: str, args: argparse.Namespace, compile_log: CompileLog) -> dict[str, Any]:
+    """Per-device bytes of the compiled search step at fsdp = 1, 2, 4, 8 over one device
+    count (``--devices`` if > 1, else all), one global batch; and step times if asked."""
+    s = setup(name, args)
+    b = s['batch_size']
+    devices = args.devices if args.devices > 1 else len(jax.devices())
+    rows = []
+    for fsdp in (f for f in MEMORY_FSDP if devices % f == 0):
+        mesh = parallel.make_mesh(devices, fsdp)
+        parallel.check_batch_size(b, mesh)
+        # Shapes and shardings only: the compiled program's sizes need no memory.
+        abstract = abstract_search_state(s, mesh)
+        batch = [
+            jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=parallel.batch_sharding(mesh))
+            for a in (s['images'], s['labels'])
+        ]
+        search_fn = make_search_fn(s, abstract, mesh)
+        t0 = time.perf_counter()
+        sizes = parallel.step_memory(search_fn, abstract, *batch, state=abstract)
+        row: dict[str, Any] = {
+            'fsdp': fsdp,
+            'mesh': parallel.describe(mesh),
+            'compile_s': time.perf_counter() - t0,
+            **{f'{k}_bytes': v for k, v in sizes.items()},
+        }
+        log(f'{name} fsdp={fsdp}: {parallel.format_memory(sizes)}')
+        if args.memory_timing:
+            state = search_state(s, mesh)
+            batch = parallel.shard_batch(mesh, s['images'], s['labels'])
+            dense_state, dense_fn = dense_state_and_fn(s, mesh)
+            runners = {
+                'search': Stateful(search_fn, state, *batch),
+                'dense': Stateful(dense_fn, dense_state, *batch),
+            }
+            samples, first, _ = measure(runners, args, compile_log)
+            for key in runners:
+                row[key] = {**summarize(samples[key], b), **first[key]}
+            row['search_over_dense'] = row['search']['ms_median'] / row['dense']['ms_median']
+            del runners, dense_state, state
+        rows.append(row)
+    base = rows[0]['state_bytes']
+    for row in rows:
+        # 1.0: the state is split evenly; more: some leaves stay replicated.
+        row['state_over_even_split'] = row['state_bytes'] / (base / row['fsdp'])
+    return {
+        'model': name,
+        'global_batch_size': b,
+        'devices': devices,
+        'dtype': args.dtype,
+        'min_sharded_size': parallel.MIN_SHARDED_SIZE,
+        'rows': rows,
+    }
+
+
+def memory_table(results: dict[str, dict[str, Any]]) -> str:
+    """:func:`bench_memory` results as a plain-text table (MiB per device)."""
+    header = ('model (batch)', 'fsdp', 'state MiB', 'vs 1/fsdp', 'args MiB', 'temp MiB',
+              'peak MiB', 'search ms', 'dense ms', 'search/dense')
+    table = [header]
+    mib = lambda n: f'{n / 2**20:.1f}'  # noqa: E731
+    for r in results.values():
+        for row in r['rows']:
+            timed = 'search' in row
+            table.append((
+                f"{r['model']} ({r['global_batch_size']})", str(row['fsdp']),
+                mib(row['state_bytes']), f"{row['state_over_even_split']:.3f}",
+                mib(row['argument_bytes']), mib(row['temp_bytes']), mib(row['peak_bytes']),
+                f"{row['search']['ms_median']:.0f}" if timed else '-',
+                f"{row['dense']['ms_median']:.0f}" if timed else '-',
+                f"{row['search_over_dense']:.3f}" if timed else '-',
+            ))
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return '\n'.join(
+        ' | '.join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table
+    )
 
 
 def environment() -> dict[str, Any]:
@@ -587,6 +716,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     result['models'][key] = {'model': name, 'batch_size': batch, 'skipped': reason}
             if args.scaling:
                 result.setdefault('scaling', {})[key] = bench_scaling(name, run_args, compile_log)
+            if args.memory:
+                result.setdefault('memory', {})[key] = bench_memory(name, run_args, compile_log)
     finally:
         unregister = getattr(jax.monitoring, 'unregister_event_duration_listener', None)
         if unregister is not None:
@@ -595,6 +726,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(text, flush=True)
     if result['models']:
         log(summary_table(result['models']))
+    if result.get('memory'):
+        log(memory_table(result['memory']))
     if args.output:
         with open(args.output, 'w') as f:
             f.write(text + '\n')

@@ -5,7 +5,8 @@ forward function (see :mod:`jackpot_jax.adapters`), an iterable of batches, and 
 search's settings, and returns a :class:`Jackpot`: masks, scores, the masked params, the
 model's statistics after the search and a report. It drives the same engine as the
 launcher (:mod:`jackpot_jax.engine`): with ``workdir=`` it checkpoints, resumes, writes
-metrics and saves the jackpot; with ``num_devices=`` or ``mesh=`` it runs data-parallel;
+metrics and saves the jackpot; with ``num_devices=`` or ``mesh=`` it runs data-parallel
+(``fsdp=`` splits the search state over the devices too);
 with ``loss_fn=`` it searches any task. :func:`load_jackpot` reads a saved jackpot back.
 """
 
@@ -188,6 +189,7 @@ def find_jackpot(
     workdir: str | None = None,
     checkpoint_every: int = 0,
     num_devices: int = 1,
+    fsdp: int = 1,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = True,
     rng: jax.Array | int = 0,
@@ -211,8 +213,12 @@ def find_jackpot(
     task (default: softmax cross-entropy on integer labels, with top-1), ``inputs_fn(batch)``
     gives the model's input. ``workdir``: checkpoints (every ``checkpoint_every`` steps and
     each epoch), exact resume when called again, ``metrics.jsonl``, TensorBoard scalars, and
-    the jackpot in ``workdir/jackpot``. ``num_devices`` (0 = all) or ``mesh``: data-parallel
-    over the devices (the batch size must divide over them). ``rng`` (a key or a seed)
+    the jackpot in ``workdir/jackpot``. ``num_devices`` (0 = all) or ``mesh``: the devices
+    (the batch is split over all of them, so its size must divide over them); ``fsdp``: how
+    many of them share one copy of the search state (frozen weights, scores, masks,
+    optimizer state), each holding a 1/fsdp slice of every large array, for models too big
+    to copy onto every device (1: a full copy each; see :mod:`jackpot_jax.parallel`; a
+    ``mesh`` given is used as it is, its ``fsdp`` axis if any). ``rng`` (a key or a seed)
     feeds drawn score inits and dropout. ``train_kwargs`` / ``eval_kwargs``: the model's
     train/eval-mode keywords (default: read from its signature).
     """
@@ -226,7 +232,7 @@ def find_jackpot(
         model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
     )
     inputs_fn = inputs_fn or search.batch_inputs
-    mesh = mesh or parallel.make_mesh(num_devices or None)
+    mesh = mesh or parallel.make_mesh(num_devices or None, fsdp)
     steps_per_epoch = batch_checks.steps_per_epoch(batches, steps_per_epoch)
     held_out = {'validation': validation_batches, 'eval': eval_batches}
     for name, given in held_out.items():
@@ -254,14 +260,14 @@ def find_jackpot(
             forward, masked, stats, held_out[split_name], loss_fn=loss_fn, inputs_fn=inputs_fn
         )
 
-    replicated = parallel.replicate((params, statistics), mesh)
+    placed = parallel.shard_state((params, statistics), mesh)  # split over 'fsdp' if > 1
     output_paths = ()
     if settings.dense_output_layer:
         output_paths = checker.output_kernels()
     task = engine.SearchTask(
         forward=forward,
-        params=replicated[0],
-        statistics=replicated[1],
+        params=placed[0],
+        statistics=placed[1],
         mesh=mesh,
         train_epoch=train_epoch,
         steps_per_epoch=steps_per_epoch,
@@ -329,11 +335,16 @@ def _settings(settings: SearchSettings | None, options: dict[str, Any]) -> Searc
 
 
 def _place(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
-    """The host batch split over the mesh's data axis."""
+    """The host batch split over all devices of the mesh."""
     sharding = parallel.batch_sharding(mesh)
-    return jax.tree.map(
-        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), batch
-    )
+
+    def one(a):
+        a = np.asarray(a)
+        if a.ndim:
+            parallel.check_batch_size(a.shape[0] * jax.process_count(), mesh)
+        return jax.make_array_from_process_local_data(sharding, a)
+
+    return jax.tree.map(one, batch)
 
 
 def _persistence(workdir, every, settings, task, fingerprint, steps_per_epoch, custom_optimizer):

@@ -49,6 +49,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.protocol = 'stable'
     config.seed = 0
     config.num_devices = 0  # devices of the data-parallel mesh; 0 = all.
+    # Devices that share one copy of the search state (frozen weights, scores, masks,
+    # optimizer state), each holding 1/fsdp of every large array; must divide the device
+    # count. 1 = a full copy on every device. See docs/scale_out.md.
+    config.fsdp = 1
     # Dense weights to search in; '' means WORKDIR/pretrained (made by 'pretrain').
     config.pretrained = ''
     # The jackpot to evaluate, tune or export; '' means WORKDIR/jackpot (made by 'search'),
@@ -216,7 +220,7 @@ def get_config() -> ml_collections.ConfigDict:
 # what is only recorded, which epoch's jackpot is saved (chosen from the same epochs),
 # and whether existing outputs may be replaced.
 RESUMABLE_FIELDS = (
-    'mode', 'pretrained', 'jackpot', 'num_devices', 'distributed', 'checkpoint',
+    'mode', 'pretrained', 'jackpot', 'num_devices', 'fsdp', 'distributed', 'checkpoint',
     'data.data_dir', 'data.eval_batch_size', 'data.threads',
     'tune', 'pretrain', 'overlap', 'search_cost', 'restriction', 'sweep', 'stability',
     'search.step_trace', 'search.compare_bn_statistics', 'search.final_jackpot',

@@ -134,6 +134,23 @@ def _check_distributed(d: ml_collections.ConfigDict) -> None:
         )
 
 
+def _check_fsdp(config: ml_collections.ConfigDict) -> None:
+    """An integer >= 1 that divides config.num_devices when that is given (the device count
+    itself is checked when the mesh is built)."""
+    fsdp = config.fsdp
+    if isinstance(fsdp, bool) or not isinstance(fsdp, int) or fsdp < 1:
+        raise ValueError(
+            f'fsdp={fsdp!r} must be an integer >= 1: the devices that share one copy of the '
+            'search state (1 = a full copy on every device); e.g. --config.fsdp=2'
+        )
+    if config.num_devices > 0 and config.num_devices % fsdp:
+        divisors = [d for d in range(1, config.num_devices + 1) if config.num_devices % d == 0]
+        raise ValueError(
+            f'fsdp={fsdp} does not divide num_devices={config.num_devices}; choose fsdp among '
+            f'{", ".join(map(str, divisors))}, or set num_devices to a multiple of {fsdp}'
+        )
+
+
 def _check_dtype(config: ml_collections.ConfigDict) -> None:
     dtype = config.model.get('dtype', 'float32')
     models.compute_dtype(dtype)  # unknown names raise
@@ -237,6 +254,7 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
             )
     _check_positive('data.eval_batch_size', config.data.eval_batch_size)
     _check_distributed(config.distributed)
+    _check_fsdp(config)
     _check_positive('checkpoint.keep', config.checkpoint.keep)
     _check_list('overlap.criteria', config.overlap.criteria, tuple(criteria.CRITERIA))
     for name, value in [

@@ -147,12 +147,14 @@ def run(
     )
     optimizer = task.optimizer or search.score_optimizer(s, steps)
     copy = functools.partial(jax.tree.map, jnp.array)  # the step donates its state
-    state = parallel.replicate(
+    # Large leaves split over the mesh's 'fsdp' axis, the rest replicated (parallel.py).
+    state = parallel.shard_state(
         search.init_search_state(copy(task.params), copy(task.statistics), masks, scores,
                                  optimizer),
         task.mesh,
     )
     step_fn = search.make_search_step(
+        state_sharding=parallel.state_sharding(state, task.mesh),
         forward=task.forward,
         optimizer=optimizer,
         counts=mask_plan_.counts,
@@ -245,6 +247,8 @@ def run(
                 # The steps never wait on the host; only checkpoints and the epoch's end may.
                 with jax.transfer_guard_device_to_host('disallow'):
                     for i, batch in enumerate(task.train_epoch(epoch, first), first + 1):
+                        if global_step == start:  # compiles the step (kept for the calls)
+                            _log_step_memory(step_fn, state, batch, task.mesh)
                         state, step_metrics = step_fn(state, batch)
                         global_step = epoch * steps + i
                         epoch_metrics.add(global_step, step_metrics)
@@ -315,6 +319,15 @@ def run(
 # BatchNorm re-estimation steps of the statistics comparison when the search itself does
 # not re-estimate (bn_recalibration_steps = 0).
 DIAGNOSTIC_RECALIBRATION_STEPS = 50
+
+
+def _log_step_memory(step_fn, state, batch, mesh) -> None:
+    """Logs, once per search, what one device holds for the compiled step."""
+    sizes = parallel.step_memory(step_fn, state, batch, state=state)
+    logging.info(
+        'search step on %d device(s) (%s), per device: %s', mesh.devices.size,
+        parallel.describe(mesh), parallel.format_memory(sizes),
+    )
 
 
 def _copies(tree: Any) -> Any:

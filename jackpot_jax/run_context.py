@@ -52,7 +52,7 @@ class Setup:
                 f'num_devices={config.num_devices} with {jax.process_count()} processes would '
                 'leave hosts without devices; use num_devices=0 (all) on multi-host runs'
             )
-        self.mesh = parallel.make_mesh(config.num_devices or None)
+        self.mesh = parallel.make_mesh(config.num_devices or None, config.fsdp)
         self.source = data.load_source(
             config.data.name,
             config.data.data_dir or None,
@@ -126,7 +126,8 @@ class Setup:
         return jax.eval_shape(init, jax.random.key(0), sample)
 
     def load_weights(self, path: str) -> tuple[dict, dict, str]:
-        """Weights checked leaf by leaf against the model, replicated; and their fingerprint."""
+        """Weights checked leaf by leaf against the model, placed on the mesh
+        (:func:`parallel.shard_state`); and their fingerprint."""
         params, batch_stats, meta = checkpoint.load_weights(path)
         saved_model = meta.get('model', {}).get('name')
         if saved_model != self.config.model.name:
@@ -141,7 +142,8 @@ class Setup:
             expected.get('batch_stats', {}), batch_stats, f'the batch statistics at {path}'
         )
         fingerprint = checkpoint.weights_fingerprint(params)
-        params, batch_stats = parallel.replicate((params, batch_stats), self.mesh)
+        # Replicated, or split over the mesh's 'fsdp' axis when config.fsdp > 1.
+        params, batch_stats = parallel.shard_state((params, batch_stats), self.mesh)
         return params, batch_stats, fingerprint
 
     def load_jackpot(self, path: str) -> tuple[dict, dict, dict[str, Any]]:

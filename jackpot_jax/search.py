@@ -258,14 +258,27 @@ def check_swap_margin(margin: float, mask_update: str, name: str = 'swap_margin'
         )
 
 
-def make_search_step(**settings) -> Callable[..., tuple[SearchState, Metrics]]:
-    """The jitted search step with the state donated. ``settings`` are search_step's keywords."""
+def make_search_step(
+    state_sharding: Any = None, **settings
+) -> Callable[..., tuple[SearchState, Metrics]]:
+    """The jitted search step with the state donated. ``settings`` are search_step's keywords.
+
+    ``state_sharding`` (a SearchState of ``NamedSharding``, e.g. from
+    :func:`jackpot_jax.parallel.state_sharding`) is where the new state is placed, so a
+    state given in that layout keeps it from step to step and its buffers are reused;
+    the metrics are then replicated over the same mesh. None: XLA chooses.
+    """
     if settings.get('bn_mode', 'train') not in BN_MODES:
         raise ValueError(f"unknown bn_mode {settings['bn_mode']!r}; choose one of {BN_MODES}")
     check_swap_margin(
         settings.get('swap_margin', 0.0), settings.get('mask_update', 'short_restriction')
     )
-    return jax.jit(functools.partial(search_step, **settings), donate_argnums=0)
+    step = functools.partial(search_step, **settings)
+    if state_sharding is None:
+        return jax.jit(step, donate_argnums=0)
+    mesh = jax.tree.leaves(state_sharding)[0].mesh
+    metrics_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, metrics_sharding))
 
 
 @functools.partial(jax.jit, static_argnames='model')
