@@ -1,10 +1,10 @@
-"""The jackpot search as a run: a resumable loop over the jitted search step.
+"""Mode ``search``: the search engine (:mod:`jackpot_jax.engine`) over a config's data,
+model and weights.
 
-:func:`run_search` plans the masks once, restores the workdir's latest checkpoint if
-there is one (refusing one written under other settings or other weights), evaluates
-every epoch, picks the best epoch on the validation split when there is one, and saves
-the jackpot: the last epoch's, or (``search.final_jackpot='best_validation'``) the one of
-the epoch best on the validation split, restored from its checkpoint.
+:func:`run_search` builds the engine's settings from ``config.search`` and its task from
+the run context, runs (or resumes) the search in WORKDIR/checkpoints, refusing a
+checkpoint written under other settings or other weights, and saves the kept epoch's
+jackpot (chosen on the validation split by ``search.final_jackpot``) with a summary.
 :func:`baseline_accuracies` gives the dense, magnitude and random-mask accuracies it is
 compared with.
 """

@@ -122,18 +122,21 @@ def test_resnet_stride_and_downsample_placement():
 
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_every_model_builds_with_explicit_names(name):
-    shape = (2, 8, 8, 1) if name == 'small_cnn' else (2, 32, 32, 3)
     model = get_model(name, 7)
-    x = jax.ShapeDtypeStruct(shape, jnp.float32)
+    if name == 'gpt':  # a language model: token ids in, one logit vector per position out
+        x, out = jax.ShapeDtypeStruct((2, 16), jnp.int32), (2, 16, 7)
+    else:
+        shape = (2, 8, 8, 1) if name == 'small_cnn' else (2, 32, 32, 3)
+        x, out = jax.ShapeDtypeStruct(shape, jnp.float32), (2, 7)
     logits, variables = jax.eval_shape(lambda x: model.init_with_output(KEY, x, train=False), x)
-    assert logits.shape == (2, 7) and logits.dtype == jnp.float32
+    assert logits.shape == out and logits.dtype == jnp.float32
     auto_name = re.compile(
         r'^(Conv|BatchNorm|Dense|LayerNorm|BasicBlock|Bottleneck|EncoderBlock|SelfAttention)_\d+$'
     )
     for path in traverse_util.flatten_dict(variables['params']):
         assert not any(auto_name.match(part) for part in path), path
-    # Vision Transformers have no BatchNorm, so no batch statistics.
-    want = {'params'} if name.startswith('vit') else {'params', 'batch_stats'}
+    # Transformers have no BatchNorm, so no batch statistics.
+    want = {'params'} if name.startswith(('vit', 'gpt')) else {'params', 'batch_stats'}
     assert set(variables) == want
 
 
