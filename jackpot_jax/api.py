@@ -195,6 +195,7 @@ def find_jackpot(
     rng: jax.Array | int = 0,
     train_kwargs: Mapping[str, Any] | None = None,
     eval_kwargs: Mapping[str, Any] | None = None,
+    initial_masks: Mapping[str, Any] | None = None,
     settings: SearchSettings | None = None,
     **options: Any,
 ) -> Jackpot:
@@ -220,7 +221,9 @@ def find_jackpot(
     to copy onto every device (1: a full copy each; see :mod:`jackpot_jax.parallel`; a
     ``mesh`` given is used as it is, its ``fsdp`` axis if any). ``rng`` (a key or a seed)
     feeds drawn score inits and dropout. ``train_kwargs`` / ``eval_kwargs``: the model's
-    train/eval-mode keywords (default: read from its signature).
+    train/eval-mode keywords (default: read from its signature). ``initial_masks`` (flat
+    ``{path: bool array}`` at the plan's per-layer counts, e.g. another criterion's masks)
+    start the search instead of the magnitude masks.
     """
     custom_optimizer = options.pop('optimizer', None)
     if custom_optimizer is not None and not isinstance(custom_optimizer, str):
@@ -279,6 +282,7 @@ def find_jackpot(
         inputs_fn=inputs_fn,
         progress=progress,
         excluded_output_paths=output_paths,
+        initial_masks=None if initial_masks is None else dict(initial_masks),
     )
     fingerprint = checkpoint.weights_fingerprint(params)
     persistence = None
@@ -356,6 +360,7 @@ def _persistence(workdir, every, settings, task, fingerprint, steps_per_epoch, c
         },
         'counts': engine.plan(task, settings).counts,
         'weights_fingerprint': fingerprint,
+        'initial_masks': task.initial_masks and checkpoint.weights_fingerprint(task.initial_masks),
     }
 
     def check(saved: dict[str, Any], after_nan_stop: bool) -> None:
@@ -370,6 +375,8 @@ def _persistence(workdir, every, settings, task, fingerprint, steps_per_epoch, c
             d for d in persistence_lib.resume_differences(saved.get('settings', {}), identity['settings'])
             if d.split(':')[0] not in relaxed
         ]
+        if saved.get('initial_masks') != identity['initial_masks']:
+            diffs.append('initial_masks: other masks started the search in the checkpoints')
         if diffs or saved.get('counts') != identity['counts']:
             raise ValueError(
                 f'the checkpoints in {workdir} come from a search with other settings:\n  '

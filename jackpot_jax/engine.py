@@ -80,6 +80,9 @@ class SearchTask:
     progress: bool = True
     model_name: str = 'the model'
     excluded_output_paths: tuple[str, ...] = ()  # left dense: the model's output layer
+    # The search's first masks (e.g. another criterion's, such as Wanda's) instead of the
+    # magnitude masks: scores 1.0 where kept, settings.pruned_score where pruned.
+    initial_masks: dict[str, Any] | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -141,10 +144,14 @@ def run(
         init_key = task.score_init_rng
     recalibration_key = jax.random.fold_in(task.rng, 1)  # dropout while re-estimating
     mask_plan_ = plan(task, s)
-    masks, scores = mask_plan_.initial_masks_and_scores(
-        task.params, s.score_init, mask_update=s.mask_update, pruned_score=s.pruned_score,
-        rng=init_key,
-    )
+    if task.initial_masks is None:
+        masks, scores = mask_plan_.initial_masks_and_scores(
+            task.params, s.score_init, mask_update=s.mask_update, pruned_score=s.pruned_score,
+            rng=init_key,
+        )
+    else:
+        masks = _check_initial_masks(task.initial_masks, mask_plan_, task.params)
+        scores = sparsity.init_scores(masks, s.pruned_score)
     optimizer = task.optimizer or search.score_optimizer(s, steps)
     copy = functools.partial(jax.tree.map, jnp.array)  # the step donates its state
     # Large leaves split over the mesh's 'fsdp' axis, the rest replicated (parallel.py).
@@ -328,6 +335,28 @@ def _log_step_memory(step_fn, state, batch, mesh) -> None:
         'search step on %d device(s) (%s), per device: %s', mesh.devices.size,
         parallel.describe(mesh), parallel.format_memory(sizes),
     )
+
+
+def _check_initial_masks(masks: Mapping[str, Any], plan_: mask_plan.MaskPlan, params: Any):
+    """Given first masks, as bool arrays, checked against the plan's layers and counts."""
+    kernels = plan_.kernels(params)
+    if set(masks) != set(kernels):
+        raise ValueError(
+            f'initial_masks cover {sorted(masks)}, but the search prunes {sorted(kernels)}; give '
+            'one mask per prunable kernel'
+        )
+    out = {}
+    for path, mask in masks.items():
+        mask = jnp.asarray(mask, bool)
+        pruned = int(mask.size - jnp.sum(mask))
+        if mask.shape != kernels[path].shape or pruned != plan_.counts[path]:
+            raise ValueError(
+                f'initial_masks[{path!r}] has shape {mask.shape} and prunes {pruned} weights; the '
+                f'search needs shape {kernels[path].shape} pruning {plan_.counts[path]} (its '
+                'per-layer count): build the masks at these counts'
+            )
+        out[path] = mask
+    return out
 
 
 def _copies(tree: Any) -> Any:

@@ -271,3 +271,22 @@ def test_the_score_optimizer_is_a_setting():
     )
     with pytest.raises(ValueError, match="unknown optimizer 'adagrad'"):
         jackpot_jax.find_jackpot(model, variables, _batches(), optimizer='adagrad', **SETTINGS)
+
+
+def test_a_search_can_start_from_other_masks_at_the_plans_counts():
+    model, variables = _variables()
+    start = jackpot_jax.find_jackpot(model, variables, _batches(), **{**SETTINGS, 'epochs': 1})
+    kernel = variables['params']['hidden']['kernel']
+    flipped = {'hidden/kernel': np.asarray(~start.masks['hidden/kernel'])}  # 75 % kept: wrong
+    with pytest.raises(ValueError, match="initial_masks\\['hidden/kernel'\\] .* prunes 64 weights"):
+        jackpot_jax.find_jackpot(model, variables, _batches(), initial_masks=flipped, **SETTINGS)
+    rng = np.random.default_rng(0)
+    keep = np.zeros(kernel.size, bool)
+    keep[rng.choice(kernel.size, kernel.size // 4, replace=False)] = True
+    random_start = {'hidden/kernel': keep.reshape(kernel.shape)}
+    jackpot = jackpot_jax.find_jackpot(
+        model, variables, _batches(), initial_masks=random_start, mask_freeze_fraction=0.0,
+        **{**SETTINGS, 'epochs': 1},
+    )
+    assert int(jackpot.masks['hidden/kernel'].sum()) == kernel.size // 4
+    assert (jackpot.masks['hidden/kernel'] != start.masks['hidden/kernel']).any()
