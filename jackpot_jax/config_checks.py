@@ -9,7 +9,6 @@ ml_collections, so loading a config file never imports JAX).
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import ml_collections
@@ -110,16 +109,6 @@ def _check_optimizer(group: str, cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f'{group}.momentum must be in [0, 1) (0 = none), got {cfg.momentum!r}')
 
 
-def _check_regex(name: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as e:
-        raise ValueError(
-            f'{name}={pattern!r} is not a valid regular expression ({e}); it is matched '
-            "against parameter paths such as 'conv1/kernel'"
-        ) from None
-
-
 def _check_distributed(d: ml_collections.ConfigDict) -> None:
     check_choice('distributed.cpu_collectives', d.cpu_collectives, CPU_COLLECTIVES)
     if d.num_processes < 0 or d.process_id < -1:
@@ -209,8 +198,8 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
     check_choice('search.optimizer', s.optimizer, settings_lib.OPTIMIZERS)
     check_choice('search.score_init', s.score_init, sparsity.SCORE_INITS)
     check_choice('search.final_jackpot', s.final_jackpot, FINAL_JACKPOTS)
-    _check_regex('search.prune_include', s.prune_include)
-    _check_regex('search.prune_exclude', s.prune_exclude)
+    settings_lib.check_regex('search.prune_include', s.prune_include)
+    settings_lib.check_regex('search.prune_exclude', s.prune_exclude)
     pattern = structured.parse_pattern(s.pattern)
     if pattern and abs(s.sparsity - structured.pattern_sparsity(*pattern)) > 1e-9:
         n, m = pattern

@@ -139,7 +139,7 @@ class SearchSettings:
         _check_choice('optimizer', self.optimizer, OPTIMIZERS)
         _check_choice('bn_mode', self.bn_mode, BN_MODES)
         for name in ('prune_include', 'prune_exclude'):
-            _check_regex(name, getattr(self, name))
+            check_regex(name, getattr(self, name))
         if self.mask_freeze_fraction is not None and not (
             _is_number(self.mask_freeze_fraction) and 0 <= self.mask_freeze_fraction < 1
         ):
@@ -191,7 +191,8 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
 
 
-def _check_regex(name: str, pattern: Any) -> None:
+def check_regex(name: str, pattern: Any) -> None:
+    """A regular expression over parameter paths, or ValueError naming it and the fix."""
     if not isinstance(pattern, str):
         raise ValueError(f'{name} must be a regular expression (a str), got {pattern!r}')
     try:
