@@ -10,6 +10,7 @@ import pytest
 
 import jackpot_jax
 from jackpot_jax import engine, errors, search
+from tiny_model import fault_at_step  # tests/tiny_model.py
 
 CLASSES = 4
 
@@ -114,21 +115,10 @@ def test_a_batchnorm_fixed_to_batch_statistics_is_named():
 
 
 def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path, monkeypatch, capsys):
-    original = search.make_search_step
+    def interrupt(state, metrics):
+        raise KeyboardInterrupt
 
-    def make(**settings):
-        step_fn = original(**settings)
-        count = [0]
-
-        def step(state, *batch):
-            count[0] += 1
-            if count[0] == 3:
-                raise KeyboardInterrupt
-            return step_fn(state, *batch)
-
-        return step
-
-    monkeypatch.setattr(search, 'make_search_step', make)
+    original = fault_at_step(monkeypatch, 3, interrupt)
     workdir = str(tmp_path / 'w')
     with pytest.raises(engine.SearchInterrupted, match='interrupted at step 2: the last checkpoint is step 2'):
         _search(_batches(), workdir=workdir, checkpoint_every=1, epochs=2)

@@ -18,7 +18,7 @@ from jackpot_jax import weight_training
 from jackpot_jax import run_context as rc
 from jackpot_jax import workdir as workdir_lib
 from jackpot_jax.metrics import read_jsonl
-from tiny_model import tiny_config  # tests/tiny_model.py
+from tiny_model import fault_at_step, tiny_config  # tests/tiny_model.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6  # steps per epoch
@@ -65,21 +65,11 @@ class _Interrupt(Exception):
 
 def _interrupt_after(monkeypatch, calls):
     """Makes the search step raise after `calls` steps, as a preemption would."""
-    original = search.make_search_step
 
-    def make(**settings):
-        step_fn = original(**settings)
-        count = [0]
+    def interrupt(state, metrics):
+        raise _Interrupt
 
-        def step(state, *batch):
-            if count[0] == calls:
-                raise _Interrupt
-            count[0] += 1
-            return step_fn(state, *batch)
-
-        return step
-
-    monkeypatch.setattr(search, 'make_search_step', make)
+    fault_at_step(monkeypatch, calls + 1, interrupt)
 
 
 def test_masks_pack_to_one_bit_per_weight_and_back():
@@ -251,22 +241,9 @@ def test_truncated_weights_file_is_a_clear_error(weights, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(weights, tmp_path, monkeypatch):
-    original = search.make_search_step
-
-    def make(**settings):
-        step_fn = original(**settings)
-        count = [0]
-
-        def step(state, *batch):
-            count[0] += 1
-            state, metrics = step_fn(state, *batch)
-            if count[0] == 4:
-                metrics = {**metrics, 'loss': metrics['loss'] * np.nan}
-            return state, metrics
-
-        return step
-
-    monkeypatch.setattr(search, 'make_search_step', make)
+    original = fault_at_step(
+        monkeypatch, 4, lambda state, metrics: (state, {**metrics, 'loss': metrics['loss'] * np.nan})
+    )
     with pytest.raises(FloatingPointError, match='at step 4.*last good checkpoint is step 2'):
         search_run.run_search(search_config(weights), str(tmp_path))
     steps = checkpoint.SearchCheckpoints(os.path.join(tmp_path, workdir_lib.CHECKPOINTS_DIR)).steps()

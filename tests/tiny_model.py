@@ -57,3 +57,26 @@ def save_weights(path: str, width: int = 4, seed: int = 0) -> dict[str, Any]:
     meta = {'model': {'name': 'small_cnn', 'width': width}, 'num_classes': NUM_CLASSES}
     checkpoint.save_weights(path, v['params'], v['batch_stats'], meta)
     return v
+
+
+def fault_at_step(monkeypatch, step: int, fault):
+    """Makes every search step built from now on call ``fault(state, metrics)`` at the
+    ``step``-th call (1-based) and return its result; ``fault`` may also raise."""
+    from jackpot_jax import search  # pylint: disable=g-import-not-at-top
+
+    original = search.make_search_step
+
+    def make(**settings):
+        step_fn = original(**settings)
+        count = [0]
+
+        def faulty(state, *batch):
+            count[0] += 1
+            if count[0] == step:
+                return fault(*step_fn(state, *batch))
+            return step_fn(state, *batch)
+
+        return faulty
+
+    monkeypatch.setattr(search, 'make_search_step', make)
+    return original
