@@ -199,6 +199,12 @@ def get_config() -> ml_collections.ConfigDict:
     # variant records both BatchNorm statistics every epoch and every step's mask changes.
     config.stability = ml_collections.ConfigDict()
     config.stability.variants = 'paper,paper+recalibration,paper+freeze,stable'
+    # Mode 'lm_pruning': a language model's test perplexity under magnitude, random and
+    # Wanda masks and under jackpots searched from the magnitude and Wanda masks, all at
+    # the same per-layer counts; each jackpot kept on validation perplexity.
+    config.lm_pruning = ml_collections.ConfigDict()
+    config.lm_pruning.sparsities = '0.5,0.7,2:4'  # fractions pruned per layer, or N:M patterns.
+    config.lm_pruning.calibration_batches = 8  # Wanda's input norms: training batches.
 
     # Multi-host runs (one process per host, e.g. a Cloud TPU pod): the launcher calls
     # jax.distributed.initialize before any other JAX use. Left at their defaults, the
@@ -223,6 +229,7 @@ RESUMABLE_FIELDS = (
     'mode', 'pretrained', 'jackpot', 'num_devices', 'fsdp', 'distributed', 'checkpoint',
     'data.data_dir', 'data.eval_batch_size', 'data.threads',
     'tune', 'pretrain', 'overlap', 'search_cost', 'restriction', 'sweep', 'stability',
+    'lm_pruning',
     'search.step_trace', 'search.compare_bn_statistics', 'search.final_jackpot',
     'search.selection_metric', 'overwrite',
 )  # fmt: skip

@@ -93,6 +93,37 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f'{name} must be positive, got {value!r}')
 
 
+def lm_pruning_sparsities(text: str) -> tuple[tuple[str, float, str], ...]:
+    """``'0.5,0.7,2:4'`` -> ``(label, search.sparsity, search.pattern)`` per entry."""
+    out = []
+    for item in parse_list('lm_pruning.sparsities', text):
+        if ':' in item:
+            try:
+                nm = structured.parse_pattern(item)
+            except ValueError as e:
+                raise ValueError(
+                    f'lm_pruning.sparsities: {item!r} is not an N:M pattern ({e}); write e.g. 2:4'
+                ) from None
+            out.append((f'{nm[0]}:{nm[1]}', float(structured.pattern_sparsity(*nm)), item))
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            raise ValueError(
+                f'lm_pruning.sparsities: {item!r} is neither a fraction nor an N:M pattern; '
+                "write e.g. '0.5,0.7,2:4'"
+            ) from None
+        if not 0.0 < value < 1.0:
+            raise ValueError(
+                f'lm_pruning.sparsities: {value!r} is not in (0, 1); it is the fraction of '
+                'each layer pruned, e.g. 0.5'
+            )
+        out.append((f'{value:g}', value, ''))
+    labels = [label for label, _, _ in out]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f'lm_pruning.sparsities: {text!r} names a sparsity twice; list each once')
+    return tuple(out)
+
 
 def _check_optimizer(group: str, cfg: ml_collections.ConfigDict) -> None:
     """Finite positive learning rate, finite weight decay >= 0, momentum in [0, 1)."""
@@ -213,6 +244,8 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
     for value in parse_list('sweep.sparsities', config.sweep.sparsities, float):
         if not 0.0 <= value < 1.0:
             raise ValueError(f'sweep.sparsities: {value!r} is not in [0, 1)')
+    lm_pruning_sparsities(config.lm_pruning.sparsities)
+    _check_positive('lm_pruning.calibration_batches', config.lm_pruning.calibration_batches)
     if not 0.0 <= config.search_cost.target <= 1.0:
         raise ValueError(
             f'search_cost.target must be a test top-1 in [0, 1] (0 = the kaiming search\'s '

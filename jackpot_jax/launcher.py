@@ -28,7 +28,7 @@ from jackpot_jax import checkpoint, config_checks, mask_plan, parallel, sparsity
 from jackpot_jax import config as config_lib
 from jackpot_jax import run_context as rc
 from jackpot_jax.search_run import baseline_accuracies, run_search
-from jackpot_jax.studies import overlap, restriction, search_cost, stability, sweep
+from jackpot_jax.studies import lm_pruning, overlap, restriction, search_cost, stability, sweep
 from jackpot_jax.weight_training import ensure_pretrained, run_pretrain, run_tune
 from jackpot_jax.workdir import MASKED_WEIGHTS_DIR, TUNED_DIR
 
@@ -190,6 +190,7 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] = {
     'restriction': restriction.run_restriction,
     'sweep': sweep.run_sweep,
     'stability': stability.run_stability,
+    'lm_pruning': lm_pruning.run_lm_pruning,
 }
 
 

@@ -76,6 +76,8 @@ def _check_resumable(
         for k in saved['config']
         if k not in expected['config']
     ]
+    if saved.get('initial_masks') != expected.get('initial_masks'):
+        diffs.append('initial_masks: other masks started the search in the checkpoints')
     if diffs or saved['counts'] != expected['counts']:
         raise ValueError(
             f'the search checkpoints in {directory} come from a different configuration:\n  '
@@ -126,8 +128,14 @@ def search_task(
 
 
 @rc.resolved
-def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    """Searches a jackpot in the frozen weights; resumes from WORKDIR/checkpoints if present."""
+def run_search(
+    config: ml_collections.ConfigDict, workdir: str, initial_masks: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Searches a jackpot in the frozen weights; resumes from WORKDIR/checkpoints if present.
+
+    ``initial_masks`` (flat path -> bool mask at the plan's per-layer counts, e.g. Wanda's)
+    start the search instead of the magnitude masks; a resume must be given the same ones.
+    """
     config_checks.check_final_jackpot(config)  # before the search, not after it
     setup = rc.Setup(config)
     weights_path = rc.pretrained_path(config, workdir)
@@ -141,6 +149,10 @@ def run_search(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any
         'weights_fingerprint': fingerprint,
         'weights_path': os.path.abspath(weights_path),
     }
+    if initial_masks is not None:
+        host_masks = {p: np.asarray(parallel.to_host(m), bool) for p, m in initial_masks.items()}
+        task.initial_masks = host_masks
+        identity['initial_masks'] = checkpoint.weights_fingerprint(host_masks)
     persistence = persistence_lib.Persistence(
         directory=workdir,
         identity=identity,
