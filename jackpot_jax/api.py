@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -80,8 +81,13 @@ class Jackpot:
     def evaluate(self, batches: Iterable[Batch], metric: str = 'top1') -> float:
         """One metric of the jackpot in eval mode over the batches (default: top-1)."""
         return evaluate(
-            self.forward, self.params, self.statistics, batches, metric=metric,
-            loss_fn=self.loss_fn, inputs_fn=self.inputs_fn,
+            self.forward,
+            self.params,
+            self.statistics,
+            batches,
+            metric=metric,
+            loss_fn=self.loss_fn,
+            inputs_fn=self.inputs_fn,
         )
 
     def summary(self) -> str:
@@ -91,7 +97,8 @@ class Jackpot:
             lines.append(self.report['output_layer'])
         for r in self.report.get('epochs', []):
             named = ', '.join(
-                f'{k} {v:.4f}' for k, v in r.items()
+                f'{k} {v:.4f}'
+                for k, v in r.items()
                 if isinstance(v, float) and k not in ('loss', 'learning_rate', 'swap_rate')
             )
             lines.append(
@@ -246,7 +253,9 @@ def find_jackpot(
     splits = tuple(name for name, given in held_out.items() if given is not None)
 
     def train_epoch(epoch: int, first: int):
-        stream = itertools.islice(evaluation.batches_of_epoch(batches, epoch), first, steps_per_epoch)
+        stream = itertools.islice(
+            evaluation.batches_of_epoch(batches, epoch), first, steps_per_epoch
+        )
         count = first
         for count, batch in enumerate(stream, first + 1):
             checker.check(batch, f'batch {count - 1} of epoch {epoch}')
@@ -288,7 +297,12 @@ def find_jackpot(
     persistence = None
     if workdir is not None:
         persistence = _persistence(
-            workdir, checkpoint_every, settings, task, fingerprint, steps_per_epoch,
+            workdir,
+            checkpoint_every,
+            settings,
+            task,
+            fingerprint,
+            steps_per_epoch,
             custom_optimizer,
         )
         workdir_lib.prepare(workdir)
@@ -352,40 +366,24 @@ def _place(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
 
 
 def _persistence(workdir, every, settings, task, fingerprint, steps_per_epoch, custom_optimizer):
+    """The library's workdir: what a resume must match is the settings, the per-layer
+    counts, the weights and the first masks."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f'checkpoint_every must be an integer >= 0 (0: each epoch), got {every!r}')
+    optimizer = 'custom optax transformation' if custom_optimizer else settings.optimizer
     identity = {
         'settings': {
             **settings.to_dict(),
             'steps_per_epoch': steps_per_epoch,
-            'optimizer': 'custom optax transformation' if custom_optimizer else settings.optimizer,
+            'optimizer': optimizer,
         },
         'counts': engine.plan(task, settings).counts,
         'weights_fingerprint': fingerprint,
         'initial_masks': task.initial_masks and checkpoint.weights_fingerprint(task.initial_masks),
     }
-
-    def check(saved: dict[str, Any], after_nan_stop: bool) -> None:
-        if saved.get('weights_fingerprint') != fingerprint:
-            raise ValueError(
-                f'the checkpoints in {workdir} were written by a search over other weights '
-                f"(fingerprint {str(saved.get('weights_fingerprint'))[:12]} != {fingerprint[:12]}); "
-                'pass the variables that search started from, or use a new workdir'
-            )
-        relaxed = {'learning_rate'} if after_nan_stop else set()
-        diffs = [
-            d for d in persistence_lib.resume_differences(saved.get('settings', {}), identity['settings'])
-            if d.split(':')[0] not in relaxed
-        ]
-        if saved.get('initial_masks') != identity['initial_masks']:
-            diffs.append('initial_masks: other masks started the search in the checkpoints')
-        if diffs or saved.get('counts') != identity['counts']:
-            raise ValueError(
-                f'the checkpoints in {workdir} come from a search with other settings:\n  '
-                + '\n  '.join(diffs or ['per-layer pruned counts differ'])
-                + '\nrestore those settings to resume, or use a new workdir'
-            )
-
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(f'checkpoint_every must be an integer >= 0 (0: each epoch), got {every!r}')
+    check = functools.partial(
+        persistence_lib.check_same_search, expected=identity, directory=workdir
+    )
     return persistence_lib.Persistence(
         directory=workdir, identity=identity, check_resumable=check, every_steps=every
     )

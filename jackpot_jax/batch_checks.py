@@ -63,7 +63,9 @@ class BatchChecker:
         try:
             outputs = jax.eval_shape(
                 lambda p, s, x: self.forward(p, s, x, train=False)[0],
-                self.params, self.statistics, inputs,
+                self.params,
+                self.statistics,
+                inputs,
             )
         except Exception as e:  # flax and jax raise many types for a misfit input
             shapes = jax.tree.map(lambda a: tuple(np.shape(a)), inputs)
@@ -121,7 +123,9 @@ class BatchChecker:
         """Refuses a model whose statistics a train-mode pass leaves as they are, when the
         search would rely on them changing (BatchNorm training or re-estimation)."""
         s = self.settings
-        floats = [x for x in jax.tree.leaves(self.statistics) if jnp.issubdtype(x.dtype, jnp.floating)]
+        floats = [
+            x for x in jax.tree.leaves(self.statistics) if jnp.issubdtype(x.dtype, jnp.floating)
+        ]
         if not floats or (s.bn_mode != 'train' and not s.bn_recalibration_steps):
             return
         updated = evaluation.train_mode_statistics(

@@ -22,7 +22,7 @@ import functools
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -32,7 +32,7 @@ from absl import logging
 from tqdm import auto as tqdm
 
 from jackpot_jax import adapters, checkpoint, evaluation, mask_plan, metrics, parallel
-from jackpot_jax import search, selection, sparsity
+from jackpot_jax import epoch_choice, search, sparsity
 from jackpot_jax import persistence as persistence_lib
 from jackpot_jax.persistence import Persistence
 from jackpot_jax.errors import UserError
@@ -146,18 +146,22 @@ def run(
     mask_plan_ = plan(task, s)
     if task.initial_masks is None:
         masks, scores = mask_plan_.initial_masks_and_scores(
-            task.params, s.score_init, mask_update=s.mask_update, pruned_score=s.pruned_score,
+            task.params,
+            s.score_init,
+            mask_update=s.mask_update,
+            pruned_score=s.pruned_score,
             rng=init_key,
         )
     else:
-        masks = _check_initial_masks(task.initial_masks, mask_plan_, task.params)
+        masks = mask_plan_.checked_masks(task.initial_masks, task.params)
         scores = sparsity.init_scores(masks, s.pruned_score)
     optimizer = task.optimizer or search.score_optimizer(s, steps)
     copy = functools.partial(jax.tree.map, jnp.array)  # the step donates its state
     # Large leaves split over the mesh's 'fsdp' axis, the rest replicated (parallel.py).
     state = parallel.shard_state(
-        search.init_search_state(copy(task.params), copy(task.statistics), masks, scores,
-                                 optimizer),
+        search.init_search_state(
+            copy(task.params), copy(task.statistics), masks, scores, optimizer
+        ),
         task.mesh,
     )
     step_fn = search.make_search_step(
@@ -180,14 +184,16 @@ def run(
     )
     selection_split = task.splits[0] if task.splits else None
 
+    def reestimated(masked, statistics, count):
+        """The statistics re-estimated over the first ``count`` training batches."""
+        return evaluation.recalibrate_statistics(
+            task.forward, masked, statistics, lambda epoch: task.train_epoch(epoch, 0), count,
+            steps_per_epoch=steps, rng=recalibration_key, inputs_fn=task.inputs_fn,
+        )  # fmt: skip
+
     def jackpot_statistics(state):
         masked = sparsity.masked_params(state.frozen_params, state.masks)
-        stats = evaluation.recalibrate_statistics(
-            task.forward, masked, state.batch_stats,
-            lambda epoch: task.train_epoch(epoch, 0), s.bn_recalibration_steps,
-            steps_per_epoch=steps, rng=recalibration_key, inputs_fn=task.inputs_fn,
-        )
-        return masked, stats
+        return masked, reestimated(masked, state.batch_stats, s.bn_recalibration_steps)
 
     def evaluate(state, record, last):
         """Adds every split's metrics to ``record``; returns the jackpot's statistics (None
@@ -200,10 +206,10 @@ def run(
                 record[f'{split}_{name}'] = value
         if task.compare_statistics:
             used = 'recalibrated' if s.bn_recalibration_steps else 'running'
-            other = state.batch_stats if used == 'recalibrated' else evaluation.recalibrate_statistics(
-                task.forward, masked, state.batch_stats,
-                lambda epoch: task.train_epoch(epoch, 0), DIAGNOSTIC_RECALIBRATION_STEPS,
-                steps_per_epoch=steps, rng=recalibration_key, inputs_fn=task.inputs_fn,
+            other = (
+                state.batch_stats
+                if used == 'recalibrated'
+                else reestimated(masked, state.batch_stats, DIAGNOSTIC_RECALIBRATION_STEPS)
             )
             unused = 'running' if used == 'recalibrated' else 'recalibrated'
             for split in task.splits:
@@ -239,10 +245,13 @@ def run(
     def search_seconds():
         return earlier_seconds + time.perf_counter() - clock
 
-    def save(selection=None):
+    def save(state, epoch_metrics, selection=None):
         epoch_metrics.flush()
-        meta = {'history': history, 'epoch_sums': epoch_metrics.sums,
-                'search_seconds': search_seconds()}
+        meta = {
+            'history': history,
+            'epoch_sums': epoch_metrics.sums,
+            'search_seconds': search_seconds(),
+        }
         ckpts.save(state, {**persistence.identity, **meta}, selection)
 
     global_step = start
@@ -263,12 +272,14 @@ def run(
                         every = persistence.every_steps if persistence else 0
                         if every and global_step % every == 0 and i < steps:
                             with jax.transfer_guard_device_to_host('allow'):
-                                save()
+                                save(state, epoch_metrics)
                 record = {
                     'mode': 'search',
                     'epoch': epoch + 1,
                     'step': (epoch + 1) * steps,
-                    'learning_rate': float(search.epoch_cosine(s.learning_rate, s.epochs, 1)(epoch)),
+                    'learning_rate': float(
+                        search.epoch_cosine(s.learning_rate, s.epochs, 1)(epoch)
+                    ),
                     **epoch_metrics.result(),
                 }
                 stats = last_statistics = evaluate(state, record, epoch == s.epochs - 1)
@@ -276,29 +287,46 @@ def run(
                 if writer:
                     writer.write(record)
                 epoch_metrics = metrics.EpochMetrics(trace=task.step_trace)
-                selection = _signed(record, selection_split, s) if task.splits else None
+                selection = epoch_choice.signed(record, selection_split, s) if task.splits else None
                 if ckpts:
-                    save(None if selection is None else {'selection_top1': selection})
+                    save(
+                        state,
+                        epoch_metrics,
+                        None if selection is None else {'selection_top1': selection},
+                    )
                 elif s.final_jackpot != 'last' or epoch == s.epochs - 1:
                     snapshots[epoch + 1] = (state.masks, state.scores, stats)
                     if s.final_jackpot != 'last':
-                        _drop_dominated(snapshots, history, selection_split, s)
+                        epoch_choice.drop_dominated(snapshots, history, selection_split, s)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", changes=record['mask_changes'])
                 logging.info(
-                    'search epoch %d/%d: loss %.4f, %s, mask changes %d', epoch + 1, s.epochs,
+                    'search epoch %d/%d: loss %.4f, %s, mask changes %d',
+                    epoch + 1,
+                    s.epochs,
                     record['loss'],
-                    ', '.join(f'{k} {s.selection_metric} {record[f"{k}_{s.selection_metric}"]:.4f}'
-                              for k in task.splits if f'{k}_{s.selection_metric}' in record),
+                    ', '.join(
+                        f'{k} {s.selection_metric} {record[f"{k}_{s.selection_metric}"]:.4f}'
+                        for k in task.splits
+                        if f'{k}_{s.selection_metric}' in record
+                    ),
                     record['mask_changes'],
                 )
                 # Copies: the next step donates (overwrites) the state's buffers.
                 snapshots, last_statistics = _copies((snapshots, last_statistics))
         if ckpts:
             ckpts.wait()
-        kept, masks, scores, stats, choice = _kept_epoch(
-            history, s, selection_split, ckpts, snapshots, state,
-            lambda st: last_statistics if st is state and last_statistics is not None
-            else jackpot_statistics(st)[1],
+        kept, masks, scores, stats, choice = epoch_choice.kept_epoch(
+            history,
+            s,
+            selection_split,
+            ckpts,
+            snapshots,
+            state,
+            lambda st: (
+                last_statistics
+                if st is state and last_statistics is not None
+                else jackpot_statistics(st)[1]
+            ),
         )
     except FloatingPointError as e:
         raise persistence_lib.nan_stop_error(e, ckpts, persistence) from e
@@ -307,7 +335,8 @@ def run(
             ckpts.wait()
         where = (
             f'the last checkpoint is step {ckpts.latest_step()} in {ckpts.directory}; run the '
-            'same search again to resume from it' if ckpts and ckpts.latest_step() is not None
+            'same search again to resume from it'
+            if ckpts and ckpts.latest_step() is not None
             else 'nothing was saved (pass a workdir to make a search resumable)'
         )
         raise SearchInterrupted(f'search interrupted at step {global_step}: {where}') from e
@@ -317,9 +346,15 @@ def run(
             ckpts.close()
     seconds = search_seconds() if start < s.epochs * steps else earlier_seconds
     return SearchOutcome(
-        state=state, history=history, plan=mask_plan_, kept=kept,
-        kept_masks=_copies(masks), kept_scores=_copies(scores),
-        kept_statistics=stats, choice=choice, search_seconds=seconds,
+        state=state,
+        history=history,
+        plan=mask_plan_,
+        kept=kept,
+        kept_masks=_copies(masks),
+        kept_scores=_copies(scores),
+        kept_statistics=stats,
+        choice=choice,
+        search_seconds=seconds,
     )
 
 
@@ -332,31 +367,11 @@ def _log_step_memory(step_fn, state, batch, mesh) -> None:
     """Logs, once per search, what one device holds for the compiled step."""
     sizes = parallel.step_memory(step_fn, state, batch, state=state)
     logging.info(
-        'search step on %d device(s) (%s), per device: %s', mesh.devices.size,
-        parallel.describe(mesh), parallel.format_memory(sizes),
+        'search step on %d device(s) (%s), per device: %s',
+        mesh.devices.size,
+        parallel.describe(mesh),
+        parallel.format_memory(sizes),
     )
-
-
-def _check_initial_masks(masks: Mapping[str, Any], plan_: mask_plan.MaskPlan, params: Any):
-    """Given first masks, as bool arrays, checked against the plan's layers and counts."""
-    kernels = plan_.kernels(params)
-    if set(masks) != set(kernels):
-        raise ValueError(
-            f'initial_masks cover {sorted(masks)}, but the search prunes {sorted(kernels)}; give '
-            'one mask per prunable kernel'
-        )
-    out = {}
-    for path, mask in masks.items():
-        mask = jnp.asarray(mask, bool)
-        pruned = int(mask.size - jnp.sum(mask))
-        if mask.shape != kernels[path].shape or pruned != plan_.counts[path]:
-            raise ValueError(
-                f'initial_masks[{path!r}] has shape {mask.shape} and prunes {pruned} weights; the '
-                f'search needs shape {kernels[path].shape} pruning {plan_.counts[path]} (its '
-                'per-layer count): build the masks at these counts'
-            )
-        out[path] = mask
-    return out
 
 
 def _copies(tree: Any) -> Any:
@@ -372,55 +387,11 @@ def _copies(tree: Any) -> Any:
 
 def _progress(task: SearchTask, total: int, initial: int):
     return tqdm.tqdm(
-        total=total, initial=initial, desc='search', unit='img' if task.batch_size else 'step',
-        unit_scale=task.batch_size or 1, leave=False,
+        total=total,
+        initial=initial,
+        desc='search',
+        unit='img' if task.batch_size else 'step',
+        unit_scale=task.batch_size or 1,
+        leave=False,
         disable=not task.progress or jax.process_index() != 0,
     )
-
-
-def _signed(record: Mapping[str, Any], split: str, s: SearchSettings) -> float:
-    """The record's selection metric on ``split``, negated when lower is better."""
-    value = record[f'{split}_{s.selection_metric}']
-    return -value if s.lower_is_better else value
-
-
-def _drop_dominated(snapshots: dict, history: list, split: str, s: SearchSettings) -> None:
-    """Forgets the epochs a later epoch at least as good makes impossible to keep."""
-    value = {r['epoch']: _signed(r, split, s) for r in history}
-    for epoch in list(snapshots):
-        if any(value[later] >= value[epoch] for later in snapshots if later > epoch):
-            del snapshots[epoch]
-
-
-def _kept_epoch(history, s, split, ckpts, snapshots, state, statistics_of):
-    """``(record, masks, scores, statistics, choice)`` of the kept epoch; ``statistics_of(
-    state)`` gives a search state's jackpot statistics."""
-    last = history[-1]
-    if s.final_jackpot == 'last':
-        epoch, choice = last['epoch'], f"epoch {last['epoch']} (the last epoch)"
-    else:
-        available = set(snapshots) if ckpts is None else {
-            r['epoch'] for r in history if r['step'] in set(ckpts.steps())
-        }
-        metric = f'{split}_{s.selection_metric}'
-        rule = 'best' if s.final_jackpot == 'best_validation' else s.final_jackpot
-        kwargs = dict(
-            metric=metric, higher_is_better=not s.lower_is_better, rule=rule,
-            num_examples=None if s.lower_is_better else last.get(f'{split}_examples'),
-        )
-        chosen = selection.choose_epoch(history, available=available, **kwargs)
-        unrestricted = selection.choose_epoch(history, **kwargs)
-        if chosen.epoch != unrestricted.epoch:
-            logging.warning(
-                'the checkpoint of epoch %d (the %s choice on %s) is gone; keeping epoch %d, '
-                'the choice among those still saved', unrestricted.epoch, rule, split,
-                chosen.epoch,
-            )
-        epoch, choice = chosen.epoch, chosen.describe()
-    record = history[epoch - 1]
-    if ckpts is None:
-        return (record, *snapshots[epoch], choice)
-    if epoch == last['epoch']:
-        return record, state.masks, state.scores, statistics_of(state), choice
-    restored, _ = ckpts.restore(record['step'], like=state)
-    return record, restored.masks, restored.scores, statistics_of(restored), choice

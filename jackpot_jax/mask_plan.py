@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jackpot_jax import sparsity as sparsity_lib
@@ -180,6 +181,28 @@ class MaskPlan:
 
     def report(self, params: Mapping, masks: Mapping[str, Any]) -> dict[str, Any]:
         return mask_report(params, masks, self.pattern)
+
+    def checked_masks(self, masks: Mapping[str, Any], params: Mapping) -> dict[str, jax.Array]:
+        """Given masks (e.g. another criterion's) as bool arrays, checked against the plan:
+        one per prunable kernel, of its shape, pruning its count."""
+        kernels = self.kernels(params)
+        if set(masks) != set(kernels):
+            raise ValueError(
+                f'initial_masks cover {sorted(masks)}, but the search prunes {sorted(kernels)}; '
+                'give one mask per prunable kernel'
+            )
+        out = {}
+        for path, mask in masks.items():
+            mask = jnp.asarray(mask, bool)
+            pruned = int(mask.size - jnp.sum(mask))
+            if mask.shape != kernels[path].shape or pruned != self.counts[path]:
+                raise ValueError(
+                    f'initial_masks[{path!r}] has shape {mask.shape} and prunes {pruned} weights; '
+                    f'the search needs shape {kernels[path].shape} pruning {self.counts[path]} '
+                    '(its per-layer count): build the masks at these counts'
+                )
+            out[path] = mask
+        return out
 
 
 def plan_masks(

@@ -56,7 +56,9 @@ def resume_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) ->
         for k, v in expected.items()
         if k in saved and saved[k] != v
     ]
-    diffs += [f'{k}: not in the checkpoint, now {v!r}' for k, v in expected.items() if k not in saved]
+    diffs += [
+        f'{k}: not in the checkpoint, now {v!r}' for k, v in expected.items() if k not in saved
+    ]
     diffs += [f'{k}: only in the checkpoint' for k in saved if k not in expected]
     return sorted(diffs)
 
@@ -96,3 +98,32 @@ def truncate_records(path: str, mode: str, after_step: int) -> None:
         with open(path + '.tmp', 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in kept)
         os.replace(path + '.tmp', path)
+
+
+def check_same_search(
+    saved: Mapping[str, Any], after_nan_stop: bool, *, expected: Mapping[str, Any], directory: str
+) -> None:
+    """Raises unless a library search's checkpoint meta matches ``expected`` (its settings,
+    counts, weights and first masks), naming what differs; after a non-finite stop the
+    learning rate may change."""
+    fingerprint = expected['weights_fingerprint']
+    if saved.get('weights_fingerprint') != fingerprint:
+        raise ValueError(
+            f'the checkpoints in {directory} were written by a search over other weights '
+            f"(fingerprint {str(saved.get('weights_fingerprint'))[:12]} != {fingerprint[:12]}); "
+            'pass the variables that search started from, or use a new workdir'
+        )
+    relaxed = {'learning_rate'} if after_nan_stop else set()
+    diffs = [
+        d
+        for d in resume_differences(saved.get('settings', {}), expected['settings'])
+        if d.split(':')[0] not in relaxed
+    ]
+    if saved.get('initial_masks') != expected['initial_masks']:
+        diffs.append('initial_masks: other masks started the search in the checkpoints')
+    if diffs or saved.get('counts') != expected['counts']:
+        raise ValueError(
+            f'the checkpoints in {directory} come from a search with other settings:\n  '
+            + '\n  '.join(diffs or ['per-layer pruned counts differ'])
+            + '\nrestore those settings to resume, or use a new workdir'
+        )

@@ -124,9 +124,13 @@ class SearchSettings:
         if not _is_int(self.epochs) or self.epochs < 1:
             raise ValueError(f'epochs must be an integer >= 1, got {self.epochs!r}')
         if not (_is_number(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f'learning_rate must be a finite number > 0, got {self.learning_rate!r}')
+            raise ValueError(
+                f'learning_rate must be a finite number > 0, got {self.learning_rate!r}'
+            )
         if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(f'weight_decay must be a finite number >= 0, got {self.weight_decay!r}')
+            raise ValueError(
+                f'weight_decay must be a finite number >= 0, got {self.weight_decay!r}'
+            )
         if not (_is_number(self.momentum) and 0 <= self.momentum < 1):
             raise ValueError(f'momentum must be in [0, 1) (0 = none), got {self.momentum!r}')
         if not (_is_number(self.pruned_score) and 0 <= self.pruned_score < 1):
@@ -156,7 +160,9 @@ class SearchSettings:
             )
         if self.swap_margin is not None:
             if not (_is_number(self.swap_margin) and self.swap_margin >= 0):
-                raise ValueError(f'swap_margin must be >= 0 (0 = no margin), got {self.swap_margin!r}')
+                raise ValueError(
+                    f'swap_margin must be >= 0 (0 = no margin), got {self.swap_margin!r}'
+                )
             if self.swap_margin and self.mask_update != 'short_restriction':
                 raise ValueError(
                     f'swap_margin={self.swap_margin!r} applies to the short restriction only, but '
@@ -181,9 +187,7 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    )
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

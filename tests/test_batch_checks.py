@@ -120,7 +120,9 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path, monkeypatch, cap
 
     original = fault_at_step(monkeypatch, 3, interrupt)
     workdir = str(tmp_path / 'w')
-    with pytest.raises(engine.SearchInterrupted, match='interrupted at step 2: the last checkpoint is step 2'):
+    with pytest.raises(
+        engine.SearchInterrupted, match='interrupted at step 2: the last checkpoint is step 2'
+    ):
         _search(_batches(), workdir=workdir, checkpoint_every=1, epochs=2)
 
     def interrupted():

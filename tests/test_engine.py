@@ -60,7 +60,10 @@ def test_the_package_has_one_search_loop():
     for path in (REPO / 'jackpot_jax').rglob('*.py'):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.Call) and getattr(node.func, 'attr', None) == 'make_search_step':
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, 'attr', None) == 'make_search_step'
+            ):
                 callers.append(path.name)
     assert callers == ['engine.py']
 
@@ -120,8 +123,16 @@ def test_a_custom_loss_chooses_its_epoch_by_a_lower_is_better_metric():
     model = Regressor()
     variables = model.init(jax.random.key(0), x[:1])
     jackpot = jackpot_jax.find_jackpot(
-        model, variables, batches, validation_batches=validation, loss_fn=loss_fn,
-        selection_metric='loss', final_jackpot='best', sparsity=0.5, epochs=3, progress=False,
+        model,
+        variables,
+        batches,
+        validation_batches=validation,
+        loss_fn=loss_fn,
+        selection_metric='loss',
+        final_jackpot='best',
+        sparsity=0.5,
+        epochs=3,
+        progress=False,
         learning_rate=0.5,
     )
     losses = [r['validation_loss'] for r in jackpot.report['epochs']]
@@ -163,7 +174,9 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
         {'params': jax.device_get(params), 'batch_stats': jax.device_get(batch_stats)},
         lambda epoch: setup.source.train_epoch(size, config.seed, epoch, 0),
         steps_per_epoch=steps,
-        validation_batches=list(setup.source.eval_batches(config.data.eval_batch_size, 'validation')),
+        validation_batches=list(
+            setup.source.eval_batches(config.data.eval_batch_size, 'validation')
+        ),
         settings=search_run.search_settings(config, True),
         progress=False,
     )
@@ -180,8 +193,7 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
         assert {k: launcher[k] for k in shared} == {k: library[k] for k in shared}
 
 
-_RESUMABLE_SCRIPT = textwrap.dedent(
-    """
+_RESUMABLE_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     import flax.linen as nn, jax, jax.numpy as jnp, numpy as np
     import jackpot_jax
@@ -214,8 +226,7 @@ _RESUMABLE_SCRIPT = textwrap.dedent(
              **{'s_' + k: np.asarray(v) for k, v in jackpot.scores.items()},
              kept=jackpot.report['kept_epoch'],
              losses=[r['loss'] for r in jackpot.report['epochs']])
-    """
-)
+    """)
 
 
 def _run(script, workdir, out, kill_at=None):
@@ -224,8 +235,11 @@ def _run(script, workdir, out, kill_at=None):
     if kill_at:
         env['KILL_AT'] = kill_at
     return subprocess.run(
-        [sys.executable, str(script), str(workdir), str(out)], env=env, capture_output=True,
-        text=True, timeout=600,
+        [sys.executable, str(script), str(workdir), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -266,9 +280,7 @@ def test_the_score_optimizer_is_a_setting():
     adam = jackpot_jax.find_jackpot(
         model, variables, _batches(), optimizer='adam', learning_rate=0.01, **SETTINGS
     )
-    assert any(
-        not np.array_equal(sgd.scores[p], adam.scores[p]) for p in sgd.scores
-    )
+    assert any(not np.array_equal(sgd.scores[p], adam.scores[p]) for p in sgd.scores)
     with pytest.raises(ValueError, match="unknown optimizer 'adagrad'"):
         jackpot_jax.find_jackpot(model, variables, _batches(), optimizer='adagrad', **SETTINGS)
 
@@ -285,7 +297,11 @@ def test_a_search_can_start_from_other_masks_at_the_plans_counts():
     keep[rng.choice(kernel.size, kernel.size // 4, replace=False)] = True
     random_start = {'hidden/kernel': keep.reshape(kernel.shape)}
     jackpot = jackpot_jax.find_jackpot(
-        model, variables, _batches(), initial_masks=random_start, mask_freeze_fraction=0.0,
+        model,
+        variables,
+        _batches(),
+        initial_masks=random_start,
+        mask_freeze_fraction=0.0,
         **{**SETTINGS, 'epochs': 1},
     )
     assert int(jackpot.masks['hidden/kernel'].sum()) == kernel.size // 4

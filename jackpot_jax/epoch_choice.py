@@ -1,0 +1,73 @@
+"""Which epoch's jackpot a search keeps, and which epochs' jackpots it must hold until then.
+
+:func:`kept_epoch` applies ``settings.final_jackpot`` (a rule of
+:mod:`jackpot_jax.selection`) to the epoch records on the selection split, among the epochs
+whose jackpot still exists: a checkpoint in a workdir, else an in-memory snapshot.
+:func:`drop_dominated` forgets the snapshots no rule can keep any more: an epoch with a
+later epoch at least as good (every rule prefers the later one then).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from absl import logging
+
+from jackpot_jax import selection
+from jackpot_jax.settings import SearchSettings
+
+
+def signed(record: Mapping[str, Any], split: str, s: SearchSettings) -> float:
+    """The record's selection metric on ``split``, negated when lower is better."""
+    value = record[f'{split}_{s.selection_metric}']
+    return -value if s.lower_is_better else value
+
+
+def drop_dominated(snapshots: dict, history: list, split: str, s: SearchSettings) -> None:
+    """Forgets the epochs a later epoch at least as good makes impossible to keep."""
+    value = {r['epoch']: signed(r, split, s) for r in history}
+    for epoch in list(snapshots):
+        if any(value[later] >= value[epoch] for later in snapshots if later > epoch):
+            del snapshots[epoch]
+
+
+def kept_epoch(history, s, split, ckpts, snapshots, state, statistics_of):
+    """``(record, masks, scores, statistics, choice)`` of the kept epoch; ``statistics_of(
+    state)`` gives a search state's jackpot statistics."""
+    last = history[-1]
+    if s.final_jackpot == 'last':
+        epoch, choice = last['epoch'], f"epoch {last['epoch']} (the last epoch)"
+    else:
+        available = (
+            set(snapshots)
+            if ckpts is None
+            else {r['epoch'] for r in history if r['step'] in set(ckpts.steps())}
+        )
+        metric = f'{split}_{s.selection_metric}'
+        rule = 'best' if s.final_jackpot == 'best_validation' else s.final_jackpot
+        kwargs = dict(
+            metric=metric,
+            higher_is_better=not s.lower_is_better,
+            rule=rule,
+            num_examples=None if s.lower_is_better else last.get(f'{split}_examples'),
+        )
+        chosen = selection.choose_epoch(history, available=available, **kwargs)
+        unrestricted = selection.choose_epoch(history, **kwargs)
+        if chosen.epoch != unrestricted.epoch:
+            logging.warning(
+                'the checkpoint of epoch %d (the %s choice on %s) is gone; keeping epoch %d, '
+                'the choice among those still saved',
+                unrestricted.epoch,
+                rule,
+                split,
+                chosen.epoch,
+            )
+        epoch, choice = chosen.epoch, chosen.describe()
+    record = history[epoch - 1]
+    if ckpts is None:
+        return (record, *snapshots[epoch], choice)
+    if epoch == last['epoch']:
+        return record, state.masks, state.scores, statistics_of(state), choice
+    restored, _ = ckpts.restore(record['step'], like=state)
+    return record, restored.masks, restored.scores, statistics_of(restored), choice
