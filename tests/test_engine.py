@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import jackpot_jax
+from jackpot_jax import checkpoint
 from jackpot_jax import config as config_lib
 from jackpot_jax import run_context as rc
 from jackpot_jax import search_run, weight_training
@@ -180,13 +181,16 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
         settings=search_run.search_settings(config, True),
         progress=False,
     )
-    state = found['state']
     kept = found['jackpot_epoch']
     assert jackpot.report['kept_epoch'] == kept
-    if kept == len(found['history']):
-        for p, m in jackpot.masks.items():
-            np.testing.assert_array_equal(m, np.asarray(state.masks[p]))
-            np.testing.assert_array_equal(jackpot.scores[p], np.asarray(state.scores[p]))
+    _, saved_masks, saved_statistics, _ = checkpoint.load_jackpot(os.path.join(workdir, 'jackpot'))
+    assert set(saved_masks) == set(jackpot.masks)
+    for p, m in jackpot.masks.items():
+        np.testing.assert_array_equal(m, saved_masks[p])
+    jax.tree.map(np.testing.assert_array_equal, jackpot.statistics['batch_stats'], saved_statistics)
+    if kept == len(found['history']):  # the launcher returns the last state's scores
+        for p in jackpot.scores:
+            np.testing.assert_array_equal(jackpot.scores[p], np.asarray(found['state'].scores[p]))
     for launcher, library in zip(found['history'], jackpot.report['epochs']):
         shared = set(launcher) & set(library) - {'validation_examples'}
         assert {'loss', 'top1', 'mask_changes', 'validation_top1'} <= shared
