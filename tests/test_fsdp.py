@@ -324,3 +324,17 @@ def test_launcher_search_with_fsdp_matches_1_device(weights, tmp_path):
     )
     assert found[8]['jackpot_top1'] == found[1]['jackpot_top1']
     assert os.path.isdir(tmp_path / 'fsdp4' / 'jackpot')
+
+
+def test_memory_benchmark_reports_fsdp_1_2_4_8(capsys):
+    from benchmarks import search_step  # pylint: disable=g-import-not-at-top
+
+    result = search_step.main(['--models=small_cnn:16', '--memory', '--no-compare'])
+    table = result['memory']['small_cnn:16']
+    assert [row['fsdp'] for row in table['rows']] == [1, 2, 4, 8]
+    assert table['devices'] == 8 and table['min_sharded_size'] == 64
+    full = table['rows'][0]['state_bytes']
+    for row in table['rows']:
+        assert full / row['fsdp'] <= row['state_bytes'] <= 1.2 * full / row['fsdp']
+        assert row['argument_bytes'] >= row['state_bytes'] and row['temp_bytes'] > 0
+    assert 'vs 1/fsdp' in capsys.readouterr().err  # the table goes to stderr
