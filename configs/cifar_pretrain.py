@@ -15,17 +15,17 @@ A typical CIFAR recipe: SGD momentum 0.9, lr 0.1 with a per-epoch cosine, weight
 Then search with ``--config.pretrained=PRETRAIN_WORKDIR/pretrained``.
 """
 
-from jackpot_jax import paper_configs as common
+from jackpot_jax import paper_configs
 
 USAGE = 'configs/cifar_pretrain.py:MODEL,DATASET[,EPOCHS][,tiny]'
 ARGS = ('vgg19,cifar10', 'vgg19,cifar100', 'resnet32,cifar10', 'resnet32,cifar100')
 
 
 def get_config(arg: str = 'resnet32,cifar10'):
-    parts, modifiers = common.split_args(arg, USAGE)
+    parts, modifiers = paper_configs.split_args(arg, USAGE)
     if len(parts) not in (2, 3) or 'tune' in modifiers:
         raise ValueError(f'config argument {arg!r}: usage: {USAGE}')
-    config = common.cifar_base('pretrain', parts[0], parts[1])
+    config = paper_configs.cifar_base('pretrain', parts[0], parts[1])
     if len(parts) == 3:
-        config.pretrain.epochs = common.to_int(parts[2], 'EPOCHS', USAGE)
-    return common.finish(config, modifiers)
+        config.pretrain.epochs = paper_configs.to_int(parts[2], 'EPOCHS', USAGE)
+    return paper_configs.finish(config, modifiers)

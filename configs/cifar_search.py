@@ -38,7 +38,7 @@ cosine, weight decay 5e-4, batch 256, pruned score 0.99, global magnitude alloca
 short restriction with rate 1 ('all'), BatchNorm in training mode, no label smoothing.
 """
 
-from jackpot_jax import paper_configs as common
+from jackpot_jax import paper_configs
 
 USAGE = 'configs/cifar_search.py:MODEL,DATASET,SPARSITY,EPOCHS[,tune][,tiny]'
 # The argument of every published row -> its published top-1 (%).
@@ -63,15 +63,15 @@ PUBLISHED = {
 
 
 def get_config(arg: str = 'resnet32,cifar10,90,160'):
-    parts, modifiers = common.split_args(arg, USAGE)
+    parts, modifiers = paper_configs.split_args(arg, USAGE)
     if len(parts) != 4:
         raise ValueError(f'config argument {arg!r}: expected 4 fields; usage: {USAGE}')
     model, dataset, sparsity, epochs = parts
-    config = common.cifar_base('search', model, dataset)
-    common.set_reference_search(
+    config = paper_configs.cifar_base('search', model, dataset)
+    paper_configs.set_reference_search(
         config,
-        common.to_int(sparsity, 'SPARSITY', USAGE),
-        common.to_int(epochs, 'EPOCHS', USAGE),
+        paper_configs.to_int(sparsity, 'SPARSITY', USAGE),
+        paper_configs.to_int(epochs, 'EPOCHS', USAGE),
         weight_decay=5e-4,
     )
-    return common.finish(config, modifiers)
+    return paper_configs.finish(config, modifiers)

@@ -5,7 +5,7 @@ from Debian's ``dataset-fashion-mnist`` package or ``--config.data.data_dir``.
 """
 
 from jackpot_jax import config as config_lib
-from jackpot_jax import paper_configs as common
+from jackpot_jax import paper_configs
 
 USAGE = 'configs/fashion_mnist.py[:SPARSITY], SPARSITY an integer percent (e.g. 90)'
 
@@ -19,5 +19,5 @@ def get_config(sparsity_percent: str = '90'):
     config.pretrain.batch_size = 128
     config.search.epochs = 5
     config.search.batch_size = 128
-    config.search.sparsity = common.to_int(sparsity_percent, 'SPARSITY', USAGE) / 100
+    config.search.sparsity = paper_configs.to_int(sparsity_percent, 'SPARSITY', USAGE) / 100
     return config

@@ -26,7 +26,7 @@ pruned score 0.99, global magnitude allocation, short restriction with rate 1 ('
 BatchNorm in training mode, no label smoothing; a search checkpoint every 1000 steps.
 """
 
-from jackpot_jax import paper_configs as common
+from jackpot_jax import paper_configs
 
 USAGE = 'configs/imagenet_search.py:SPARSITY[,EPOCHS][,tune][,tiny]'
 # The argument of every published row -> its published top-1 (%).
@@ -34,12 +34,12 @@ PUBLISHED = {'80': 75.19, '80,tune': 76.66, '90': 72.43, '90,tune': 74.62}
 
 
 def get_config(arg: str = '90'):
-    parts, modifiers = common.split_args(arg, USAGE)
+    parts, modifiers = paper_configs.split_args(arg, USAGE)
     if len(parts) not in (1, 2):
         raise ValueError(f'config argument {arg!r}: usage: {USAGE}')
-    epochs = common.to_int(parts[1], 'EPOCHS', USAGE) if len(parts) == 2 else 30
-    config = common.imagenet_base('search')
-    common.set_reference_search(
-        config, common.to_int(parts[0], 'SPARSITY', USAGE), epochs, weight_decay=1e-4
+    epochs = paper_configs.to_int(parts[1], 'EPOCHS', USAGE) if len(parts) == 2 else 30
+    config = paper_configs.imagenet_base('search')
+    paper_configs.set_reference_search(
+        config, paper_configs.to_int(parts[0], 'SPARSITY', USAGE), epochs, weight_decay=1e-4
     )
-    return common.finish(config, modifiers)
+    return paper_configs.finish(config, modifiers)

@@ -30,6 +30,7 @@ _EXPORTS = {
     'find_jackpot': 'api',
     'load_jackpot': 'api',
     'recalibrate_statistics': 'evaluation',
+    'reestimate_statistics': 'evaluation',
     'SearchSettings': 'settings',
     'MaskPlan': 'mask_plan',
     'initial_masks_and_scores': 'mask_plan',

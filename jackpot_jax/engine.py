@@ -186,7 +186,7 @@ def run(
 
     def reestimated(masked, statistics, count):
         """The statistics re-estimated over the first ``count`` training batches."""
-        return evaluation.recalibrate_statistics(
+        return evaluation.reestimate_statistics(
             task.forward, masked, statistics, lambda epoch: task.train_epoch(epoch, 0), count,
             steps_per_epoch=steps, rng=recalibration_key, inputs_fn=task.inputs_fn,
         )  # fmt: skip

@@ -1,7 +1,7 @@
 """Evaluation and statistics re-estimation over batches, for any model and any task.
 
 :func:`evaluate_metrics` runs a forward in eval mode over batches (each example once)
-and averages the task's metrics; :func:`recalibrate_statistics` re-estimates a model's
+and averages the task's metrics; :func:`reestimate_statistics` re-estimates a model's
 statistics (BatchNorm running averages) under fixed masked params. A batch is a tuple
 ``(inputs, labels[, valid])`` or a dict (see :func:`jackpot_jax.search.batch_inputs`).
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -28,7 +29,7 @@ def train_mode_statistics(forward, params, statistics, inputs, rng):
     return forward(params, statistics, inputs, train=True, rng=rng)[1]
 
 
-def recalibrate_statistics(
+def reestimate_statistics(
     forward: adapters.Forward,
     params: Any,
     statistics: Any,
@@ -159,3 +160,14 @@ def evaluate(
     if metric not in result:
         raise ValueError(f'unknown metric {metric!r}; the evaluation gives {sorted(result)}')
     return result[metric]
+
+
+def recalibrate_statistics(*args: Any, **kwargs: Any) -> Any:
+    """Former name of :func:`reestimate_statistics`, kept for one release."""
+    warnings.warn(
+        'recalibrate_statistics is now reestimate_statistics; the old name goes in the next '
+        'release',
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return reestimate_statistics(*args, **kwargs)

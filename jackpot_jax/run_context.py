@@ -191,7 +191,7 @@ def _launcher_forward(model: Any) -> Any:
     return adapters.linen_forward(model, 'batch_stats')
 
 
-def adapt_batch_stats(
+def reestimate_statistics(
     setup: Setup, params: Any, batch_stats: Any, steps: int, batch_size: int
 ) -> Any:
     """BatchNorm running statistics updated over ``steps`` training batches; params unchanged.
@@ -201,7 +201,7 @@ def adapt_batch_stats(
     the first ``steps`` of the training stream (epoch 0 onwards), so it is deterministic.
     """
     batches = functools.partial(setup.train_epoch, batch_size)  # epoch -> its batches
-    return evaluation.recalibrate_statistics(setup.forward, params, batch_stats, batches, steps)
+    return evaluation.reestimate_statistics(setup.forward, params, batch_stats, batches, steps)
 
 
 def print_main(*args) -> None:

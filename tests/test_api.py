@@ -230,10 +230,15 @@ def test_stable_protocol_returns_the_epoch_best_on_validation(monkeypatch, valid
     np.testing.assert_array_equal(jackpot.scores['hidden/kernel'], scores['hidden/kernel'])
     masked = sparsity.masked_params(variables['params'], masks)
     forward = jackpot_jax.linen_forward(model, ('batch_stats',))
-    fresh = evaluation.recalibrate_statistics(
+    fresh = evaluation.reestimate_statistics(
         forward, masked, running, batches, 50, rng=jax.random.fold_in(jax.random.key(0), 1)
     )
     jax.tree.map(np.testing.assert_array_equal, jackpot.statistics, fresh)
+    with pytest.warns(DeprecationWarning, match='now reestimate_statistics'):  # the former name
+        old = jackpot_jax.recalibrate_statistics(
+            forward, masked, running, batches, 50, rng=jax.random.fold_in(jax.random.key(0), 1)
+        )
+    jax.tree.map(np.testing.assert_array_equal, old, fresh)
     assert not np.allclose(  # re-estimated: not the running statistics of that epoch
         jackpot.statistics['batch_stats']['norm']['mean'], running['batch_stats']['norm']['mean']
     )

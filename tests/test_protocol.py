@@ -218,7 +218,7 @@ def test_jackpot_of_the_best_validation_epoch_is_the_one_saved(
     setup = rc.Setup(config_checks.resolve_protocol(config))
     params, _, _ = checkpoint.load_weights(weights)
     masked = parallel.replicate(sparsity.masked_params(sparsity.flatten(params), masks), setup.mesh)
-    expected = rc.adapt_batch_stats(
+    expected = rc.reestimate_statistics(
         setup, masked, parallel.replicate(running_stats, setup.mesh), 50, 16
     )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected), saved_stats)

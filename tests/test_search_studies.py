@@ -344,7 +344,7 @@ def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained,
     # The jackpot carries the statistics re-estimated over 3 batches under its mask.
     setup = rc.Setup(config)
     masked = sparsity.masked_params(found['state'].frozen_params, found['state'].masks)
-    expected = rc.adapt_batch_stats(setup, masked, found['state'].batch_stats, 3, 64)
+    expected = rc.reestimate_statistics(setup, masked, found['state'].batch_stats, 3, 64)
     _, masks, saved, _ = checkpoint.load_jackpot(str(tmp_path / 'recalibrated' / 'jackpot'))
     jax.tree.map(np.testing.assert_allclose, jax.device_get(expected), saved)
     assert not np.allclose(

@@ -196,7 +196,7 @@ def run_overlap(
         masked = params if masks is None else sparsity.masked_params(params, masks)
         row = setup.evaluate(masked, batch_stats)
         if adapt:
-            stats = rc.adapt_batch_stats(
+            stats = rc.reestimate_statistics(
                 setup, masked, batch_stats, bn_steps, config.search.batch_size
             )
             adapted = setup.evaluate(masked, stats)
