@@ -333,7 +333,7 @@ def find_jackpot(
         inputs_fn=inputs_fn,
         weights_fingerprint=fingerprint,
     )
-    if workdir is not None and jax.process_index() == 0:
+    if workdir is not None:  # every process takes part in the (orbax) write
         jackpot.save(os.path.join(workdir, JACKPOT_DIR), overwrite=True)
     return jackpot
 
