@@ -17,6 +17,7 @@ learned, one per prunable weight; *masks* keep the top-scoring weights (True = k
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import os
@@ -156,11 +157,11 @@ def run(
         masks = mask_plan_.checked_masks(task.initial_masks, task.params)
         scores = sparsity.init_scores(masks, s.pruned_score)
     optimizer = task.optimizer or search.score_optimizer(s, steps)
-    copy = functools.partial(jax.tree.map, jnp.array)  # the step donates its state
+    fresh = functools.partial(jax.tree.map, jnp.array)  # the step donates its state
     # Large leaves split over the mesh's 'fsdp' axis, the rest replicated (parallel.py).
     state = parallel.shard_state(
         search.init_search_state(
-            copy(task.params), copy(task.statistics), masks, scores, optimizer
+            fresh(task.params), fresh(task.statistics), masks, scores, optimizer
         ),
         task.mesh,
     )
@@ -247,11 +248,9 @@ def run(
 
     def save(state, epoch_metrics, selection=None):
         epoch_metrics.flush()
-        meta = {
-            'history': history,
-            'epoch_sums': epoch_metrics.sums,
-            'search_seconds': search_seconds(),
-        }
+        # Copies: orbax writes the meta in the background while the loop adds to these.
+        meta = copy.deepcopy({'history': history, 'epoch_sums': epoch_metrics.sums})
+        meta['search_seconds'] = search_seconds()
         ckpts.save(state, {**persistence.identity, **meta}, selection)
 
     global_step = start
