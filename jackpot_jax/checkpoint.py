@@ -4,8 +4,8 @@ Three kinds of checkpoint, stored apart so the weights are written once:
   * weights (``WORKDIR/pretrained`` or anywhere): frozen params + batch statistics + meta;
   * search checkpoints (``WORKDIR/checkpoints/<step>``): scores, bit-packed masks
     (and flip history), optimizer state, batch statistics and meta (step, counts, config, weights
-    fingerprint, metrics so far); the latest N and the best by validation top-1 (test top-1
-    under the paper's protocol, which has no validation split) are kept;
+    fingerprint, metrics so far); the latest N and those of the epochs the kept-epoch rule
+    may still choose are kept;
   * jackpots (``WORKDIR/jackpot``): bit-packed masks + batch statistics + meta
     (+ scores when asked), small enough to ship beside the original weights.
 Orbax writes into a temporary folder and renames it when complete, so a crash
@@ -23,7 +23,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -318,26 +318,32 @@ def load_jackpot(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
 # ----------------------------------------------------------------------------
 # Search checkpoints: resumable, keep latest N + best.
 # ----------------------------------------------------------------------------
+class _PreserveSteps:
+    """An orbax preservation policy: keeps the checkpoints at the steps in ``steps``, a set
+    its owner updates as the search goes (orbax consults it after every save)."""
+
+    def __init__(self) -> None:
+        self.steps: set[int] = set()
+
+    def should_preserve(self, checkpoints: Any, *, context: Any) -> list[bool]:
+        del context
+        return [info.step in self.steps for info in checkpoints]
+
+
 class SearchCheckpoints:
     """The search checkpoints of one workdir (``WORKDIR/checkpoints/<step>``).
 
-    Keeps the latest ``keep`` checkpoints and the one with the best selection top-1.
+    Keeps the latest ``keep`` checkpoints and those of the epochs the kept-epoch rule may
+    still choose (given with each save). Which those are is worked out from the epoch
+    records in the checkpoints themselves, so a resumed search keeps the same ones.
     Saves are asynchronous; every process of a multi-host run must call ``save``.
     """
 
     def __init__(self, directory: str, keep: int = 3):
         self.directory = os.path.abspath(directory)
+        self._candidates = _PreserveSteps()
         policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-            [
-                ocp.checkpoint_managers.LatestN(n=keep),
-                ocp.checkpoint_managers.BestN(
-                    # The epoch's top-1 on the split selections look at (validation when
-                    # there is one); older checkpoints recorded test_top1.
-                    get_metric_fn=lambda m: m.get('selection_top1', m.get('test_top1')),
-                    n=1,
-                    keep_checkpoints_without_metrics=False,
-                ),
-            ]
+            [ocp.checkpoint_managers.LatestN(n=keep), self._candidates]
         )
         handlers = {name: ocp.StandardCheckpointHandler() for name in _SEARCH_ITEMS}
         self._manager = ocp.CheckpointManager(
@@ -357,10 +363,9 @@ class SearchCheckpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def save(
-        self, state: Any, meta: Mapping[str, Any], metrics: Mapping[str, float] | None
-    ) -> None:
-        """Writes ``state`` (a SearchState) at its step; masks bit-packed."""
+    def save(self, state: Any, meta: Mapping[str, Any], preserve: Iterable[int] = ()) -> None:
+        """Writes ``state`` (a SearchState) at its step, masks bit-packed, keeping from now
+        on the checkpoints at the steps ``preserve`` beside the latest ``keep``."""
         step = int(parallel.to_host(state.step))
         packed, shapes = pack_masks(state.masks)
         items = {
@@ -376,6 +381,7 @@ class SearchCheckpoints:
             if name not in _MAYBE_EMPTY or _has_leaves(tree)
         }
         meta = {**meta, 'step': step, 'mask_shapes': shapes}
+        self._candidates.steps = set(preserve)
         if not self._writing:
             _quiet_start()
             self._writing = True
@@ -384,7 +390,6 @@ class SearchCheckpoints:
             self._manager.save(
                 step,
                 args=ocp.args.Composite(meta=ocp.args.JsonSave(meta), **args),
-                metrics=dict(metrics) if metrics else None,
             )
 
     def read_meta(self, step: int) -> dict[str, Any]:

@@ -172,8 +172,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.tune.label_smoothing = 0.0
 
     # Search checkpoints in WORKDIR/checkpoints: every N steps (0 = each epoch's end only),
-    # keeping the latest `keep` and the best by validation top-1 (by test top-1 when
-    # there is no validation split, as under protocol 'paper').
+    # keeping the latest `keep` and those of every epoch the kept-epoch rule may still
+    # choose (those no later epoch equals or beats on the selection split).
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 0
     config.checkpoint.keep = 3

@@ -246,12 +246,14 @@ def run(
     def search_seconds():
         return earlier_seconds + time.perf_counter() - clock
 
-    def save(state, epoch_metrics, selection=None):
+    def save(state, epoch_metrics):
         epoch_metrics.flush()
         # Copies: orbax writes the meta in the background while the loop adds to these.
         meta = copy.deepcopy({'history': history, 'epoch_sums': epoch_metrics.sums})
         meta['search_seconds'] = search_seconds()
-        ckpts.save(state, {**persistence.identity, **meta}, selection)
+        epochs = epoch_choice.candidates(history, selection_split, s)
+        preserve = [r['step'] for r in history if r['epoch'] in epochs]
+        ckpts.save(state, {**persistence.identity, **meta}, preserve)
 
     global_step = start
     last_statistics = None  # the last epoch's jackpot statistics, when this run evaluated it
@@ -286,13 +288,8 @@ def run(
                 if writer:
                     writer.write(record)
                 epoch_metrics = metrics.EpochMetrics(trace=task.step_trace)
-                selection = epoch_choice.signed(record, selection_split, s) if task.splits else None
                 if ckpts:
-                    save(
-                        state,
-                        epoch_metrics,
-                        None if selection is None else {'selection_top1': selection},
-                    )
+                    save(state, epoch_metrics)
                 elif s.final_jackpot != 'last' or epoch == s.epochs - 1:
                     snapshots[epoch + 1] = (state.masks, state.scores, stats)
                     if s.final_jackpot != 'last':

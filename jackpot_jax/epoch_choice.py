@@ -3,8 +3,8 @@
 :func:`kept_epoch` applies ``settings.final_jackpot`` (a rule of
 :mod:`jackpot_jax.selection`) to the epoch records on the selection split, among the epochs
 whose jackpot still exists: a checkpoint in a workdir, else an in-memory snapshot.
-:func:`drop_dominated` forgets the snapshots no rule can keep any more: an epoch with a
-later epoch at least as good (every rule prefers the later one then).
+:func:`candidates` are the epochs the rule may still keep: the others have a later epoch
+at least as good (every rule prefers the later one then); their jackpots may go.
 """
 
 from __future__ import annotations
@@ -24,11 +24,25 @@ def signed(record: Mapping[str, Any], split: str, s: SearchSettings) -> float:
     return -value if s.lower_is_better else value
 
 
+def candidates(history: list, split: str, s: SearchSettings) -> set[int]:
+    """The epochs the rule may still keep: the last, and (unless the rule is 'last') every
+    epoch no later epoch is at least as good as (every rule prefers the later one then)."""
+    if s.final_jackpot == 'last' or split is None:
+        return {history[-1]['epoch']} if history else set()
+    best_later, out = -float('inf'), set()
+    for record in reversed(history):
+        value = signed(record, split, s)
+        if value > best_later:
+            out.add(record['epoch'])
+        best_later = max(best_later, value)
+    return out
+
+
 def drop_dominated(snapshots: dict, history: list, split: str, s: SearchSettings) -> None:
-    """Forgets the epochs a later epoch at least as good makes impossible to keep."""
-    value = {r['epoch']: signed(r, split, s) for r in history}
+    """Forgets the snapshots of epochs the rule can no longer keep."""
+    keep = candidates(history, split, s)
     for epoch in list(snapshots):
-        if any(value[later] >= value[epoch] for later in snapshots if later > epoch):
+        if epoch not in keep:
             del snapshots[epoch]
 
 
@@ -50,7 +64,9 @@ def kept_epoch(history, s, split, ckpts, snapshots, state, statistics_of):
             metric=metric,
             higher_is_better=not s.lower_is_better,
             rule=rule,
-            num_examples=None if s.lower_is_better else last.get(f'{split}_examples'),
+            num_examples=(
+                last.get(f'{split}_examples') if s.selection_metric_is_fraction else None
+            ),
         )
         chosen = selection.choose_epoch(history, available=available, **kwargs)
         unrestricted = selection.choose_epoch(history, **kwargs)

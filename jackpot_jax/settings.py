@@ -53,6 +53,9 @@ OPTIMIZERS = ('sgd', 'adam', 'adamw')
 BN_MODES = ('train', 'frozen')
 # Metrics where lower is better; any other metric is higher-is-better.
 LOWER_IS_BETTER = re.compile(r'(^|_)(loss|perplexity|error|nll)$')
+# Metrics that are fractions of examples (top-k accuracy), whose standard error is
+# binomial; the rules know no standard error of any other metric (selection.py).
+FRACTION_OF_EXAMPLES = re.compile(r'(^|_)(top\d+|accuracy)$')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,10 @@ class SearchSettings:
     @property
     def lower_is_better(self) -> bool:
         return bool(LOWER_IS_BETTER.search(self.selection_metric))
+
+    @property
+    def selection_metric_is_fraction(self) -> bool:
+        return bool(FRACTION_OF_EXAMPLES.search(self.selection_metric))
 
     def resolved(self, has_validation: bool) -> SearchSettings:
         """A copy with the options left at None set by the protocol, checked."""

@@ -310,3 +310,28 @@ def test_a_search_can_start_from_other_masks_at_the_plans_counts():
     )
     assert int(jackpot.masks['hidden/kernel'].sum()) == kernel.size // 4
     assert (jackpot.masks['hidden/kernel'] != start.masks['hidden/kernel']).any()
+
+
+def test_a_resumed_search_still_has_the_epoch_its_rule_keeps(tmp_path):
+    """An epoch the rule may still keep survives a restart and the saves after it (the
+    checkpoints kept are worked out from the epoch records, not the process's memory;
+    tests/test_legacy_checkpoints.py resumes a launcher search where this mattered)."""
+    import legacy_search as ls  # tests/legacy_search.py: a search that can be interrupted
+
+    def run(batches, workdir):
+        model, variables = ls.model_and_variables()
+        return jackpot_jax.find_jackpot(
+            model, variables, batches, steps_per_epoch=ls.STEPS, workdir=workdir,
+            validation_batches=ls.validation_batches(), sparsity=0.8, epochs=2,
+            checkpoint_every=2, progress=False, selection_metric='loss', final_jackpot='best',
+        )  # fmt: skip
+
+    whole = run(ls.batches(), str(tmp_path / 'whole'))
+    losses = [r['validation_loss'] for r in whole.report['epochs']]
+    assert whole.report['kept_epoch'] == 1, losses  # older than the latest 3 checkpoints
+    with pytest.raises(ls.Interrupted):  # mid-epoch 2, after the save at step 8
+        run(ls.batches(interrupt=True), str(tmp_path / 'resumed'))
+    resumed = run(ls.batches(), str(tmp_path / 'resumed'))
+    assert resumed.report['kept_epoch'] == 1
+    for path, mask in whole.masks.items():
+        np.testing.assert_array_equal(resumed.masks[path], mask)
