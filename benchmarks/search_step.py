@@ -226,7 +226,7 @@ def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     model = models.get_model(name, classes, dtype=DTYPES[args.dtype])
     init = jax.jit(lambda rng, x: model.init(rng, x, train=False))
     variables = init(jax.random.key(args.seed), jnp.zeros((1, size, size, 3), jnp.float32))
-    params, batch_stats = variables['params'], variables.get('batch_stats', {})
+    params, statistics = variables['params'], variables.get('batch_stats', {})
     flat = sparsity.flatten(params)
     kernels = {p: flat[p] for p in sparsity.prunable_paths(params)}
     pattern = structured.parse_pattern(args.pattern)
@@ -252,7 +252,7 @@ def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
         batch_size=batch,
         num_classes=classes,
         params=params,
-        batch_stats=batch_stats,
+        statistics=statistics,
         counts=counts,
         masks=masks,
         scores=scores,
@@ -306,7 +306,7 @@ def _identity_update(scores, masks, counts, *pattern, mode='short_restriction', 
 def search_state(s: dict[str, Any], mesh) -> search.SearchState:
     state = search.init_search_state(
         fresh(s['params']),
-        fresh(s['batch_stats']),
+        fresh(s['statistics']),
         fresh(s['masks']),
         fresh(s['scores']),
         s['optimizer'],
@@ -318,7 +318,7 @@ def abstract_search_state(s: dict[str, Any], mesh) -> Any:
     """The search state's shapes, dtypes and shardings on ``mesh``, no arrays."""
     shapes = jax.eval_shape(
         functools.partial(search.init_search_state, optimizer=s['optimizer']),
-        s['params'], s['batch_stats'], s['masks'], s['scores'],
+        s['params'], s['statistics'], s['masks'], s['scores'],
     )
     return jax.tree.map(
         lambda x, where: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where),
@@ -329,7 +329,7 @@ def abstract_search_state(s: dict[str, Any], mesh) -> Any:
 def dense_state_and_fn(s: dict[str, Any], mesh) -> tuple[Any, Callable]:
     """The dense training state, placed like the search state, and its jitted step."""
     state = parallel.shard_state(
-        weight_training.init_train_state(fresh(s['params']), fresh(s['batch_stats']), s['optimizer']),
+        weight_training.init_train_state(fresh(s['params']), fresh(s['statistics']), s['optimizer']),
         mesh,
     )
     step = functools.partial(weight_training.train_step, model=s['model'], optimizer=s['optimizer'])

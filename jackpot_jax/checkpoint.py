@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -33,11 +34,21 @@ import orbax.checkpoint as ocp
 from jackpot_jax import parallel, sparsity
 from jackpot_jax.errors import UserError
 
-_SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'batch_stats')
+_SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'statistics')
 # Items that may hold no array at all (a model without BatchNorm has no statistics, an
 # optimizer without momentum no state): orbax refuses to write an empty tree, so they are
 # left out on save and read back as empty.
-_MAYBE_EMPTY = ('batch_stats', 'opt_state')
+_MAYBE_EMPTY = ('statistics', 'opt_state')
+# The statistics item's name in checkpoints written before it was 'statistics' (read
+# back under either name).
+_LEGACY_STATISTICS = 'batch_stats'
+_OPTIONAL = (*_MAYBE_EMPTY, _LEGACY_STATISTICS)
+
+
+def _statistics(restored: Mapping[str, Any], default: Any = None) -> Any:
+    """The statistics item of a restored checkpoint, under its name or its former one."""
+    fallback = {} if default is None else default
+    return restored.get('statistics', restored.get(_LEGACY_STATISTICS, fallback))
 
 
 def _has_leaves(tree: Any) -> bool:
@@ -127,11 +138,19 @@ def _write_failure(error: Exception) -> str | None:
     return os.strerror(int(code.group(1))) if code else text.strip().splitlines()[0][:300]
 
 
-def _remove_partial(pattern: str) -> None:
-    """Deletes what a failed save left (it only takes space) on process 0."""
-    if jax.process_index() == 0:
-        for partial in glob.glob(pattern):
+def _remove_partial(pattern: str, patience: float = 5.0) -> None:
+    """Deletes what a failed save left (it only takes space) on process 0. Writer threads
+    of the failed save may still be finishing, so it waits (up to ``patience`` seconds)
+    until two looks 0.1 s apart find nothing."""
+    if jax.process_index() != 0:
+        return
+    deadline, clean_looks = time.monotonic() + patience, 0
+    while clean_looks < 2 and time.monotonic() < deadline:
+        partials = glob.glob(pattern)
+        for partial in partials:
             shutil.rmtree(partial, ignore_errors=True)
+        clean_looks = 0 if partials else clean_looks + 1
+        time.sleep(0.1)
 
 
 # ----------------------------------------------------------------------------
@@ -280,39 +299,39 @@ def _restore(
         ) from e
 
 
-def save_weights(path: str, params: Mapping, batch_stats: Mapping, meta: Mapping[str, Any]) -> None:
+def save_weights(path: str, params: Mapping, statistics: Mapping, meta: Mapping[str, Any]) -> None:
     """Writes dense weights (the frozen starting point of a search)."""
-    _save(path, {'params': params, 'batch_stats': batch_stats}, meta)
+    _save(path, {'params': params, 'statistics': statistics}, meta)
 
 
 def load_weights(path: str) -> tuple[dict, dict, dict[str, Any]]:
-    """Reads ``(params, batch_stats, meta)`` written by :func:`save_weights`."""
-    restored = _restore(path, ('params',), 'weights', optional=_MAYBE_EMPTY)
-    return restored['params'], restored.get('batch_stats', {}), restored['meta']
+    """Reads ``(params, statistics, meta)`` written by :func:`save_weights`."""
+    restored = _restore(path, ('params',), 'weights', optional=_OPTIONAL)
+    return restored['params'], _statistics(restored), restored['meta']
 
 
 def save_jackpot(
     path: str,
     scores: Mapping | None,
     masks: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     meta: Mapping[str, Any],
 ) -> None:
     """Writes a found jackpot: bit-packed masks, batch statistics, meta (and scores if given)."""
     packed, shapes = pack_masks(masks)
-    arrays = {'masks': packed, 'batch_stats': batch_stats}
+    arrays = {'masks': packed, 'statistics': statistics}
     if scores is not None:
         arrays['scores'] = sparsity.unflatten(scores)
     _save(path, arrays, {**meta, 'mask_shapes': shapes})
 
 
 def load_jackpot(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
-    """Reads ``(scores or None, masks, batch_stats, meta)`` written by :func:`save_jackpot`."""
-    restored = _restore(path, ('masks',), 'jackpot', optional=('scores', *_MAYBE_EMPTY))
+    """Reads ``(scores or None, masks, statistics, meta)`` written by :func:`save_jackpot`."""
+    restored = _restore(path, ('masks',), 'jackpot', optional=('scores', *_OPTIONAL))
     meta = restored['meta']
     scores = sparsity.flatten(restored['scores']) if 'scores' in restored else None
     masks = unpack_masks(restored['masks'], meta['mask_shapes'])
-    return scores, masks, restored.get('batch_stats', {}), meta
+    return scores, masks, _statistics(restored), meta
 
 
 # ----------------------------------------------------------------------------
@@ -345,7 +364,9 @@ class SearchCheckpoints:
         policy = ocp.checkpoint_managers.AnyPreservationPolicy(
             [ocp.checkpoint_managers.LatestN(n=keep), self._candidates]
         )
-        handlers = {name: ocp.StandardCheckpointHandler() for name in _SEARCH_ITEMS}
+        handlers = {
+            name: ocp.StandardCheckpointHandler() for name in (*_SEARCH_ITEMS, _LEGACY_STATISTICS)
+        }
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -373,7 +394,7 @@ class SearchCheckpoints:
             'masks': packed,
             'ever_flipped': pack_masks(state.ever_flipped)[0],
             'opt_state': state.opt_state,
-            'batch_stats': state.batch_stats,
+            'statistics': state.statistics,
         }
         args = {
             name: ocp.args.StandardSave(tree)
@@ -414,12 +435,12 @@ class SearchCheckpoints:
             'masks': sparsity.unflatten(packed_like),
             'ever_flipped': sparsity.unflatten(packed_like),
             'opt_state': _abstract(like.opt_state),
-            'batch_stats': _abstract(like.batch_stats),
+            self._statistics_item(step): _abstract(like.statistics),
         }
         args = {
             name: ocp.args.StandardRestore(t)
             for name, t in targets.items()
-            if name not in _MAYBE_EMPTY or _has_leaves(t)
+            if name not in _OPTIONAL or _has_leaves(t)
         }
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
@@ -435,10 +456,15 @@ class SearchCheckpoints:
             masks=place(restored['masks']),
             ever_flipped=place(restored['ever_flipped']),
             opt_state=restored.get('opt_state', like.opt_state),
-            batch_stats=restored.get('batch_stats', like.batch_stats),
+            statistics=_statistics(restored, like.statistics),
             step=jax.device_put(np.int32(meta['step']), like.step.sharding),
         )
         return state, meta
+
+    def _statistics_item(self, step: int) -> str:
+        """The statistics item's name in the checkpoint at ``step`` (older ones: former name)."""
+        legacy = os.path.join(self.directory, str(step), _LEGACY_STATISTICS)
+        return _LEGACY_STATISTICS if os.path.isdir(legacy) else 'statistics'
 
     def _unreadable(self, step: int, error: Exception) -> CheckpointError:
         others = [s for s in self.steps() if s != step]

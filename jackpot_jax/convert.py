@@ -15,7 +15,7 @@ Two families of PyTorch names are supported, each with one explicit name table
 Every conversion is strict: all missing, unexpected and wrong-shaped keys are listed
 in one error. Layouts: conv OIHW <-> HWIO, Linear ``[out, in]`` <-> Dense ``[in, out]``,
 BN ``weight``/``bias`` <-> ``scale``/``bias`` and ``running_mean``/``running_var`` <->
-batch_stats ``mean``/``var`` (``num_batches_tracked`` is dropped, and written as 0),
+statistics (``batch_stats``) ``mean``/``var`` (``num_batches_tracked`` is dropped, and written as 0),
 LayerNorm ``weight``/``bias`` <-> ``scale``/``bias``, attention ``in_proj_weight``
 ``[3D, D]`` (q, k, v stacked) <-> three Dense kernels ``query``/``key``/``value``, and
 bare tensors (a ViT's class token and position embedding) unchanged.
@@ -88,7 +88,7 @@ class Weights:
     """Converted dense weights."""
 
     params: dict
-    batch_stats: dict
+    statistics: dict
     num_classes: int
 
 
@@ -97,7 +97,7 @@ class Jackpot:
     """A converted official jackpot: frozen weights, searched statistics, scores and masks."""
 
     params: dict
-    batch_stats: dict
+    statistics: dict
     scores: dict[str, np.ndarray]
     masks: dict[str, np.ndarray]
     counts: dict[str, int]
@@ -119,7 +119,7 @@ def _abstract_variables(
 
 
 def _flax_leaves(layer: Layer) -> tuple[list[str], list[str]]:
-    """(params leaves, batch_stats leaves) of one table row."""
+    """(params leaves, statistics leaves) of one table row."""
     if layer.kind == BN:
         return [f'{layer.flax}/scale', f'{layer.flax}/bias'], [
             f'{layer.flax}/mean',
@@ -161,9 +161,7 @@ def _torch_from_flax_shape(kind: str, flax_shape: tuple) -> tuple:
 
 def expected_torch_shapes(arch: Arch, num_classes: int) -> dict[str, tuple]:
     """Every torch state-dict key of ``arch`` (num_batches_tracked excluded) and its shape."""
-    params, stats = _abstract_variables(
-        arch.model, num_classes, arch.image_size, arch.model_kwargs
-    )
+    params, stats = _abstract_variables(arch.model, num_classes, arch.image_size, arch.model_kwargs)
     _check_table(arch, params, stats)
     shapes = {}
     for layer in arch.table:
@@ -338,7 +336,7 @@ def torch_to_flax(
     *,
     what: str = 'the state dict',
 ) -> Weights:
-    """A torch state dict (names -> arrays) -> flax params and batch_stats, strictly checked."""
+    """A torch state dict (names -> arrays) -> flax params and statistics, strictly checked."""
     arch = arch if isinstance(arch, Arch) else get_arch(arch, family)
     state_dict = strip_module_prefix(state_dict)
     num_classes = infer_num_classes(state_dict, arch)
@@ -453,7 +451,7 @@ def official_jackpot_to_flax(
 # ----------------------------------------------------------------------------
 def flax_to_torch(
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     arch: str | Arch,
     family: str = 'torchvision',
     *,
@@ -462,7 +460,7 @@ def flax_to_torch(
     masked: bool = False,
     mask_format: str = 'none',
 ) -> dict[str, np.ndarray]:
-    """Flax params + batch_stats (+ a jackpot) -> a torch-named state dict of numpy arrays.
+    """Flax params + statistics (+ a jackpot) -> a torch-named state dict of numpy arrays.
 
     ``masked`` writes ``W * B`` for every masked kernel. ``mask_format`` '2023' adds
     ``<conv>.mask`` (scores) and ``<conv>.b_mask`` (0/1 float) for every official conv,
@@ -479,7 +477,7 @@ def flax_to_torch(
     if mask_format != 'none' and scores is None:
         raise ValueError(f'mask format {mask_format!r} needs the scores of a jackpot')
     flat = sparsity.flatten(params)
-    stats = sparsity.flatten(batch_stats)
+    stats = sparsity.flatten(statistics)
     kernel = flat.get(f'{spec.table[-1].flax}/kernel')
     num_classes = int(np.shape(kernel)[-1]) if kernel is not None else spec.default_classes
     want_params, want_stats = _abstract_variables(
@@ -487,7 +485,7 @@ def flax_to_torch(
     )
     _check_table(spec, want_params, want_stats)
     problems = tree_mismatches(want_params, leaf_shapes(params), 'param ')
-    problems += tree_mismatches(want_stats, leaf_shapes(batch_stats), 'batch stat ')
+    problems += tree_mismatches(want_stats, leaf_shapes(statistics), 'batch stat ')
     kernels = {f'{l.flax}/kernel' for l in spec.table if l.kind in _KERNEL_KINDS}
     kernels |= {f'{l.flax}/{q}/kernel' for l in spec.table if l.kind == ATTENTION for q in _QKV}
     for name, tree in (('mask', masks), ('score', scores)):
@@ -609,7 +607,7 @@ def run_torchvision(arch_name: str, input_spec: str, output: str, overwrite: boo
     _checkpoint().save_weights(
         target,
         converted.params,
-        converted.batch_stats,
+        converted.statistics,
         weights_meta(arch, converted.num_classes, source),
     )
     return target
@@ -659,7 +657,7 @@ def run_official(
     ckpt.save_weights(
         written['weights'],
         dense.params,
-        dense.batch_stats,
+        dense.statistics,
         weights_meta(arch, dense.num_classes, source),
     )
     if jackpot is not None:
@@ -680,7 +678,7 @@ def run_official(
             meta.update({'requested_sparsity': sparsity_level, 'allocation': allocation})
         written['jackpot'] = os.path.join(output, JACKPOT_DIR)
         ckpt.save_jackpot(
-            written['jackpot'], jackpot.scores, jackpot.masks, jackpot.batch_stats, meta
+            written['jackpot'], jackpot.scores, jackpot.masks, jackpot.statistics, meta
         )
     return written
 
@@ -726,20 +724,20 @@ def run_to_torch(
             'a torchvision state dict has no place for masks: pass --masked to write W * B'
         )
     ckpt = _checkpoint()
-    params, batch_stats, meta = ckpt.load_weights(_checkpoint_dir(weights, PRETRAINED_DIR))
+    params, statistics, meta = ckpt.load_weights(_checkpoint_dir(weights, PRETRAINED_DIR))
     saved = meta.get('model', {}).get('name')
     if saved != arch.model:
         raise ValueError(f'the weights at {weights} are for model {saved!r}, not {arch.model!r}')
     scores = masks = None
     if jackpot is not None:
-        scores, masks, batch_stats, _ = ckpt.load_jackpot(_checkpoint_dir(jackpot, JACKPOT_DIR))
+        scores, masks, statistics, _ = ckpt.load_jackpot(_checkpoint_dir(jackpot, JACKPOT_DIR))
         if scores is None and mask_format != 'none':
             # A jackpot saved without scores: 1.0 kept / 0.0 pruned ranks to the same masks.
             print('note: the jackpot has no scores; writing the binary masks as .mask scores')
             scores = {p: np.asarray(m, np.float32) for p, m in masks.items()}
     state = flax_to_torch(
         params,
-        batch_stats,
+        statistics,
         arch,
         masks=masks,
         scores=scores,

@@ -78,13 +78,13 @@ def _kernels(params: Mapping, paths: Sequence[str]) -> FlatTree:
 
 
 def _train_mode_loss(
-    model: nn.Module, params: Mapping, batch_stats: Mapping, batch: Batch, temperature: float = 1.0
+    model: nn.Module, params: Mapping, statistics: Mapping, batch: Batch, temperature: float = 1.0
 ) -> Callable[[FlatTree], Array]:
     """Kernels -> cross-entropy on ``batch`` with BatchNorm in training mode."""
     images, labels = batch
 
     def loss(kernels):
-        variables = {'params': _with_kernels(params, kernels), 'batch_stats': batch_stats}
+        variables = {'params': _with_kernels(params, kernels), 'batch_stats': statistics}
         logits, _ = model.apply(variables, images, train=True, mutable=['batch_stats'])
         return search.cross_entropy(logits / temperature, labels)
 
@@ -103,7 +103,7 @@ def _need_batch(name: str, batch: Batch | None) -> Batch:
 def magnitude_scores(
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     paths: Sequence[str],
     batch: Batch | None = None,
     rng: Array | None = None,
@@ -116,7 +116,7 @@ def magnitude_scores(
 def random_scores(
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     paths: Sequence[str],
     batch: Batch | None = None,
     rng: Array | None = None,
@@ -136,7 +136,7 @@ def random_scores(
 def snip_scores(
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     paths: Sequence[str],
     batch: Batch | None = None,
     rng: Array | None = None,
@@ -144,7 +144,7 @@ def snip_scores(
 ) -> FlatTree:
     """SNIP connection sensitivity |dL/dw * w| on one batch (BatchNorm in training mode)."""
     kernels = _kernels(params, paths)
-    loss = _train_mode_loss(model, params, batch_stats, _need_batch('snip', batch))
+    loss = _train_mode_loss(model, params, statistics, _need_batch('snip', batch))
     grads = jax.grad(loss)(kernels)
     return {p: jnp.abs(grads[p] * w) for p, w in kernels.items()}
 
@@ -168,7 +168,7 @@ def gradient_flow_keep_scores(
 def grasp_scores(
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     paths: Sequence[str],
     batch: Batch | None = None,
     rng: Array | None = None,
@@ -177,14 +177,14 @@ def grasp_scores(
 ) -> FlatTree:
     """GraSP keep score w * (H g) of the cross-entropy on one batch (BatchNorm in training mode)."""
     kernels = _kernels(params, paths)
-    loss = _train_mode_loss(model, params, batch_stats, _need_batch('grasp', batch), temperature)
+    loss = _train_mode_loss(model, params, statistics, _need_batch('grasp', batch), temperature)
     return gradient_flow_keep_scores(loss, kernels)
 
 
 def synflow_scores(
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     paths: Sequence[str],
     batch: Batch | None = None,
     rng: Array | None = None,
@@ -201,7 +201,7 @@ def synflow_scores(
             raise ValueError("criterion 'synflow' needs input_shape= (or a batch for its shape)")
         input_shape = batch[0].shape[1:]
     abs_params = jax.tree.map(jnp.abs, params)
-    abs_stats = jax.tree.map(jnp.abs, batch_stats)
+    abs_stats = jax.tree.map(jnp.abs, statistics)
     kernels = _kernels(abs_params, paths)
     ones = jnp.ones((1, *input_shape), jnp.float32)
 
@@ -243,8 +243,8 @@ def input_square_sums(model: nn.Module, variables: Mapping, inputs: Array) -> Fl
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'paths'))
-def _square_sums(model, params, batch_stats, inputs, *, paths):
-    sums = input_square_sums(model, {'params': params, 'batch_stats': batch_stats}, inputs)
+def _square_sums(model, params, statistics, inputs, *, paths):
+    sums = input_square_sums(model, {'params': params, 'batch_stats': statistics}, inputs)
     missing = [p for p in paths if p not in sums]
     if missing:
         raise ValueError(
@@ -257,7 +257,7 @@ def _square_sums(model, params, batch_stats, inputs, *, paths):
 def activation_norms(
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     paths: Sequence[str],
     batches: Any,
 ) -> FlatTree:
@@ -270,7 +270,7 @@ def activation_norms(
     totals = None
     for batch in batches:
         inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
-        sums = _square_sums(model, params, batch_stats, inputs, paths=paths)
+        sums = _square_sums(model, params, statistics, inputs, paths=paths)
         totals = sums if totals is None else {p: totals[p] + sums[p] for p in paths}
     if totals is None:
         raise ValueError('wanda: no calibration batch; pass at least one batch of inputs')
@@ -293,7 +293,7 @@ def wanda_keep_scores(kernels: Mapping[str, Array], norms: Mapping[str, Array]) 
 def wanda_scores(
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     paths: Sequence[str],
     batch: Batch | None = None,
     rng: Array | None = None,
@@ -301,7 +301,7 @@ def wanda_scores(
 ) -> FlatTree:
     """Wanda's |w| ||X_j|| with the norms of one calibration batch (traceable)."""
     inputs = _need_batch('wanda', batch)[0]
-    sums = input_square_sums(model, {'params': params, 'batch_stats': batch_stats}, inputs)
+    sums = input_square_sums(model, {'params': params, 'batch_stats': statistics}, inputs)
     kernels = _kernels(params, paths)
     return wanda_keep_scores(kernels, {p: jnp.sqrt(sums[p]) for p in kernels})
 
@@ -348,7 +348,7 @@ def row_masks(scores: Mapping[str, Array], counts: Mapping[str, int]) -> FlatTre
 def wanda_masks(
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     batches: Any,
     *,
     sparsity: float | None = None,
@@ -375,7 +375,7 @@ def wanda_masks(
             f'wanda_masks: give exactly one of sparsity=, counts= or pattern= (got '
             f"{given + (['pattern'] if nm else []) or 'none'})"
         )
-    norms = activation_norms(model, params, batch_stats, paths, batches)
+    norms = activation_norms(model, params, statistics, paths, batches)
     scores = wanda_keep_scores(_kernels(params, paths), norms)
     if nm:
         return structured.masks_from_scores(scores, structured.nm_counts(shapes, *nm), *nm)
@@ -392,7 +392,7 @@ def _default_paths(params: Mapping) -> tuple[str, ...]:
 class Criterion:
     """A pruning criterion: its keep-score function and what it needs.
 
-    ``scores(model, params, batch_stats, paths, batch, rng, **options)`` returns
+    ``scores(model, params, statistics, paths, batch, rng, **options)`` returns
     keep scores (higher = keep) for the kernels at ``paths``; it is traceable.
     """
 
@@ -424,8 +424,8 @@ CRITERIA: dict[str, Criterion] = {
 # Masks at fixed per-layer counts.
 # ----------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=('name', 'model', 'paths', 'options'))
-def _scores(name, model, params, batch_stats, batch, rng, *, paths, options):
-    scores = CRITERIA[name].scores(model, params, batch_stats, paths, batch, rng, **dict(options))
+def _scores(name, model, params, statistics, batch, rng, *, paths, options):
+    scores = CRITERIA[name].scores(model, params, statistics, paths, batch, rng, **dict(options))
     finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(s)) for s in scores.values()]))
     return scores, finite
 
@@ -440,7 +440,7 @@ def criterion_scores(
     name: str,
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     paths: Sequence[str],
     batch: Batch | None = None,
     rng: Array | None = None,
@@ -467,7 +467,7 @@ def criterion_scores(
         name,
         model,
         params,
-        batch_stats,
+        statistics,
         batch if criterion.needs_batch else None,  # synflow is data-free: shape only
         rng if criterion.needs_rng else None,
         paths=tuple(sorted(paths)),
@@ -485,7 +485,7 @@ def criterion_masks(
     name: str,
     model: nn.Module,
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     counts: Mapping[str, int],
     batch: Batch | None = None,
     rng: Array | None = None,
@@ -497,9 +497,7 @@ def criterion_masks(
     arguments are those of :func:`criterion_scores`. A per-row criterion ('wanda')
     spreads k_l over the layer's output rows (:func:`row_masks`).
     """
-    scores = criterion_scores(
-        name, model, params, batch_stats, tuple(counts), batch, rng, **options
-    )
+    scores = criterion_scores(name, model, params, statistics, tuple(counts), batch, rng, **options)
     if CRITERIA[name].per_row:
         return row_masks(scores, counts)
     return _masks(scores, counts=tuple(sorted((p, int(k)) for p, k in counts.items())))

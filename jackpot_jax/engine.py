@@ -194,7 +194,7 @@ def run(
 
     def jackpot_statistics(state):
         masked = sparsity.masked_params(state.frozen_params, state.masks)
-        return masked, reestimated(masked, state.batch_stats, s.bn_recalibration_steps)
+        return masked, reestimated(masked, state.statistics, s.bn_recalibration_steps)
 
     def evaluate(state, record, last):
         """Adds every split's metrics to ``record``; returns the jackpot's statistics (None
@@ -208,9 +208,9 @@ def run(
         if task.compare_statistics:
             used = 'recalibrated' if s.bn_recalibration_steps else 'running'
             other = (
-                state.batch_stats
+                state.statistics
                 if used == 'recalibrated'
-                else reestimated(masked, state.batch_stats, DIAGNOSTIC_RECALIBRATION_STEPS)
+                else reestimated(masked, state.statistics, DIAGNOSTIC_RECALIBRATION_STEPS)
             )
             unused = 'running' if used == 'recalibrated' else 'recalibrated'
             for split in task.splits:

@@ -24,7 +24,7 @@ Called as ``model.apply(variables, tokens, train=...)`` on integer tokens ``[B, 
 (float arrays holding integers are accepted, as the launcher initialises every model on
 a float32 sample) with ``T <= context``; returns float32 logits ``[B, T, vocab]`` whose
 position t depends on tokens ``0..t`` only. Dropout acts only when training with a
-``'dropout'`` rng. There is no BatchNorm, so no ``batch_stats``.
+``'dropout'`` rng. There is no BatchNorm, so no statistics.
 """
 
 from __future__ import annotations

@@ -41,12 +41,12 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     masked weights written by 'export'.
     """
     setup = rc.Setup(config)
-    params, batch_stats, fingerprint = setup.load_pretrained(workdir)
+    params, statistics, fingerprint = setup.load_pretrained(workdir)
     if not config_lib.is_no_jackpot(config.jackpot):
         path = rc.jackpot_path(config, workdir)
-        masks, batch_stats, meta = setup.load_jackpot(path)
+        masks, statistics, meta = setup.load_jackpot(path)
         rc.check_jackpot_weights(config, workdir, meta, fingerprint)
-        masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
+        masks, statistics = parallel.replicate((masks, statistics), setup.mesh)
         params = sparsity.masked_params(params, masks)
         what = f'jackpot {path}'
     else:
@@ -54,7 +54,7 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         kernels = mask_plan.prunable_kernels(params, s.prune_include, s.prune_exclude)
         masks = {p: w != 0 for p, w in kernels.items()}
         what = f'weights {rc.pretrained_path(config, workdir)}'
-    result = setup.evaluate(params, batch_stats)
+    result = setup.evaluate(params, statistics)
     report = mask_plan.mask_report(params, parallel.to_host(masks), config.search.pattern)
     rc.print_main(sparsity.format_sparsity_report(report))
     rc.print_main(f"{what}: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
@@ -76,13 +76,13 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
     rc.check_new_output(config, out, 'masked weights')
     setup = rc.Setup(config)
     params, _, fingerprint = setup.load_pretrained(workdir)
-    masks, batch_stats, meta = setup.load_jackpot(rc.jackpot_path(config, workdir))
+    masks, statistics, meta = setup.load_jackpot(rc.jackpot_path(config, workdir))
     rc.check_jackpot_weights(config, workdir, meta, fingerprint)
     masked = parallel.to_host(sparsity.masked_params(params, parallel.replicate(masks, setup.mesh)))
     checkpoint.save_weights(
         out,
         masked,
-        batch_stats,
+        statistics,
         {
             'model': config.model.to_dict(),
             'num_classes': setup.source.num_classes,
@@ -107,8 +107,8 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     rc.check_search_outputs(config, workdir)
     ensure_pretrained(config, workdir)
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_pretrained(workdir)
-    summary = baseline_accuracies(config, setup, params, batch_stats)
+    params, statistics, _ = setup.load_pretrained(workdir)
+    summary = baseline_accuracies(config, setup, params, statistics)
     found = run_search(config, workdir)
     for key in (
         'jackpot_top1',

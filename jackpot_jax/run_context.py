@@ -17,7 +17,17 @@ import ml_collections
 import numpy as np
 from tqdm import auto as tqdm
 
-from jackpot_jax import adapters, checkpoint, evaluation, data, mask_plan, models, parallel, search, trees
+from jackpot_jax import (
+    adapters,
+    checkpoint,
+    evaluation,
+    data,
+    mask_plan,
+    models,
+    parallel,
+    search,
+    trees,
+)
 from jackpot_jax import config_checks
 from jackpot_jax import config as config_lib
 from jackpot_jax.errors import UserError
@@ -87,7 +97,7 @@ class Setup:
         steps = self.steps_per_epoch(batch_size) - start_step
         yield from parallel.prefetch_to_mesh(itertools.islice(batches, steps), self.mesh)
 
-    def evaluate(self, params: Any, batch_stats: Any, split: str = 'test') -> dict[str, float]:
+    def evaluate(self, params: Any, statistics: Any, split: str = 'test') -> dict[str, float]:
         """Top-1 / top-5 accuracy (fractions) on 'test' or 'validation', each example once.
 
         With token labels ``[B, T]`` (a language model) the fractions count tokens, and the
@@ -101,7 +111,7 @@ class Setup:
         for batch in self.source.eval_batches(batch_size, split):
             tokens = batch[1].ndim > 1
             counts = search.eval_step(
-                params, batch_stats, *parallel.shard_batch(self.mesh, *batch), model=self.model
+                params, statistics, *parallel.shard_batch(self.mesh, *batch), model=self.model
             )
             totals = {k: totals[k] + v for k, v in counts.items()}
         totals = to_python(totals)
@@ -128,7 +138,7 @@ class Setup:
     def load_weights(self, path: str) -> tuple[dict, dict, str]:
         """Weights checked leaf by leaf against the model, placed on the mesh
         (:func:`parallel.shard_state`); and their fingerprint."""
-        params, batch_stats, meta = checkpoint.load_weights(path)
+        params, statistics, meta = checkpoint.load_weights(path)
         saved_model = meta.get('model', {}).get('name')
         if saved_model != self.config.model.name:
             raise ValueError(
@@ -139,24 +149,24 @@ class Setup:
         expected = self.expected_variables()
         trees.check_tree_matches(expected['params'], params, f'the params at {path}')
         trees.check_tree_matches(
-            expected.get('batch_stats', {}), batch_stats, f'the batch statistics at {path}'
+            expected.get('batch_stats', {}), statistics, f'the batch statistics at {path}'
         )
         fingerprint = checkpoint.weights_fingerprint(params)
         # Replicated, or split over the mesh's 'fsdp' axis when config.fsdp > 1.
-        params, batch_stats = parallel.shard_state((params, batch_stats), self.mesh)
-        return params, batch_stats, fingerprint
+        params, statistics = parallel.shard_state((params, statistics), self.mesh)
+        return params, statistics, fingerprint
 
     def load_jackpot(self, path: str) -> tuple[dict, dict, dict[str, Any]]:
-        """``(masks, batch_stats, meta)`` of the jackpot at ``path`` (on the host), its
+        """``(masks, statistics, meta)`` of the jackpot at ``path`` (on the host), its
         masks and batch statistics checked against the model.
 
         Raises CheckpointError naming the path, what is missing or does not fit, and the
         fix, where the model would otherwise fail inside its first evaluation.
         """
-        _, masks, batch_stats, meta = checkpoint.load_jackpot(path)
+        _, masks, statistics, meta = checkpoint.load_jackpot(path)
         expected = self.expected_variables()
         want_stats = trees.leaf_shapes(expected.get('batch_stats', {}))
-        got_stats = trees.leaf_shapes(batch_stats)
+        got_stats = trees.leaf_shapes(statistics)
         name = self.config.model.name
         fix = (
             'search it again (--mode=search into a new --workdir), or point config.jackpot at '
@@ -166,7 +176,7 @@ class Setup:
             raise checkpoint.CheckpointError(
                 f'the jackpot at {path} holds no batch statistics, but model {name!r} has '
                 f'BatchNorm layers ({len(want_stats)} statistics, e.g. {next(iter(want_stats))}); '
-                f'its batch_stats item was lost: {fix}'
+                f'its statistics item was lost: {fix}'
             )
         problems = trees.tree_mismatches(want_stats, got_stats, 'batch statistics ')
         kernels = trees.leaf_shapes(expected['params'])
@@ -181,7 +191,7 @@ class Setup:
                 + '; '.join(shown)
                 + f'): it was saved for another model or an item of it was damaged: {fix}'
             )
-        return masks, batch_stats, meta
+        return masks, statistics, meta
 
 
 @functools.lru_cache(maxsize=None)
@@ -192,16 +202,16 @@ def _launcher_forward(model: Any) -> Any:
 
 
 def reestimate_statistics(
-    setup: Setup, params: Any, batch_stats: Any, steps: int, batch_size: int
+    setup: Setup, params: Any, statistics: Any, steps: int, batch_size: int
 ) -> Any:
     """BatchNorm running statistics updated over ``steps`` training batches; params unchanged.
 
     The model's own running-average update (Flax momentum 0.9 = PyTorch 0.1), as in
-    the search's BatchNorm training mode, starting from ``batch_stats``; the batches are
+    the search's BatchNorm training mode, starting from ``statistics``; the batches are
     the first ``steps`` of the training stream (epoch 0 onwards), so it is deterministic.
     """
     batches = functools.partial(setup.train_epoch, batch_size)  # epoch -> its batches
-    return evaluation.reestimate_statistics(setup.forward, params, batch_stats, batches, steps)
+    return evaluation.reestimate_statistics(setup.forward, params, statistics, batches, steps)
 
 
 def print_main(*args) -> None:
@@ -327,8 +337,6 @@ def progress(steps: int, batch_size: int, desc: str, initial: int = 0):
 def epoch_learning_rate(cfg: ml_collections.ConfigDict, epoch: int) -> float:
     """The learning rate of an epoch under the per-epoch cosine."""
     return float(search.epoch_cosine(cfg.learning_rate, cfg.epochs, 1)(epoch))
-
-
 
 
 def plan_masks(config: ml_collections.ConfigDict, params: Mapping) -> mask_plan.MaskPlan:

@@ -31,7 +31,7 @@ class SearchState:
     masks: dict[str, jax.Array]
     # The model's non-param state (the forward's ``statistics``): BatchNorm running
     # statistics in the launcher, any collections or NNX state through the API.
-    batch_stats: Any
+    statistics: Any
     opt_state: optax.OptState
     step: jax.Array
     # True where a weight's kept state has flipped at least once: a further flip of
@@ -65,8 +65,7 @@ def score_optimizer(settings: SearchSettings, steps_per_epoch: int) -> optax.Gra
     s = settings
     schedule = epoch_cosine(s.learning_rate, s.epochs, steps_per_epoch)
     if s.optimizer == 'sgd':
-        return sgd_optimizer(s.learning_rate, s.weight_decay, s.momentum, s.epochs,
-                                    steps_per_epoch)
+        return sgd_optimizer(s.learning_rate, s.weight_decay, s.momentum, s.epochs, steps_per_epoch)
     if s.optimizer == 'adamw':
         return optax.adamw(schedule, weight_decay=s.weight_decay)
     return optax.chain(optax.add_decayed_weights(s.weight_decay), optax.adam(schedule))
@@ -123,7 +122,7 @@ def classification_loss(label_smoothing: float = 0.0) -> LossFn:
 
 def init_search_state(
     frozen_params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     masks: dict[str, jax.Array],
     scores: dict[str, jax.Array],
     optimizer: optax.GradientTransformation,
@@ -133,7 +132,7 @@ def init_search_state(
         frozen_params=frozen_params,
         scores=scores,
         masks=masks,
-        batch_stats=batch_stats,
+        statistics=statistics,
         opt_state=optimizer.init(scores),
         step=jnp.zeros((), jnp.int32),
         ever_flipped={p: jnp.zeros(m.shape, bool) for p, m in masks.items()},
@@ -163,7 +162,7 @@ def search_step(
     """One search step (pure; see :func:`make_search_step` for the jitted form).
 
     The model is ``forward`` (see :mod:`jackpot_jax.adapters`), or a Linen ``model``
-    called with ``train=`` whose ``batch_stats`` are ``state.batch_stats``. ``bn_mode``
+    called with ``train=`` whose ``batch_stats`` collection is ``state.statistics``. ``bn_mode``
     'frozen' runs it in eval mode (statistics kept as they are, no dropout). ``rng``,
     folded with the step number, feeds the model's random streams (dropout).
     ``pattern`` (N, M) keeps the masks N:M: the update runs within every group.
@@ -185,12 +184,12 @@ def search_step(
     def objective(scores):
         params = sparsity.masked_params(state.frozen_params, state.masks, scores)
         outputs, statistics = forward(
-            params, state.batch_stats, inputs_fn(batch), train=train, rng=step_rng
+            params, state.statistics, inputs_fn(batch), train=train, rng=step_rng
         )
         loss, task_metrics = loss_fn(outputs, batch)
         return loss, (task_metrics, statistics)
 
-    (loss, (task_metrics, batch_stats)), grads = jax.value_and_grad(objective, has_aux=True)(
+    (loss, (task_metrics, statistics)), grads = jax.value_and_grad(objective, has_aux=True)(
         state.scores
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.scores)
@@ -230,7 +229,7 @@ def search_step(
     new_state = state.replace(
         scores=scores,
         masks=masks,
-        batch_stats=batch_stats,
+        statistics=statistics,
         opt_state=opt_state,
         step=state.step + 1,
         ever_flipped={p: state.ever_flipped[p] | flipped[p] for p in masks},
@@ -284,7 +283,7 @@ def make_search_step(
 @functools.partial(jax.jit, static_argnames='model')
 def eval_step(
     params: Mapping,
-    batch_stats: Mapping,
+    statistics: Mapping,
     images: jax.Array,
     labels: jax.Array,
     valid: jax.Array,
@@ -298,7 +297,7 @@ def eval_step(
     tokens) against logits ``[B, T, V]`` count tokens: ``valid [B]`` covers every token
     of its example.
     """
-    logits = model.apply({'params': params, 'batch_stats': batch_stats}, images, train=False)
+    logits = model.apply({'params': params, 'batch_stats': statistics}, images, train=False)
     valid = jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (labels.ndim - 1)), labels.shape)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     hit1 = (top5[..., 0] == labels) & valid

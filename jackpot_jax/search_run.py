@@ -30,6 +30,7 @@ from jackpot_jax.settings import SearchSettings
 from jackpot_jax.weight_training import run_tune
 from jackpot_jax.workdir import CHECKPOINTS_DIR, LAYER_SPARSITY_PNG, MASK_CHANGES_PNG
 
+
 def _search_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The config fields a resumed search must share with the one that wrote the checkpoint
     (every field not marked resumable in :mod:`jackpot_jax.config`), '/'-joined as stored."""
@@ -96,7 +97,7 @@ def search_settings(config: ml_collections.ConfigDict, has_validation: bool) -> 
 
 
 def search_task(
-    config: ml_collections.ConfigDict, setup: rc.Setup, params: Any, batch_stats: Any
+    config: ml_collections.ConfigDict, setup: rc.Setup, params: Any, statistics: Any
 ) -> engine.SearchTask:
     """The engine's task of a launcher run: its data source, model and mesh."""
     s = config.search
@@ -106,12 +107,12 @@ def search_task(
         dtype = getattr(setup.source, 'input_dtype', jnp.float32)  # token models: integers
         sample = jnp.zeros((1, *setup.source.image_shape), dtype)
         output_paths = output_layer.output_kernels(
-            setup.forward, params, batch_stats, sample, s.prune_include
+            setup.forward, params, statistics, sample, s.prune_include
         )
     return engine.SearchTask(
         forward=setup.forward,
         params=params,
-        statistics=batch_stats,
+        statistics=statistics,
         mesh=setup.mesh,
         train_epoch=functools.partial(setup.train_epoch, s.batch_size),
         steps_per_epoch=setup.steps_per_epoch(s.batch_size),
@@ -139,8 +140,8 @@ def run_search(
     config_checks.check_final_jackpot(config)  # before the search, not after it
     setup = rc.Setup(config)
     weights_path = rc.pretrained_path(config, workdir)
-    params, batch_stats, fingerprint = setup.load_weights(weights_path)
-    task = search_task(config, setup, params, batch_stats)
+    params, statistics, fingerprint = setup.load_weights(weights_path)
+    task = search_task(config, setup, params, statistics)
     settings = search_settings(config, setup.source.has_validation)
     counts = engine.plan(task, settings).counts
     identity = {
@@ -220,7 +221,7 @@ def _best_epoch(records: list[dict[str, Any]], split: str) -> dict[str, Any]:
 
 @rc.resolved
 def mask_baselines(
-    config: ml_collections.ConfigDict, setup: rc.Setup, params: Any, batch_stats: Any
+    config: ml_collections.ConfigDict, setup: rc.Setup, params: Any, statistics: Any
 ) -> dict[str, float]:
     """Test top-1, without retraining, of the magnitude mask and of a random mask
     (``jax.random.key(seed + 1)``) at the search's per-layer counts."""
@@ -230,14 +231,14 @@ def mask_baselines(
         'random_top1': plan.random_masks(params, jax.random.key(config.seed + 1)),
     }
     return {
-        key: setup.evaluate(sparsity.masked_params(params, m), batch_stats)['top1']
+        key: setup.evaluate(sparsity.masked_params(params, m), statistics)['top1']
         for key, m in masks.items()
     }
 
 
 def baseline_accuracies(
-    config: ml_collections.ConfigDict, setup: rc.Setup, params: Any, batch_stats: Any
+    config: ml_collections.ConfigDict, setup: rc.Setup, params: Any, statistics: Any
 ) -> dict[str, float]:
     """Test top-1 of the dense weights, then :func:`mask_baselines`."""
-    dense = setup.evaluate(params, batch_stats)['top1']
-    return {'dense_top1': dense, **mask_baselines(config, setup, params, batch_stats)}
+    dense = setup.evaluate(params, statistics)['top1']
+    return {'dense_top1': dense, **mask_baselines(config, setup, params, statistics)}

@@ -15,7 +15,7 @@ index joined by '_' as in :mod:`jackpot_jax.models` (torch ``mlp.0`` -> flax ``m
 
 torch packs q, k and v into one ``in_proj_weight``; here they are three Dense layers, so
 each is a prunable kernel of its own (Flax ``(in, out)`` layout, input channels on axis
--2 as N:M patterns expect). The model has no BatchNorm and so no ``batch_stats``; the
+-2 as N:M patterns expect). The model has no BatchNorm and so no statistics; the
 number of patches follows the input (torchvision's ``image_size`` is the size its
 position embedding was made for: 224 for the registered models).
 """

@@ -31,21 +31,21 @@ class TrainState:
     """Weight-training state as plain pytrees; ``masks`` (flat, bool) fix a sparse pattern."""
 
     params: Any
-    batch_stats: Any
+    statistics: Any
     opt_state: optax.OptState
     masks: Mapping[str, jax.Array] | None = None
 
 
 def init_train_state(
     params: Any,
-    batch_stats: Any,
+    statistics: Any,
     optimizer: optax.GradientTransformation,
     masks: Mapping[str, jax.Array] | None = None,
 ) -> TrainState:
     """A fresh state; with masks, the params start masked (pruned weights exactly zero)."""
     if masks is not None:
         params = sparsity.masked_params(params, masks)
-    return TrainState(params, batch_stats, optimizer.init(params), masks)
+    return TrainState(params, statistics, optimizer.init(params), masks)
 
 
 def train_step(
@@ -64,16 +64,16 @@ def train_step(
         if masks is not None:
             params = sparsity.masked_params(params, masks)
         forward = adapters.linen_forward(model, 'batch_stats')
-        logits, batch_stats = forward(params, state.batch_stats, images, train=True)
-        return search.cross_entropy(logits, labels, label_smoothing), (logits, batch_stats)
+        logits, statistics = forward(params, state.statistics, images, train=True)
+        return search.cross_entropy(logits, labels, label_smoothing), (logits, statistics)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (logits, statistics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if masks is not None:
         params = sparsity.masked_params(params, masks)
     metrics = {'loss': loss, 'top1': (logits.argmax(-1) == labels).mean()}
-    return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state), metrics
+    return state.replace(params=params, statistics=statistics, opt_state=opt_state), metrics
 
 
 def make_train_step(**settings):
@@ -88,7 +88,7 @@ def train_weights(
     setup: rc.Setup,
     cfg: ml_collections.ConfigDict,
     params: Any,
-    batch_stats: Any,
+    statistics: Any,
     masks: dict | None,
     mode: str,
     writer: MetricWriter,
@@ -98,9 +98,7 @@ def train_weights(
     optimizer = search.sgd_optimizer(
         cfg.learning_rate, cfg.weight_decay, cfg.momentum, cfg.epochs, steps
     )
-    state = parallel.replicate(
-        init_train_state(params, batch_stats, optimizer, masks), setup.mesh
-    )
+    state = parallel.replicate(init_train_state(params, statistics, optimizer, masks), setup.mesh)
     step_fn = make_train_step(
         model=setup.model, optimizer=optimizer, label_smoothing=cfg.label_smoothing
     )
@@ -122,7 +120,7 @@ def train_weights(
             }
             writer.write(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}")
-    result = setup.evaluate(state.params, state.batch_stats)
+    result = setup.evaluate(state.params, state.statistics)
     writer.write(
         {
             'mode': mode,
@@ -166,7 +164,9 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
         'source': f'pretrain on {config.data.name}',
         'test_top1': result['top1'],
     }
-    checkpoint.save_weights(rc.pretrained_path(config, workdir), state.params, state.batch_stats, meta)
+    checkpoint.save_weights(
+        rc.pretrained_path(config, workdir), state.params, state.statistics, meta
+    )
     return result
 
 
@@ -177,11 +177,11 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         raise ValueError('tune.epochs is 0; set --config.tune.epochs=N (the paper uses 10)')
     setup = rc.Setup(config)
     params, _, fingerprint = setup.load_pretrained(workdir)
-    masks, batch_stats, meta = setup.load_jackpot(rc.jackpot_path(config, workdir))
+    masks, statistics, meta = setup.load_jackpot(rc.jackpot_path(config, workdir))
     rc.check_jackpot_weights(config, workdir, meta, fingerprint)
-    masks, batch_stats = parallel.replicate((masks, batch_stats), setup.mesh)
+    masks, statistics = parallel.replicate((masks, statistics), setup.mesh)
     state, result = train_weights(
-        setup, config.tune, params, batch_stats, masks, 'tune', MetricWriter(workdir)
+        setup, config.tune, params, statistics, masks, 'tune', MetricWriter(workdir)
     )
     meta = {
         'model': config.model.to_dict(),
@@ -189,7 +189,7 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         'source': f'tuned under the mask of {rc.jackpot_path(config, workdir)}',
         'test_top1': result['top1'],
     }
-    checkpoint.save_weights(os.path.join(workdir, TUNED_DIR), state.params, state.batch_stats, meta)
+    checkpoint.save_weights(os.path.join(workdir, TUNED_DIR), state.params, state.statistics, meta)
     return result
 
 

@@ -107,7 +107,7 @@ def _reference_search(model, variables, batches, epochs, stop_after, optimizer=N
     for _ in range(stop_after):
         for images, labels in batches:
             state, _ = step(state, images, labels)
-    return state.masks, state.scores, state.batch_stats
+    return state.masks, state.scores, state.statistics
 
 
 def test_batchnorm_free_linen_model():

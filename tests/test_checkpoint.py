@@ -51,7 +51,7 @@ def _search_records(workdir):
 
 
 def _assert_same_search(state, reference_state):
-    for field in ('scores', 'masks', 'ever_flipped', 'batch_stats'):
+    for field in ('scores', 'masks', 'ever_flipped', 'statistics'):
         jax.tree.map(
             np.testing.assert_array_equal,
             jax.device_get(getattr(reference_state, field)),
@@ -180,12 +180,12 @@ def test_restore_across_device_layouts(
     step = ckpts.latest_step()
     config.num_devices = devices_after
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_weights(weights)
+    params, statistics, _ = setup.load_weights(weights)
     plan = rc.plan_masks(config, params)
     counts, masks = plan.counts, plan.magnitude_masks(params)
     optimizer = search.sgd_optimizer(0.1, 5e-4, 0.9, 2, STEPS)
     like = search.init_search_state(
-        params, batch_stats, masks, sparsity.init_scores(masks), optimizer
+        params, statistics, masks, sparsity.init_scores(masks), optimizer
     )
     state, meta = ckpts.restore(step, like)
     ckpts.close()
@@ -208,9 +208,9 @@ def test_changed_weights_or_config_are_refused_with_the_difference(weights, tmp_
     with pytest.raises(ValueError, match=r'search.sparsity: checkpoint 0.9, now 0.95'):
         search_run.run_search(config, workdir)
     other = str(tmp_path / 'other_weights')
-    params, batch_stats, meta = checkpoint.load_weights(weights)
+    params, statistics, meta = checkpoint.load_weights(weights)
     params = jax.tree.map(lambda x: x * 1.5, params)
-    checkpoint.save_weights(other, params, batch_stats, meta)
+    checkpoint.save_weights(other, params, statistics, meta)
     with pytest.raises(ValueError, match='differ from those the search'):
         search_run.run_search(search_config(other), workdir)
 
@@ -297,9 +297,9 @@ def test_resnet50_jackpot_bundle_is_under_a_25th_of_the_weights(tmp_path):
     masks = {
         p: rng.random(params[p].shape) < 0.1 for p in sparsity.prunable_paths(shapes['params'])
     }
-    batch_stats = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes['batch_stats'])
+    statistics = jax.tree.map(lambda s: np.ones(s.shape, np.float32), shapes['batch_stats'])
     path = str(tmp_path / 'jackpot')
-    checkpoint.save_jackpot(path, None, masks, batch_stats, {'model': {'name': 'resnet50'}})
+    checkpoint.save_jackpot(path, None, masks, statistics, {'model': {'name': 'resnet50'}})
     weights_bytes = 4 * sum(int(np.prod(s.shape)) for s in params.values())
     bundle = _folder_bytes(path)
     print(

@@ -60,7 +60,7 @@ def small_cnn():
     kernels = {p: flat[p] for p in sparsity.prunable_paths(v['params'])}
     counts = sparsity.pruned_counts(kernels, 0.9)
     mesh = parallel.make_mesh()
-    params, batch_stats = parallel.replicate((v['params'], v['batch_stats']), mesh)
+    params, statistics = parallel.replicate((v['params'], v['batch_stats']), mesh)
     rng = np.random.default_rng(1)
     batch = parallel.shard_batch(
         mesh,
@@ -69,11 +69,11 @@ def small_cnn():
     )
     found = {
         name: criteria.criterion_masks(
-            name, model, params, batch_stats, counts, batch=batch, rng=jax.random.key(1)
+            name, model, params, statistics, counts, batch=batch, rng=jax.random.key(1)
         )
         for name in criteria.CRITERIA
     }
-    return model, {'params': params, 'batch_stats': batch_stats}, kernels, counts, batch, found
+    return model, {'params': params, 'batch_stats': statistics}, kernels, counts, batch, found
 
 
 def test_every_criterion_keeps_exactly_n_minus_k_per_layer(small_cnn):
@@ -106,7 +106,7 @@ def test_snip_ranks_by_abs_gradient_times_weight_on_a_dense_layer():
     score = np.abs(grad * W)
     params = {'dense': {'kernel': jnp.asarray(W)}}
     snip = jax.jit(functools.partial(criteria.snip_scores, OneDense(), paths=('dense/kernel',)))
-    got = snip(params=params, batch_stats={}, batch=(x, y))
+    got = snip(params=params, statistics={}, batch=(x, y))
     np.testing.assert_allclose(got['dense/kernel'], score, rtol=1e-5, atol=1e-7)
     for k in (1, 5, 11):
         masks = criteria.criterion_masks(

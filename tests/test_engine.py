@@ -167,12 +167,12 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
 
     config = rc.config_checks.resolve_protocol(config)
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_pretrained(workdir)
+    params, statistics, _ = setup.load_pretrained(workdir)
     size = config.search.batch_size
     steps = setup.steps_per_epoch(size)
     jackpot = jackpot_jax.find_jackpot(
         setup.model,
-        {'params': jax.device_get(params), 'batch_stats': jax.device_get(batch_stats)},
+        {'params': jax.device_get(params), 'batch_stats': jax.device_get(statistics)},
         lambda epoch: setup.source.train_epoch(size, config.seed, epoch, 0),
         steps_per_epoch=steps,
         validation_batches=list(

@@ -440,7 +440,7 @@ def test_a_failed_search_checkpoint_write_is_one_error_naming_the_folder(
     masks = {p: np.ones(w.shape, bool) for p, w in kernels.items()}
     state = types.SimpleNamespace(
         step=np.int32(6), scores=kernels, masks=masks, ever_flipped=masks,
-        opt_state={}, batch_stats={},
+        opt_state={}, statistics={},
     )  # fmt: skip
     ckpts = checkpoint.SearchCheckpoints(str(tmp_path / 'checkpoints'))
     capfd.readouterr()
@@ -547,12 +547,12 @@ def test_a_jackpot_without_its_statistics_names_the_path_and_the_fix(weights_and
     weights_a, _, jackpot = weights_and_jackpot
     damaged = str(tmp_path / 'jackpot')
     shutil.copytree(jackpot, damaged)
-    shutil.rmtree(os.path.join(damaged, 'batch_stats'))
+    shutil.rmtree(os.path.join(damaged, 'statistics'))
     config = tiny_config(pretrained=weights_a, jackpot=damaged, **{'tune.epochs': 1})
     for run in (launcher.run_evaluate, launcher.run_export, weight_training.run_tune):
         with pytest.raises(checkpoint.CheckpointError, match=(
             f"the jackpot at {damaged} holds no batch statistics, but model 'small_cnn' has "
-            r'BatchNorm layers \(\d+ statistics, e.g. .*\); its batch_stats item was lost: '
+            r'BatchNorm layers \(\d+ statistics, e.g. .*\); its statistics item was lost: '
             'search it again'
         )):  # fmt: skip
             run(config, str(tmp_path))

@@ -141,9 +141,9 @@ def test_pretrain_through_the_launcher_reports_perplexity(tmp_path):
     assert [r['epoch'] for r in records if 'loss' in r] == [1, 2]
     assert records[-1]['test_perplexity'] == result['perplexity']
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_pretrained(workdir)
-    assert setup.evaluate(params, batch_stats) == result
-    validation = setup.evaluate(params, batch_stats, 'validation')
+    params, statistics, _ = setup.load_pretrained(workdir)
+    assert setup.evaluate(params, statistics) == result
+    validation = setup.evaluate(params, statistics, 'validation')
     assert {'top1', 'top5', 'loss', 'perplexity'} <= set(validation)
     assert validation['perplexity'] == pytest.approx(np.exp(validation['loss']))
     _, _, meta = checkpoint.load_weights(os.path.join(workdir, 'pretrained'))

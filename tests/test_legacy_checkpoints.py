@@ -39,7 +39,7 @@ def test_a_launcher_checkpoint_from_before_the_renames_resumes(tmp_path):
     shutil.copytree(os.path.join(LEGACY, 'launcher', 'pretrained'), whole_dir / 'pretrained')
     resumed = search_run.run_search(_launcher_config(), str(resumed_dir))
     whole = search_run.run_search(_launcher_config(), str(whole_dir))
-    for field in ('scores', 'masks', 'ever_flipped', 'batch_stats'):
+    for field in ('scores', 'masks', 'ever_flipped', 'statistics'):
         _equal_trees(getattr(resumed['state'], field), getattr(whole['state'], field))
     assert resumed['history'] == whole['history']
     assert resumed['jackpot_epoch'] == whole['jackpot_epoch']

@@ -136,7 +136,7 @@ def runs(tmp_path_factory):
 
 
 def test_two_processes_find_the_masks_of_one_process(runs):
-    _, masks, batch_stats, meta = checkpoint.load_jackpot(
+    _, masks, statistics, meta = checkpoint.load_jackpot(
         os.path.join(runs['two'], workdir_lib.JACKPOT_DIR)
     )
     reference = jax.device_get(runs['one']['state'])
@@ -144,15 +144,15 @@ def test_two_processes_find_the_masks_of_one_process(runs):
     jax.tree.map(np.testing.assert_array_equal, masks, reference.masks)
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
-        batch_stats,
-        reference.batch_stats,
+        statistics,
+        reference.statistics,
     )
     # Scores and optimizer state: the 2-process checkpoint at the last step.
     ckpts = checkpoint.SearchCheckpoints(os.path.join(runs['two'], workdir_lib.CHECKPOINTS_DIR))
     assert ckpts.steps() == [2, 4]
     state, _ = ckpts.restore(4, like=runs['one']['state'])
     ckpts.close()
-    for name in ('scores', 'opt_state', 'batch_stats'):
+    for name in ('scores', 'opt_state', 'statistics'):
         jax.tree.map(
             lambda a, b: np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL),
             jax.device_get(getattr(state, name)),

@@ -143,8 +143,8 @@ def test_user_model_on_a_tfds_dataset_through_the_launcher(mock_dir, tmp_path):
     weight_training.run_pretrain(config, workdir)
     found = search_run.run_search(config, workdir)
 
-    params, batch_stats, meta = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
-    assert batch_stats == {} and meta['model']['name'] == 'user_model:TinyNet'
+    params, statistics, meta = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
+    assert statistics == {} and meta['model']['name'] == 'user_model:TinyNet'
     assert params['conv']['kernel'].shape == (3, 3, 1, 8)  # grey 16x16 input, 8 features
     _, masks, jackpot_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     assert set(masks) == {'conv/kernel', 'conv2/kernel'} and jackpot_stats == {}  # fc excluded

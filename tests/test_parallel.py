@@ -92,9 +92,9 @@ def test_search_steps_on_8_devices_match_1_device():
     jax.tree.map(np.testing.assert_array_equal, eight.frozen_params, _tiny()[1]['params'])
     _close(eight.scores, one.scores)
     _close(eight.opt_state, one.opt_state)
-    _close(eight.batch_stats, one.batch_stats)
+    _close(eight.statistics, one.statistics)
     assert not np.allclose(  # BN statistics were updated from the (global) batch
-        eight.batch_stats['bn1']['mean'], _tiny()[1]['batch_stats']['bn1']['mean']
+        eight.statistics['bn1']['mean'], _tiny()[1]['batch_stats']['bn1']['mean']
     )
 
 
@@ -130,13 +130,13 @@ def test_run_search_on_8_devices_matches_1_device(weights, tmp_path):
     assert len(found[8]['state'].scores['conv1/kernel'].sharding.device_set) == 8
     jax.tree.map(np.testing.assert_array_equal, eight.masks, one.masks)
     _close(eight.scores, one.scores)
-    _close(eight.batch_stats, one.batch_stats)
+    _close(eight.statistics, one.statistics)
     assert found[8]['jackpot_top1'] == found[1]['jackpot_top1']
     _, saved_masks, saved_stats, _ = checkpoint.load_jackpot(
         os.path.join(tmp_path, 'devices8', workdir_lib.JACKPOT_DIR)
     )
     jax.tree.map(np.testing.assert_array_equal, saved_masks, one.masks)
-    _close(saved_stats, one.batch_stats)
+    _close(saved_stats, one.statistics)
 
 
 def test_batch_size_that_does_not_divide_over_the_devices_is_rejected(weights):

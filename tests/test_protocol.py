@@ -170,8 +170,8 @@ def _scripted_validation(monkeypatch, top1s):
     original = rc.Setup.evaluate
     calls = iter(top1s)
 
-    def evaluate(self, params, batch_stats, split='test'):
-        result = original(self, params, batch_stats, split)
+    def evaluate(self, params, statistics, split='test'):
+        result = original(self, params, statistics, split)
         return {**result, 'top1': next(calls)} if split == 'validation' else result
 
     monkeypatch.setattr(rc.Setup, 'evaluate', evaluate)
@@ -184,7 +184,7 @@ def _epoch_end_states(monkeypatch):
 
     def save(self, state, meta, metrics):
         host = jax.device_get(state)
-        states[int(host.step)] = (host.masks, host.batch_stats)
+        states[int(host.step)] = (host.masks, host.statistics)
         return original(self, state, meta, metrics)
 
     monkeypatch.setattr(checkpoint.SearchCheckpoints, 'save', save)

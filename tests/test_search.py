@@ -107,9 +107,9 @@ def test_bn_modes_update_or_keep_running_statistics():
     _, variables, _, _, _, _ = _setup()
     trained, _ = _run(1)
     frozen, _ = _run(1, bn_mode='frozen')
-    jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'], frozen.batch_stats)
+    jax.tree.map(np.testing.assert_array_equal, variables['batch_stats'], frozen.statistics)
     changed = jax.tree.map(
-        lambda a, b: not np.array_equal(a, b), variables['batch_stats'], trained.batch_stats
+        lambda a, b: not np.array_equal(a, b), variables['batch_stats'], trained.statistics
     )
     assert all(jax.tree.leaves(changed))
 
@@ -132,7 +132,7 @@ def test_gradient_reaches_scores_of_pruned_weights_straight_through():
     def loss(scores):
         params = sparsity.masked_params(state.frozen_params, state.masks, scores)
         logits, _ = model.apply(
-            {'params': params, 'batch_stats': state.batch_stats},
+            {'params': params, 'batch_stats': state.statistics},
             images,
             train=True,
             mutable=['batch_stats'],

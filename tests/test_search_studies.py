@@ -210,9 +210,9 @@ def test_sweep_mode_compares_jackpot_magnitude_and_random(pretrained, tmp_path):
     assert_valid_png(tmp_path / 'accuracy_vs_sparsity.png')
     assert [round(r['sparsity'], 4) for r in result['rows']] == [0.5, 0.9]
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_weights(pretrained)
+    params, statistics, _ = setup.load_weights(pretrained)
     config.search.sparsity = 0.9
-    expected = search_run.baseline_accuracies(config, setup, params, batch_stats)
+    expected = search_run.baseline_accuracies(config, setup, params, statistics)
     row = result['rows'][1]
     assert row['magnitude_top1'] == expected['magnitude_top1']
     assert row['random_top1'] == expected['random_top1']
@@ -339,16 +339,16 @@ def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained,
     # The search itself is unchanged: same masks and running statistics as without it.
     jax.tree.map(np.testing.assert_array_equal, plain['state'].masks, found['state'].masks)
     jax.tree.map(
-        np.testing.assert_array_equal, plain['state'].batch_stats, found['state'].batch_stats
+        np.testing.assert_array_equal, plain['state'].statistics, found['state'].statistics
     )
     # The jackpot carries the statistics re-estimated over 3 batches under its mask.
     setup = rc.Setup(config)
     masked = sparsity.masked_params(found['state'].frozen_params, found['state'].masks)
-    expected = rc.reestimate_statistics(setup, masked, found['state'].batch_stats, 3, 64)
+    expected = rc.reestimate_statistics(setup, masked, found['state'].statistics, 3, 64)
     _, masks, saved, _ = checkpoint.load_jackpot(str(tmp_path / 'recalibrated' / 'jackpot'))
     jax.tree.map(np.testing.assert_allclose, jax.device_get(expected), saved)
     assert not np.allclose(
-        saved['bn1']['mean'], jax.device_get(found['state'].batch_stats)['bn1']['mean']
+        saved['bn1']['mean'], jax.device_get(found['state'].statistics)['bn1']['mean']
     )
     assert found['history'][-1]['test_top1'] == setup.evaluate(masked, expected)['top1']
     config.search.bn_recalibration_steps = -2

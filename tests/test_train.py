@@ -185,7 +185,7 @@ def test_bfloat16_search_lands_within_two_points_of_float32(demo_run, tmp_path):
     found = search_run.run_search(config, str(tmp_path))
     assert abs(found['jackpot_top1'] - summary['jackpot_top1']) <= 0.02
     state = found['state']
-    floats = [state.frozen_params, state.scores, state.opt_state, state.batch_stats]
+    floats = [state.frozen_params, state.scores, state.opt_state, state.statistics]
     dtypes = {x.dtype for x in jax.tree.leaves(floats)}
     assert np.dtype(np.float32) in dtypes  # optimizer step counts are integers
     assert all(d == np.float32 for d in dtypes if jnp.issubdtype(d, jnp.floating))

@@ -155,7 +155,7 @@ def test_search_steps_on_a_vit_keep_counts_and_frozen_weights(settings):
         state, metrics = step(state, x, labels)
         changes += int(metrics['mask_changes'])
     assert changes > 0  # the search moved the masks
-    assert state.batch_stats == {}
+    assert state.statistics == {}
     for path, mask in state.masks.items():
         assert int(np.size(mask) - np.count_nonzero(mask)) == counts[path], path
     if 'pattern' in settings:

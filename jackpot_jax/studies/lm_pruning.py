@@ -120,8 +120,8 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         )
     specs = config_checks.lm_pruning_sparsities(config.lm_pruning.sparsities)
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_pretrained(workdir)
-    dense = setup.evaluate(params, batch_stats)
+    params, statistics, _ = setup.load_pretrained(workdir)
+    dense = setup.evaluate(params, statistics)
     if 'perplexity' not in dense:
         raise ValueError(
             f'lm_pruning compares perplexities, but model {config.model.name!r} on '
@@ -148,13 +148,13 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         sub = common.variant_config(config, workdir, overrides)
         sub = config_checks.resolve_protocol(sub)
         plan = engine.plan(
-            search_task(sub, setup, params, batch_stats),
+            search_task(sub, setup, params, statistics),
             search_settings(sub, setup.source.has_validation),
         )
         counts = {p: int(k) for p, k in plan.counts.items()}
         paths = tuple(sorted(counts))
         if norms is None:
-            norms = criteria.activation_norms(setup.model, params, batch_stats, paths, calibration)
+            norms = criteria.activation_norms(setup.model, params, statistics, paths, calibration)
         masks = {
             'magnitude': plan.magnitude_masks(params),
             'random': plan.random_masks(params, jax.random.key(config.seed + 1)),
@@ -173,13 +173,15 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         }
         for name, m in masks.items():
             _check_counts(name, m, counts)
-            evaluated = setup.evaluate(sparsity.masked_params(params, m), batch_stats)
+            evaluated = setup.evaluate(sparsity.masked_params(params, m), statistics)
             row['methods'][name] = {
                 'test_perplexity': evaluated['perplexity'],
                 'test_top1': evaluated['top1'],
                 'pruned': _pruned(m),
             }
-            rc.print_main(f"lm_pruning {label}: {name} test perplexity {evaluated['perplexity']:.3f}")
+            rc.print_main(
+                f"lm_pruning {label}: {name} test perplexity {evaluated['perplexity']:.3f}"
+            )
         for start in STARTS:
             folder = os.path.join(workdir, STUDY, _folder_name(label, start))
             rc.print_main(f'{STUDY}: searching {label} from {start} in {folder}')
@@ -214,8 +216,12 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         result['rows'].append(row)
         # Written after every sparsity, so a stopped run leaves the rows it finished.
         common.save_result(
-            workdir, STUDY, result, lambda path: plot_lm_pruning(result, path),
-            format_table(result), figure=FIGURE,
+            workdir,
+            STUDY,
+            result,
+            lambda path: plot_lm_pruning(result, path),
+            format_table(result),
+            figure=FIGURE,
         )
     return result
 
@@ -288,4 +294,3 @@ def plot_lm_pruning(result: Mapping[str, Any], path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=100, format='png')
     return path
-

@@ -172,7 +172,7 @@ def run_overlap(
     names, batch_size, bn_steps = _overlap_settings(config, names)
     setup = rc.Setup(config)
     weights = rc.pretrained_path(config, workdir)
-    params, batch_stats, fingerprint = setup.load_weights(weights)
+    params, statistics, fingerprint = setup.load_weights(weights)
     path = rc.jackpot_path(config, workdir)
     jackpot_masks, jackpot_stats, meta = setup.load_jackpot(path)
     if meta.get('weights_fingerprint') not in (None, fingerprint):
@@ -187,17 +187,17 @@ def run_overlap(
     rng = jax.random.key(config.seed + 1)
     found = {
         name: criteria.criterion_masks(
-            name, setup.model, params, batch_stats, counts, batch=batch, rng=rng
+            name, setup.model, params, statistics, counts, batch=batch, rng=rng
         )
         for name in names
     }
 
     def accuracies(masks, adapt):
         masked = params if masks is None else sparsity.masked_params(params, masks)
-        row = setup.evaluate(masked, batch_stats)
+        row = setup.evaluate(masked, statistics)
         if adapt:
             stats = rc.reestimate_statistics(
-                setup, masked, batch_stats, bn_steps, config.search.batch_size
+                setup, masked, statistics, bn_steps, config.search.batch_size
             )
             adapted = setup.evaluate(masked, stats)
             row.update(top1_bn_adapted=adapted['top1'], top5_bn_adapted=adapted['top5'])

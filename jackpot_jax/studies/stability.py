@@ -20,7 +20,6 @@ from jackpot_jax import run_context as rc
 from jackpot_jax.search_run import baseline_accuracies
 from jackpot_jax.studies import common
 
-
 # Config overrides of each variant of the 'stability' study (the protocol fills the rest).
 STABILITY_OVERRIDES = {
     'paper': {'protocol': 'paper'},
@@ -32,11 +31,12 @@ STABILITY_OVERRIDES = {
     },
     'paper+freeze': {
         'protocol': 'paper',
-        'search.mask_freeze_fraction': config_lib.PROTOCOLS['stable']['search.mask_freeze_fraction'],
+        'search.mask_freeze_fraction': config_lib.PROTOCOLS['stable'][
+            'search.mask_freeze_fraction'
+        ],
     },
     'stable': {'protocol': 'stable'},
 }
-
 
 
 def stability_summary(run: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,10 +91,10 @@ def run_stability(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     overrides = {n: {**STABILITY_OVERRIDES[n], **telemetry} for n in variants}
     runs = common.run_variants(config, workdir, 'stability', overrides)
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_pretrained(workdir)
+    params, statistics, _ = setup.load_pretrained(workdir)
     result = {
         **common.header(config),
-        **baseline_accuracies(config, setup, params, batch_stats),
+        **baseline_accuracies(config, setup, params, statistics),
         'runs': {n: stability_summary(r) for n, r in runs.items()},
     }
     common.save_result(
@@ -105,4 +105,3 @@ def run_stability(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         format_stability(result),
     )
     return result
-

@@ -35,13 +35,13 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     """Mode 'sweep': a jackpot per ``sweep.sparsities``, against magnitude and random masks."""
     ensure_pretrained(config, workdir)
     setup = rc.Setup(config)
-    params, batch_stats, _ = setup.load_pretrained(workdir)
-    dense = setup.evaluate(params, batch_stats)['top1']
+    params, statistics, _ = setup.load_pretrained(workdir)
+    dense = setup.evaluate(params, statistics)['top1']
     rows = []
     for value in config_lib.parse_list('sweep.sparsities', config.sweep.sparsities, float):
         overrides = {'search.sparsity': value}
         baselines = mask_baselines(
-            common.variant_config(config, workdir, overrides), setup, params, batch_stats
+            common.variant_config(config, workdir, overrides), setup, params, statistics
         )
         run = common.run_variant(config, workdir, 'sweep', f'{value:g}', overrides)
         rows.append(

@@ -423,13 +423,13 @@ def test_torchvision_parity(arch, size, num_classes):
         arch,
         num_classes,
         converted.params,
-        converted.batch_stats,
+        converted.statistics,
         model,
         inputs((1, 3, size, size)),
         stages,
     )
     # Back to torchvision names: exact, and loadable with strict=True.
-    back = convert.flax_to_torch(converted.params, converted.batch_stats, arch)
+    back = convert.flax_to_torch(converted.params, converted.statistics, arch)
     assert_state_equal(back, state)
     model.load_state_dict(tensors(back), strict=True)
 

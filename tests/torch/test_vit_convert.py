@@ -148,7 +148,7 @@ def test_round_trip_is_exact_and_masked_export_runs_in_torch():
     state = state_numpy(model)
     arch = small_arch()
     converted = convert.torch_to_flax(state, arch)
-    back = convert.flax_to_torch(converted.params, converted.batch_stats, arch)
+    back = convert.flax_to_torch(converted.params, converted.statistics, arch)
     assert sorted(back) == sorted(state)
     for key in state:
         np.testing.assert_array_equal(back[key], state[key], err_msg=key)
@@ -193,7 +193,7 @@ def test_small_vit_logits_and_blocks_match_torchvision():
     for i in range(SMALL['num_layers']):
         assert_close(ref_blocks[i], blocks[i], f'encoder_layer_{i}')
     assert_close(ref, out, 'logits')
-    assert converted.batch_stats == {}
+    assert converted.statistics == {}
 
 
 def test_vit_b_16_logits_match_torchvision():
