@@ -5,7 +5,7 @@ times, interleaved step by step after compilation and warm-up:
 
   * ``search``: the jitted search step (``search.make_search_step``, state donated);
   * ``dense``: the jitted dense training step (``weight_training.make_train_step``, same optimizer);
-  * ``mask_update``: the jitted mask update over all layers, rate 'all' (``--pattern``: N:M):
+  * ``mask_update``: the jitted mask update over all layers, rate 'constant' (``--pattern``: N:M):
     one search over every layer at once;
   * ``mask_update_per_layer``: the per-layer update it replaced (one search per layer,
     ``benchmarks/per_layer_reference.py``), on the same inputs, for comparison;

@@ -35,7 +35,7 @@ Published rows (the paper; search only, frozen weights), their top-1 in ``PUBLIS
 Append ``,tiny`` to any of them for a seconds-long smoke run.
 Settings (docs/method.md §3): SGD momentum 0.9 on the scores, lr 0.1 with a per-epoch
 cosine, weight decay 5e-4, batch 256, pruned score 0.99, global magnitude allocation,
-short restriction with rate 1 ('all'), BatchNorm in training mode, no label smoothing.
+short restriction with rate 1 ('constant'), BatchNorm in training mode, no label smoothing.
 """
 
 from jackpot_jax import paper_configs

@@ -22,7 +22,7 @@ Published rows (the paper), their top-1 in ``PUBLISHED``:
 The abstract's claim (>70% at 90% after 5 search epochs): ``configs/imagenet_search.py:90,5``.
 Append ``,tiny`` to any of them for a smoke run. Settings (docs/method.md §3): SGD
 momentum 0.9 on the scores, lr 0.1 with a per-epoch cosine, weight decay 1e-4, batch 256,
-pruned score 0.99, global magnitude allocation, short restriction with rate 1 ('all'),
+pruned score 0.99, global magnitude allocation, short restriction with rate 1 ('constant'),
 BatchNorm in training mode, no label smoothing; a search checkpoint every 1000 steps.
 """
 

@@ -23,7 +23,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jackpot_jax import adapters, batch_checks, checkpoint, engine, evaluation, parallel, search
+from jackpot_jax import adapters, batch_checks, checkpoint, engine, evaluation, parallel, renames
+from jackpot_jax import search
 from jackpot_jax import sparsity as sparsity_lib
 from jackpot_jax import persistence as persistence_lib
 from jackpot_jax import workdir as workdir_lib
@@ -47,7 +48,7 @@ class Jackpot:
     the model's other state after the search (Linen: a dict of collections such as
     ``{'batch_stats': ...}``; NNX: its non-param state). ``report`` holds ``'sparsity'``
     (per layer and in total), ``'epochs'`` (loss, training metrics, mask changes and
-    flip-backs per epoch, and the metrics of each evaluated split), the kept epoch and how
+    flip-backs per epoch, and the metrics of each evaluated split), the chosen epoch and how
     it was chosen.
     """
 
@@ -91,7 +92,7 @@ class Jackpot:
         )
 
     def summary(self) -> str:
-        """The per-layer sparsity table, one line per epoch, and the kept epoch."""
+        """The per-layer sparsity table, one line per epoch, and the chosen epoch."""
         lines = [sparsity_lib.format_sparsity_report(self.report['sparsity'])]
         if self.report.get('output_layer'):
             lines.append(self.report['output_layer'])
@@ -99,14 +100,14 @@ class Jackpot:
             named = ', '.join(
                 f'{k} {v:.4f}'
                 for k, v in r.items()
-                if isinstance(v, float) and k not in ('loss', 'learning_rate', 'swap_rate')
+                if isinstance(v, float) and k not in ('train_loss', 'learning_rate', 'swap_rate')
             )
             lines.append(
-                f"epoch {r['epoch']}: loss {r['loss']:.4f}, {named}, mask changes "
+                f"epoch {r['epoch']}: training loss {r['train_loss']:.4f}, {named}, mask changes "
                 f"{r['mask_changes']}"
             )
-        if 'kept_epoch' in self.report:
-            lines.append(f"jackpot kept: {self.report['choice']}")
+        if 'chosen_epoch' in self.report:
+            lines.append(f"chosen epoch: {self.report['choice']}")
         return '\n'.join(lines)
 
     def save(self, path: str, *, overwrite: bool = False) -> None:
@@ -216,7 +217,7 @@ def find_jackpot(
     or pass ``settings=``); ``optimizer`` may also be any optax transformation of the scores.
 
     ``validation_batches`` (held-out *training* examples, never the test set) are what the
-    kept epoch is chosen on (``selection_metric``, default top-1); ``eval_batches`` are
+    epoch is chosen on (``selection_metric``, default top-1); ``eval_batches`` are
     only reported on. ``loss_fn(outputs, batch) -> (loss, {name: value})`` searches any
     task (default: softmax cross-entropy on integer labels, with top-1), ``inputs_fn(batch)``
     gives the model's input. ``workdir``: checkpoints (every ``checkpoint_every`` steps and
@@ -232,6 +233,7 @@ def find_jackpot(
     ``{path: bool array}`` at the plan's per-layer counts, e.g. another criterion's masks)
     start the search instead of the magnitude masks.
     """
+    options = renames.upgrade_options(options)  # former names: a FutureWarning each
     custom_optimizer = options.pop('optimizer', None)
     if custom_optimizer is not None and not isinstance(custom_optimizer, str):
         options['optimizer'] = 'sgd'  # replaced by the transformation given
@@ -313,20 +315,20 @@ def find_jackpot(
         if workdir is not None:
             workdir_lib.unlock(workdir)
     jackpot = Jackpot(
-        masks=outcome.kept_masks,
-        scores=outcome.kept_scores,
+        masks=outcome.chosen_masks,
+        scores=outcome.chosen_scores,
         counts=outcome.plan.counts,
-        params=sparsity_lib.masked_params(params, outcome.kept_masks),
-        statistics=outcome.kept_statistics,
-        report={
-            'sparsity': outcome.plan.report(params, outcome.kept_masks),
-            'epochs': outcome.history,
-            'kept_epoch': outcome.kept['epoch'],
-            'final_jackpot': settings.final_jackpot,
-            'choice': outcome.choice,
-            'output_layer': _output_layer_note(output_paths, outcome.plan),
-            'search_seconds': outcome.search_seconds,
-        },
+        params=sparsity_lib.masked_params(params, outcome.chosen_masks),
+        statistics=outcome.chosen_statistics,
+        report=renames.Report(
+            sparsity=outcome.plan.report(params, outcome.chosen_masks),
+            epochs=[renames.Report(r) for r in outcome.history],
+            chosen_epoch=outcome.chosen['epoch'],
+            selection_rule=settings.selection_rule,
+            choice=outcome.choice,
+            output_layer=_output_layer_note(output_paths, outcome.plan),
+            search_seconds=outcome.search_seconds,
+        ),
         forward=forward,
         nnx_split=split,
         loss_fn=loss_fn,

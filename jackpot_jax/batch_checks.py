@@ -126,7 +126,7 @@ class BatchChecker:
         floats = [
             x for x in jax.tree.leaves(self.statistics) if jnp.issubdtype(x.dtype, jnp.floating)
         ]
-        if not floats or (s.bn_mode != 'train' and not s.bn_recalibration_steps):
+        if not floats or (s.bn_mode != 'train' and not s.reestimation_steps):
             return
         updated = evaluation.train_mode_statistics(
             self.forward, self.params, self.statistics, inputs, jax.random.key(0)
@@ -138,7 +138,7 @@ class BatchChecker:
                 'use_running_average=True fixed in setup, or a train flag the model ignores?), '
                 "so the search's BatchNorm training and re-estimation would do nothing; make its "
                 "BatchNorm follow the train flag (train_kwargs=), or pass bn_mode='frozen' and "
-                'bn_recalibration_steps=0 to keep the statistics as they are'
+                'reestimation_steps=0 to keep the statistics as they are'
             )
 
     def output_kernels(self) -> tuple[str, ...]:

@@ -4,7 +4,7 @@ Three kinds of checkpoint, stored apart so the weights are written once:
   * weights (``WORKDIR/pretrained`` or anywhere): frozen params + batch statistics + meta;
   * search checkpoints (``WORKDIR/checkpoints/<step>``): scores, bit-packed masks
     (and flip history), optimizer state, batch statistics and meta (step, counts, config, weights
-    fingerprint, metrics so far); the latest N and those of the epochs the kept-epoch rule
+    fingerprint, metrics so far); the latest N and those of the epochs the selection rule
     may still choose are kept;
   * jackpots (``WORKDIR/jackpot``): bit-packed masks + batch statistics + meta
     (+ scores when asked), small enough to ship beside the original weights.
@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jackpot_jax import parallel, sparsity
+from jackpot_jax import parallel, renames, sparsity
 from jackpot_jax.errors import UserError
 
 _SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'statistics')
@@ -352,7 +352,7 @@ class _PreserveSteps:
 class SearchCheckpoints:
     """The search checkpoints of one workdir (``WORKDIR/checkpoints/<step>``).
 
-    Keeps the latest ``keep`` checkpoints and those of the epochs the kept-epoch rule may
+    Keeps the latest ``keep`` checkpoints and those of the epochs the selection rule may
     still choose (given with each save). Which those are is worked out from the epoch
     records in the checkpoints themselves, so a resumed search keeps the same ones.
     Saves are asynchronous; every process of a multi-host run must call ``save``.
@@ -414,12 +414,14 @@ class SearchCheckpoints:
             )
 
     def read_meta(self, step: int) -> dict[str, Any]:
+        """The meta saved at ``step``, under the current names (older checkpoints too)."""
         try:
-            return self._manager.restore(
+            meta = self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             )['meta']
         except Exception as e:
             raise self._unreadable(step, e) from e
+        return renames.upgrade_checkpoint_meta(meta)
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """The state saved at ``step``, placed like ``like`` (a fresh SearchState)."""

@@ -23,7 +23,7 @@ NO_JACKPOT_MODES = ('evaluate', 'pretrain')
 FLOAT32_ONLY_MODES = ('overlap',)
 # Variants of mode 'stability': the paper's protocol, each change of the stable one on
 # its own, and the stable protocol.
-STABILITY_VARIANTS = ('paper', 'paper+recalibration', 'paper+freeze', 'stable')
+STABILITY_VARIANTS = ('paper', 'paper+reestimation', 'paper+freeze', 'stable')
 # What config.protocol sets for every field left at -1 ("set by the protocol"): the
 # library's table (jackpot_jax.settings.PROTOCOLS) under the config's field names.
 # 'stable': a validation split for every choice, BatchNorm statistics re-estimated
@@ -118,13 +118,13 @@ def get_config() -> ml_collections.ConfigDict:
     # 'magnitude' (the paper) | 'kaiming' (edge-popup's scaled Kaiming uniform) | 'random' U(0,1).
     config.search.score_init = 'magnitude'
     config.search.mask_update = 'short_restriction'  # | 'edge_popup'
-    config.search.rate_schedule = 'all'  # | 'poly4' | 'cosine'
+    config.search.rate_schedule = 'constant'  # rate 1 every step | 'poly4' | 'cosine'
     config.search.bn_mode = 'train'  # | 'frozen': keep the pre-trained running statistics.
     # > 0: evaluate each epoch, and save the jackpot, with BatchNorm statistics re-estimated
     # over N training batches under the current mask (no weight or mask changes; the search
     # itself goes on with its own running statistics). 0 = the paper's: the search's own.
     # -1 = set by config.protocol (stable: 50, paper: 0).
-    config.search.bn_recalibration_steps = -1
+    config.search.reestimation_steps = -1
     # Fraction of the final epochs during which the masks stay fixed (the scores and the
     # BatchNorm statistics still train): ends the late oscillation between near-tied weights.
     # In [0, 1); 0 = never (the paper). -1 = set by config.protocol (stable: 0.25, paper: 0).
@@ -137,16 +137,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Which epoch's jackpot the search saves: 'last', or a rule over the validation top-1
     # (needs data.validation_fraction > 0; never chosen on test): 'one_standard_error' (the
     # latest epoch within one binomial standard error of the best), 'best' (the latest on
-    # ties; 'best_validation' is its former name), 'best_frozen' (the best with the final
-    # masks). '' = set by config.protocol (stable: 'one_standard_error', paper: 'last';
-    # without a validation split: 'last').
-    config.search.final_jackpot = ''
-    # The validation metric the kept epoch is chosen by: 'top1', or a lower-is-better one
+    # ties), 'best_frozen' (the best with the final masks). '' = set by config.protocol
+    # (stable: 'one_standard_error', paper: 'last'; without a validation split: 'last').
+    config.search.selection_rule = ''
+    # The validation metric the epoch is chosen by: 'top1', or a lower-is-better one
     # such as 'loss' or 'perplexity' (a language model's).
     config.search.selection_metric = 'top1'
     # Also evaluate every epoch with the other statistics (the search's running ones and ones
-    # re-estimated under the mask), recorded as *_running / *_recalibrated: a diagnostic.
-    config.search.compare_bn_statistics = False
+    # re-estimated under the mask), recorded as *_running / *_reestimated: a diagnostic.
+    config.search.compare_statistics = False
     # Regexes over parameter paths (sparsity.DEFAULT_INCLUDE / DEFAULT_EXCLUDE: every kernel
     # but the classifier's and a ViT's conv_proj); written out so configs need no JAX.
     config.search.prune_include = r'(^|/)kernel$'
@@ -172,7 +171,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.tune.label_smoothing = 0.0
 
     # Search checkpoints in WORKDIR/checkpoints: every N steps (0 = each epoch's end only),
-    # keeping the latest `keep` and those of every epoch the kept-epoch rule may still
+    # keeping the latest `keep` and those of every epoch the selection rule may still
     # choose (those no later epoch equals or beats on the selection split).
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 0
@@ -182,7 +181,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.overlap = ml_collections.ConfigDict()
     config.overlap.criteria = 'magnitude,random,snip,grasp,synflow,wanda'  # comma-separated.
     config.overlap.batch_size = 0  # SNIP/GraSP scoring batch; 0 = search.batch_size.
-    config.overlap.bn_steps = 0  # > 0: also evaluate with BN stats re-estimated over N batches.
+    # > 0: also evaluate with BatchNorm statistics re-estimated over N batches.
+    config.overlap.reestimation_steps = 0
 
     # Studies that run one search per variant, in WORKDIR/<mode>/<variant> (resumable).
     # Mode 'search_cost': score inits compared by epochs to reach a test top-1 target.
@@ -191,17 +191,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.search_cost.target = 0.0  # test top-1 to reach; 0 = the 'kaiming' search's final one.
     # Mode 'restriction': mask-update rules side by side, with per-step telemetry.
     config.restriction = ml_collections.ConfigDict()
-    config.restriction.variants = 'all,poly4,cosine,edge_popup'
+    config.restriction.variants = 'constant,poly4,cosine,edge_popup'
     # Mode 'sweep': accuracy vs sparsity (jackpot, magnitude and random masks).
     config.sweep = ml_collections.ConfigDict()
     config.sweep.sparsities = '0.5,0.7,0.8,0.9,0.95'
     # Mode 'stability': what makes a jackpot's accuracy swing from epoch to epoch. Each
     # variant records both BatchNorm statistics every epoch and every step's mask changes.
     config.stability = ml_collections.ConfigDict()
-    config.stability.variants = 'paper,paper+recalibration,paper+freeze,stable'
+    config.stability.variants = 'paper,paper+reestimation,paper+freeze,stable'
     # Mode 'lm_pruning': a language model's test perplexity under magnitude, random and
     # Wanda masks and under jackpots searched from the magnitude and Wanda masks, all at
-    # the same per-layer counts; each jackpot kept on validation perplexity.
+    # the same per-layer counts; each jackpot's epoch chosen on validation perplexity.
     config.lm_pruning = ml_collections.ConfigDict()
     config.lm_pruning.sparsities = '0.5,0.7,2:4'  # fractions pruned per layer, or N:M patterns.
     config.lm_pruning.calibration_batches = 8  # Wanda's input norms: training batches.
@@ -230,7 +230,7 @@ RESUMABLE_FIELDS = (
     'data.data_dir', 'data.eval_batch_size', 'data.threads',
     'tune', 'pretrain', 'overlap', 'search_cost', 'restriction', 'sweep', 'stability',
     'lm_pruning',
-    'search.step_trace', 'search.compare_bn_statistics', 'search.final_jackpot',
+    'search.step_trace', 'search.compare_statistics', 'search.selection_rule',
     'search.selection_metric', 'overwrite',
 )  # fmt: skip
 # A resumed search must share these with the one that wrote the checkpoint. A field in
@@ -243,7 +243,7 @@ SEARCH_IDENTITY_FIELDS = (
     'search.learning_rate', 'search.weight_decay', 'search.momentum', 'search.optimizer',
     'search.label_smoothing', 'search.pruned_score', 'search.score_init',
     'search.mask_update', 'search.rate_schedule', 'search.bn_mode',
-    'search.bn_recalibration_steps', 'search.mask_freeze_fraction', 'search.swap_margin',
+    'search.reestimation_steps', 'search.mask_freeze_fraction', 'search.swap_margin',
     'search.prune_include', 'search.prune_exclude', 'search.dense_output_layer',
     'search.pattern',
 )  # fmt: skip

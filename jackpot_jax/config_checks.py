@@ -13,7 +13,8 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from jackpot_jax import criteria, data, models, search, sparsity, structured, user_models
+from jackpot_jax import criteria, data, models, renames, search, selection, sparsity, structured
+from jackpot_jax import user_models
 from jackpot_jax import settings as settings_lib
 from jackpot_jax.config import (
     CPU_COLLECTIVES,
@@ -29,8 +30,7 @@ from jackpot_jax.config import (
 # Mask-update rules compared by mode 'restriction': the three short-restriction rates and
 # the 2021 edge-popup rule.
 RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
-# Which epoch's jackpot a search keeps (search.final_jackpot).
-FINAL_JACKPOTS = settings_lib.FINAL_JACKPOTS
+# Which epoch's jackpot a search keeps (search.selection_rule).
 
 
 def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -39,28 +39,29 @@ def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.Config
 
     Idempotent; fields set explicitly (>= 0) are kept, so a protocol can be mixed with
     single changes (e.g. the paper's protocol with re-estimated statistics). Without a
-    validation split the jackpot kept is the last epoch's (one rule with the library:
+    validation split the jackpot's epoch is the last epoch's (one rule with the library:
     :meth:`jackpot_jax.settings.SearchSettings.resolved`).
     """
     check_choice('protocol', config.protocol, tuple(PROTOCOLS))
     resolved = ml_collections.ConfigDict(config.to_dict())
+    renames.upgrade_config(resolved, warn=False)
     for field, value in PROTOCOLS[config.protocol].items():
         group, name = field.split('.')
         if resolved[group][name] in (-1, ''):
-            if field == 'search.final_jackpot' and not resolved.data.validation_fraction:
+            if field == 'search.selection_rule' and not resolved.data.validation_fraction:
                 value = 'last'
             resolved[group][name] = value
     return resolved
 
 
-def check_final_jackpot(config: ml_collections.ConfigDict) -> None:
+def check_selection_rule(config: ml_collections.ConfigDict) -> None:
     """Refuses a choice on the validation split when there is none (a resolved config)."""
-    choice = config.search.final_jackpot
+    choice = config.search.selection_rule
     if choice != 'last' and not config.data.validation_fraction:
         raise ValueError(
-            f"search.final_jackpot={choice!r} chooses on the validation split, but "
+            f"search.selection_rule={choice!r} chooses on the validation split, but "
             'data.validation_fraction is 0 (no validation split); set '
-            "--config.data.validation_fraction=0.1, or --config.search.final_jackpot=last"
+            "--config.data.validation_fraction=0.1, or --config.search.selection_rule=last"
         )
 
 
@@ -197,7 +198,9 @@ def _check_open_names(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> None:
     """Raises ValueError naming the first bad field and how to fix it; with ``modes`` (the
-    launcher's table) the mode must be one of them."""
+    launcher's table) the mode must be one of them. Former field names and values are
+    upgraded in place, with a warning."""
+    renames.upgrade_config(config)
     _check_keys(config, get_config())
     config = resolve_protocol(config)
     if modes:
@@ -228,7 +231,7 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
     check_choice('bn_mode', s.bn_mode, search.BN_MODES)
     check_choice('search.optimizer', s.optimizer, settings_lib.OPTIMIZERS)
     check_choice('search.score_init', s.score_init, sparsity.SCORE_INITS)
-    check_choice('search.final_jackpot', s.final_jackpot, FINAL_JACKPOTS)
+    check_choice('search.selection_rule', s.selection_rule, selection.SELECTION_RULES)
     settings_lib.check_regex('search.prune_include', s.prune_include)
     settings_lib.check_regex('search.prune_exclude', s.prune_exclude)
     pattern = structured.parse_pattern(s.pattern)
@@ -257,7 +260,7 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
     ]:
         if not 0.0 <= value < 1.0:
             raise ValueError(f'{name} must be in [0, 1) (or -1: set by config.protocol), got {value!r}')
-    check_final_jackpot(config)
+    check_selection_rule(config)
     search.check_swap_margin(s.swap_margin, s.mask_update, 'search.swap_margin')
     if not 0.0 <= s.pruned_score < 1.0:
         raise ValueError(
@@ -284,9 +287,9 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
         ('checkpoint.every_steps', config.checkpoint.every_steps),
         ('steps_per_epoch', config.steps_per_epoch),
         ('overlap.batch_size', config.overlap.batch_size),
-        ('overlap.bn_steps', config.overlap.bn_steps),
+        ('overlap.reestimation_steps', config.overlap.reestimation_steps),
         ('data.threads', config.data.threads),
-        ('search.bn_recalibration_steps', s.bn_recalibration_steps),
+        ('search.reestimation_steps', s.reestimation_steps),
     ]:
         if value < 0:
             raise ValueError(f'{name} must be >= 0, got {value!r}')

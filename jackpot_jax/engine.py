@@ -4,7 +4,7 @@ launcher's ``--mode=search``.
 :func:`run` plans the masks, builds the search state and the jitted step once, and
 runs the epochs: steps, checkpoints, an epoch record (:class:`~jackpot_jax.metrics.
 EpochMetrics`, which stops the search at the first non-finite loss or score), the
-jackpot evaluated under statistics re-estimated for its mask, and at the end the kept
+jackpot evaluated under statistics re-estimated for its mask, and at the end the
 epoch chosen on validation. What differs between its two callers comes in as values:
 a :class:`SearchTask` (model, frozen params, batches, evaluation, devices) and an
 optional :class:`Persistence` (a workdir: checkpoints, resume, metrics file).
@@ -58,7 +58,7 @@ class SearchTask:
     ``train_epoch(epoch, first_step)`` yields the epoch's training batches from step
     ``first_step`` on, placed on ``mesh``; ``evaluate(params, statistics, split)`` gives
     the metrics of each split in ``splits`` (the first one, 'validation' when there is
-    one, is what the kept epoch is chosen on; a split named 'test' is never chosen on
+    one, is what the epoch is chosen on; a split named 'test' is never chosen on
     unless it is the only one, as in the paper's protocol).
     """
 
@@ -91,16 +91,16 @@ class SearchTask:
 # ----------------------------------------------------------------------------
 @dataclasses.dataclass
 class SearchOutcome:
-    """The search's last state, its epoch records, and the kept epoch's jackpot."""
+    """The search's last state, its epoch records, and the chosen epoch's jackpot."""
 
     state: search.SearchState
     history: list[dict[str, Any]]
     plan: mask_plan.MaskPlan
-    kept: dict[str, Any]  # the kept epoch's record
-    kept_masks: dict[str, np.ndarray]
-    kept_scores: dict[str, np.ndarray]
-    kept_statistics: Any
-    choice: str  # how the kept epoch was chosen, in words
+    chosen: dict[str, Any]  # the chosen epoch's record
+    chosen_masks: dict[str, np.ndarray]
+    chosen_scores: dict[str, np.ndarray]
+    chosen_statistics: Any
+    choice: str  # how the chosen epoch was chosen, in words
     search_seconds: float
 
 
@@ -143,7 +143,7 @@ def run(
     init_key, step_key = jax.random.split(task.rng)
     if task.score_init_rng is not None:
         init_key = task.score_init_rng
-    recalibration_key = jax.random.fold_in(task.rng, 1)  # dropout while re-estimating
+    reestimation_key = jax.random.fold_in(task.rng, 1)  # dropout while re-estimating
     mask_plan_ = plan(task, s)
     if task.initial_masks is None:
         masks, scores = mask_plan_.initial_masks_and_scores(
@@ -189,12 +189,12 @@ def run(
         """The statistics re-estimated over the first ``count`` training batches."""
         return evaluation.reestimate_statistics(
             task.forward, masked, statistics, lambda epoch: task.train_epoch(epoch, 0), count,
-            steps_per_epoch=steps, rng=recalibration_key, inputs_fn=task.inputs_fn,
+            steps_per_epoch=steps, rng=reestimation_key, inputs_fn=task.inputs_fn,
         )  # fmt: skip
 
     def jackpot_statistics(state):
         masked = sparsity.masked_params(state.frozen_params, state.masks)
-        return masked, reestimated(masked, state.statistics, s.bn_recalibration_steps)
+        return masked, reestimated(masked, state.statistics, s.reestimation_steps)
 
     def evaluate(state, record, last):
         """Adds every split's metrics to ``record``; returns the jackpot's statistics (None
@@ -206,13 +206,13 @@ def run(
             for name, value in task.evaluate(masked, stats, split).items():
                 record[f'{split}_{name}'] = value
         if task.compare_statistics:
-            used = 'recalibrated' if s.bn_recalibration_steps else 'running'
+            used = 'reestimated' if s.reestimation_steps else 'running'
             other = (
                 state.statistics
-                if used == 'recalibrated'
-                else reestimated(masked, state.statistics, DIAGNOSTIC_RECALIBRATION_STEPS)
+                if used == 'reestimated'
+                else reestimated(masked, state.statistics, DIAGNOSTIC_REESTIMATION_STEPS)
             )
-            unused = 'running' if used == 'recalibrated' else 'recalibrated'
+            unused = 'running' if used == 'reestimated' else 'reestimated'
             for split in task.splits:
                 record[f'{split}_top1_{used}'] = record[f'{split}_top1']
                 record[f'{split}_top1_{unused}'] = task.evaluate(masked, other, split)['top1']
@@ -290,16 +290,16 @@ def run(
                 epoch_metrics = metrics.EpochMetrics(trace=task.step_trace)
                 if ckpts:
                     save(state, epoch_metrics)
-                elif s.final_jackpot != 'last' or epoch == s.epochs - 1:
+                elif s.selection_rule != 'last' or epoch == s.epochs - 1:
                     snapshots[epoch + 1] = (state.masks, state.scores, stats)
-                    if s.final_jackpot != 'last':
+                    if s.selection_rule != 'last':
                         epoch_choice.drop_dominated(snapshots, history, selection_split, s)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", changes=record['mask_changes'])
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", changes=record['mask_changes'])
                 logging.info(
-                    'search epoch %d/%d: loss %.4f, %s, mask changes %d',
+                    'search epoch %d/%d: training loss %.4f, %s, mask changes %d',
                     epoch + 1,
                     s.epochs,
-                    record['loss'],
+                    record['train_loss'],
                     ', '.join(
                         f'{k} {s.selection_metric} {record[f"{k}_{s.selection_metric}"]:.4f}'
                         for k in task.splits
@@ -311,7 +311,7 @@ def run(
                 snapshots, last_statistics = _copies((snapshots, last_statistics))
         if ckpts:
             ckpts.wait()
-        kept, masks, scores, stats, choice = epoch_choice.kept_epoch(
+        chosen, masks, scores, stats, choice = epoch_choice.chosen_epoch(
             history,
             s,
             selection_split,
@@ -345,18 +345,18 @@ def run(
         state=state,
         history=history,
         plan=mask_plan_,
-        kept=kept,
-        kept_masks=_copies(masks),
-        kept_scores=_copies(scores),
-        kept_statistics=stats,
+        chosen=chosen,
+        chosen_masks=_copies(masks),
+        chosen_scores=_copies(scores),
+        chosen_statistics=stats,
         choice=choice,
         search_seconds=seconds,
     )
 
 
 # BatchNorm re-estimation steps of the statistics comparison when the search itself does
-# not re-estimate (bn_recalibration_steps = 0).
-DIAGNOSTIC_RECALIBRATION_STEPS = 50
+# not re-estimate (reestimation_steps = 0).
+DIAGNOSTIC_REESTIMATION_STEPS = 50
 
 
 def _log_step_memory(step_fn, state, batch, mesh) -> None:

@@ -1,6 +1,6 @@
 """Which epoch's jackpot a search keeps, and which epochs' jackpots it must hold until then.
 
-:func:`kept_epoch` applies ``settings.final_jackpot`` (a rule of
+:func:`chosen_epoch` applies ``settings.selection_rule`` (a rule of
 :mod:`jackpot_jax.selection`) to the epoch records on the selection split, among the epochs
 whose jackpot still exists: a checkpoint in a workdir, else an in-memory snapshot.
 :func:`candidates` are the epochs the rule may still keep: the others have a later epoch
@@ -27,7 +27,7 @@ def signed(record: Mapping[str, Any], split: str, s: SearchSettings) -> float:
 def candidates(history: list, split: str, s: SearchSettings) -> set[int]:
     """The epochs the rule may still keep: the last, and (unless the rule is 'last') every
     epoch no later epoch is at least as good as (every rule prefers the later one then)."""
-    if s.final_jackpot == 'last' or split is None:
+    if s.selection_rule == 'last' or split is None:
         return {history[-1]['epoch']} if history else set()
     best_later, out = -float('inf'), set()
     for record in reversed(history):
@@ -46,11 +46,11 @@ def drop_dominated(snapshots: dict, history: list, split: str, s: SearchSettings
             del snapshots[epoch]
 
 
-def kept_epoch(history, s, split, ckpts, snapshots, state, statistics_of):
-    """``(record, masks, scores, statistics, choice)`` of the kept epoch; ``statistics_of(
+def chosen_epoch(history, s, split, ckpts, snapshots, state, statistics_of):
+    """``(record, masks, scores, statistics, choice)`` of the chosen epoch; ``statistics_of(
     state)`` gives a search state's jackpot statistics."""
     last = history[-1]
-    if s.final_jackpot == 'last':
+    if s.selection_rule == 'last':
         epoch, choice = last['epoch'], f"epoch {last['epoch']} (the last epoch)"
     else:
         available = (
@@ -59,7 +59,7 @@ def kept_epoch(history, s, split, ckpts, snapshots, state, statistics_of):
             else {r['epoch'] for r in history if r['step'] in set(ckpts.steps())}
         )
         metric = f'{split}_{s.selection_metric}'
-        rule = 'best' if s.final_jackpot == 'best_validation' else s.final_jackpot
+        rule = s.selection_rule
         kwargs = dict(
             metric=metric,
             higher_is_better=not s.lower_is_better,

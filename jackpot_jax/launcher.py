@@ -114,7 +114,7 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         'jackpot_top1',
         'jackpot_epoch',
         'jackpot_choice',
-        'final_jackpot',
+        'selection_rule',
         'last_epoch_top1',
         'best_top1',
         'best_epoch',
@@ -170,7 +170,7 @@ def format_summary(config: ml_collections.ConfigDict, summary: dict[str, Any]) -
         f"{'':36}  test top-1",
     ]
     lines += [f'{name:<36}  {value:>9.2%}' for name, value in rows]
-    lines.append(f"the jackpot kept: {summary['jackpot_choice']}")
+    lines.append(f"the chosen epoch: {summary['jackpot_choice']}")
     lines.append(f"the last epoch's jackpot: test top-1 {summary['last_epoch_top1']:.2%}")
     lines.append(
         f"search time {summary['search_seconds']:.1f} s, total {summary['total_seconds']:.1f} s"

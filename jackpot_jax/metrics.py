@@ -214,8 +214,9 @@ class EpochMetrics:
         self._pending = []
 
     def result(self) -> dict[str, Any]:
-        """The epoch's record: means of the loss and task metrics, and the summed counts."""
+        """The epoch's record: means of the loss and task metrics over the training
+        batches (``train_loss``, ``train_top1``, ...), and the summed counts."""
         self.flush()
         out = {k: v for k, v in self.sums.items() if k not in ('steps', 'means')}
-        out.update({k: v / self.sums['steps'] for k, v in self.sums['means'].items()})
+        out.update({f'train_{k}': v / self.sums['steps'] for k, v in self.sums['means'].items()})
         return out

@@ -87,7 +87,7 @@ def set_reference_search(
     s.allocation = 'global_magnitude'
     s.pruned_score = 0.99
     s.mask_update = 'short_restriction'
-    s.rate_schedule = 'all'
+    s.rate_schedule = 'constant'
     s.bn_mode = 'train'
     set_reference_tune(config, epochs=0)  # the 'tune' modifier (or tune.epochs) turns it on
 

@@ -72,8 +72,8 @@ def plot_overlap(result: Mapping[str, Any], path: str) -> str:
         label = name
         if 'top1' in row:
             label += f" (test top-1 {row['top1']:.1%}"
-            if 'top1_bn_adapted' in row:
-                label += f", BN adapted {row['top1_bn_adapted']:.1%}"
+            if 'top1_reestimated' in row:
+                label += f", BN re-estimated {row['top1_reestimated']:.1%}"
             label += ')'
         ax.bar(
             x - 0.4 + (i + 0.5) * width,
@@ -225,7 +225,7 @@ def plot_stability(result: Mapping[str, Any], path: str) -> str:
     stats, steps, saved = fig.subplots(1, 3)
     colors = {name: f'C{i}' for i, name in enumerate(runs)}
     for name, r in runs.items():
-        for kind, style in (('recalibrated', '-'), ('running', '--')):
+        for kind, style in (('reestimated', '-'), ('running', '--')):
             points = r['curves'][f'test_top1_{kind}']
             stats.plot(*zip(*points), style, color=colors[name], marker='.', label=f'{name}, {kind}')
         trace = r['steps']

@@ -149,7 +149,7 @@ def search_step(
     steps_per_epoch: int,
     epochs: int,
     mask_update: str = 'short_restriction',
-    rate_schedule: str = 'all',
+    rate_schedule: str = 'constant',
     bn_mode: str = 'train',
     label_smoothing: float = 0.0,
     pattern: tuple[int, int] | None = None,
@@ -198,7 +198,7 @@ def search_step(
     # The update ranks these; the optimizer keeps learning the scores themselves.
     ranking = sparsity.with_swap_margin(scores, state.masks, swap_margin) if swap_margin else scores
     epoch = state.step // steps_per_epoch
-    rate = None if rate_schedule == 'all' else sparsity.swap_rate(rate_schedule, epoch, epochs)
+    rate = None if rate_schedule == 'constant' else sparsity.swap_rate(rate_schedule, epoch, epochs)
     if pattern:
         masks, _ = structured.update_masks(
             ranking, state.masks, counts, *pattern, mode=mask_update, rate=rate

@@ -3,8 +3,8 @@ model and weights.
 
 :func:`run_search` builds the engine's settings from ``config.search`` and its task from
 the run context, runs (or resumes) the search in WORKDIR/checkpoints, refusing a
-checkpoint written under other settings or other weights, and saves the kept epoch's
-jackpot (chosen on the validation split by ``search.final_jackpot``) with a summary.
+checkpoint written under other settings or other weights, and saves the chosen epoch's
+jackpot (chosen on the validation split by ``search.selection_rule``) with a summary.
 :func:`baseline_accuracies` gives the dense, magnitude and random-mask accuracies it is
 compared with.
 """
@@ -122,7 +122,7 @@ def search_task(
         score_init_rng=rc.score_init_key(config),
         batch_size=s.batch_size,
         step_trace=s.step_trace,
-        compare_statistics=s.compare_bn_statistics,
+        compare_statistics=s.compare_statistics,
         model_name=f'model {config.model.name!r}',
         excluded_output_paths=output_paths,
     )
@@ -137,7 +137,7 @@ def run_search(
     ``initial_masks`` (flat path -> bool mask at the plan's per-layer counts, e.g. Wanda's)
     start the search instead of the magnitude masks; a resume must be given the same ones.
     """
-    config_checks.check_final_jackpot(config)  # before the search, not after it
+    config_checks.check_selection_rule(config)  # before the search, not after it
     setup = rc.Setup(config)
     weights_path = rc.pretrained_path(config, workdir)
     params, statistics, fingerprint = setup.load_weights(weights_path)
@@ -164,8 +164,8 @@ def run_search(
         keep=config.checkpoint.keep,
     )
     outcome = engine.run(task, settings, persistence)
-    history, kept = outcome.history, outcome.kept
-    report = outcome.plan.report(params, outcome.kept_masks)
+    history, chosen = outcome.history, outcome.chosen
+    report = outcome.plan.report(params, outcome.chosen_masks)
     # The best epoch (the latest on ties) is chosen on the validation split when there is
     # one; only the paper's protocol (no validation split) chooses it on the test split, as
     # published.
@@ -173,10 +173,10 @@ def run_search(
     best = _best_epoch(history, selection_split)
     last = [r['test_top1'] for r in history[-5:]]
     summary = {
-        'jackpot_top1': kept['test_top1'],
-        'jackpot_top5': kept['test_top5'],
-        'jackpot_epoch': kept['epoch'],
-        'final_jackpot': settings.final_jackpot,
+        'jackpot_top1': chosen['test_top1'],
+        'jackpot_top5': chosen['test_top5'],
+        'jackpot_epoch': chosen['epoch'],
+        'selection_rule': settings.selection_rule,
         'jackpot_choice': outcome.choice,
         'last_epoch_top1': history[-1]['test_top1'],
         'best_top1': best['test_top1'],
@@ -190,19 +190,19 @@ def run_search(
             sum(np.count_nonzero(v) for v in parallel.to_host(outcome.state.ever_flipped).values())
         ),
     }
-    if 'validation_top1' in kept:
-        summary['jackpot_validation_top1'] = kept['validation_top1']
+    if 'validation_top1' in chosen:
+        summary['jackpot_validation_top1'] = chosen['validation_top1']
     checkpoint.save_jackpot(
         rc.jackpot_path(config, workdir),
         None,
-        outcome.kept_masks,
-        outcome.kept_statistics,
+        outcome.chosen_masks,
+        outcome.chosen_statistics,
         {**identity, 'model': config.model.to_dict(), 'summary': summary},
     )
     logging.info(
-        'the jackpot kept: %s; test top-1 %.4f; last epoch %.4f',
+        'the chosen epoch: %s; test top-1 %.4f; last epoch %.4f',
         outcome.choice,
-        kept['test_top1'],
+        chosen['test_top1'],
         history[-1]['test_top1'],
     )
     logging.info('jackpot sparsity report:\n%s', sparsity.format_sparsity_report(report))

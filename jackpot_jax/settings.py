@@ -7,13 +7,13 @@ launcher from ``config.search``. Options left at None are filled by the *protoco
 
 * ``'stable'`` (default): the masks are frozen for the last quarter of the epochs, the
   statistics are re-estimated over 50 training batches under every evaluated mask, and
-  the jackpot kept is chosen on the validation split: the latest epoch within one
+  the jackpot's epoch is chosen on the validation split: the latest epoch within one
   standard error of the best (:mod:`jackpot_jax.selection`);
 * ``'paper'``: the authors' search: none of these, the last epoch's jackpot.
 
 The one rule for "stable protocol, no validation data": the jackpot of the last epoch is
 kept, and the report says so; asking for a choice on validation explicitly
-(``final_jackpot`` other than 'last') without validation data is an error.
+(``selection_rule`` other than 'last') without validation data is an error.
 
 Pure Python (and numpy): importing this module imports no JAX (config files use its
 tables).
@@ -32,22 +32,19 @@ from jackpot_jax import selection
 PROTOCOLS: dict[str, dict[str, Any]] = {
     'stable': {
         'validation_fraction': 0.1,  # of the launcher's training images
-        'bn_recalibration_steps': 50,
+        'reestimation_steps': 50,
         'mask_freeze_fraction': 0.25,
         'swap_margin': 0.0,
-        'final_jackpot': selection.DEFAULT_RULE,
+        'selection_rule': selection.DEFAULT_RULE,
     },
     'paper': {
         'validation_fraction': 0.0,
-        'bn_recalibration_steps': 0,
+        'reestimation_steps': 0,
         'mask_freeze_fraction': 0.0,
         'swap_margin': 0.0,
-        'final_jackpot': 'last',
+        'selection_rule': 'last',
     },
 }
-# How the kept epoch is chosen: 'last', or by a rule over the validation figures
-# (jackpot_jax.selection); 'best_validation' is the former name of 'best'.
-FINAL_JACKPOTS = selection.SELECTION_RULES + ('best_validation',)
 # Optimizers of the scores (momentum is SGD's; Adam's betas stay at optax's defaults).
 OPTIMIZERS = ('sgd', 'adam', 'adamw')
 BN_MODES = ('train', 'frozen')
@@ -65,7 +62,7 @@ class SearchSettings:
     ``sparsity`` is the fraction of prunable weights removed. The score optimizer is
     ``optimizer`` at ``learning_rate`` under a per-epoch cosine, with ``weight_decay`` added
     to the gradient and (SGD) ``momentum``. ``selection_metric`` is the evaluation metric
-    the kept epoch is chosen by on validation (``top1`` by default; names such as
+    the epoch is chosen by on validation (``top1`` by default; names such as
     ``loss`` or ``perplexity`` are lower-is-better).
     """
 
@@ -80,7 +77,7 @@ class SearchSettings:
     allocation: str = 'global_magnitude'
     pattern: str = ''
     mask_update: str = 'short_restriction'
-    rate_schedule: str = 'all'
+    rate_schedule: str = 'constant'
     prune_include: str = r'(^|/)kernel$'
     prune_exclude: str = r'^((fc|classifier)(_\d+)?|heads|conv_proj)/'
     dense_output_layer: bool = True
@@ -88,9 +85,9 @@ class SearchSettings:
     label_smoothing: float = 0.0
     protocol: str = 'stable'
     mask_freeze_fraction: float | None = None
-    bn_recalibration_steps: int | None = None
+    reestimation_steps: int | None = None
     swap_margin: float | None = None
-    final_jackpot: str | None = None
+    selection_rule: str | None = None
     selection_metric: str = 'top1'
 
     @property
@@ -107,11 +104,11 @@ class SearchSettings:
         defaults = PROTOCOLS[self.protocol]
         filled = {
             name: defaults[name]
-            for name in ('mask_freeze_fraction', 'bn_recalibration_steps', 'swap_margin')
+            for name in ('mask_freeze_fraction', 'reestimation_steps', 'swap_margin')
             if getattr(self, name) is None
         }
-        if self.final_jackpot is None:
-            filled['final_jackpot'] = defaults['final_jackpot'] if has_validation else 'last'
+        if self.selection_rule is None:
+            filled['selection_rule'] = defaults['selection_rule'] if has_validation else 'last'
         settings = dataclasses.replace(self, **filled)
         settings.check(has_validation)
         return settings
@@ -158,12 +155,12 @@ class SearchSettings:
                 'mask_freeze_fraction must be in [0, 1) (the fraction of the epochs with the '
                 f'masks frozen), got {self.mask_freeze_fraction!r}'
             )
-        if self.bn_recalibration_steps is not None and not (
-            _is_int(self.bn_recalibration_steps) and self.bn_recalibration_steps >= 0
+        if self.reestimation_steps is not None and not (
+            _is_int(self.reestimation_steps) and self.reestimation_steps >= 0
         ):
             raise ValueError(
-                'bn_recalibration_steps must be >= 0 (an integer; 0: keep the running '
-                f'statistics), got {self.bn_recalibration_steps!r}'
+                'reestimation_steps must be >= 0 (an integer; 0: keep the running '
+                f'statistics), got {self.reestimation_steps!r}'
             )
         if self.swap_margin is not None:
             if not (_is_number(self.swap_margin) and self.swap_margin >= 0):
@@ -176,13 +173,14 @@ class SearchSettings:
                     f'mask_update is {self.mask_update!r}; set swap_margin=0, or choose the '
                     'short restriction'
                 )
-        if self.final_jackpot is not None:
-            _check_choice('final_jackpot', self.final_jackpot, FINAL_JACKPOTS)
-            if self.final_jackpot != 'last' and not has_validation:
+        if self.selection_rule is not None:
+            _check_choice('selection_rule', self.selection_rule, selection.SELECTION_RULES)
+            if self.selection_rule != 'last' and not has_validation:
                 raise ValueError(
-                    f'final_jackpot={self.final_jackpot!r} chooses on validation data, but '
+                    f'selection_rule={self.selection_rule!r} chooses on validation data, but '
                     'there is none: pass validation_batches= (held-out training examples, never '
-                    "the test set; launcher: data.validation_fraction > 0), or final_jackpot='last'"
+                    'the test set; launcher: data.validation_fraction > 0), or '
+                    "selection_rule='last'"
                 )
 
     def to_dict(self) -> dict[str, Any]:

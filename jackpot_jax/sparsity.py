@@ -33,7 +33,7 @@ Array = jax.Array
 FlatTree = dict[str, Array]
 
 ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
-RATE_SCHEDULES = ('all', 'poly4', 'cosine')
+RATE_SCHEDULES = ('constant', 'poly4', 'cosine')  # 'constant': rate 1 every step
 MASK_UPDATES = ('short_restriction', 'edge_popup')
 SCORE_INITS = ('magnitude', 'kaiming', 'random')  # 'random': U(0, 1) scores
 DEFAULT_INCLUDE = r'(^|/)kernel$'
@@ -461,7 +461,7 @@ def masked_params(
 def swap_rate(schedule: str, epoch: Array | int, total_epochs: int) -> Array:
     """The short restriction's rate for an epoch e in 0..E-1."""
     e = jnp.asarray(epoch, jnp.float32) / total_epochs
-    if schedule == 'all':
+    if schedule == 'constant':
         return jnp.float32(1.0)
     if schedule == 'poly4':
         return (1.0 - e) ** 4

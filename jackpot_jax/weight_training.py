@@ -119,7 +119,7 @@ def train_weights(
                 **epoch_metrics.result(),
             }
             writer.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}")
     result = setup.evaluate(state.params, state.statistics)
     writer.write(
         {

@@ -109,7 +109,7 @@ def main(argv: list[str]) -> None:
         summary.append((name, n, se, {r: c and tests[c.epoch] for r, c in kept.items()},
                         tests[last]))
 
-    print('| run | rule | kept epoch | validation top-1 | test top-1 | last epoch, test top-1 |')
+    print('| run | rule | chosen epoch | validation top-1 | test top-1 | last epoch, test top-1 |')
     print('|---|---|---|---|---|---|')
     print('\n'.join(rows))
     print()

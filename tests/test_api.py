@@ -123,7 +123,7 @@ def test_batchnorm_free_linen_model():
     )
     epochs = jackpot.report['epochs']
     assert [r['epoch'] for r in epochs] == [1, 2]
-    assert epochs[-1]['loss'] < epochs[0]['loss']
+    assert epochs[-1]['train_loss'] < epochs[0]['train_loss']
     assert epochs[0]['mask_changes'] > 0
     assert set(epochs[0]['mask_changes_per_layer']) == {'hidden/kernel'}
     assert jackpot.report['sparsity']['sparsity'] == pytest.approx(0.75)
@@ -178,7 +178,8 @@ def test_nnx_module_with_batchnorm_and_dropout():
     assert np.abs(stats['norm/mean']).sum() > 0
     assert int(stats['drop/rngs/count']) == 2 * len(batches) + 50
     epochs = jackpot.report['epochs']
-    assert epochs[-1]['loss'] < epochs[0]['loss'] and epochs[-1]['eval_top1'] > 0.25  # chance
+    assert epochs[-1]['train_loss'] < epochs[0]['train_loss']
+    assert epochs[-1]['eval_top1'] > 0.25  # chance
     module = jackpot.module()  # an NNX module holding the jackpot
     module.eval()
     np.testing.assert_allclose(module(batches[0][0]), jackpot.predict(batches[0][0]), rtol=1e-6)
@@ -202,7 +203,7 @@ class BnMlp(nn.Module):
     'validation_top1, kept', [((0.5, 0.9, 0.6), 2), ((0.9, 0.9, 0.6), 2), ((0.5, 0.6, 0.7), 3)]
 )
 def test_stable_protocol_returns_the_epoch_best_on_validation(monkeypatch, validation_top1, kept):
-    """Scripted validation top-1 per epoch; the jackpot returned is the kept epoch's masks
+    """Scripted validation top-1 per epoch; the jackpot returned is the chosen epoch's masks
     and scores, with statistics re-estimated under its masks (latest epoch on ties)."""
     model, variables = _linen(BnMlp)
     batches, validation = _batches(), _batches(n=1, seed=1)
@@ -216,14 +217,14 @@ def test_stable_protocol_returns_the_epoch_best_on_validation(monkeypatch, valid
         return real_metrics(fwd, p, s, b, **kwargs)
 
     monkeypatch.setattr(evaluation, 'evaluate_metrics', scripted)
-    search_ = {**SEARCH, 'epochs': 3, 'final_jackpot': 'best'}
+    search_ = {**SEARCH, 'epochs': 3, 'selection_rule': 'best'}
     jackpot = jackpot_jax.find_jackpot(
         model, variables, batches, validation_batches=validation, eval_batches=batches, **search_
     )
-    assert jackpot.report['kept_epoch'] == kept
-    assert jackpot.report['final_jackpot'] == 'best'
+    assert jackpot.report['chosen_epoch'] == kept
+    assert jackpot.report['selection_rule'] == 'best'
     assert [r['validation_top1'] for r in jackpot.report['epochs']] == list(validation_top1)
-    assert f'jackpot kept: epoch {kept} (the best' in jackpot.summary()
+    assert f'chosen epoch: epoch {kept} (the best' in jackpot.summary()
 
     masks, scores, running = _reference_search(model, variables, batches, 3, stop_after=kept)
     np.testing.assert_array_equal(jackpot.masks['hidden/kernel'], masks['hidden/kernel'])
@@ -242,7 +243,7 @@ def test_stable_protocol_returns_the_epoch_best_on_validation(monkeypatch, valid
     assert not np.allclose(  # re-estimated: not the running statistics of that epoch
         jackpot.statistics['batch_stats']['norm']['mean'], running['batch_stats']['norm']['mean']
     )
-    # What the report says of the kept epoch is what the jackpot scores.
+    # What the report says of the chosen epoch is what the jackpot scores.
     assert real_evaluate(forward, jackpot.params, jackpot.statistics, batches) == (
         jackpot.report['epochs'][kept - 1]['eval_top1']
     )
@@ -255,7 +256,7 @@ def test_paper_protocol_is_the_plain_search_and_keeps_the_last_epoch():
         model, variables, batches, protocol='paper', validation_batches=batches,
         **{**SEARCH, 'epochs': 3},
     )
-    assert jackpot.report['kept_epoch'] == 3 and jackpot.report['final_jackpot'] == 'last'
+    assert jackpot.report['chosen_epoch'] == 3 and jackpot.report['selection_rule'] == 'last'
     masks, scores, running = _reference_search(model, variables, batches, 3, stop_after=3)
     np.testing.assert_array_equal(jackpot.masks['hidden/kernel'], masks['hidden/kernel'])
     np.testing.assert_array_equal(jackpot.scores['hidden/kernel'], scores['hidden/kernel'])
@@ -286,11 +287,11 @@ def test_swap_margin_holds_the_masks_until_a_score_clears_it(margin, moves):
 @pytest.mark.parametrize(
     'options, message',
     [
-        ({'final_jackpot': 'best_validation'}, 'pass validation_batches='),
-        ({'final_jackpot': 'bestest'}, "unknown final_jackpot 'bestest'"),
+        ({'selection_rule': 'best'}, 'pass validation_batches='),
+        ({'selection_rule': 'bestest'}, "unknown selection_rule 'bestest'"),
         ({'protocol': 'fast'}, "unknown protocol 'fast'; choose one of stable, paper"),
         ({'mask_freeze_fraction': 1.0}, r'mask_freeze_fraction must be in \[0, 1\)'),
-        ({'bn_recalibration_steps': -1}, 'bn_recalibration_steps must be >= 0'),
+        ({'reestimation_steps': -1}, 'reestimation_steps must be >= 0'),
         ({'swap_margin': -1.0}, r'swap_margin must be >= 0 \(0 = no margin\)'),
         ({'swap_margin': 0.1, 'mask_update': 'edge_popup'}, 'applies to the short restriction'),
     ],

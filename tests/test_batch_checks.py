@@ -73,7 +73,7 @@ def test_a_batch_of_the_wrong_shape_names_the_shape():
 
 def test_dict_batches_work_and_unknown_keys_are_named():
     dicts = [{'image': x, 'label': y} for x, y in _batches()]
-    assert _search(dicts).report['kept_epoch'] == 1
+    assert _search(dicts).report['chosen_epoch'] == 1
     with pytest.raises(KeyError, match=r"one of \('inputs', 'image', 'images', 'x'\)"):
         _search([{'pixels': x, 'label': y} for x, y in _batches()])
 
@@ -106,7 +106,7 @@ def test_a_batchnorm_fixed_to_running_averages_is_named():
     with pytest.raises(ValueError, match='statistics did not change in a train-mode pass'):
         _search(_batches(), model=FixedNorm(running=True))
     # Keeping the statistics as they are is the way to search such a model.
-    _search(_batches(), model=FixedNorm(running=True), bn_mode='frozen', bn_recalibration_steps=0)
+    _search(_batches(), model=FixedNorm(running=True), bn_mode='frozen', reestimation_steps=0)
 
 
 def test_a_batchnorm_fixed_to_batch_statistics_is_named():
@@ -132,4 +132,4 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: search interrupted at step 2')
     monkeypatch.setattr(search, 'make_search_step', original)  # the rerun resumes
-    assert _search(_batches(), workdir=workdir, checkpoint_every=1, epochs=2).report['kept_epoch']
+    assert _search(_batches(), workdir=workdir, checkpoint_every=1, epochs=2).report['chosen_epoch']

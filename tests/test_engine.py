@@ -130,7 +130,7 @@ def test_a_custom_loss_chooses_its_epoch_by_a_lower_is_better_metric():
         validation_batches=validation,
         loss_fn=loss_fn,
         selection_metric='loss',
-        final_jackpot='best',
+        selection_rule='best',
         sparsity=0.5,
         epochs=3,
         progress=False,
@@ -138,7 +138,7 @@ def test_a_custom_loss_chooses_its_epoch_by_a_lower_is_better_metric():
     )
     losses = [r['validation_loss'] for r in jackpot.report['epochs']]
     best = len(losses) - int(np.argmin(losses[::-1]))  # the latest of the lowest
-    assert jackpot.report['kept_epoch'] == best
+    assert jackpot.report['chosen_epoch'] == best
     assert 'validation_mae' in jackpot.report['epochs'][0]
     assert jackpot.evaluate(validation, metric='loss') == pytest.approx(losses[best - 1])
 
@@ -182,7 +182,7 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
         progress=False,
     )
     kept = found['jackpot_epoch']
-    assert jackpot.report['kept_epoch'] == kept
+    assert jackpot.report['chosen_epoch'] == kept
     _, saved_masks, saved_statistics, _ = checkpoint.load_jackpot(os.path.join(workdir, 'jackpot'))
     assert set(saved_masks) == set(jackpot.masks)
     for p, m in jackpot.masks.items():
@@ -193,7 +193,7 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
             np.testing.assert_array_equal(jackpot.scores[p], np.asarray(found['state'].scores[p]))
     for launcher, library in zip(found['history'], jackpot.report['epochs']):
         shared = set(launcher) & set(library) - {'validation_examples'}
-        assert {'loss', 'top1', 'mask_changes', 'validation_top1'} <= shared
+        assert {'train_loss', 'train_top1', 'mask_changes', 'validation_top1'} <= shared
         assert {k: launcher[k] for k in shared} == {k: library[k] for k in shared}
 
 
@@ -224,12 +224,12 @@ _RESUMABLE_SCRIPT = textwrap.dedent("""
     jackpot = jackpot_jax.find_jackpot(
         model, variables, batches, steps_per_epoch=6, validation_batches=[(x[:32], y[:32])],
         sparsity=0.8, epochs=3, workdir=sys.argv[1], checkpoint_every=2, progress=False,
-        bn_recalibration_steps=3,
+        reestimation_steps=3,
     )
     np.savez(sys.argv[2], **{'m_' + k: v for k, v in jackpot.masks.items()},
              **{'s_' + k: np.asarray(v) for k, v in jackpot.scores.items()},
-             kept=jackpot.report['kept_epoch'],
-             losses=[r['loss'] for r in jackpot.report['epochs']])
+             kept=jackpot.report['chosen_epoch'],
+             losses=[r['train_loss'] for r in jackpot.report['epochs']])
     """)
 
 
@@ -323,15 +323,15 @@ def test_a_resumed_search_still_has_the_epoch_its_rule_keeps(tmp_path):
         return jackpot_jax.find_jackpot(
             model, variables, batches, steps_per_epoch=ls.STEPS, workdir=workdir,
             validation_batches=ls.validation_batches(), sparsity=0.8, epochs=2,
-            checkpoint_every=2, progress=False, selection_metric='loss', final_jackpot='best',
+            checkpoint_every=2, progress=False, selection_metric='loss', selection_rule='best',
         )  # fmt: skip
 
     whole = run(ls.batches(), str(tmp_path / 'whole'))
     losses = [r['validation_loss'] for r in whole.report['epochs']]
-    assert whole.report['kept_epoch'] == 1, losses  # older than the latest 3 checkpoints
+    assert whole.report['chosen_epoch'] == 1, losses  # older than the latest 3 checkpoints
     with pytest.raises(ls.Interrupted):  # mid-epoch 2, after the save at step 8
         run(ls.batches(interrupt=True), str(tmp_path / 'resumed'))
     resumed = run(ls.batches(), str(tmp_path / 'resumed'))
-    assert resumed.report['kept_epoch'] == 1
+    assert resumed.report['chosen_epoch'] == 1
     for path, mask in whole.masks.items():
         np.testing.assert_array_equal(resumed.masks[path], mask)

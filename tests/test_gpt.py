@@ -138,7 +138,7 @@ def test_pretrain_through_the_launcher_reports_perplexity(tmp_path):
     # Random printable bytes: about log(95) nats once trained at all, log(256) untrained.
     assert np.log(95) - 0.5 < result['loss'] < np.log(256) + 0.5
     records = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
-    assert [r['epoch'] for r in records if 'loss' in r] == [1, 2]
+    assert [r['epoch'] for r in records if 'train_loss' in r] == [1, 2]
     assert records[-1]['test_perplexity'] == result['perplexity']
     setup = rc.Setup(config)
     params, statistics, _ = setup.load_pretrained(workdir)

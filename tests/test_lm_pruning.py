@@ -1,5 +1,5 @@
 """Mode 'lm_pruning' on the tiny language model: every method at every sparsity, the same
-per-layer counts everywhere, each jackpot kept on validation perplexity; resumable."""
+per-layer counts everywhere, each jackpot's epoch chosen on validation perplexity; resumable."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def test_every_method_at_every_sparsity_prunes_the_same_counts(study):
     assert table.count('| 2:4 |') == 3 and 'jackpot from Wanda' in table
 
 
-def test_the_kept_epoch_is_the_lowest_validation_perplexity_never_test(study):
+def test_the_chosen_epoch_is_the_lowest_validation_perplexity_never_test(study):
     _, _, result = study
     assert result['selection_metric'] == 'validation_perplexity'
     for row in result['rows']:
@@ -57,10 +57,10 @@ def test_the_kept_epoch_is_the_lowest_validation_perplexity_never_test(study):
             assert j['selection_metric'] == 'validation_perplexity'
             assert j['epochs'] == len(j['history']) == 2 and j['steps'] == j['history'][-1]['step']
             best = min(r['validation_perplexity'] for r in j['history'])
-            kept = j['history'][j['kept_epoch'] - 1]
-            assert kept['validation_perplexity'] == pytest.approx(best, rel=1e-6)
-            assert j['validation_perplexity'] == kept['validation_perplexity']
-            assert j['test_perplexity'] == kept['test_perplexity']
+            chosen = j['history'][j['chosen_epoch'] - 1]
+            assert chosen['validation_perplexity'] == pytest.approx(best, rel=1e-6)
+            assert j['validation_perplexity'] == chosen['validation_perplexity']
+            assert j['test_perplexity'] == chosen['test_perplexity']
             assert 0.0 <= j['overlap_wanda']['shared_kept_fraction'] <= 1.0
             assert j['search_seconds'] > 0
 

@@ -140,7 +140,7 @@ def test_published_row_loads_with_reference_settings(row):
     assert (s.allocation, s.mask_update, s.rate_schedule, s.bn_mode) == (
         'global_magnitude',
         'short_restriction',
-        'all',
+        'constant',
         'train',
     )
     assert s.pruned_score == 0.99
@@ -378,7 +378,7 @@ def test_tiny_row_runs_end_to_end(row, tiny_run):
     records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
     search = [r for r in records if r['mode'] == 'search']
     assert [r['epoch'] for r in search] == [1]
-    assert 0.0 <= search[0]['test_top1'] <= 1.0 and np.isfinite(search[0]['loss'])
+    assert 0.0 <= search[0]['test_top1'] <= 1.0 and np.isfinite(search[0]['train_loss'])
     if row.tune_epochs:
         tune = [r for r in records if r['mode'] == 'tune']
         assert tune and 'test_top1' in tune[-1]

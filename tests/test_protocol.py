@@ -92,13 +92,13 @@ def test_validation_fraction_that_leaves_no_training_batch_is_refused(weights, t
 def test_protocols_fill_only_the_fields_left_to_them():
     config = config_lib.get_config()
     stable = config_checks.resolve_protocol(config)
-    assert stable.data.validation_fraction == 0.1 and stable.search.bn_recalibration_steps == 50
+    assert stable.data.validation_fraction == 0.1 and stable.search.reestimation_steps == 50
     assert stable.search.mask_freeze_fraction == 0.25 and stable.search.swap_margin == 0.0
     config.protocol = 'paper'
-    config.search.bn_recalibration_steps = 7
+    config.search.reestimation_steps = 7
     paper = config_checks.resolve_protocol(config)
     assert paper.data.validation_fraction == 0.0 and paper.search.mask_freeze_fraction == 0.0
-    assert paper.search.bn_recalibration_steps == 7  # set explicitly: kept
+    assert paper.search.reestimation_steps == 7  # set explicitly: kept
     assert config_checks.resolve_protocol(paper).to_dict() == paper.to_dict()
     config.protocol = 'published'
     with pytest.raises(ValueError, match="unknown protocol 'published'"):
@@ -122,7 +122,7 @@ def stable_run(weights, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('stable'))
     config = _config(weights, epochs=4)
     config.search.mask_freeze_fraction = 0.5
-    config.search.compare_bn_statistics = True
+    config.search.compare_statistics = True
     return workdir, config, search_run.run_search(config, workdir)
 
 
@@ -144,7 +144,7 @@ def test_every_epoch_reports_validation_and_both_statistics(stable_run):
     record = result['history'][-1]
     for key in ('validation_top1', 'test_top1', 'validation_top1_running', 'test_top1_running'):
         assert 0.0 <= record[key] <= 1.0
-    assert record['test_top1_recalibrated'] == record['test_top1']
+    assert record['test_top1_reestimated'] == record['test_top1']
     assert result['best_selected_on'] == 'validation'
     best = max(reversed(result['history']), key=lambda r: r['validation_top1'])  # latest on ties
     assert result['best_epoch'] == best['epoch'] and result['best_top1'] == best['test_top1']
@@ -192,11 +192,11 @@ def _epoch_end_states(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    'validation, kept_epoch',
+    'validation, chosen_epoch',
     [((0.5, 0.9, 0.6, 0.7), 2), ((0.5, 0.9, 0.9, 0.7), 3)],
 )
 def test_jackpot_of_the_best_validation_epoch_is_the_one_saved(
-    weights, tmp_path, monkeypatch, validation, kept_epoch
+    weights, tmp_path, monkeypatch, validation, chosen_epoch
 ):
     """The stable protocol keeps the epoch best on validation (the latest on ties): its masks,
     statistics re-estimated under them, and the test top-1 measured at that epoch."""
@@ -204,16 +204,16 @@ def test_jackpot_of_the_best_validation_epoch_is_the_one_saved(
     states = _epoch_end_states(monkeypatch)
     config = _config(weights, epochs=4)
     config.search.mask_freeze_fraction = 0.0  # so every epoch ends with other masks
-    config.search.final_jackpot = 'best'
+    config.search.selection_rule = 'best'
     result = search_run.run_search(config, str(tmp_path))
-    kept = result['history'][kept_epoch - 1]
-    assert result['jackpot_epoch'] == kept_epoch and result['final_jackpot'] == 'best'
-    assert result['jackpot_top1'] == kept['test_top1']
-    assert result['jackpot_validation_top1'] == validation[kept_epoch - 1]
+    chosen = result['history'][chosen_epoch - 1]
+    assert result['jackpot_epoch'] == chosen_epoch and result['selection_rule'] == 'best'
+    assert result['jackpot_top1'] == chosen['test_top1']
+    assert result['jackpot_validation_top1'] == validation[chosen_epoch - 1]
     assert result['last_epoch_top1'] == result['history'][-1]['test_top1']
 
     _, masks, saved_stats, meta = checkpoint.load_jackpot(str(tmp_path / 'jackpot'))
-    epoch_masks, running_stats = states[kept['step']]
+    epoch_masks, running_stats = states[chosen['step']]
     jax.tree.map(np.testing.assert_array_equal, dict(epoch_masks), masks)
     setup = rc.Setup(config_checks.resolve_protocol(config))
     params, _, _ = checkpoint.load_weights(weights)
@@ -223,26 +223,26 @@ def test_jackpot_of_the_best_validation_epoch_is_the_one_saved(
     )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected), saved_stats)
     evaluated = setup.evaluate(masked, parallel.replicate(saved_stats, setup.mesh))
-    assert (evaluated['top1'], evaluated['top5']) == (kept['test_top1'], kept['test_top5'])
-    assert meta['summary']['jackpot_epoch'] == kept_epoch
+    assert (evaluated['top1'], evaluated['top5']) == (chosen['test_top1'], chosen['test_top5'])
+    assert meta['summary']['jackpot_epoch'] == chosen_epoch
     # a different jackpot from the last epoch's
     assert any((masks[p] != states[result['history'][-1]['step']][0][p]).any() for p in masks)
 
 
 def test_last_epoch_jackpot_on_request_and_no_choice_without_validation(weights, tmp_path):
     config = _config(weights, epochs=2)
-    config.search.final_jackpot = 'last'
+    config.search.selection_rule = 'last'
     result = search_run.run_search(config, str(tmp_path))
     assert result['jackpot_epoch'] == 2 and result['jackpot_top1'] == result['last_epoch_top1']
     paper = _config(weights, 'paper')
-    paper.search.final_jackpot = 'best_validation'
-    with pytest.raises(ValueError, match=r"final_jackpot='best_validation'.*validation_fraction"):
+    paper.search.selection_rule = 'best'
+    with pytest.raises(ValueError, match=r"selection_rule='best'.*validation_fraction"):
         launcher.validate(paper)
-    with pytest.raises(ValueError, match=r"final_jackpot='best_validation'.*validation_fraction"):
+    with pytest.raises(ValueError, match=r"selection_rule='best'.*validation_fraction"):
         search_run.run_search(paper, str(tmp_path / 'refused'))  # before any step
     assert not (tmp_path / 'refused').exists()
-    paper.search.final_jackpot = 'best_test'
-    with pytest.raises(ValueError, match="unknown search.final_jackpot 'best_test'"):
+    paper.search.selection_rule = 'best_test'
+    with pytest.raises(ValueError, match="unknown search.selection_rule 'best_test'"):
         launcher.validate(paper)
 
 

@@ -85,7 +85,7 @@ def test_non_magnitude_inits_start_from_their_own_top_scores_at_the_same_counts(
 # Summaries on hand-made histories.
 # ----------------------------------------------------------------------------
 def history(*top1):
-    return [{'epoch': e, 'test_top1': t, 'loss': 1.0 / e} for e, t in enumerate(top1, 1)]
+    return [{'epoch': e, 'test_top1': t, 'train_loss': 1.0 / e} for e, t in enumerate(top1, 1)]
 
 
 def test_epochs_to_target_and_the_speedup_over_edge_popups_init():
@@ -148,10 +148,10 @@ def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
 
 def test_restriction_mode_telemetry_adds_up(pretrained, tmp_path):
     config = study_config(pretrained, 'restriction')
-    config.restriction.variants = 'all,poly4,edge_popup'
+    config.restriction.variants = 'constant,poly4,edge_popup'
     result = launcher.MODES['restriction'](config, str(tmp_path))
     assert_valid_png(tmp_path / 'restriction.png')
-    assert list(result['runs']) == ['all', 'poly4', 'edge_popup']
+    assert list(result['runs']) == ['constant', 'poly4', 'edge_popup']
     for row in result['runs'].values():
         steps = row['steps']
         assert steps['step'] == list(range(1, 13))  # 2 epochs x 6 steps, every step
@@ -189,11 +189,11 @@ def test_stability_mode_separates_statistics_and_oscillation(pretrained, tmp_pat
     paper, stable = result['runs']['paper'], result['runs']['stable']
     for row in (paper, stable):
         assert [e for e, _ in row['curves']['test_top1_running']] == [1, 2, 3, 4]
-        assert [e for e, _ in row['curves']['test_top1_recalibrated']] == [1, 2, 3, 4]
+        assert [e for e, _ in row['curves']['test_top1_reestimated']] == [1, 2, 3, 4]
         assert len(row['steps']['mask_changes']) == 24
     # The paper saves its running statistics, the stable protocol re-estimated ones.
     assert paper['curves']['test_top1'] == paper['curves']['test_top1_running']
-    assert stable['curves']['test_top1'] == stable['curves']['test_top1_recalibrated']
+    assert stable['curves']['test_top1'] == stable['curves']['test_top1_reestimated']
     assert 'validation_top1_running' in stable['curves']
     assert 'validation_top1_running' not in paper['curves']
     assert stable['mask_changes'][-1][1] == 0 and sum(stable['steps']['mask_changes'][18:]) == 0
@@ -320,7 +320,9 @@ def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
         'mask_changes_per_layer': dict.fromkeys(layers, 4),
         'flip_backs_per_layer': dict.fromkeys(layers, 1),
     }
-    study = {'model': 'resnet50', 'data': 'imagenet2012', 'sparsity': 0.9, 'runs': {'all': run}}
+    study = {
+        'model': 'resnet50', 'data': 'imagenet2012', 'sparsity': 0.9, 'runs': {'constant': run}
+    }
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # e.g. "constrained_layout not applied"
         assert_valid_png(plots.plot_mask_changes(records, str(tmp_path / 'changes.png')))
@@ -328,14 +330,14 @@ def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# BatchNorm recalibration at evaluation.
+# BatchNorm statistics re-estimated at evaluation.
 # ----------------------------------------------------------------------------
-def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained, tmp_path):
+def test_reestimation_evaluates_and_saves_reestimated_statistics(pretrained, tmp_path):
     config = study_config(pretrained, 'search')
-    config.search.bn_recalibration_steps = 0
+    config.search.reestimation_steps = 0
     plain = search_run.run_search(config, str(tmp_path / 'plain'))
-    config.search.bn_recalibration_steps = 3
-    found = search_run.run_search(config, str(tmp_path / 'recalibrated'))
+    config.search.reestimation_steps = 3
+    found = search_run.run_search(config, str(tmp_path / 'reestimated'))
     # The search itself is unchanged: same masks and running statistics as without it.
     jax.tree.map(np.testing.assert_array_equal, plain['state'].masks, found['state'].masks)
     jax.tree.map(
@@ -345,12 +347,12 @@ def test_bn_recalibration_evaluates_and_saves_reestimated_statistics(pretrained,
     setup = rc.Setup(config)
     masked = sparsity.masked_params(found['state'].frozen_params, found['state'].masks)
     expected = rc.reestimate_statistics(setup, masked, found['state'].statistics, 3, 64)
-    _, masks, saved, _ = checkpoint.load_jackpot(str(tmp_path / 'recalibrated' / 'jackpot'))
+    _, masks, saved, _ = checkpoint.load_jackpot(str(tmp_path / 'reestimated' / 'jackpot'))
     jax.tree.map(np.testing.assert_allclose, jax.device_get(expected), saved)
     assert not np.allclose(
         saved['bn1']['mean'], jax.device_get(found['state'].statistics)['bn1']['mean']
     )
     assert found['history'][-1]['test_top1'] == setup.evaluate(masked, expected)['top1']
-    config.search.bn_recalibration_steps = -2
-    with pytest.raises(ValueError, match='search.bn_recalibration_steps must be >= 0'):
+    config.search.reestimation_steps = -2
+    with pytest.raises(ValueError, match='search.reestimation_steps must be >= 0'):
         launcher.validate(config)

@@ -672,8 +672,8 @@ def test_update_masks_change_counts_and_modes():
 # ----------------------------------------------------------------------------
 def test_swap_rate_schedules():
     cases = [
-        ('all', 0, 10, 1.0),
-        ('all', 9, 10, 1.0),
+        ('constant', 0, 10, 1.0),
+        ('constant', 9, 10, 1.0),
         ('poly4', 0, 10, 1.0),
         ('poly4', 5, 10, 0.0625),
         ('poly4', 9, 10, 1e-4),

@@ -115,7 +115,7 @@ def test_overlap_accuracies_match_the_demo(overlap_run):
     assert result['criteria']['magnitude']['top1'] == pytest.approx(summary['magnitude_top1'])
     assert result['criteria']['random']['top1'] == pytest.approx(summary['random_top1'])
     assert result['sparsity'] == pytest.approx(summary['sparsity'])
-    assert 'top1_bn_adapted' not in result['criteria']['snip']  # bn_steps defaults to 0
+    assert 'top1_reestimated' not in result['criteria']['snip']  # reestimation_steps defaults to 0
     assert 0.0 <= result['jackpot_pretrained_bn']['top1'] <= 1.0
 
 
@@ -125,14 +125,14 @@ def test_overlap_settings_come_from_the_optional_config_group_and_a_table_is_pri
     workdir, _, _ = overlap_run
     config = overlap_config()
     config.overlap = ml_collections.ConfigDict(
-        {'criteria': 'magnitude, random', 'batch_size': 16, 'bn_steps': 3}
+        {'criteria': 'magnitude, random', 'batch_size': 16, 'reestimation_steps': 3}
     )
     result = overlap.run_overlap(config, workdir)
     assert list(result['criteria']) == ['magnitude', 'random'] and result['batch_size'] == 16
     for row in [result['jackpot_pretrained_bn'], *result['criteria'].values()]:
-        assert 0.0 <= row['top1_bn_adapted'] <= 1.0
+        assert 0.0 <= row['top1_reestimated'] <= 1.0
     out = capsys.readouterr().out
-    for text in ('magnitude', 'jackpot, pre-trained BN', 'BN adapted', 'shared kept by chance'):
+    for text in ('magnitude', 'jackpot, pre-trained BN', 're-estimated', 'shared kept by chance'):
         assert text in out
     assert_valid_png(os.path.join(workdir, overlap.OVERLAP_PNG))
     assert set(overlap.run_overlap(config, workdir, names=('magnitude',))['criteria']) == {
@@ -140,8 +140,8 @@ def test_overlap_settings_come_from_the_optional_config_group_and_a_table_is_pri
     }
     with pytest.raises(ValueError, match='unknown criteria'):
         overlap.run_overlap(config, workdir, names=('obd',))
-    config.overlap.bn_steps = -1
-    with pytest.raises(ValueError, match='bn_steps must be >= 0'):
+    config.overlap.reestimation_steps = -1
+    with pytest.raises(ValueError, match='reestimation_steps must be >= 0'):
         overlap.run_overlap(config, workdir)
 
 
@@ -162,7 +162,7 @@ def test_plots_write_valid_pngs(overlap_run, tmp_path):
         plots.plot_curves(
             {
                 'jackpot': [(r['epoch'], r['test_top1']) for r in search],
-                'train': [(r['epoch'], r['top1']) for r in search],
+                'train': [(r['epoch'], r['train_top1']) for r in search],
             },
             str(tmp_path / 'sub' / 'curves.png'),
             'epoch',

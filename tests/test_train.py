@@ -75,7 +75,7 @@ def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, 
         np.testing.assert_array_equal(masks[path], jax.device_get(found['state'].masks[path]))
 
 
-def test_evaluate_mode_reproduces_the_final_jackpot_accuracy(demo_run, capsys):
+def test_evaluate_mode_reproduces_the_selection_rule_accuracy(demo_run, capsys):
     workdir, summary = demo_run
     result = launcher.run_evaluate(demo_config(), workdir)
     assert result['top1'] == pytest.approx(summary['jackpot_top1'])
@@ -138,8 +138,8 @@ def test_tensorboard_has_the_search_scalars(demo_run):
     events.Reload()
     tags = set(events.Tags()['scalars'])
     for tag in (
-        'search/loss',
-        'search/top1',
+        'search/train_loss',
+        'search/train_top1',
         'search/test_top1',
         'search/learning_rate',
         'search/swap_rate',
@@ -147,7 +147,7 @@ def test_tensorboard_has_the_search_scalars(demo_run):
         'search/mask_changes_per_layer/conv2/kernel',
         'search/flip_backs',
         'search/flip_backs_per_layer/conv2/kernel',
-        'pretrain/loss',
+        'pretrain/train_loss',
     ):
         assert tag in tags, tag
     lrs = [e.value for e in events.Scalars('search/learning_rate')]

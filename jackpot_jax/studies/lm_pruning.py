@@ -191,12 +191,12 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
             jackpot, _, _ = setup.load_jackpot(rc.jackpot_path(sub, folder))
             _check_counts(f'jackpot from {start}', jackpot, counts)
             history = found['history']
-            kept = history[found['jackpot_epoch'] - 1]
+            chosen = history[found['jackpot_epoch'] - 1]
             row['methods'][f'jackpot_{start}'] = {
-                'test_perplexity': kept['test_perplexity'],
-                'test_top1': kept['test_top1'],
-                'validation_perplexity': kept['validation_perplexity'],
-                'kept_epoch': found['jackpot_epoch'],
+                'test_perplexity': chosen['test_perplexity'],
+                'test_top1': chosen['test_top1'],
+                'validation_perplexity': chosen['validation_perplexity'],
+                'chosen_epoch': found['jackpot_epoch'],
                 'choice': found['jackpot_choice'],
                 'selection_metric': f"validation_{sub.search.selection_metric}",
                 'epochs': len(history),
@@ -210,8 +210,8 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
             }
             rc.print_main(
                 f"lm_pruning {label}: jackpot from {start} test perplexity "
-                f"{kept['test_perplexity']:.3f} (epoch {found['jackpot_epoch']} kept on "
-                f"validation perplexity {kept['validation_perplexity']:.3f})"
+                f"{chosen['test_perplexity']:.3f} (epoch {found['jackpot_epoch']} chosen on "
+                f"validation perplexity {chosen['validation_perplexity']:.3f})"
             )
         result['rows'].append(row)
         # Written after every sparsity, so a stopped run leaves the rows it finished.
@@ -235,7 +235,7 @@ def format_table(result: Mapping[str, Any]) -> str:
     dense = result['dense']['test_perplexity']
     lines = [
         f"{result['model']} on {result['data']}: held-out TEST perplexity, every mask at the "
-        "same per-layer counts, no weight trained; each jackpot's epoch kept on "
+        "same per-layer counts, no weight trained; each jackpot's epoch chosen on "
         f"{result['selection_metric']}",
         '',
         '| sparsity | ' + ' | '.join(LABELS[m] for m in METHODS) + ' |',
@@ -246,7 +246,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         lines.append(f"| {row['sparsity']} | " + ' | '.join(cells) + ' |')
     lines += [
         '',
-        '| sparsity | start | kept epoch / epochs | validation ppl (kept) | test ppl | steps '
+        '| sparsity | start | chosen epoch / epochs | validation ppl (chosen) | test ppl | steps '
         '| search s | shared kept with Wanda | shared kept with magnitude |',
         '|---' * 9 + '|',
     ]
@@ -254,7 +254,7 @@ def format_table(result: Mapping[str, Any]) -> str:
         for start in STARTS:
             j = row['methods'][f'jackpot_{start}']
             lines.append(
-                f"| {row['sparsity']} | {start} | {j['kept_epoch']} / {j['epochs']} | "
+                f"| {row['sparsity']} | {start} | {j['chosen_epoch']} / {j['epochs']} | "
                 f"{_ppl(j['validation_perplexity'])} | {_ppl(j['test_perplexity'])} | "
                 f"{j['steps']} | {j['search_seconds']:.0f} | "
                 f"{j['overlap_wanda']['shared_kept_fraction']:.2%} | "

@@ -96,7 +96,7 @@ def _check_jackpot(masks: Mapping, counts: Mapping[str, int], path: str) -> None
 
 def format_overlap_table(result: Mapping[str, Any]) -> str:
     """Plain-text table of a :func:`run_overlap` result."""
-    adapted = result.get('bn_steps', 0) > 0
+    reestimated = result.get('reestimation_steps', 0) > 0
     rows = {
         'dense': result['dense'],
         'jackpot': result['jackpot'],
@@ -105,7 +105,7 @@ def format_overlap_table(result: Mapping[str, Any]) -> str:
     }
     width = max(len(name) for name in rows)
     header = f"{'masks':<{width}}  {'test top-1':>10}"
-    header += f"  {'BN adapted':>10}" if adapted else ''
+    header += f"  {'re-estimated':>12}" if reestimated else ''
     lines = [
         f"{result['model']} on {result['data']}, sparsity {result['sparsity']:.2%} of prunable "
         "weights, every mask at the jackpot's per-layer counts; no weight trained",
@@ -113,8 +113,8 @@ def format_overlap_table(result: Mapping[str, Any]) -> str:
     ]
     for name, row in rows.items():
         line = f"{name:<{width}}  {row['top1']:>10.2%}"
-        if adapted:
-            line += f"  {row['top1_bn_adapted']:>10.2%}" if 'top1_bn_adapted' in row else ' ' * 12
+        if reestimated:
+            line += f"  {row['top1_reestimated']:>12.2%}" if 'top1_reestimated' in row else ' ' * 14
         if name.startswith('jackpot'):
             line += f"  {1:>11.2%}  {1:>7.2%}"
         elif 'overlap' in row:
@@ -127,9 +127,9 @@ def format_overlap_table(result: Mapping[str, Any]) -> str:
         "the jackpot row uses the search's own BatchNorm statistics; the others the "
         'pre-trained ones'
         + (
-            f" ('BN adapted': re-estimated over {result['bn_steps']} training batches under "
-            'the mask, weights unchanged)'
-            if adapted
+            f" ('re-estimated': BatchNorm statistics re-estimated over "
+            f"{result['reestimation_steps']} training batches under the mask, weights unchanged)"
+            if reestimated
             else ''
         )
     )
@@ -149,10 +149,10 @@ def _overlap_settings(
         raise ValueError(
             f'unknown criteria {unknown or "(none given)"}; choose from {tuple(criteria.CRITERIA)}'
         )
-    bn_steps = group.get('bn_steps', 0)
-    if bn_steps < 0:
-        raise ValueError(f'overlap.bn_steps must be >= 0, got {bn_steps!r}')
-    return tuple(names), group.get('batch_size', 0) or config.search.batch_size, bn_steps
+    reestimation_steps = group.get('reestimation_steps', 0)
+    if reestimation_steps < 0:
+        raise ValueError(f'overlap.reestimation_steps must be >= 0, got {reestimation_steps!r}')
+    return tuple(names), group.get('batch_size', 0) or config.search.batch_size, reestimation_steps
 
 
 def run_overlap(
@@ -165,11 +165,11 @@ def run_overlap(
     batch of ``config.overlap.batch_size`` (0 or absent: ``config.search.batch_size``);
     'random' uses ``jax.random.key(config.seed + 1)`` (the demo's random mask).
     Criterion masks are evaluated with the pre-trained BatchNorm statistics ('top1')
-    and, if ``config.overlap.bn_steps`` > 0, also after re-estimating them over that
-    many training batches ('top1_bn_adapted'; the jackpot's own were adapted by its
+    and, if ``config.overlap.reestimation_steps`` > 0, also after re-estimating them over that
+    many training batches ('top1_reestimated'; the jackpot's own were trained by its
     search). Writes WORKDIR/overlap.json and WORKDIR/overlap.png; prints a table.
     """
-    names, batch_size, bn_steps = _overlap_settings(config, names)
+    names, batch_size, reestimation_steps = _overlap_settings(config, names)
     setup = rc.Setup(config)
     weights = rc.pretrained_path(config, workdir)
     params, statistics, fingerprint = setup.load_weights(weights)
@@ -197,10 +197,10 @@ def run_overlap(
         row = setup.evaluate(masked, statistics)
         if adapt:
             stats = rc.reestimate_statistics(
-                setup, masked, statistics, bn_steps, config.search.batch_size
+                setup, masked, statistics, reestimation_steps, config.search.batch_size
             )
-            adapted = setup.evaluate(masked, stats)
-            row.update(top1_bn_adapted=adapted['top1'], top5_bn_adapted=adapted['top5'])
+            evaluated = setup.evaluate(masked, stats)
+            row.update(top1_reestimated=evaluated['top1'], top5_reestimated=evaluated['top5'])
         return row
 
     masks, stats = parallel.replicate((jackpot_masks, jackpot_stats), setup.mesh)
@@ -212,16 +212,16 @@ def run_overlap(
         'sparsity': report['sparsity'],
         'model_sparsity': report['model_sparsity'],
         'batch_size': batch_size,
-        'bn_steps': bn_steps,
+        'reestimation_steps': reestimation_steps,
         'counts': counts,
         'dense': accuracies(None, False),
         'jackpot': setup.evaluate(sparsity.masked_params(params, masks), stats),
-        'jackpot_pretrained_bn': accuracies(masks, bn_steps > 0),
+        'jackpot_pretrained_bn': accuracies(masks, reestimation_steps > 0),
         'criteria': {},
     }
     for name, masks in found.items():
         result['criteria'][name] = {
-            **accuracies(masks, bn_steps > 0),
+            **accuracies(masks, reestimation_steps > 0),
             'description': criteria.CRITERIA[name].description,
             'overlap': mask_overlap(jackpot_masks, masks),
         }

@@ -1,4 +1,4 @@
-"""Study 'restriction': the short restriction at rates ``all`` / ``poly4`` / ``cosine``
+"""Study 'restriction': the short restriction at rates ``constant`` / ``poly4`` / ``cosine``
 and the 2021 ``edge_popup`` rule: loss per step, accuracy per epoch, mask changes per
 step and per layer, and flip-backs (changes of weights that had flipped before: the
 mask oscillating). Telemetry is the search step's own metrics. Writes
@@ -23,7 +23,7 @@ RESTRICTION_OVERRIDES = {
         rate: {'search.mask_update': 'short_restriction', 'search.rate_schedule': rate}
         for rate in sparsity.RATE_SCHEDULES
     },
-    'edge_popup': {'search.mask_update': 'edge_popup', 'search.rate_schedule': 'all'},
+    'edge_popup': {'search.mask_update': 'edge_popup', 'search.rate_schedule': 'constant'},
 }
 
 def restriction_summary(run: Mapping[str, Any]) -> dict[str, Any]:

@@ -58,7 +58,7 @@ def search_cost_summary(
         top1 = [r['test_top1'] for r in run['history']]
         rows[name] = {
             'test_top1': [[r['epoch'], r['test_top1']] for r in run['history']],
-            'loss': [[r['epoch'], r['loss']] for r in run['history']],
+            'loss': [[r['epoch'], r['train_loss']] for r in run['history']],
             'final_top1': top1[-1],
             'best_top1': max(top1),
             'mean_top1': sum(top1) / len(top1),

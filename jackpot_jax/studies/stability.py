@@ -23,10 +23,10 @@ from jackpot_jax.studies import common
 # Config overrides of each variant of the 'stability' study (the protocol fills the rest).
 STABILITY_OVERRIDES = {
     'paper': {'protocol': 'paper'},
-    'paper+recalibration': {
+    'paper+reestimation': {
         'protocol': 'paper',
-        'search.bn_recalibration_steps': config_lib.PROTOCOLS['stable'][
-            'search.bn_recalibration_steps'
+        'search.reestimation_steps': config_lib.PROTOCOLS['stable'][
+            'search.reestimation_steps'
         ],
     },
     'paper+freeze': {
@@ -46,7 +46,7 @@ def stability_summary(run: Mapping[str, Any]) -> dict[str, Any]:
     curves = {
         key: [[r['epoch'], r[key]] for r in history]
         for key in history[0]
-        if key.endswith(('_top1_running', '_top1_recalibrated')) or key in ('test_top1',)
+        if key.endswith(('_top1_running', '_top1_reestimated')) or key in ('test_top1',)
     }
     last = [r['test_top1'] for r in history[-5:]]
     return {
@@ -74,10 +74,10 @@ def format_stability(result: Mapping[str, Any]) -> str:
     for name, row in result['runs'].items():
         low, high = row['last5_test_top1_range']
         running = row['curves']['test_top1_running'][-1][1]
-        recalibrated = row['curves']['test_top1_recalibrated'][-1][1]
+        reestimated = row['curves']['test_top1_reestimated'][-1][1]
         lines.append(
             f"{name:<20}  {row['final_top1']:>7.2%}  {low:>7.2%} - {high:>7.2%}  "
-            f"{running:>13.2%}  {recalibrated:>12.2%}  {row['mask_changes'][-1][1]:>18,}  "
+            f"{running:>13.2%}  {reestimated:>12.2%}  {row['mask_changes'][-1][1]:>18,}  "
             f"{row['flip_backs'][-1][1]:>10,}"
         )
     lines.append('running / re-estimated: the final masks under each BatchNorm statistics')
@@ -87,7 +87,7 @@ def format_stability(result: Mapping[str, Any]) -> str:
 def run_stability(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Mode 'stability': one search per ``stability.variants``, both statistics per epoch."""
     variants = config_lib.parse_list('stability.variants', config.stability.variants)
-    telemetry = {'search.step_trace': True, 'search.compare_bn_statistics': True}
+    telemetry = {'search.step_trace': True, 'search.compare_statistics': True}
     overrides = {n: {**STABILITY_OVERRIDES[n], **telemetry} for n in variants}
     runs = common.run_variants(config, workdir, 'stability', overrides)
     setup = rc.Setup(config)
