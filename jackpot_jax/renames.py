@@ -67,6 +67,11 @@ def _upgrade_value(values: Mapping[str, str], value: Any, is_list: bool) -> Any:
     return values.get(value, value)
 
 
+def former_values(field: str, value: str) -> list[str]:
+    """The former values of ``value`` in the config field of dotted name ``field``."""
+    return [old for old, new in CONFIG_VALUES.get(field, {}).items() if new == value]
+
+
 def upgrade_argv(argv: Sequence[str]) -> list[str]:
     """Command-line arguments with former ``--config.`` field names and values replaced by
     the current ones, each with a one-line warning."""

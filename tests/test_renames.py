@@ -120,3 +120,16 @@ def test_a_jackpot_report_answers_former_keys_with_a_future_warning():
         assert report['epochs'][0]['loss'] == 0.5
     with pytest.raises(KeyError):
         report['top1']  # pylint: disable=pointless-statement
+
+
+def test_a_study_variant_folder_under_its_former_name_is_taken_over(tmp_path):
+    from jackpot_jax.studies import common  # pylint: disable=g-import-not-at-top
+
+    (tmp_path / 'restriction' / 'all' / 'checkpoints').mkdir(parents=True)
+    folder = common.variant_folder(str(tmp_path), 'restriction', 'constant')
+    assert folder == str(tmp_path / 'restriction' / 'constant')
+    assert os.path.isdir(os.path.join(folder, 'checkpoints'))
+    assert not os.path.exists(tmp_path / 'restriction' / 'all')
+    assert common.variant_folder(str(tmp_path), 'stability', 'paper') == str(
+        tmp_path / 'stability' / 'paper'
+    )
