@@ -41,14 +41,14 @@ _SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'statistics')
 _MAYBE_EMPTY = ('statistics', 'opt_state')
 # The statistics item's name in checkpoints written before it was 'statistics' (read
 # back under either name).
-_LEGACY_STATISTICS = 'batch_stats'
-_OPTIONAL = (*_MAYBE_EMPTY, _LEGACY_STATISTICS)
+_FORMER_STATISTICS_ITEM = 'batch_stats'
+_OPTIONAL = (*_MAYBE_EMPTY, _FORMER_STATISTICS_ITEM)
 
 
 def _statistics(restored: Mapping[str, Any], default: Any = None) -> Any:
     """The statistics item of a restored checkpoint, under its name or its former one."""
     fallback = {} if default is None else default
-    return restored.get('statistics', restored.get(_LEGACY_STATISTICS, fallback))
+    return restored.get('statistics', restored.get(_FORMER_STATISTICS_ITEM, fallback))
 
 
 def _has_leaves(tree: Any) -> bool:
@@ -365,7 +365,8 @@ class SearchCheckpoints:
             [ocp.checkpoint_managers.LatestN(n=keep), self._candidates]
         )
         handlers = {
-            name: ocp.StandardCheckpointHandler() for name in (*_SEARCH_ITEMS, _LEGACY_STATISTICS)
+            name: ocp.StandardCheckpointHandler()
+            for name in (*_SEARCH_ITEMS, _FORMER_STATISTICS_ITEM)
         }
         self._manager = ocp.CheckpointManager(
             self.directory,
@@ -465,8 +466,8 @@ class SearchCheckpoints:
 
     def _statistics_item(self, step: int) -> str:
         """The statistics item's name in the checkpoint at ``step`` (older ones: former name)."""
-        legacy = os.path.join(self.directory, str(step), _LEGACY_STATISTICS)
-        return _LEGACY_STATISTICS if os.path.isdir(legacy) else 'statistics'
+        legacy = os.path.join(self.directory, str(step), _FORMER_STATISTICS_ITEM)
+        return _FORMER_STATISTICS_ITEM if os.path.isdir(legacy) else 'statistics'
 
     def _unreadable(self, step: int, error: Exception) -> CheckpointError:
         others = [s for s in self.steps() if s != step]
