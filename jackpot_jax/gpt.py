@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jackpot_jax.vit import dropout, dropout_acts
+
 Dtype = Any
 
 LAYER_NORM_EPSILON = 1e-5
@@ -53,14 +55,7 @@ def _dense(features: int, dtype: Dtype, name: str, std: float = INIT_STD) -> nn.
 
 
 def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=LAYER_NORM_EPSILON, dtype=dtype, param_dtype=jnp.float32, name=name
-    )
-
-
-def _dropout(rate: float, train: bool, module: nn.Module) -> nn.Dropout:
-    """Dropout that acts only when training with a ``'dropout'`` rng."""
-    return nn.Dropout(rate, deterministic=not (rate and train and module.has_rng('dropout')))
+    return nn.LayerNorm(epsilon=LAYER_NORM_EPSILON, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,7 +80,7 @@ class CausalSelfAttention(nn.Module):
             return y.reshape(batch, length, self.heads, head_dim)
 
         causal = nn.make_causal_mask(jnp.ones((batch, length), bool))  # [B, 1, T, T]
-        deterministic = not (self.dropout_rate and train and self.has_rng('dropout'))
+        deterministic = not dropout_acts(self.dropout_rate, train, self)
         y = nn.dot_product_attention(
             project('query'),
             project('key'),
@@ -126,12 +121,12 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         dt = self.dtype
         y = _layer_norm(dt, 'ln_1')(x)
-        y = CausalSelfAttention(
-            self.heads, self.residual_std, self.dropout_rate, dt, name='attn'
-        )(y, train)
-        x = x + _dropout(self.dropout_rate, train, self)(y)
+        y = CausalSelfAttention(self.heads, self.residual_std, self.dropout_rate, dt, name='attn')(
+            y, train
+        )
+        x = x + dropout(self.dropout_rate, train, self)(y)
         y = MLP(self.hidden, self.residual_std, dt, name='mlp')(_layer_norm(dt, 'ln_2')(x))
-        return x + _dropout(self.dropout_rate, train, self)(y)
+        return x + dropout(self.dropout_rate, train, self)(y)
 
 
 class GPT(nn.Module):
@@ -182,15 +177,21 @@ class GPT(nn.Module):
         tokens = tokens.astype(jnp.int32)
         embed_init = nn.initializers.normal(INIT_STD)
         wte = nn.Embed(
-            self.num_classes, self.width, embedding_init=embed_init, param_dtype=jnp.float32,
+            self.num_classes,
+            self.width,
+            embedding_init=embed_init,
+            param_dtype=jnp.float32,
             name='wte',
         )
         wpe = nn.Embed(
-            self.context, self.width, embedding_init=embed_init, param_dtype=jnp.float32,
+            self.context,
+            self.width,
+            embedding_init=embed_init,
+            param_dtype=jnp.float32,
             name='wpe',
         )
         x = wte(tokens) + wpe(jnp.arange(length))[None]
-        x = _dropout(self.dropout_rate, train, self)(x.astype(dt))
+        x = dropout(self.dropout_rate, train, self)(x.astype(dt))
         residual_std = INIT_STD / math.sqrt(2 * self.depth)
         for i in range(self.depth):
             x = Block(

@@ -49,10 +49,15 @@ def _linear(features: int, dtype: Dtype, name: str, **init: Any) -> nn.Dense:
     return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, name=name, **init)
 
 
-def _dropout(rate: float, train: bool, module: nn.Module) -> nn.Dropout:
-    """Dropout that acts only when training with a ``'dropout'`` rng (as the VGGs)."""
-    deterministic = not (rate and train and module.has_rng('dropout'))
-    return nn.Dropout(rate, deterministic=deterministic)
+def dropout_acts(rate: float, train: bool, module: nn.Module) -> bool:
+    """Whether dropout in ``module`` acts: a rate, training, and a ``'dropout'`` rng (as
+    the VGGs); the transformers' dropout layers and attention dropout all ask this."""
+    return bool(rate and train and module.has_rng('dropout'))
+
+
+def dropout(rate: float, train: bool, module: nn.Module) -> nn.Dropout:
+    """Dropout that acts only as :func:`dropout_acts` says."""
+    return nn.Dropout(rate, deterministic=not dropout_acts(rate, train, module))
 
 
 class SelfAttention(nn.Module):
@@ -80,7 +85,7 @@ class SelfAttention(nn.Module):
             y = _linear(features, self.dtype, name, kernel_init=_XAVIER)(x)
             return y.reshape(batch, length, self.num_heads, head_dim)
 
-        deterministic = not (self.dropout_rate and train and self.has_rng('dropout'))
+        deterministic = not dropout_acts(self.dropout_rate, train, self)
         y = nn.dot_product_attention(
             project('query'),
             project('key'),
@@ -110,13 +115,13 @@ class EncoderBlock(nn.Module):
         y = SelfAttention(self.num_heads, self.attention_dropout_rate, dt, name='self_attention')(
             y, train
         )
-        x = x + _dropout(self.dropout_rate, train, self)(y)
+        x = x + dropout(self.dropout_rate, train, self)(y)
         y = _layer_norm(dt, 'ln_2')(x)
         mlp_init = {'kernel_init': _XAVIER, 'bias_init': nn.initializers.normal(1e-6)}
         y = nn.gelu(_linear(self.mlp_dim, dt, 'mlp_0', **mlp_init)(y), approximate=False)
-        y = _dropout(self.dropout_rate, train, self)(y)
+        y = dropout(self.dropout_rate, train, self)(y)
         y = _linear(x.shape[-1], dt, 'mlp_3', **mlp_init)(y)
-        return x + _dropout(self.dropout_rate, train, self)(y)
+        return x + dropout(self.dropout_rate, train, self)(y)
 
 
 class EncoderLayers(nn.Module):
@@ -159,7 +164,7 @@ class Encoder(nn.Module):
             'pos_embedding', nn.initializers.normal(0.02), (1, *x.shape[1:]), jnp.float32
         )
         x = x + pos_embedding.astype(self.dtype)
-        x = _dropout(self.dropout_rate, train, self)(x)
+        x = dropout(self.dropout_rate, train, self)(x)
         x = EncoderLayers(
             self.num_layers,
             self.num_heads,
