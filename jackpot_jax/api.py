@@ -296,21 +296,16 @@ def find_jackpot(
         initial_masks=None if initial_masks is None else dict(initial_masks),
     )
     fingerprint = checkpoint.weights_fingerprint(params)
+    planned = engine.plan(task, settings)
     persistence = None
     if workdir is not None:
         persistence = _persistence(
-            workdir,
-            checkpoint_every,
-            settings,
-            task,
-            fingerprint,
-            steps_per_epoch,
-            custom_optimizer,
+            workdir, checkpoint_every, settings, task, planned.counts, fingerprint
         )
         workdir_lib.prepare(workdir)
         workdir_lib.lock(workdir)
     try:
-        outcome = engine.run(task, settings, persistence)
+        outcome = engine.run(task, settings, persistence, planned)
     finally:
         if workdir is not None:
             workdir_lib.unlock(workdir)
@@ -326,7 +321,7 @@ def find_jackpot(
             chosen_epoch=outcome.chosen['epoch'],
             selection_rule=settings.selection_rule,
             choice=outcome.choice,
-            output_layer=_output_layer_note(output_paths, outcome.plan),
+            output_layer=_output_layer_note(output_paths),
             search_seconds=outcome.search_seconds,
         ),
         forward=forward,
@@ -367,19 +362,19 @@ def _place(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
     return jax.tree.map(one, batch)
 
 
-def _persistence(workdir, every, settings, task, fingerprint, steps_per_epoch, custom_optimizer):
+def _persistence(workdir, every, settings, task, counts, fingerprint):
     """The library's workdir: what a resume must match is the settings, the per-layer
     counts, the weights and the first masks."""
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(f'checkpoint_every must be an integer >= 0 (0: each epoch), got {every!r}')
-    optimizer = 'custom optax transformation' if custom_optimizer else settings.optimizer
+    optimizer = 'custom optax transformation' if task.optimizer else settings.optimizer
     identity = {
         'settings': {
             **settings.to_dict(),
-            'steps_per_epoch': steps_per_epoch,
+            'steps_per_epoch': task.steps_per_epoch,
             'optimizer': optimizer,
         },
-        'counts': engine.plan(task, settings).counts,
+        'counts': counts,
         'weights_fingerprint': fingerprint,
         'initial_masks': task.initial_masks and checkpoint.weights_fingerprint(task.initial_masks),
     }
@@ -391,7 +386,7 @@ def _persistence(workdir, every, settings, task, fingerprint, steps_per_epoch, c
     )
 
 
-def _output_layer_note(paths: tuple[str, ...], plan: Any) -> str:
+def _output_layer_note(paths: tuple[str, ...]) -> str:
     if not paths:
         return ''
     return (

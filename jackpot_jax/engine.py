@@ -135,16 +135,20 @@ def plan(task: SearchTask, settings: SearchSettings) -> mask_plan.MaskPlan:
 # The loop.
 # ----------------------------------------------------------------------------
 def run(
-    task: SearchTask, settings: SearchSettings, persistence: Persistence | None = None
+    task: SearchTask,
+    settings: SearchSettings,
+    persistence: Persistence | None = None,
+    planned: mask_plan.MaskPlan | None = None,
 ) -> SearchOutcome:
-    """Runs (or resumes) the search; returns its outcome. ``settings`` must be resolved."""
+    """Runs (or resumes) the search; returns its outcome. ``settings`` must be resolved;
+    ``planned`` is :func:`plan` of the task and settings, when the caller has made it."""
     s = settings
     steps = task.steps_per_epoch
     init_key, step_key = jax.random.split(task.rng)
     if task.score_init_rng is not None:
         init_key = task.score_init_rng
     reestimation_key = jax.random.fold_in(task.rng, 1)  # dropout while re-estimating
-    mask_plan_ = plan(task, s)
+    mask_plan_ = planned or plan(task, s)
     if task.initial_masks is None:
         masks, scores = mask_plan_.initial_masks_and_scores(
             task.params,

@@ -143,7 +143,8 @@ def run_search(
     params, statistics, fingerprint = setup.load_weights(weights_path)
     task = search_task(config, setup, params, statistics)
     settings = search_settings(config, setup.source.has_validation)
-    counts = engine.plan(task, settings).counts
+    planned = engine.plan(task, settings)
+    counts = planned.counts
     identity = {
         'config': _search_identity(config),
         'counts': counts,
@@ -163,7 +164,7 @@ def run_search(
         every_steps=config.checkpoint.every_steps,
         keep=config.checkpoint.keep,
     )
-    outcome = engine.run(task, settings, persistence)
+    outcome = engine.run(task, settings, persistence, planned)
     history, chosen = outcome.history, outcome.chosen
     report = outcome.plan.report(params, outcome.chosen_masks)
     # The best epoch (the latest on ties) is chosen on the validation split when there is
