@@ -49,16 +49,33 @@ class Persistence:
         return os.path.join(self.checkpoints, NAN_STOP_FILE)
 
 
-def resume_differences(saved: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
-    """``'name: checkpoint X, now Y'`` for every setting that differs."""
+def resume_differences(
+    saved: Mapping[str, Any],
+    expected: Mapping[str, Any],
+    *,
+    relaxed: tuple[str, ...] = (),
+    values_before: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """``'name: checkpoint X, now Y'`` for every setting that differs, but those in
+    ``relaxed``. A setting the checkpoint lacks was added after it was written; with
+    ``values_before`` (name -> the value that reproduces the code from before it existed),
+    only that value resumes it."""
     diffs = [
         f'{k}: checkpoint {saved[k]!r}, now {v!r}'
         for k, v in expected.items()
-        if k in saved and saved[k] != v
+        if k in saved and saved[k] != v and k not in relaxed
     ]
-    diffs += [
-        f'{k}: not in the checkpoint, now {v!r}' for k, v in expected.items() if k not in saved
-    ]
+    if values_before is None:
+        diffs += [
+            f'{k}: not in the checkpoint, now {v!r}' for k, v in expected.items() if k not in saved
+        ]
+    else:
+        diffs += [
+            f'{k}: not in the checkpoint (written before the field existed: it ran as '
+            f'{values_before.get(k)!r}), now {v!r}'
+            for k, v in expected.items()
+            if k not in saved and values_before.get(k, object()) != v
+        ]
     diffs += [f'{k}: only in the checkpoint' for k in saved if k not in expected]
     return sorted(diffs)
 
@@ -113,12 +130,8 @@ def check_same_search(
             f"(fingerprint {str(saved.get('weights_fingerprint'))[:12]} != {fingerprint[:12]}); "
             'pass the variables that search started from, or use a new workdir'
         )
-    relaxed = {'learning_rate'} if after_nan_stop else set()
-    diffs = [
-        d
-        for d in resume_differences(saved.get('settings', {}), expected['settings'])
-        if d.split(':')[0] not in relaxed
-    ]
+    relaxed = ('learning_rate',) if after_nan_stop else ()
+    diffs = resume_differences(saved.get('settings', {}), expected['settings'], relaxed=relaxed)
     if saved.get('initial_masks') != expected['initial_masks']:
         diffs.append('initial_masks: other masks started the search in the checkpoints')
     if diffs or saved.get('counts') != expected['counts']:

@@ -57,26 +57,16 @@ def _check_resumable(
             f"{saved['weights_fingerprint'][:12]} != {expected['weights_fingerprint'][:12]}); "
             'point config.pretrained at the original weights, or use a new --workdir'
         )
-    legacy = _legacy_identity()
-    relaxed = ('search/learning_rate',) if after_nan_stop else ()
-    diffs = sorted(
-        f"{k.replace('/', '.')}: checkpoint {saved['config'][k]!r}, now {v!r}"
-        for k, v in expected['config'].items()
-        if k in saved['config'] and saved['config'][k] != v and k not in relaxed
+
+    def dotted(identity):
+        return {k.replace('/', '.'): v for k, v in identity.items()}
+
+    diffs = persistence_lib.resume_differences(
+        dotted(saved['config']),
+        dotted(expected['config']),
+        relaxed=('search.learning_rate',) if after_nan_stop else (),
+        values_before=dotted(_legacy_identity()),
     )
-    # A field the checkpoint lacks was added after it was written; the search it holds
-    # ran as the field's legacy value says, so only that value resumes it.
-    diffs += sorted(
-        f"{k.replace('/', '.')}: not in the checkpoint (written before the field existed: "
-        f'it ran as {legacy.get(k)!r}), now {v!r}'
-        for k, v in expected['config'].items()
-        if k not in saved['config'] and (k not in legacy or legacy[k] != v)
-    )
-    diffs += [
-        f"{k.replace('/', '.')}: only in the checkpoint"
-        for k in saved['config']
-        if k not in expected['config']
-    ]
     if saved.get('initial_masks') != expected.get('initial_masks'):
         diffs.append('initial_masks: other masks started the search in the checkpoints')
     if diffs or saved['counts'] != expected['counts']:
