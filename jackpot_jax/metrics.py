@@ -20,6 +20,7 @@ import numpy as np
 from absl import logging
 
 from jackpot_jax import parallel
+from jackpot_jax.workdir import METRICS_FILE
 
 TENSORBOARD_DIR = 'tensorboard'
 
@@ -42,7 +43,7 @@ def _scalars(record: Mapping[str, Any], prefix: str) -> dict[str, float]:
 class MetricWriter:
     """Appends records to ``WORKDIR/metrics.jsonl`` and to TensorBoard event files."""
 
-    def __init__(self, workdir: str, filename: str = 'metrics.jsonl'):
+    def __init__(self, workdir: str, filename: str = METRICS_FILE):
         self.path = os.path.join(workdir, filename)
         self._enabled = jax.process_index() == 0
         self._events = None

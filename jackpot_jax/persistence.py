@@ -17,6 +17,7 @@ from typing import Any
 import jax
 
 from jackpot_jax import metrics
+from jackpot_jax.workdir import CHECKPOINTS_DIR, METRICS_FILE
 
 NAN_STOP_FILE = 'nan_stop.json'
 
@@ -38,11 +39,11 @@ class Persistence:
 
     @property
     def checkpoints(self) -> str:
-        return os.path.join(self.directory, 'checkpoints')
+        return os.path.join(self.directory, CHECKPOINTS_DIR)
 
     @property
     def metrics_file(self) -> str:
-        return os.path.join(self.directory, 'metrics.jsonl')
+        return os.path.join(self.directory, METRICS_FILE)
 
     @property
     def nan_stop_file(self) -> str:
