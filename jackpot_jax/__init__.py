@@ -29,7 +29,6 @@ _EXPORTS = {
     'evaluate_metrics': 'evaluation',
     'find_jackpot': 'api',
     'load_jackpot': 'api',
-    'recalibrate_statistics': 'evaluation',
     'reestimate_statistics': 'evaluation',
     'SearchSettings': 'settings',
     'MaskPlan': 'mask_plan',

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jackpot_jax import adapters, batch_checks, checkpoint, engine, evaluation, parallel, renames
+from jackpot_jax import adapters, batch_checks, checkpoint, engine, evaluation, parallel
 from jackpot_jax import search
 from jackpot_jax import sparsity as sparsity_lib
 from jackpot_jax import persistence as persistence_lib
@@ -233,7 +233,6 @@ def find_jackpot(
     ``{path: bool array}`` at the plan's per-layer counts, e.g. another criterion's masks)
     start the search instead of the magnitude masks.
     """
-    options = renames.upgrade_options(options)  # former names: a FutureWarning each
     custom_optimizer = options.pop('optimizer', None)
     if custom_optimizer is not None and not isinstance(custom_optimizer, str):
         options['optimizer'] = 'sgd'  # replaced by the transformation given
@@ -315,9 +314,9 @@ def find_jackpot(
         counts=outcome.plan.counts,
         params=sparsity_lib.masked_params(params, outcome.chosen_masks),
         statistics=outcome.chosen_statistics,
-        report=renames.Report(
+        report=dict(
             sparsity=outcome.plan.report(params, outcome.chosen_masks),
-            epochs=[renames.Report(r) for r in outcome.history],
+            epochs=[dict(r) for r in outcome.history],
             chosen_epoch=outcome.chosen['epoch'],
             selection_rule=settings.selection_rule,
             choice=outcome.choice,

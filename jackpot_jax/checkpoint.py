@@ -31,7 +31,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jackpot_jax import parallel, renames, sparsity
+from jackpot_jax import parallel, sparsity
 from jackpot_jax.errors import UserError
 
 _SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'statistics')
@@ -39,16 +39,11 @@ _SEARCH_ITEMS = ('scores', 'masks', 'ever_flipped', 'opt_state', 'statistics')
 # optimizer without momentum no state): orbax refuses to write an empty tree, so they are
 # left out on save and read back as empty.
 _MAYBE_EMPTY = ('statistics', 'opt_state')
-# The statistics item's name in checkpoints written before it was 'statistics' (read
-# back under either name).
-_FORMER_STATISTICS_ITEM = 'batch_stats'
-_OPTIONAL = (*_MAYBE_EMPTY, _FORMER_STATISTICS_ITEM)
 
 
 def _statistics(restored: Mapping[str, Any], default: Any = None) -> Any:
-    """The statistics item of a restored checkpoint, under its name or its former one."""
-    fallback = {} if default is None else default
-    return restored.get('statistics', restored.get(_FORMER_STATISTICS_ITEM, fallback))
+    """The statistics item of a restored checkpoint (empty when none was written)."""
+    return restored.get('statistics', {} if default is None else default)
 
 
 def _has_leaves(tree: Any) -> bool:
@@ -306,7 +301,7 @@ def save_weights(path: str, params: Mapping, statistics: Mapping, meta: Mapping[
 
 def load_weights(path: str) -> tuple[dict, dict, dict[str, Any]]:
     """Reads ``(params, statistics, meta)`` written by :func:`save_weights`."""
-    restored = _restore(path, ('params',), 'weights', optional=_OPTIONAL)
+    restored = _restore(path, ('params',), 'weights', optional=_MAYBE_EMPTY)
     return restored['params'], _statistics(restored), restored['meta']
 
 
@@ -327,7 +322,7 @@ def save_jackpot(
 
 def load_jackpot(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
     """Reads ``(scores or None, masks, statistics, meta)`` written by :func:`save_jackpot`."""
-    restored = _restore(path, ('masks',), 'jackpot', optional=('scores', *_OPTIONAL))
+    restored = _restore(path, ('masks',), 'jackpot', optional=('scores', *_MAYBE_EMPTY))
     meta = restored['meta']
     scores = sparsity.flatten(restored['scores']) if 'scores' in restored else None
     masks = unpack_masks(restored['masks'], meta['mask_shapes'])
@@ -364,10 +359,7 @@ class SearchCheckpoints:
         policy = ocp.checkpoint_managers.AnyPreservationPolicy(
             [ocp.checkpoint_managers.LatestN(n=keep), self._candidates]
         )
-        handlers = {
-            name: ocp.StandardCheckpointHandler()
-            for name in (*_SEARCH_ITEMS, _FORMER_STATISTICS_ITEM)
-        }
+        handlers = {name: ocp.StandardCheckpointHandler() for name in _SEARCH_ITEMS}
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
@@ -415,14 +407,14 @@ class SearchCheckpoints:
             )
 
     def read_meta(self, step: int) -> dict[str, Any]:
-        """The meta saved at ``step``, under the current names (older checkpoints too)."""
+        """The meta saved at ``step``."""
         try:
             meta = self._manager.restore(
                 step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
             )['meta']
         except Exception as e:
             raise self._unreadable(step, e) from e
-        return renames.upgrade_checkpoint_meta(meta)
+        return meta
 
     def restore(self, step: int, like: Any) -> tuple[Any, dict[str, Any]]:
         """The state saved at ``step``, placed like ``like`` (a fresh SearchState)."""
@@ -438,12 +430,12 @@ class SearchCheckpoints:
             'masks': sparsity.unflatten(packed_like),
             'ever_flipped': sparsity.unflatten(packed_like),
             'opt_state': _abstract(like.opt_state),
-            self._statistics_item(step): _abstract(like.statistics),
+            'statistics': _abstract(like.statistics),
         }
         args = {
             name: ocp.args.StandardRestore(t)
             for name, t in targets.items()
-            if name not in _OPTIONAL or _has_leaves(t)
+            if name not in _MAYBE_EMPTY or _has_leaves(t)
         }
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
@@ -463,11 +455,6 @@ class SearchCheckpoints:
             step=jax.device_put(np.int32(meta['step']), like.step.sharding),
         )
         return state, meta
-
-    def _statistics_item(self, step: int) -> str:
-        """The statistics item's name in the checkpoint at ``step`` (older ones: former name)."""
-        legacy = os.path.join(self.directory, str(step), _FORMER_STATISTICS_ITEM)
-        return _FORMER_STATISTICS_ITEM if os.path.isdir(legacy) else 'statistics'
 
     def _unreadable(self, step: int, error: Exception) -> CheckpointError:
         others = [s for s in self.steps() if s != step]

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import ml_collections
 
-from jackpot_jax import criteria, data, models, renames, search, selection, sparsity, structured
+from jackpot_jax import criteria, data, models, search, selection, sparsity, structured
 from jackpot_jax import user_models
 from jackpot_jax import settings as settings_lib
 from jackpot_jax.config import (
@@ -44,7 +44,6 @@ def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.Config
     """
     check_choice('protocol', config.protocol, tuple(PROTOCOLS))
     resolved = ml_collections.ConfigDict(config.to_dict())
-    renames.upgrade_config(resolved, warn=False)
     for field, value in PROTOCOLS[config.protocol].items():
         group, name = field.split('.')
         if resolved[group][name] in (-1, ''):
@@ -198,9 +197,7 @@ def _check_open_names(config: ml_collections.ConfigDict) -> None:
 
 def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> None:
     """Raises ValueError naming the first bad field and how to fix it; with ``modes`` (the
-    launcher's table) the mode must be one of them. Former field names and values are
-    upgraded in place, with a warning."""
-    renames.upgrade_config(config)
+    launcher's table) the mode must be one of them."""
     _check_keys(config, get_config())
     config = resolve_protocol(config)
     if modes:

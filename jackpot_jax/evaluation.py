@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -160,14 +159,3 @@ def evaluate(
     if metric not in result:
         raise ValueError(f'unknown metric {metric!r}; the evaluation gives {sorted(result)}')
     return result[metric]
-
-
-def recalibrate_statistics(*args: Any, **kwargs: Any) -> Any:
-    """Former name of :func:`reestimate_statistics`, kept for one release."""
-    warnings.warn(
-        'recalibrate_statistics is now reestimate_statistics; the old name goes in the next '
-        'release',
-        DeprecationWarning,
-        stacklevel=2,
-    )
-    return reestimate_statistics(*args, **kwargs)

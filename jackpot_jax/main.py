@@ -21,7 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jackpot_jax import config as config_lib
-from jackpot_jax import errors, launcher, parallel, renames, sparsity
+from jackpot_jax import errors, launcher, parallel, sparsity
 from jackpot_jax import workdir as workdir_lib
 
 DEFAULT_CONFIG = os.path.abspath(config_lib.__file__)
@@ -178,7 +178,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     if any(_HELP_FLAG.match(a) for a in argv[1:]):
         print(help_text())
         sys.exit(0)
-    argv = renames.upgrade_argv(_with_config(argv))
+    argv = _with_config(argv)
     sys.argv = argv  # ml_collections reads the config overrides from sys.argv
     try:
         rest = flags.FLAGS(argv)

@@ -55,28 +55,15 @@ def resume_differences(
     expected: Mapping[str, Any],
     *,
     relaxed: tuple[str, ...] = (),
-    values_before: Mapping[str, Any] | None = None,
 ) -> list[str]:
     """``'name: checkpoint X, now Y'`` for every setting that differs, but those in
-    ``relaxed``. A setting the checkpoint lacks was added after it was written; with
-    ``values_before`` (name -> the value that reproduces the code from before it existed),
-    only that value resumes it."""
+    ``relaxed``; a setting only one side has is a difference too."""
     diffs = [
         f'{k}: checkpoint {saved[k]!r}, now {v!r}'
         for k, v in expected.items()
         if k in saved and saved[k] != v and k not in relaxed
     ]
-    if values_before is None:
-        diffs += [
-            f'{k}: not in the checkpoint, now {v!r}' for k, v in expected.items() if k not in saved
-        ]
-    else:
-        diffs += [
-            f'{k}: not in the checkpoint (written before the field existed: it ran as '
-            f'{values_before.get(k)!r}), now {v!r}'
-            for k, v in expected.items()
-            if k not in saved and values_before.get(k, object()) != v
-        ]
+    diffs += [f'{k}: not in the checkpoint, now {v!r}' for k, v in expected.items() if k not in saved]
     diffs += [f'{k}: only in the checkpoint' for k in saved if k not in expected]
     return sorted(diffs)
 

@@ -37,14 +37,6 @@ def _search_identity(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return {k.replace('.', '/'): v for k, v in config_lib.search_identity(config).items()}
 
 
-def _legacy_identity() -> dict[str, Any]:
-    """The identity of a search with every field at the value that reproduces the code from
-    before the field existed: its default, and the paper's protocol (once the only one)."""
-    config = config_lib.get_config()
-    config.protocol = 'paper'
-    return _search_identity(config_checks.resolve_protocol(config))
-
-
 def _check_resumable(
     saved: dict[str, Any], expected: dict[str, Any], directory: str, after_nan_stop: bool = False
 ) -> None:
@@ -65,7 +57,6 @@ def _check_resumable(
         dotted(saved['config']),
         dotted(expected['config']),
         relaxed=('search.learning_rate',) if after_nan_stop else (),
-        values_before=dotted(_legacy_identity()),
     )
     if saved.get('initial_masks') != expected.get('initial_masks'):
         diffs.append('initial_masks: other masks started the search in the checkpoints')

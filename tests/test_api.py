@@ -235,11 +235,6 @@ def test_stable_protocol_returns_the_epoch_best_on_validation(monkeypatch, valid
         forward, masked, running, batches, 50, rng=jax.random.fold_in(jax.random.key(0), 1)
     )
     jax.tree.map(np.testing.assert_array_equal, jackpot.statistics, fresh)
-    with pytest.warns(DeprecationWarning, match='now reestimate_statistics'):  # the former name
-        old = jackpot_jax.recalibrate_statistics(
-            forward, masked, running, batches, 50, rng=jax.random.fold_in(jax.random.key(0), 1)
-        )
-    jax.tree.map(np.testing.assert_array_equal, old, fresh)
     assert not np.allclose(  # re-estimated: not the running statistics of that epoch
         jackpot.statistics['batch_stats']['norm']['mean'], running['batch_stats']['norm']['mean']
     )

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from jackpot_jax import checkpoint, config_checks, launcher, models, search, search_run, sparsity
+from jackpot_jax import checkpoint, launcher, models, search, search_run, sparsity
 from jackpot_jax import weight_training
 from jackpot_jax import run_context as rc
 from jackpot_jax import workdir as workdir_lib
@@ -310,26 +310,3 @@ def test_resnet50_jackpot_bundle_is_under_a_25th_of_the_weights(tmp_path):
     _, loaded, _, _ = checkpoint.load_jackpot(path)
     for p, m in masks.items():
         np.testing.assert_array_equal(loaded[p], m)
-
-
-def test_checkpoints_from_before_a_field_existed_resume_only_at_its_legacy_value():
-    """A field missing from a checkpoint's config was added later: the checkpoint resumes
-    when the field holds the value that reproduces the older code (its default, under the
-    paper's protocol), and is refused, naming the field, otherwise."""
-
-    def identity(protocol):
-        config = search_config('weights')
-        config.protocol = protocol
-        config = config_checks.resolve_protocol(config)
-        ids = {'config': search_run._search_identity(config), 'counts': {'a': 1}}
-        return {**ids, 'weights_fingerprint': 'f', 'weights_path': 'w'}
-
-    def without(ids, *fields):
-        return {**ids, 'config': {k: v for k, v in ids['config'].items() if k not in fields}}
-
-    stable, paper = identity('stable'), identity('paper')
-    search_run._check_resumable(without(stable, 'data/image_size'), stable, 'DIR')  # default 0
-    older = without(paper, 'protocol', 'search/mask_freeze_fraction', 'data/image_size')
-    search_run._check_resumable(older, paper, 'DIR')
-    with pytest.raises(ValueError, match=r'search.mask_freeze_fraction: not in the checkpoint'):
-        search_run._check_resumable(older, stable, 'DIR')  # the stable protocol sets 0.25

@@ -314,9 +314,8 @@ def test_a_search_can_start_from_other_masks_at_the_plans_counts():
 
 def test_a_resumed_search_still_has_the_epoch_its_rule_keeps(tmp_path):
     """An epoch the rule may still keep survives a restart and the saves after it (the
-    checkpoints kept are worked out from the epoch records, not the process's memory;
-    tests/test_legacy_checkpoints.py resumes a launcher search where this mattered)."""
-    import legacy_search as ls  # tests/legacy_search.py: a search that can be interrupted
+    checkpoints kept are worked out from the epoch records, not the process's memory)."""
+    import interruptible_search as ls  # tests/interruptible_search.py
 
     def run(batches, workdir):
         model, variables = ls.model_and_variables()

@@ -14,9 +14,8 @@ from typing import Any
 
 import jax
 import ml_collections
-from absl import logging
 
-from jackpot_jax import config_checks, renames
+from jackpot_jax import config_checks
 from jackpot_jax import run_context as rc
 from jackpot_jax.search_run import run_search
 from jackpot_jax.weight_training import ensure_pretrained
@@ -42,17 +41,8 @@ def variant_config(
 
 
 def variant_folder(workdir: str, study: str, name: str) -> str:
-    """``WORKDIR/<study>/<name>``; a folder left there under the variant's former name
-    (e.g. restriction's 'all', now 'constant') is renamed to it, so its search resumes."""
-    folder = os.path.join(workdir, study, name)
-    for former in renames.former_values(f'{study}.variants', name):
-        if not os.path.exists(folder) and os.path.isdir(os.path.join(workdir, study, former)):
-            try:
-                os.rename(os.path.join(workdir, study, former), folder)
-                logging.warning('%s: variant %r is now %r; renamed its folder', study, former, name)
-            except OSError:  # another process of a multi-host run renamed it first
-                pass
-    return folder
+    """``WORKDIR/<study>/<name>``: where one variant of a study searches."""
+    return os.path.join(workdir, study, name)
 
 
 def run_variant(

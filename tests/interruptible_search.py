@@ -1,5 +1,5 @@
-"""The library search of the checkpoint fixture in ``tests/legacy/``: its model and data,
-shared by the script that wrote the fixture and the test that resumes it."""
+"""A small library search that can be interrupted mid-epoch: its model and data, for the
+tests of a resumed search."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 STEPS = 6  # per epoch
-INTERRUPT_AT = (1, 3)  # (epoch, step): the fixture stops here, after the save at step 8
+INTERRUPT_AT = (1, 3)  # (epoch, step): an interrupted run stops here, after the save at step 8
 
 
 class Mlp(nn.Module):
