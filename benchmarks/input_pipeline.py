@@ -40,7 +40,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from jackpot_jax import input_pipeline  # noqa: E402
+from jackpot_jax.data import input_pipeline
 
 tfds.disable_progress_bar()
 

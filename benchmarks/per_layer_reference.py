@@ -3,7 +3,7 @@
 One exact k-th value search (32-pass bisection over the sortable keys) per layer for
 the unstructured rules; per-layer stable argsorts within N:M groups. Kept here, unchanged
 except that ``k`` may be traced (``k == 0`` is a ``jnp.where``, not an ``if``), so the
-all-layer update in :mod:`jackpot_jax.sparsity` / :mod:`jackpot_jax.structured` can be
+all-layer update in :mod:`jackpot_jax.core.sparsity` / :mod:`jackpot_jax.core.structured` can be
 compared with it mask for mask (``tests/test_all_layer_update.py``).
 ``benchmarks/search_step.py`` times it beside the library's update.
 """
@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jackpot_jax.sparsity import MASK_UPDATES, sortable_key
+from jackpot_jax.core.sparsity import MASK_UPDATES, sortable_key
 
 Array = jax.Array
 

@@ -3,7 +3,7 @@
 Prints one JSON document to stdout (progress goes to stderr). For every model it
 times, interleaved step by step after compilation and warm-up:
 
-  * ``search``: the jitted search step (``search.make_search_step``, state donated);
+  * ``search``: the jitted search step (``step_lib.make_search_step``, state donated);
   * ``dense``: the jitted dense training step (``weight_training.make_train_step``, same optimizer);
   * ``mask_update``: the jitted mask update over all layers, rate 'constant' (``--pattern``: N:M):
     one search over every layer at once;
@@ -24,7 +24,7 @@ the main figures goes to stderr at the end.
 mesh at a fixed global batch (on CPU, simulated devices: ``jax_num_cpu_devices`` is set
 before the first JAX operation).
 ``--fsdp=N`` runs the comparison with the state split over N devices (a ``data`` x
-``fsdp`` mesh of ``--devices``, see ``jackpot_jax/parallel.py``); ``--memory`` adds, for
+``fsdp`` mesh of ``--devices``, see ``jackpot_jax/core/parallel.py``); ``--memory`` adds, for
 fsdp = 1, 2, 4, 8 over all devices (or ``--devices``), the compiled search step's bytes
 per device (search state, arguments, outputs, temporaries; XLA's memory analysis) and,
 with ``--memory_timing``, the search and dense step times at each fsdp.
@@ -59,8 +59,10 @@ import jax  # noqa: E402  (importing jax initialises no backend)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jackpot_jax import models, parallel, search, sparsity, structured, weight_training  # noqa: E402
 from benchmarks import per_layer_reference  # noqa: E402
+from jackpot_jax.core import parallel, sparsity, step as step_lib, structured
+from jackpot_jax.launch import weight_training
+from jackpot_jax.models import zoo
 
 # name: (image size, default batch, classes, weight decay)
 MODEL_DEFAULTS = {
@@ -223,7 +225,7 @@ def fresh(tree: Any) -> Any:
 def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Random-init model, global-magnitude counts, magnitude masks, scores, a fixed batch."""
     size, batch, classes, wd = model_settings(name, args)
-    model = models.get_model(name, classes, dtype=DTYPES[args.dtype])
+    model = zoo.get_model(name, classes, dtype=DTYPES[args.dtype])
     init = jax.jit(lambda rng, x: model.init(rng, x, train=False))
     variables = init(jax.random.key(args.seed), jnp.zeros((1, size, size, 3), jnp.float32))
     params, statistics = variables['params'], variables.get('batch_stats', {})
@@ -243,7 +245,7 @@ def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
     rng = np.random.default_rng(args.seed)
     images = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
     labels = rng.integers(0, classes, size=batch).astype(np.int32)
-    optimizer = search.sgd_optimizer(0.1, wd, 0.9, EPOCHS, STEPS_PER_EPOCH)
+    optimizer = step_lib.sgd_optimizer(0.1, wd, 0.9, EPOCHS, STEPS_PER_EPOCH)
     sizes = {p: int(np.size(w)) for p, w in kernels.items()}
     return dict(
         name=name,
@@ -266,7 +268,7 @@ def setup(name: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def make_search_fn(s: dict[str, Any], state: Any = None, mesh: Any = None) -> Callable:
     """The jitted search step; with ``state`` and ``mesh``, keeping the state's layout."""
-    return search.make_search_step(
+    return step_lib.make_search_step(
         state_sharding=None if mesh is None else parallel.state_sharding(state, mesh),
         model=s['model'],
         optimizer=s['optimizer'],
@@ -303,8 +305,8 @@ def _identity_update(scores, masks, counts, *pattern, mode='short_restriction', 
     return dict(masks), {p: jnp.zeros((), jnp.int32) for p in masks}
 
 
-def search_state(s: dict[str, Any], mesh) -> search.SearchState:
-    state = search.init_search_state(
+def search_state(s: dict[str, Any], mesh) -> step_lib.SearchState:
+    state = step_lib.init_search_state(
         fresh(s['params']),
         fresh(s['statistics']),
         fresh(s['masks']),
@@ -317,7 +319,7 @@ def search_state(s: dict[str, Any], mesh) -> search.SearchState:
 def abstract_search_state(s: dict[str, Any], mesh) -> Any:
     """The search state's shapes, dtypes and shardings on ``mesh``, no arrays."""
     shapes = jax.eval_shape(
-        functools.partial(search.init_search_state, optimizer=s['optimizer']),
+        functools.partial(step_lib.init_search_state, optimizer=s['optimizer']),
         s['params'], s['statistics'], s['masks'], s['scores'],
     )
     return jax.tree.map(
@@ -689,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     configure_devices(args)
     specs = parse_model_specs(args.models)
     for name, _, _ in specs:
-        models.get_model(name, 10)  # fail fast on an unknown name
+        zoo.get_model(name, 10)  # fail fast on an unknown name
     compile_log = CompileLog()
     jax.monitoring.register_event_duration_secs_listener(compile_log)
     try:

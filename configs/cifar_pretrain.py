@@ -15,7 +15,7 @@ A typical CIFAR recipe: SGD momentum 0.9, lr 0.1 with a per-epoch cosine, weight
 Then search with ``--config.pretrained=PRETRAIN_WORKDIR/pretrained``.
 """
 
-from jackpot_jax import paper_configs
+from jackpot_jax.launch import paper_configs
 
 USAGE = 'configs/cifar_pretrain.py:MODEL,DATASET[,EPOCHS][,tiny]'
 ARGS = ('vgg19,cifar10', 'vgg19,cifar100', 'resnet32,cifar10', 'resnet32,cifar100')

@@ -9,7 +9,7 @@ SPARSITY in percent of the prunable weights removed; EPOCHS of search. ``tune`` 
 The searched weights are ``--config.pretrained=DIR/pretrained`` (default:
 WORKDIR/pretrained), e.g. made by ``configs/cifar_pretrain.py:MODEL,DATASET``
 (its pretrain settings are the ``pretrain`` fields here too) or converted from the
-authors' checkpoints with ``python -m jackpot_jax.convert official``.
+authors' checkpoints with ``python -m jackpot_jax.io.convert_cli official``.
 
 Published rows (the paper; search only, frozen weights), their top-1 in ``PUBLISHED``:
 
@@ -38,7 +38,7 @@ cosine, weight decay 5e-4, batch 256, pruned score 0.99, global magnitude alloca
 short restriction with rate 1 ('constant'), BatchNorm in training mode, no label smoothing.
 """
 
-from jackpot_jax import paper_configs
+from jackpot_jax.launch import paper_configs
 
 USAGE = 'configs/cifar_search.py:MODEL,DATASET,SPARSITY,EPOCHS[,tune][,tiny]'
 # The argument of every published row -> its published top-1 (%).

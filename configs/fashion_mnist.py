@@ -4,8 +4,7 @@ The argument is the sparsity in percent (90 or 95; default 90). The IDX files co
 from Debian's ``dataset-fashion-mnist`` package or ``--config.data.data_dir``.
 """
 
-from jackpot_jax import config as config_lib
-from jackpot_jax import paper_configs
+from jackpot_jax.launch import config as config_lib, paper_configs
 
 USAGE = 'configs/fashion_mnist.py[:SPARSITY], SPARSITY an integer percent (e.g. 90)'
 

@@ -23,7 +23,7 @@ reports test top-1 / top-5 over tokens, the mean per-token ``loss`` (nats) and
 
 import ml_collections
 
-from jackpot_jax import config as config_lib
+from jackpot_jax.launch import config as config_lib
 
 USAGE = 'configs/gpt_text.py[:tiny]'
 

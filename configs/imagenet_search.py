@@ -6,9 +6,9 @@ tuning under the found mask (SGD lr 0.01, wd 0, momentum 0.9, cosine), ``tiny`` 
 the run to 1 epoch of 2 steps of 8 images (same model) for smoke tests.
 
 The searched weights are torchvision's ResNet-50, converted with
-``python -m jackpot_jax.convert torchvision --arch resnet50 --input FILE --output DIR``
+``python -m jackpot_jax.io.convert_cli torchvision --arch resnet50 --input FILE --output DIR``
 and passed as ``--config.pretrained=DIR/pretrained``. ImageNet must be prepared for
-tfds in ``--config.data.data_dir`` (see jackpot_jax/input_pipeline.py).
+tfds in ``--config.data.data_dir`` (see jackpot_jax/data/input_pipeline.py).
 
 Published rows (the paper), their top-1 in ``PUBLISHED``:
 
@@ -26,7 +26,7 @@ pruned score 0.99, global magnitude allocation, short restriction with rate 1 ('
 BatchNorm in training mode, no label smoothing; a search checkpoint every 1000 steps.
 """
 
-from jackpot_jax import paper_configs
+from jackpot_jax.launch import paper_configs
 
 USAGE = 'configs/imagenet_search.py:SPARSITY[,EPOCHS][,tune][,tiny]'
 # The argument of every published row -> its published top-1 (%).

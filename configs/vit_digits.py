@@ -8,7 +8,7 @@ stay dense. The model has no BatchNorm, so there are no batch statistics to adap
 
 import ml_collections
 
-from jackpot_jax import config as config_lib
+from jackpot_jax.launch import config as config_lib
 
 
 def get_config():

@@ -8,7 +8,7 @@ score per prunable weight; no weight is ever trained. One call searches one::
     jackpot.masks, jackpot.params, jackpot.statistics, jackpot.report
 
 ``model`` is a Linen module (with its ``variables``), an NNX module (``variables=None``)
-or a forward function (:mod:`jackpot_jax.adapters`). For a loop of your own, the pieces
+or a forward function (:mod:`jackpot_jax.core.adapters`). For a loop of your own, the pieces
 underneath are exported too: :func:`plan_masks` (which kernels, and how many weights
 each loses: a :class:`MaskPlan`), :func:`initial_masks_and_scores`,
 :func:`masked_params`, :func:`update_masks`, :func:`init_search_state` and
@@ -19,31 +19,31 @@ import importlib
 from typing import Any
 
 # Exported name -> the module that defines it. Imported on first use, so that importing
-# a submodule (e.g. ``jackpot_jax.config`` from a config file) does not import JAX.
+# a submodule (e.g. ``jackpot_jax.launch.config`` from a config file) does not import JAX.
 _EXPORTS = {
-    'Forward': 'adapters',
-    'linen_forward': 'adapters',
-    'split_nnx': 'adapters',
-    'Jackpot': 'api',
-    'evaluate': 'evaluation',
-    'evaluate_metrics': 'evaluation',
-    'find_jackpot': 'api',
-    'load_jackpot': 'api',
-    'reestimate_statistics': 'evaluation',
-    'SearchSettings': 'settings',
-    'MaskPlan': 'mask_plan',
-    'initial_masks_and_scores': 'mask_plan',
-    'plan_counts': 'mask_plan',
-    'plan_masks': 'mask_plan',
-    'prunable_kernels': 'mask_plan',
-    'SearchState': 'search',
-    'init_search_state': 'search',
-    'make_search_step': 'search',
-    'search_step': 'search',
-    'sgd_optimizer': 'search',
-    'masked_params': 'sparsity',
-    'sparsity_report': 'sparsity',
-    'update_masks': 'sparsity',
+    'Forward': 'core.adapters',
+    'linen_forward': 'core.adapters',
+    'split_nnx': 'core.adapters',
+    'Jackpot': 'engine.api',
+    'evaluate': 'engine.evaluation',
+    'evaluate_metrics': 'engine.evaluation',
+    'find_jackpot': 'engine.api',
+    'load_jackpot': 'engine.api',
+    'reestimate_statistics': 'engine.evaluation',
+    'SearchSettings': 'core.settings',
+    'MaskPlan': 'core.mask_plan',
+    'initial_masks_and_scores': 'core.mask_plan',
+    'plan_counts': 'core.mask_plan',
+    'plan_masks': 'core.mask_plan',
+    'prunable_kernels': 'core.mask_plan',
+    'SearchState': 'core.step',
+    'init_search_state': 'core.step',
+    'make_search_step': 'core.step',
+    'search_step': 'core.step',
+    'sgd_optimizer': 'core.step',
+    'masked_params': 'core.sparsity',
+    'sparsity_report': 'core.sparsity',
+    'update_masks': 'core.sparsity',
 }
 __all__ = sorted(_EXPORTS)
 

@@ -20,9 +20,9 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jackpot_jax import config as config_lib
-from jackpot_jax import errors, launcher, parallel, sparsity
-from jackpot_jax import workdir as workdir_lib
+from jackpot_jax.core import errors, parallel, sparsity
+from jackpot_jax.io import workdir as workdir_lib
+from jackpot_jax.launch import config as config_lib, modes
 
 DEFAULT_CONFIG = os.path.abspath(config_lib.__file__)
 PACKAGE_DIR = os.path.dirname(DEFAULT_CONFIG)
@@ -32,11 +32,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None,
     'A config file, FILE.py[:ARGS]. configs/NAME.py names the file under the working '
     'directory or, when there is none, the copy installed with the package. Default: '
-    'jackpot_jax/config.py (the digits demo).',
+    'jackpot_jax/launch/config.py (the digits demo).',
     lock_config=True,
 )  # fmt: skip
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/default', 'Folder for weights, jackpots, metrics.')
-_MODE = flags.DEFINE_enum('mode', None, list(launcher.MODES), 'Overrides config.mode.')
+_MODE = flags.DEFINE_enum('mode', None, list(modes.MODES), 'Overrides config.mode.')
 _TRACEBACK = flags.DEFINE_bool('traceback', False, errors.TRACEBACK_HELP)
 # Modes that only read the workdir: no lock, no writability check.
 READ_ONLY_MODES = ('evaluate',)
@@ -118,8 +118,8 @@ def help_text() -> str:
     """What ``--help`` and ``--helpshort`` print: usage, the modes, the config files and the
     launcher's own flags (not the hundreds that absl and the libraries define)."""
     lines = [(__doc__ or '').strip(), '', 'modes (--mode=NAME, or the config\'s mode field):']
-    width = max(map(len, launcher.MODES))
-    lines += [f'  {m:<{width}}  {_first_line(f.__doc__)}' for m, f in launcher.MODES.items()]
+    width = max(map(len, modes.MODES))
+    lines += [f'  {m:<{width}}  {_first_line(f.__doc__)}' for m, f in modes.MODES.items()]
     files = _config_files()
     if files:
         lines += ['', 'config files (--config=FILE[:ARGS]; installed with the package too):']
@@ -150,7 +150,7 @@ def _unknown_key_message(error: Exception, argv: Sequence[str]) -> str | None:
         return None
     known = [p.replace('/', '.') for p in sparsity.flatten(config_lib.get_config().to_dict())]
     close = difflib.get_close_matches(overrides[0], known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else '; the fields are in jackpot_jax/config.py'
+    hint = f"; did you mean '{close[0]}'?" if close else '; the fields are in jackpot_jax/launch/config.py'
     return f"unknown config key '{overrides[0]}' (--config.{overrides[0]}){hint}"
 
 
@@ -195,7 +195,7 @@ def run_mode() -> None:
     config = _CONFIG.value
     if _MODE.value:
         config.mode = _MODE.value
-    launcher.validate(config)
+    modes.validate(config)
     workdir = _WORKDIR.value
     writes = config.mode not in READ_ONLY_MODES
     workdir_lib.prepare(workdir, writes)
@@ -216,7 +216,7 @@ def run_mode() -> None:
         jax.device_count(),
     )
     logging.info('mode %s, workdir %s\n%s', config.mode, workdir, config)
-    launcher.MODES[config.mode](config, workdir)
+    modes.MODES[config.mode](config, workdir)
 
 
 def main(argv):

@@ -1,4 +1,4 @@
-"""Compare the epoch-selection rules of jackpot_jax.selection on recorded searches.
+"""Compare the epoch-selection rules of jackpot_jax.core.selection on recorded searches.
 
     python scripts/compare_selection.py NAME=PATH[@N] ...
 
@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 
-from jackpot_jax import selection  # noqa: E402
+from jackpot_jax.core import selection
 
 METRIC = 'validation_top1'
 TEST_METRICS = ('test_top1', 'eval_top1')

@@ -10,8 +10,8 @@ from these curves.
 import os
 import sys
 
-from jackpot_jax import plots
-from jackpot_jax.metrics import read_jsonl
+from jackpot_jax.engine.metrics import read_jsonl
+from jackpot_jax.launch import plots
 
 
 def main(argv: list[str]) -> None:

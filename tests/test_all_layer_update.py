@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from benchmarks import per_layer_reference as ref
-from jackpot_jax import sparsity as sp
-from jackpot_jax import structured as st
+from jackpot_jax.core import sparsity as sp, structured as st
 
 # Layouts (layer shapes) with degenerate members: one weight, a layer larger than one
 # chunk of the packed layout, conv and dense kernels.

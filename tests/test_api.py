@@ -14,7 +14,8 @@ import pytest
 from flax import nnx
 
 import jackpot_jax
-from jackpot_jax import adapters, api, evaluation, search, sparsity
+from jackpot_jax.core import adapters, sparsity, step as step_lib
+from jackpot_jax.engine import api, evaluation
 
 NUM_CLASSES = 4
 
@@ -87,7 +88,7 @@ def _reference_search(model, variables, batches, epochs, stop_after, optimizer=N
     counts = jackpot_jax.plan_counts(kernels, SEARCH['sparsity'])
     masks, scores = jackpot_jax.initial_masks_and_scores(kernels, counts)
     if optimizer is None:
-        optimizer = search.sgd_optimizer(SEARCH['learning_rate'], 5e-4, 0.9, epochs, len(batches))
+        optimizer = step_lib.sgd_optimizer(SEARCH['learning_rate'], 5e-4, 0.9, epochs, len(batches))
     collections = tuple(name for name in variables if name != 'params')
     state = jackpot_jax.init_search_state(
         jax.tree.map(jnp.copy, variables['params']),

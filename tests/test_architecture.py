@@ -1,5 +1,5 @@
-"""The package's structure: no import cycle, the layers, config files free of JAX, small
-orchestration modules, and a README that names every module."""
+"""The package's structure: sub-packages by role that import downwards only, no import
+cycle, config files free of JAX, small modules, and a README that names every module."""
 
 from __future__ import annotations
 
@@ -11,26 +11,21 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = 'jackpot_jax'
-# The launcher's layers (every other module is the library underneath).
-ORCHESTRATION = (
-    'api',
-    'engine',
-    'launcher',
-    'main',
-    'run_context',
-    'search_run',
-    'weight_training',
-    'config',
-    'config_checks',
-    'mask_plan',
-    'studies.common',
-    'studies.overlap',
-    'studies.search_cost',
-    'studies.restriction',
-    'studies.sweep',
-    'studies.stability',
-)
-MAX_ORCHESTRATION_LINES = 400
+# The sub-packages, bottom to top, and the packages each may import. A package never
+# imports one above it; the command line (jackpot_jax.main) sits on top of everything.
+LAYERS = {
+    'core': set(),
+    'models': {'core'},
+    'baselines': {'core', 'models'},
+    'io': {'core', 'models'},
+    'data': {'core', 'io'},
+    'engine': {'core', 'models', 'data', 'io'},
+    'launch': {'core', 'models', 'baselines', 'data', 'io', 'engine'},
+}
+MAX_PACKAGE_MODULES = 12
+MAX_MODULE_LINES = 450
+# The method's math and the conversion name tables may be longer than a module of logic.
+LONG_MODULES = {'core.sparsity', 'io.name_tables'}
 
 
 def _modules() -> dict[str, str]:
@@ -106,34 +101,65 @@ def test_the_package_has_no_import_cycle():
     assert cycle is None, 'import cycle: ' + ' -> '.join(cycle)
 
 
-def test_layers_import_downwards_only():
+def _package(module: str) -> str:
+    """'jackpot_jax.core.step' -> 'core'; a top-level module -> its own name."""
+    return module.split('.')[1] if module.count('.') >= 1 else module
+
+
+def test_every_module_lives_in_a_package_of_its_role():
+    modules = {m for m, path in _modules().items() if not path.endswith('__init__.py')}
+    top = {m for m in modules if m.count('.') == 1}  # jackpot_jax.X
+    assert top == {f'{PACKAGE}.main'}, f'modules outside the sub-packages: {sorted(top)}'
+    assert {_package(m) for m in modules if m != f'{PACKAGE}.main'} == set(LAYERS)
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    """'a imports b' for every import of a package the layers do not allow."""
+    return sorted(
+        f'{m} imports {d}'
+        for m, deps in graph.items()
+        for d in deps
+        if _package(m) in LAYERS
+        and _package(d) != _package(m)
+        and _package(d) not in LAYERS[_package(m)]
+    )
+
+
+def test_the_layer_rule_catches_an_upward_import():
+    step, loop, main = f'{PACKAGE}.core.step', f'{PACKAGE}.engine.loop', f'{PACKAGE}.main'
+    assert _upward({step: {loop}, loop: {step}}) == [f'{step} imports {loop}']
+    assert _upward({loop: {step}, main: {loop}}) == []
+
+
+def test_packages_import_downwards_only():
+    upward = _upward(_graph())
+    assert not upward, 'imports against the layers: ' + '; '.join(upward)
+
+
+def test_pure_modules_stay_pure():
     graph = _graph()
     prefix = PACKAGE + '.'
-    # The math layer imports nothing above it.
-    assert graph[prefix + 'sparsity'] == set()
-    assert graph[prefix + 'structured'] <= {prefix + 'sparsity'}
-    assert graph[prefix + 'mask_plan'] <= {prefix + 'sparsity', prefix + 'structured'}
-    # Only the command line imports the launcher; nothing imports the command line.
-    importers = {m for m, deps in graph.items() if prefix + 'launcher' in deps}
-    assert importers == {prefix + 'main'}
-    assert not any(prefix + 'main' in deps for deps in graph.values())
-    # The converter depends on the library, never on the launcher's run layer.
-    run_layer = {prefix + m for m in ('launcher', 'run_context', 'search_run', 'weight_training')}
-    assert not graph[prefix + 'convert'] & run_layer
+    # The math imports nothing of the package; N:M masks only the math.
+    assert graph[prefix + 'core.sparsity'] == set()
+    assert graph[prefix + 'core.structured'] <= {prefix + 'core.sparsity'}
+    assert graph[prefix + 'core.mask_plan'] <= {prefix + 'core.sparsity', prefix + 'core.structured'}
     # The base config imports only the pure-Python settings (config files load without JAX).
-    assert graph[prefix + 'config'] <= {prefix + 'settings'}
-    assert graph[prefix + 'settings'] <= {prefix + 'selection'}
-    assert graph[prefix + 'selection'] == set()
-    # The library (api, engine and below) never imports the launcher's layers.
-    launcher_layer = {
-        prefix + m
-        for m in ('config', 'config_checks', 'paper_configs', 'launcher', 'main', 'run_context',
-                  'search_run', 'weight_training')
-    } | {m for m in graph if m.startswith(prefix + 'studies')}
-    library = ('api', 'engine', 'evaluation', 'persistence', 'batch_checks', 'search', 'settings')
-    for name in library:
-        assert not graph[prefix + name] & launcher_layer, f'{name} imports the launcher layer'
-    assert graph[prefix + 'paper_configs'] == {prefix + 'config'}
+    assert graph[prefix + 'launch.config'] <= {prefix + 'core.settings'}
+    assert graph[prefix + 'core.settings'] <= {prefix + 'core.selection'}
+    assert graph[prefix + 'core.selection'] == set()
+    assert graph[prefix + 'launch.paper_configs'] == {prefix + 'launch.config'}
+    # Nothing imports the command line.
+    assert not any(prefix + 'main' in deps for deps in graph.values())
+
+
+def test_packages_stay_small_enough_to_read():
+    counts: dict[str, int] = {}
+    for module in _modules():
+        if module.count('.') >= 2 and not module.endswith('__init__'):
+            package = module.rsplit('.', 1)[0]
+            counts[package] = counts.get(package, 0) + 1
+    big = {p: n for p, n in counts.items() if n > MAX_PACKAGE_MODULES}
+    assert not big, f'packages over {MAX_PACKAGE_MODULES} modules (split by role): {big}'
 
 
 def test_config_files_load_without_jax():
@@ -150,14 +176,14 @@ def test_config_files_load_without_jax():
     subprocess.run([sys.executable, '-c', code], cwd=REPO, check=True)
 
 
-def test_orchestration_modules_stay_small():
-    modules = _modules()
-    for name in ORCHESTRATION:
-        with open(modules[f'{PACKAGE}.{name}']) as f:
+def test_modules_stay_small():
+    too_long = {}
+    for module, path in _modules().items():
+        with open(path) as f:
             lines = len(f.readlines())
-        assert lines <= MAX_ORCHESTRATION_LINES, (
-            f'{name}.py has {lines} lines; split it (one concern per module)'
-        )
+        if lines > MAX_MODULE_LINES and module.removeprefix(PACKAGE + '.') not in LONG_MODULES:
+            too_long[module] = lines
+    assert not too_long, f'modules over {MAX_MODULE_LINES} lines (one concern each): {too_long}'
 
 
 def test_readme_architecture_names_every_module():

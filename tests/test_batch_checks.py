@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_model import fault_at_step  # tests/tiny_model.py
 
 import jackpot_jax
-from jackpot_jax import engine, errors, search
-from tiny_model import fault_at_step  # tests/tiny_model.py
+from jackpot_jax.core import errors, step
+from jackpot_jax.engine import loop
 
 CLASSES = 4
 
@@ -121,7 +122,7 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path, monkeypatch, cap
     original = fault_at_step(monkeypatch, 3, interrupt)
     workdir = str(tmp_path / 'w')
     with pytest.raises(
-        engine.SearchInterrupted, match='interrupted at step 2: the last checkpoint is step 2'
+        loop.SearchInterrupted, match='interrupted at step 2: the last checkpoint is step 2'
     ):
         _search(_batches(), workdir=workdir, checkpoint_every=1, epochs=2)
 
@@ -131,5 +132,5 @@ def test_ctrl_c_ends_in_one_line_saying_how_to_resume(tmp_path, monkeypatch, cap
     assert errors.report_user_errors(interrupted) == errors.EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('error: search interrupted at step 2')
-    monkeypatch.setattr(search, 'make_search_step', original)  # the rerun resumes
+    monkeypatch.setattr(step, 'make_search_step', original)  # the rerun resumes
     assert _search(_batches(), workdir=workdir, checkpoint_every=1, epochs=2).report['chosen_epoch']

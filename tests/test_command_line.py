@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from jackpot_jax import launcher, main
+from jackpot_jax import main
+from jackpot_jax.launch import modes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What pip writes as the ``jackpot-jax`` console script: the launcher is not __main__.
@@ -30,7 +31,7 @@ def test_help_lists_the_launchers_flags_modes_and_config_files(tmp_path, how, fl
     text = done.stdout
     for name in ('--config', '--workdir', '--mode', '--[no]traceback', '--helpfull'):
         assert name in text
-    for mode in launcher.MODES:
+    for mode in modes.MODES:
         assert f'\n  {mode} ' in text
     assert 'configs/cifar_search.py:MODEL,DATASET,SPARSITY,EPOCHS' in text
     # The launcher's flags only: none of absl's or the libraries'.
@@ -46,7 +47,7 @@ def test_config_files_are_found_from_any_folder(tmp_path, monkeypatch):
         packaged + ':vgg19,cifar10,90,30'
     )
     assert main.resolve_config_argument('configs/cifar_search.py') == packaged
-    assert main.resolve_config_argument('jackpot_jax/config.py') == main.DEFAULT_CONFIG
+    assert main.resolve_config_argument('jackpot_jax/launch/config.py') == main.DEFAULT_CONFIG
     assert main.resolve_config_argument('configs/missing.py') == 'configs/missing.py'
     assert main._with_config(['x', '--config', 'configs/vit_digits.py', '--workdir=w']) == [
         'x', '--config', os.path.join(REPO, 'configs', 'vit_digits.py'), '--workdir=w'

@@ -6,8 +6,7 @@ import os
 import ml_collections
 import pytest
 
-from jackpot_jax import config as config_lib
-from jackpot_jax import launcher
+from jackpot_jax.launch import config as config_lib, modes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +42,7 @@ def _config(**overrides):
 )
 def test_bad_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
-        launcher.validate(_config(**overrides))
+        modes.validate(_config(**overrides))
 
 
 def test_unknown_keys_are_named():
@@ -51,7 +50,7 @@ def test_unknown_keys_are_named():
     config.unlock()
     config.search.sparsty = 0.5
     with pytest.raises(ValueError, match="unknown config key 'search.sparsty'"):
-        launcher.validate(config)
+        modes.validate(config)
 
 
 CONFIG_FILES = sorted(
@@ -66,7 +65,7 @@ def test_every_config_file_is_valid(name):
     spec.loader.exec_module(module)
     config = module.get_config()
     assert isinstance(config, ml_collections.ConfigDict)
-    launcher.validate(config)
+    modes.validate(config)
 
 
 def _covered(entries, names):
@@ -83,7 +82,7 @@ def test_every_field_is_either_resumable_or_part_of_the_search_identity():
     unclassified = sorted(names - resumable - identity)
     assert not unclassified, (
         f'{unclassified}: add each to RESUMABLE_FIELDS or SEARCH_IDENTITY_FIELDS '
-        '(jackpot_jax/config.py)'
+        '(jackpot_jax/launch/config.py)'
     )
     assert not resumable & identity, f'in both lists: {sorted(resumable & identity)}'
     for entries in (config_lib.RESUMABLE_FIELDS, config_lib.SEARCH_IDENTITY_FIELDS):

@@ -7,10 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jackpot_jax import criteria, models, parallel, sparsity
-
 import tiny_model  # tests/tiny_model.py
+
+from jackpot_jax.baselines import criteria, wanda
+from jackpot_jax.core import parallel, sparsity
+from jackpot_jax.models import zoo
 
 
 class OneDense(nn.Module):
@@ -55,7 +56,7 @@ def small_cnn():
     tests/test_studies.py, so in one pytest run the compiled criteria are shared.
     """
     v = tiny_model.variables(width=4)
-    model = models.get_model('small_cnn', 10, width=4)
+    model = zoo.get_model('small_cnn', 10, width=4)
     flat = sparsity.flatten(v['params'])
     kernels = {p: flat[p] for p in sparsity.prunable_paths(v['params'])}
     counts = sparsity.pruned_counts(kernels, 0.9)
@@ -240,16 +241,16 @@ def _numpy_row_mask(score, pruned_per_row):
 def test_wanda_norms_and_scores_match_a_numpy_reference_over_two_batches():
     params, batches = _two_dense()
     paths = ('hidden/kernel', 'out/kernel')
-    norms = criteria.activation_norms(TwoDense(), params, {}, paths, batches)
+    norms = wanda.activation_norms(TwoDense(), params, {}, paths, batches)
     want = _numpy_wanda_scores(params, batches)
     for p in paths:
-        got = criteria.wanda_keep_scores({p: params[p.split('/')[0]]['kernel']}, norms)[p]
+        got = wanda.wanda_keep_scores({p: params[p.split('/')[0]]['kernel']}, norms)[p]
         np.testing.assert_allclose(got, want[p], rtol=1e-5, err_msg=p)
 
 
 def test_wanda_keeps_the_same_share_of_every_output_row():
     params, batches = _two_dense()
-    found = criteria.wanda_masks(
+    found = wanda.wanda_masks(
         TwoDense(), params, {}, batches, sparsity=0.5, paths=('hidden/kernel', 'out/kernel')
     )
     want = _numpy_wanda_scores(params, batches)
@@ -258,7 +259,7 @@ def test_wanda_keeps_the_same_share_of_every_output_row():
         np.testing.assert_array_equal(m, _numpy_row_mask(want[p], [k_row] * m.shape[1]))
         assert (m.sum(axis=0) == m.shape[0] - k_row).all(), p
     # A layer count that does not divide by the rows: the first rows prune one more.
-    got = criteria.wanda_masks(TwoDense(), params, {}, batches, counts={'out/kernel': 14})
+    got = wanda.wanda_masks(TwoDense(), params, {}, batches, counts={'out/kernel': 14})
     np.testing.assert_array_equal(
         got['out/kernel'], _numpy_row_mask(want['out/kernel'], [4, 4, 3, 3])
     )
@@ -266,7 +267,7 @@ def test_wanda_keeps_the_same_share_of_every_output_row():
 
 def test_wanda_two_four_prunes_two_of_every_four_inputs_of_each_output():
     params, batches = _two_dense()
-    found = criteria.wanda_masks(
+    found = wanda.wanda_masks(
         TwoDense(), params, {}, batches, pattern='2:4', paths=('hidden/kernel', 'out/kernel')
     )
     want = _numpy_wanda_scores(params, batches)
@@ -292,6 +293,6 @@ def test_wanda_as_a_criterion_uses_its_batch_and_ranks_per_row():
     with pytest.raises(ValueError, match='needs a data batch'):
         criteria.criterion_masks('wanda', TwoDense(), params, {}, counts)
     with pytest.raises(ValueError, match='exactly one of sparsity=, counts= or pattern='):
-        criteria.wanda_masks(TwoDense(), params, {}, batches, sparsity=0.5, pattern='2:4')
+        wanda.wanda_masks(TwoDense(), params, {}, batches, sparsity=0.5, pattern='2:4')
     with pytest.raises(ValueError, match='no calibration batch'):
-        criteria.wanda_masks(TwoDense(), params, {}, [], sparsity=0.5)
+        wanda.wanda_masks(TwoDense(), params, {}, [], sparsity=0.5)

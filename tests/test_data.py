@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from jackpot_jax import data
+from jackpot_jax.data import catalog, sources
 
 
 def _write_idx(path, array):
@@ -26,7 +26,7 @@ def make_fashion_files(folder, n_train=12, n_test=5, seed=0):
         'test_images': rng.integers(0, 256, (n_test, 28, 28)),
         'test_labels': rng.integers(0, 10, n_test),
     }
-    for key, name in data._FASHION_FILES.items():
+    for key, name in sources._FASHION_FILES.items():
         _write_idx(os.path.join(folder, name), arrays[key])
     return arrays
 
@@ -34,9 +34,9 @@ def make_fashion_files(folder, n_train=12, n_test=5, seed=0):
 def test_read_idx_round_trips_and_fashion_loader_normalises(tmp_path):
     arrays = make_fashion_files(tmp_path)
     np.testing.assert_array_equal(
-        data.read_idx(str(tmp_path / 'train-labels-idx1-ubyte.gz')), arrays['train_labels']
+        sources.read_idx(str(tmp_path / 'train-labels-idx1-ubyte.gz')), arrays['train_labels']
     )
-    ds = data.load_fashion_mnist(str(tmp_path))
+    ds = sources.load_fashion_mnist(str(tmp_path))
     assert ds.train_images.shape == (12, 28, 28, 1) and ds.train_images.dtype == np.float32
     assert ds.test_images.shape == (5, 28, 28, 1)
     assert abs(ds.train_images.mean()) < 1e-5 and abs(ds.train_images.std() - 1) < 1e-4
@@ -51,20 +51,20 @@ def test_read_idx_rejects_truncated_and_non_idx_files(tmp_path):
     with gzip.open(path, 'wb') as f:
         f.write(bytes([0, 0, 8, 1]) + (10).to_bytes(4, 'big') + b'abc')
     with pytest.raises(ValueError, match='truncated'):
-        data.read_idx(str(path))
+        sources.read_idx(str(path))
     with gzip.open(path, 'wb') as f:
         f.write(b'\x1f\x00\x00\x00')
     with pytest.raises(ValueError, match='not an unsigned-byte IDX'):
-        data.read_idx(str(path))
+        sources.read_idx(str(path))
 
 
 def test_missing_fashion_files_name_the_package(tmp_path):
     with pytest.raises(FileNotFoundError, match='dataset-fashion-mnist'):
-        data.load_fashion_mnist(str(tmp_path))
+        sources.load_fashion_mnist(str(tmp_path))
 
 
 def test_digits_split_is_stratified_and_reproducible():
-    a, b = data.load_digits(), data.load_digits()
+    a, b = sources.load_digits(), sources.load_digits()
     assert a.train_images.shape == (1437, 8, 8, 1) and a.test_images.shape == (360, 8, 8, 1)
     np.testing.assert_array_equal(a.test_labels, b.test_labels)
     assert set(np.bincount(a.test_labels)) <= {35, 36, 37}
@@ -73,23 +73,23 @@ def test_digits_split_is_stratified_and_reproducible():
 def test_train_batches_are_full_deterministic_and_reshuffled_per_epoch():
     x = np.arange(10, dtype=np.float32)[:, None]
     y = np.arange(10, dtype=np.int32)
-    epoch0 = [b for _, b in data.train_batches(x, y, 3, seed=1, epoch=0)]
+    epoch0 = [b for _, b in sources.train_batches(x, y, 3, seed=1, epoch=0)]
     assert [len(b) for b in epoch0] == [3, 3, 3]
     assert len(set(np.concatenate(epoch0))) == 9
-    again = [b for _, b in data.train_batches(x, y, 3, seed=1, epoch=0)]
+    again = [b for _, b in sources.train_batches(x, y, 3, seed=1, epoch=0)]
     np.testing.assert_array_equal(np.concatenate(epoch0), np.concatenate(again))
-    epoch1 = [b for _, b in data.train_batches(x, y, 3, seed=1, epoch=1)]
+    epoch1 = [b for _, b in sources.train_batches(x, y, 3, seed=1, epoch=1)]
     assert not np.array_equal(np.concatenate(epoch0), np.concatenate(epoch1))
-    resumed = [b for _, b in data.train_batches(x, y, 3, seed=1, epoch=0, start_step=2)]
+    resumed = [b for _, b in sources.train_batches(x, y, 3, seed=1, epoch=0, start_step=2)]
     np.testing.assert_array_equal(resumed[0], epoch0[2])
     with pytest.raises(ValueError, match='batch_size=11'):
-        list(data.train_batches(x, y, 11, seed=0, epoch=0))
+        list(sources.train_batches(x, y, 11, seed=0, epoch=0))
 
 
 def test_eval_batches_cover_each_example_once_with_a_padded_last_batch():
     x = np.arange(7, dtype=np.float32)[:, None]
     y = np.arange(7, dtype=np.int32)
-    batches = list(data.eval_batches(x, y, 4))
+    batches = list(sources.eval_batches(x, y, 4))
     assert [b[0].shape[0] for b in batches] == [4, 4]
     valid = np.concatenate([b[2] for b in batches])
     np.testing.assert_array_equal(valid, [True] * 7 + [False])
@@ -98,4 +98,4 @@ def test_eval_batches_cover_each_example_once_with_a_padded_last_batch():
 
 def test_unknown_dataset():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
-        data.load_dataset('mnist')
+        catalog.load_dataset('mnist')

@@ -17,10 +17,8 @@ import numpy as np
 import pytest
 
 import jackpot_jax
-from jackpot_jax import checkpoint
-from jackpot_jax import config as config_lib
-from jackpot_jax import run_context as rc
-from jackpot_jax import search_run, weight_training
+from jackpot_jax.io import checkpoint
+from jackpot_jax.launch import config as config_lib, run_context as rc, search_mode, weight_training
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CLASSES = 4
@@ -66,7 +64,7 @@ def test_the_package_has_one_search_loop():
                 and getattr(node.func, 'attr', None) == 'make_search_step'
             ):
                 callers.append(path.name)
-    assert callers == ['engine.py']
+    assert callers == ['loop.py']
 
 
 def test_a_classifier_named_head_stays_dense_by_default():
@@ -163,7 +161,7 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
     config.num_devices = 1
     workdir = str(tmp_path / 'run')
     weight_training.run_pretrain(config, workdir)
-    found = search_run.run_search(config, workdir)
+    found = search_mode.run_search(config, workdir)
 
     config = rc.config_checks.resolve_protocol(config)
     setup = rc.Setup(config)
@@ -178,7 +176,7 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
         validation_batches=list(
             setup.source.eval_batches(config.data.eval_batch_size, 'validation')
         ),
-        settings=search_run.search_settings(config, True),
+        settings=search_mode.search_settings(config, True),
         progress=False,
     )
     kept = found['jackpot_epoch']

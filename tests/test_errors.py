@@ -20,18 +20,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from absl import flags
-
-from jackpot_jax import checkpoint, convert, data, errors, launcher, models, search, sparsity
-from jackpot_jax import metrics
-from jackpot_jax.metrics import EpochMetrics
-from jackpot_jax import run_context as rc
-from jackpot_jax import weight_training
-from jackpot_jax import main as cli
-from jackpot_jax import workdir as workdir_lib
 import tiny_model  # tests/tiny_model.py
+from absl import flags
 from test_data import _write_idx, make_fashion_files
 from tiny_model import tiny_config  # tests/tiny_model.py
+
+from jackpot_jax import main as cli
+from jackpot_jax.core import errors, sparsity, step as step_lib
+from jackpot_jax.data import sources
+from jackpot_jax.engine import metrics
+from jackpot_jax.engine.metrics import EpochMetrics
+from jackpot_jax.io import checkpoint, convert_cli, workdir as workdir_lib
+from jackpot_jax.launch import modes, run_context as rc, weight_training
+from jackpot_jax.models import zoo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,30 +113,30 @@ def test_the_command_line_prints_one_line_and_exits_non_zero(tmp_path):
 # Wrong results or lost data (cases 1-6).
 # ----------------------------------------------------------------------------
 def _labels_file(folder):
-    return os.path.join(folder, data._FASHION_FILES['train_labels'])
+    return os.path.join(folder, sources._FASHION_FILES['train_labels'])
 
 
 def test_labels_outside_the_classes_are_refused_naming_the_file(tmp_path):
     arrays = make_fashion_files(tmp_path, n_train=12)
     _write_idx(_labels_file(tmp_path), arrays['train_labels'] % 10 + 5)  # 5..14
     with pytest.raises(ValueError, match=r'train-labels-idx1-ubyte.gz: \d+ labels lie outside'):
-        data.load_fashion_mnist(str(tmp_path))
+        sources.load_fashion_mnist(str(tmp_path))
 
 
 def test_no_jackpot_is_never_a_folder_name(tmp_path):
     config = tiny_config(jackpot='none', mode='search')
     with pytest.raises(ValueError, match="config.jackpot='none' means no jackpot"):
-        launcher.validate(config)
+        modes.validate(config)
     with pytest.raises(ValueError, match="config.jackpot='none' means no jackpot"):
         rc.jackpot_path(config, str(tmp_path))
-    launcher.validate(tiny_config(jackpot='none', mode='evaluate'))  # weights as they are
+    modes.validate(tiny_config(jackpot='none', mode='evaluate'))  # weights as they are
 
 
 def test_evaluate_and_tune_check_which_weights_the_jackpot_was_found_in(weights_and_jackpot):
     weights_a, weights_b, jackpot = weights_and_jackpot
     workdir = os.path.dirname(jackpot)
     config = tiny_config(pretrained=weights_b, jackpot=jackpot, **{'tune.epochs': 1})
-    for run in (launcher.run_evaluate, weight_training.run_tune):
+    for run in (modes.run_evaluate, weight_training.run_tune):
         with pytest.raises(ValueError, match='was found in other weights than .*b'):
             run(config, workdir)
 
@@ -148,12 +149,12 @@ def test_convert_refuses_an_output_holding_weights_unless_told_to_overwrite(tmp_
         ['torchvision', '--arch', 'resnet18'],
         ['official', '--arch', 'resnet32'],
     ):
-        status = convert.main([*command, '--input', missing, '--output', str(tmp_path)])
+        status = convert_cli.main([*command, '--input', missing, '--output', str(tmp_path)])
         err = capsys.readouterr().err.strip().splitlines()
         assert status == 1 and len(err) == 1, err
         assert 'already holds pretrained, checkpoints' in err[0] and '--overwrite' in err[0]
     # With --overwrite it goes on (here to the missing input).
-    status = convert.main(
+    status = convert_cli.main(
         ['torchvision', '--arch', 'resnet18', '--input', missing, '--output', str(tmp_path)]
         + ['--overwrite']
     )
@@ -229,7 +230,7 @@ def test_a_second_run_in_a_locked_workdir_fails_at_once_naming_the_holder(tmp_pa
 )
 def test_optimizer_settings_must_be_finite_and_in_range(field, value, message):
     with pytest.raises(ValueError, match=message):
-        launcher.validate(tiny_config(**{field: value}))
+        modes.validate(tiny_config(**{field: value}))
 
 
 def test_non_finite_scores_stop_the_search():
@@ -237,7 +238,7 @@ def test_non_finite_scores_stop_the_search():
 
     (Every healthy search of the other tests passes the same check with finite scores.)
     """
-    model = models.get_model('small_cnn', 10, width=4)
+    model = zoo.get_model('small_cnn', 10, width=4)
     variables = tiny_model.variables(width=4)
     paths = sparsity.prunable_paths(variables['params'])
     masks = {
@@ -245,11 +246,11 @@ def test_non_finite_scores_stop_the_search():
         for p, w in sparsity.flatten(variables['params']).items()
         if p in paths
     }
-    optimizer = search.sgd_optimizer(math.inf, 0.0, 0.9, 1, 1)  # validate() refuses it
-    state = search.init_search_state(
+    optimizer = step_lib.sgd_optimizer(math.inf, 0.0, 0.9, 1, 1)  # validate() refuses it
+    state = step_lib.init_search_state(
         variables['params'], variables['batch_stats'], masks, sparsity.init_scores(masks), optimizer
     )
-    step = search.make_search_step(
+    step = step_lib.make_search_step(
         model=model, optimizer=optimizer, counts={p: 0 for p in masks}, steps_per_epoch=1, epochs=1
     )
     rng = np.random.default_rng(0)
@@ -275,7 +276,7 @@ def test_an_unknown_config_key_is_one_line_with_a_hint(launch):
 
 def test_a_pattern_that_prunes_nothing_is_an_error():
     config = tiny_config(**{'search.pattern': '1:3', 'search.sparsity': 2 / 3})
-    launcher.validate(config)
+    modes.validate(config)
     params = tiny_model.variables(width=8)['params']
     with pytest.raises(ValueError, match=r"search.pattern '1:3' prunes nothing .*conv2/kernel': 8"):
         rc.plan_masks(config, params)
@@ -284,12 +285,12 @@ def test_a_pattern_that_prunes_nothing_is_an_error():
 @pytest.mark.parametrize('field', ['prune_include', 'prune_exclude'])
 def test_a_bad_prune_regex_names_the_field(field):
     with pytest.raises(ValueError, match=f"search.{field}='conv\\(' is not a valid regular"):
-        launcher.validate(tiny_config(**{f'search.{field}': 'conv('}))
+        modes.validate(tiny_config(**{f'search.{field}': 'conv('}))
 
 
 def test_a_model_width_of_zero_is_a_config_error():
     with pytest.raises(ValueError, match='model.width must be a positive integer, got 0'):
-        launcher.validate(tiny_config(**{'model.width': 0}))
+        modes.validate(tiny_config(**{'model.width': 0}))
 
 
 def test_a_config_argument_that_is_no_integer_percent_gives_the_usage(launch):
@@ -307,7 +308,7 @@ def test_a_truncated_gzip_file_is_named(tmp_path):
     with open(path, 'wb') as f:
         f.write(whole[: len(whole) // 2])
     with pytest.raises(ValueError, match='train-labels-idx1-ubyte.gz is not a complete gzip'):
-        data.load_fashion_mnist(str(tmp_path))
+        sources.load_fashion_mnist(str(tmp_path))
 
 
 def test_a_file_that_is_not_gzip_is_named(tmp_path):
@@ -315,14 +316,14 @@ def test_a_file_that_is_not_gzip_is_named(tmp_path):
     with open(_labels_file(tmp_path), 'wb') as f:
         f.write(b'<html>not found</html>')
     with pytest.raises(ValueError, match='train-labels-idx1-ubyte.gz is not a complete gzip'):
-        data.load_fashion_mnist(str(tmp_path))
+        sources.load_fashion_mnist(str(tmp_path))
 
 
 def test_image_and_label_counts_must_match(tmp_path):
     arrays = make_fashion_files(tmp_path, n_train=12)
     _write_idx(_labels_file(tmp_path), arrays['train_labels'][:10])
     with pytest.raises(ValueError, match='counts differ: 12 images in .*, 10 labels in'):
-        data.load_fashion_mnist(str(tmp_path))
+        sources.load_fashion_mnist(str(tmp_path))
 
 
 @pytest.mark.parametrize('mode', ['export', 'tune', 'overlap', 'sweep', 'search_cost', 'demo'])
@@ -359,7 +360,7 @@ def test_a_read_only_workdir_is_refused_up_front(tmp_path, launch):
 
 
 def test_to_torch_refuses_an_output_name_it_cannot_write(tmp_path, capsys):
-    status = convert.main(
+    status = convert_cli.main(
         ['to-torch', '--arch', 'resnet18', '--weights', str(tmp_path), '--output', 'out.txt']
     )
     err = capsys.readouterr().err.strip().splitlines()
@@ -489,7 +490,7 @@ def test_a_new_search_never_replaces_a_jackpot_it_would_not_resume(weights_and_j
     workdir = str(tmp_path)
     shutil.copytree(jackpot, os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     config = tiny_config(mode='search')
-    for run in (rc.check_search_outputs, launcher.run_demo, launcher.MODES['search']):
+    for run in (rc.check_search_outputs, modes.run_demo, modes.MODES['search']):
         with pytest.raises(errors.UserError, match=(
             f'{workdir}/jackpot already exists, and {workdir}/checkpoints holds no search to '
             'resume, so a new search would replace them: search into another --workdir, or '
@@ -549,7 +550,7 @@ def test_a_jackpot_without_its_statistics_names_the_path_and_the_fix(weights_and
     shutil.copytree(jackpot, damaged)
     shutil.rmtree(os.path.join(damaged, 'statistics'))
     config = tiny_config(pretrained=weights_a, jackpot=damaged, **{'tune.epochs': 1})
-    for run in (launcher.run_evaluate, launcher.run_export, weight_training.run_tune):
+    for run in (modes.run_evaluate, modes.run_export, weight_training.run_tune):
         with pytest.raises(checkpoint.CheckpointError, match=(
             f"the jackpot at {damaged} holds no batch statistics, but model 'small_cnn' has "
             r'BatchNorm layers \(\d+ statistics, e.g. .*\); its statistics item was lost: '

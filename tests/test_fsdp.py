@@ -14,14 +14,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import tiny_model  # tests/tiny_model.py
 from jax.sharding import PartitionSpec as P
 
 import jackpot_jax
-from jackpot_jax import config as config_lib
-from jackpot_jax import engine, launcher, models, parallel, search, search_run
-from jackpot_jax import run_context as rc
-
-import tiny_model  # tests/tiny_model.py
+from jackpot_jax.core import parallel
+from jackpot_jax.engine import loop
+from jackpot_jax.launch import config as config_lib, modes, run_context as rc, search_mode
+from jackpot_jax.models import zoo
 
 RTOL, ATOL = 1e-5, 1e-6
 BATCH, STEPS = 16, 3
@@ -38,14 +38,14 @@ def small_leaves_split(monkeypatch):
 def last_state(monkeypatch):
     """The final SearchState of every engine run, in order."""
     states = []
-    run = engine.run
+    run = loop.run
 
     def recording(*args, **kwargs):
         outcome = run(*args, **kwargs)
         states.append(outcome.state)
         return outcome
 
-    monkeypatch.setattr(engine, 'run', recording)
+    monkeypatch.setattr(loop, 'run', recording)
     return states
 
 
@@ -63,14 +63,14 @@ def _batches(image_shape, classes=10, seed=0):
 @functools.lru_cache(maxsize=None)
 def _cnn():
     """small_cnn (BatchNorm) at width 4 on 8x8x1 images."""
-    model = models.get_model('small_cnn', tiny_model.NUM_CLASSES, width=4)
+    model = zoo.get_model('small_cnn', tiny_model.NUM_CLASSES, width=4)
     return model, tiny_model.variables(width=4), _batches(tiny_model.IMAGE_SHAPE)
 
 
 @functools.lru_cache(maxsize=None)
 def _vit():
     """A one-block ViT on 8x8x1 images (dropout 0: the same path on every mesh)."""
-    model = models.get_model('vit_tiny', 10, num_layers=1, hidden_dim=32, mlp_dim=64)
+    model = zoo.get_model('vit_tiny', 10, num_layers=1, hidden_dim=32, mlp_dim=64)
     variables = jax.jit(functools.partial(model.init, train=False))(
         jax.random.key(0), np.zeros((1, *tiny_model.IMAGE_SHAPE), np.float32)
     )
@@ -112,7 +112,7 @@ def _assert_split(state, fsdp):
             split += 1
             shard = score.addressable_shards[0].data.shape
             assert np.prod(shard) * fsdp == score.size, path
-    flat = jackpot_jax.sparsity.flatten(state.frozen_params)
+    flat = jackpot_jax.core.sparsity.flatten(state.frozen_params)
     for path in state.scores:
         assert flat[path].sharding.spec == state.scores[path].sharding.spec, path
     momenta = [
@@ -171,7 +171,7 @@ def test_resume_of_an_fsdp_4_checkpoint_on_fsdp_2_and_on_1_device(tmp_path, last
         **kwargs,
     )
     cut = str(tmp_path / 'cut')
-    with pytest.raises(engine.SearchInterrupted, match='last checkpoint is step 4'):
+    with pytest.raises(loop.SearchInterrupted, match='last checkpoint is step 4'):
         jackpot_jax.find_jackpot(
             model, variables, _Interrupt(batches, at=1), workdir=cut, num_devices=8, fsdp=4,
             **kwargs,
@@ -273,15 +273,15 @@ def test_bad_fsdp_values_are_named(tmp_path):
     config.fsdp = 3
     with pytest.raises(ValueError, match=r'fsdp=3 does not divide num_devices=8; choose fsdp '
                        r'among 1, 2, 4, 8'):
-        launcher.validate(config)
+        modes.validate(config)
     for bad in (0, -1):
         config = config_lib.get_config()
         config.fsdp = bad
         with pytest.raises(ValueError, match=rf'fsdp={bad!r} must be an integer >= 1.*--config'):
-            launcher.validate(config)
+            modes.validate(config)
     config = config_lib.get_config()
     config.fsdp = 5  # num_devices 0: all 8, which 5 does not divide
-    launcher.validate(config)
+    modes.validate(config)
     with pytest.raises(ValueError, match='fsdp=5 does not divide the 8 devices'):
         rc.Setup(config)
     assert config_lib.is_resumable('fsdp')
@@ -311,7 +311,7 @@ def test_launcher_search_with_fsdp_matches_1_device(weights, tmp_path):
 
     assert rc.Setup(config(8, 4)).mesh.shape == {'data': 2, 'fsdp': 4}
     found = {
-        n: search_run.run_search(config(n, f), str(tmp_path / f'fsdp{f}'))
+        n: search_mode.run_search(config(n, f), str(tmp_path / f'fsdp{f}'))
         for n, f in ((1, 1), (8, 4))
     }
     one, split = found[1]['state'], found[8]['state']

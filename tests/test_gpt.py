@@ -11,11 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-from jackpot_jax import checkpoint, gpt, models, search, sparsity, weight_training
-from jackpot_jax import run_context as rc
-from jackpot_jax.metrics import read_jsonl
 from test_text_data import write_corpus  # tests/ is on the path
+
+from jackpot_jax.core import sparsity, step
+from jackpot_jax.engine.metrics import read_jsonl
+from jackpot_jax.io import checkpoint
+from jackpot_jax.launch import run_context as rc, weight_training
+from jackpot_jax.models import gpt, zoo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=16, depth=2, heads=2, context=8)
@@ -27,7 +29,7 @@ def _init(model, length=8, seed=0):
 
 @pytest.fixture(scope='module')
 def tiny():
-    model = models.get_model('gpt', 11, **TINY)
+    model = zoo.get_model('gpt', 11, **TINY)
     return model, _init(model)
 
 
@@ -39,7 +41,7 @@ def test_logits_are_float32_per_position_over_the_vocabulary(tiny):
     # Shorter inputs use the first positions; no batch statistics anywhere.
     assert model.apply(variables, tokens[:, :5], train=False).shape == (3, 5, 11)
     assert set(variables) == {'params'}
-    bf16 = models.get_model('gpt', 11, dtype=jnp.bfloat16, **TINY)
+    bf16 = zoo.get_model('gpt', 11, dtype=jnp.bfloat16, **TINY)
     assert bf16.apply(variables, tokens, train=False).dtype == jnp.float32
 
 
@@ -63,7 +65,7 @@ def test_the_default_prune_rule_picks_exactly_the_attention_and_mlp_kernels():
         + ('mlp/c_fc', 'mlp/c_proj')
     }
     for tie in (True, False):
-        model = models.get_model('gpt', 11, tie_embeddings=tie, **TINY)
+        model = zoo.get_model('gpt', 11, tie_embeddings=tie, **TINY)
         params = _init(model)['params']
         assert set(sparsity.prunable_paths(params)) == want
         flat = sparsity.flatten(params)
@@ -73,7 +75,7 @@ def test_the_default_prune_rule_picks_exactly_the_attention_and_mlp_kernels():
 
 
 def test_dropout_acts_only_when_training_with_an_rng():
-    model = models.get_model('gpt', 11, dropout_rate=0.5, **TINY)
+    model = zoo.get_model('gpt', 11, dropout_rate=0.5, **TINY)
     variables = _init(model)
     tokens = np.ones((2, 8), np.int32)
     plain = model.apply(variables, tokens, train=False)
@@ -90,10 +92,10 @@ def test_bad_sizes_name_the_value_and_the_fix(tiny):
     with pytest.raises(ValueError, match='input length 9 exceeds context=8'):
         model.apply(variables, np.zeros((1, 9), np.int32), train=False)
     with pytest.raises(ValueError, match='width 10 is not divisible by heads 4'):
-        _init(models.get_model('gpt', 11, width=10, heads=4))
+        _init(zoo.get_model('gpt', 11, width=10, heads=4))
     with pytest.raises(ValueError, match='model.vocab_size=300 but the data has 256 tokens'):
-        models.get_model('gpt', 256, vocab_size=300)
-    assert isinstance(models.get_model('gpt', 256, vocab_size=256), gpt.GPT)
+        zoo.get_model('gpt', 256, vocab_size=300)
+    assert isinstance(zoo.get_model('gpt', 256, vocab_size=256), gpt.GPT)
 
 
 def test_eval_step_counts_tokens_of_valid_windows_and_sums_their_loss(tiny):
@@ -101,7 +103,7 @@ def test_eval_step_counts_tokens_of_valid_windows_and_sums_their_loss(tiny):
     rng = np.random.default_rng(2)
     tokens, labels = rng.integers(0, 11, (4, 8)), rng.integers(0, 11, (4, 8)).astype(np.int32)
     valid = np.array([True, True, False, True])
-    out = search.eval_step(variables['params'], {}, tokens, labels, valid, model=model)
+    out = step.eval_step(variables['params'], {}, tokens, labels, valid, model=model)
     logits = np.asarray(model.apply(variables, tokens, train=False))
     top1 = logits.argmax(-1)
     top5 = np.argsort(-logits, axis=-1)[..., :5]

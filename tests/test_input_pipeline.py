@@ -13,8 +13,7 @@ import pytest
 tf = pytest.importorskip('tensorflow')
 tfds = pytest.importorskip('tensorflow_datasets')
 
-from jackpot_jax import image_preprocessing as pre  # noqa: E402  pylint: disable=g-import-not-at-top
-from jackpot_jax import input_pipeline as ip  # noqa: E402  pylint: disable=g-import-not-at-top
+from jackpot_jax.data import image_preprocessing as pre, input_pipeline as ip, tfds_source
 
 MOCK_N = 7
 CIFAR_MEAN = np.array(pre.CIFAR_MEAN, np.float32)
@@ -475,9 +474,9 @@ def test_genuine_validation_split_is_disjoint_from_training_and_deterministic(
 def test_validation_fraction_that_leaves_no_training_example_is_refused(genuine_cifar10):
     data_dir, _, _ = genuine_cifar10
     with pytest.raises(ValueError, match='validation_fraction=0.99 leaves no training'):
-        ip.TfdsSource('cifar10', data_dir, validation_fraction=0.99)
+        tfds_source.TfdsSource('cifar10', data_dir, validation_fraction=0.99)
     with pytest.raises(ValueError, match=r'must be in \[0, 1\), got 1.5'):
-        ip.TfdsSource('cifar10', data_dir, validation_fraction=1.5)
+        tfds_source.TfdsSource('cifar10', data_dir, validation_fraction=1.5)
     with pytest.raises(ValueError, match='no validation split; set data.validation_fraction'):
         list(ip.eval_iterator('cifar10', batch_size=2, data_dir=data_dir, split='validation'))
 

@@ -7,11 +7,11 @@ import json
 import os
 
 import pytest
-
-from jackpot_jax import config_checks, launcher, weight_training
-from jackpot_jax.studies import lm_pruning
 from test_gpt import _tiny_config  # tests/ is on the path
 from test_text_data import write_corpus
+
+from jackpot_jax.launch import config_checks, modes, weight_training
+from jackpot_jax.launch.studies import lm_pruning
 
 
 @pytest.fixture(scope='module')
@@ -26,7 +26,7 @@ def study(tmp_path_factory):
     workdir = str(root / 'run')
     os.makedirs(workdir)
     weight_training.run_pretrain(config, workdir)
-    return config, workdir, launcher.MODES['lm_pruning'](config, workdir)
+    return config, workdir, modes.MODES['lm_pruning'](config, workdir)
 
 
 def test_every_method_at_every_sparsity_prunes_the_same_counts(study):
@@ -67,7 +67,7 @@ def test_the_chosen_epoch_is_the_lowest_validation_perplexity_never_test(study):
 
 def test_rerun_resumes_every_search(study, capsys):
     config, workdir, result = study
-    again = launcher.MODES['lm_pruning'](config, workdir)
+    again = modes.MODES['lm_pruning'](config, workdir)
     for old, new in zip(result['rows'], again['rows']):
         for name in lm_pruning.METHODS[1:]:
             assert new['methods'][name]['test_perplexity'] == pytest.approx(

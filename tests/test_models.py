@@ -1,4 +1,4 @@
-"""Tests for jackpot_jax.models: exact parameter counts, names, shapes and the option-A shortcut."""
+"""Tests for jackpot_jax.models.zoo: exact parameter counts, names, shapes and the option-A shortcut."""
 
 import math
 import re
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jackpot_jax.models import CLASSIFIER_NAMES, MODELS, get_model, option_a_shortcut
+from jackpot_jax.models.zoo import CLASSIFIER_NAMES, MODELS, get_model, option_a_shortcut
 
 KEY = jax.random.PRNGKey(0)
 
@@ -246,7 +246,7 @@ def test_torchvision_vgg_bn_any_input_size(size):
 
 
 def test_adaptive_avg_pool_bins():
-    from jackpot_jax.models import adaptive_avg_pool
+    from jackpot_jax.models.zoo import adaptive_avg_pool
 
     # 2 -> 7 bins: [0,1) x3, [0,2), [1,2) x3 (PyTorch's floor/ceil rule).
     x = jnp.array([1.0, 3.0]).reshape(1, 2, 1, 1)

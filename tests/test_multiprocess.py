@@ -16,13 +16,11 @@ import time
 import jax
 import numpy as np
 import pytest
-
-from jackpot_jax import checkpoint, search_run
-from jackpot_jax import workdir as workdir_lib
-from jackpot_jax import config as config_lib
-from jackpot_jax.metrics import read_jsonl
-
 import tiny_model  # tests/tiny_model.py
+
+from jackpot_jax.engine.metrics import read_jsonl
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.launch import config as config_lib, search_mode
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
@@ -129,7 +127,7 @@ def runs(tmp_path_factory):
     started = _start(two, flags, str(root))
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
-        one = search_run.run_search(_config(pretrained=weights, num_devices=4), str(root / 'one'))
+        one = search_mode.run_search(_config(pretrained=weights, num_devices=4), str(root / 'one'))
     finally:
         logs = _finish(started, deadline)
     return {'weights': weights, 'two': two, 'logs': logs, 'one': one}
@@ -173,7 +171,7 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     shutil.copytree(runs['two'], workdir)
     shutil.rmtree(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR, '4'))
     shutil.rmtree(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
-    resumed = search_run.run_search(_config(pretrained=runs['weights']), workdir)  # all 8 devices
+    resumed = search_mode.run_search(_config(pretrained=runs['weights']), workdir)  # all 8 devices
     _, masks, _, _ = checkpoint.load_jackpot(os.path.join(runs['two'], workdir_lib.JACKPOT_DIR))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed['state'].masks), masks)
     assert int(jax.device_get(resumed['state'].step)) == 4

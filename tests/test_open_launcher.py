@@ -9,16 +9,18 @@ from unittest import mock
 import numpy as np
 import pytest
 
-from jackpot_jax import checkpoint, data, launcher, models, search_run, weight_training
-from jackpot_jax import workdir as workdir_lib
-from jackpot_jax import config as config_lib
-from jackpot_jax.metrics import read_jsonl
+from jackpot_jax.data import catalog
+from jackpot_jax.engine.metrics import read_jsonl
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.launch import config as config_lib, modes, search_mode, weight_training
+from jackpot_jax.models import zoo
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
-from jackpot_jax import input_pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
 from tensorflow_datasets.testing import test_utils as tfds_test_utils  # noqa: E402
 from test_paper_configs import ThreadConfinedMockFs  # noqa: E402  (tests/ is on the path)
+
+from jackpot_jax.data import input_pipeline
 
 MOCK_EXAMPLES = 12
 
@@ -39,7 +41,7 @@ def mock_dir(tmp_path):
 # 'tfds:NAME' data sources.
 # ----------------------------------------------------------------------------
 def test_fixed_size_grey_dataset_keeps_its_size_and_normalises(mock_dir):
-    source = data.load_source('tfds:mnist', mock_dir, {'mean': '0.25', 'std': '0.5'})
+    source = catalog.load_source('tfds:mnist', mock_dir, {'mean': '0.25', 'std': '0.5'})
     assert (source.num_classes, source.image_shape) == (10, (28, 28, 1))
     assert source.steps_per_epoch(4) == MOCK_EXAMPLES // 4
     images, labels = next(iter(source.train_epoch(4, seed=0, epoch=0)))
@@ -55,7 +57,7 @@ def test_fixed_size_grey_dataset_keeps_its_size_and_normalises(mock_dir):
 
 def test_varying_size_colour_dataset_is_resized_and_cropped(mock_dir):
     options = {'image_size': 12, 'resize': 16, 'random_flip': True, 'mean': '0.5,0.4,0.3'}
-    source = data.load_source('tfds:oxford_flowers102', mock_dir, options)
+    source = catalog.load_source('tfds:oxford_flowers102', mock_dir, options)
     assert (source.num_classes, source.image_shape) == (102, (12, 12, 3))
     images, _ = next(iter(source.train_epoch(4, seed=0, epoch=0)))
     assert images.shape == (4, 12, 12, 3)
@@ -66,7 +68,7 @@ def test_varying_size_colour_dataset_is_resized_and_cropped(mock_dir):
 
 
 def test_colour_dataset_of_fixed_size_resized_to_image_size(mock_dir):
-    source = data.load_source('tfds:svhn_cropped', mock_dir, {'image_size': 16})
+    source = catalog.load_source('tfds:svhn_cropped', mock_dir, {'image_size': 16})
     assert (source.num_classes, source.image_shape) == (10, (16, 16, 3))
     images, _ = next(iter(source.train_epoch(4, seed=0, epoch=0)))
     assert images.shape == (4, 16, 16, 3)
@@ -85,14 +87,14 @@ def test_colour_dataset_of_fixed_size_resized_to_image_size(mock_dir):
 )
 def test_bad_tfds_names_and_options_say_what_to_fix(mock_dir, name, options, message):
     with pytest.raises(ValueError, match=message):
-        data.load_source(name, mock_dir, options)
+        catalog.load_source(name, mock_dir, options)
 
 
 # ----------------------------------------------------------------------------
 # User models by import path.
 # ----------------------------------------------------------------------------
 def test_user_model_gets_num_classes_and_its_model_fields():
-    model = models.get_model('user_model:TinyNet', 7, width=64, features=3)
+    model = zoo.get_model('user_model:TinyNet', 7, width=64, features=3)
     assert (model.num_classes, model.features) == (7, 3)  # 'width' is a base default: dropped
 
 
@@ -109,22 +111,22 @@ def test_user_model_gets_num_classes_and_its_model_fields():
 )
 def test_bad_model_names_say_what_to_fix(name, message):
     with pytest.raises(ValueError, match=message):
-        models.get_model(name, 10, width=64)
+        zoo.get_model(name, 10, width=64)
 
 
 def test_user_model_field_it_does_not_take_is_named():
     with pytest.raises(ValueError, match=r"takes no keyword 'depth' \(config field model.depth\)"):
-        models.get_model('user_model:TinyNet', 10, depth=3)
+        zoo.get_model('user_model:TinyNet', 10, depth=3)
 
 
 def test_config_accepts_open_names_and_rejects_unknown_plain_ones():
     config = config_lib.get_config()
     config.model.name = 'user_model:TinyNet'
     config.data.name = 'tfds:mnist'
-    launcher.validate(config)
+    modes.validate(config)
     config.data.name = 'mnist'
     with pytest.raises(ValueError, match="unknown dataset 'mnist'.*tfds:NAME"):
-        launcher.validate(config)
+        modes.validate(config)
 
 
 def test_user_model_on_a_tfds_dataset_through_the_launcher(mock_dir, tmp_path):
@@ -138,10 +140,10 @@ def test_user_model_on_a_tfds_dataset_through_the_launcher(mock_dir, tmp_path):
     config.data.eval_batch_size = 8
     config.pretrain.epochs = config.search.epochs = 1
     config.pretrain.batch_size = config.search.batch_size = 8
-    launcher.validate(config)
+    modes.validate(config)
     workdir = str(tmp_path / 'run')
     weight_training.run_pretrain(config, workdir)
-    found = search_run.run_search(config, workdir)
+    found = search_mode.run_search(config, workdir)
 
     params, statistics, meta = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     assert statistics == {} and meta['model']['name'] == 'user_model:TinyNet'

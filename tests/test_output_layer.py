@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from jackpot_jax import adapters, models, sparsity
-from jackpot_jax.output_layer import output_kernel_paths
+from jackpot_jax.core import adapters, sparsity
+from jackpot_jax.models import zoo
+from jackpot_jax.models.output_layer import output_kernel_paths
 
 KEY = jax.random.key(0)
 X = jnp.ones((2, 8, 8, 3))
@@ -199,7 +200,7 @@ def test_nnx_model():
 
 
 def _package_model(name, x, **kwargs):
-    model = models.get_model(name, 10, **kwargs)
+    model = zoo.get_model(name, 10, **kwargs)
     shapes = jax.eval_shape(lambda: model.init(KEY, x, train=False))
     stats = jax.tree.map(  # concrete, closed over; the params stay abstract
         lambda s: jnp.zeros(s.shape, s.dtype), {k: v for k, v in shapes.items() if k != 'params'}
@@ -234,7 +235,7 @@ def test_torchvision_vgg_reports_only_the_last_classifier_layer():
 
 @pytest.mark.parametrize('tie, expected', [(True, 'wte/embedding'), (False, 'classifier/kernel')])
 def test_gpt_head(tie, expected):
-    if 'gpt' not in models.MODELS:
+    if 'gpt' not in zoo.MODELS:
         pytest.skip('no gpt model registered')
     found, _ = _package_model('gpt', jnp.ones((1, 8), jnp.int32), tie_embeddings=tie, depth=2)
     assert found == (expected,)

@@ -47,7 +47,7 @@ def test_console_scripts_name_functions_that_exist():
     scripts = _project()['scripts']
     assert scripts == {
         'jackpot-jax': 'jackpot_jax.main:run',
-        'jackpot-jax-convert': 'jackpot_jax.convert:main',
+        'jackpot-jax-convert': 'jackpot_jax.io.convert_cli:main',
     }
     for target in scripts.values():
         module, function = target.split(':')

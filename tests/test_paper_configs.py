@@ -15,15 +15,15 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from jackpot_jax import checkpoint, config_checks, launcher, search_run, weight_training
-from jackpot_jax import run_context as rc
-from jackpot_jax import workdir as workdir_lib
-from jackpot_jax.metrics import read_jsonl
+from jackpot_jax.engine.metrics import read_jsonl
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.launch import config_checks, modes, run_context as rc, search_mode, weight_training
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
-from jackpot_jax import input_pipeline  # noqa: E402  pylint: disable=g-import-not-at-top
 from tensorflow_datasets.testing import test_utils as tfds_test_utils  # noqa: E402
+
+from jackpot_jax.data import input_pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOCK_EXAMPLES = 16  # per split: 2 tiny steps of 8
@@ -125,7 +125,7 @@ def flat(config) -> dict:
 @pytest.mark.parametrize('row', ROWS, ids=str)
 def test_published_row_loads_with_reference_settings(row):
     config = load_config(row.config)
-    launcher.validate(config)
+    modes.validate(config)
     imagenet = row.dataset == 'imagenet2012'
     assert config.mode == 'search'
     assert config.data.name == row.dataset and config.model.to_dict() == {
@@ -199,7 +199,7 @@ def test_docstring_and_docs_list_every_published_row(row):
 @pytest.mark.parametrize('arg', PRETRAIN_ARGS)
 def test_pretrain_config_matches_the_search_configs(arg):
     config = load_config(f'configs/cifar_pretrain.py:{arg}')
-    launcher.validate(config)
+    modes.validate(config)
     assert config.mode == 'pretrain'
     p = config.pretrain
     assert (p.epochs, p.batch_size, p.learning_rate, p.weight_decay, p.momentum) == (
@@ -242,7 +242,7 @@ def test_bad_arguments_say_what_is_wrong(config_string, message):
     """Malformed arguments fail as the flag is parsed; bad values when the launcher
     validates the config (config files import no library module to check names)."""
     with pytest.raises((flags.IllegalFlagValueError, ValueError), match=message):
-        launcher.validate(load_config(config_string))
+        modes.validate(load_config(config_string))
 
 
 # ----------------------------------------------------------------------------
@@ -355,7 +355,7 @@ def tiny_run(mock_data_dir, pretrained, tmp_path_factory):
             config.data.data_dir = mock_data_dir
             config.pretrained = pretrained(config.model.name, config.data.name)
             workdir = str(tmp_path_factory.mktemp('search'))
-            summary = search_run.run_search(config, workdir)
+            summary = search_mode.run_search(config, workdir)
             del summary['state']  # 8 device copies of the weights, scores and momenta
             done[row] = workdir, summary
         return done[row]

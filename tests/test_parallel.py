@@ -13,13 +13,12 @@ import os
 import jax
 import numpy as np
 import pytest
-
-from jackpot_jax import checkpoint, launcher, models, parallel, search, search_run, sparsity
-from jackpot_jax import run_context as rc
-from jackpot_jax import workdir as workdir_lib
-from jackpot_jax import config as config_lib
-
 import tiny_model  # tests/tiny_model.py
+
+from jackpot_jax.core import parallel, sparsity, step
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.launch import config as config_lib, modes, run_context as rc, search_mode
+from jackpot_jax.models import zoo
 
 RTOL, ATOL = 1e-5, 1e-6
 GLOBAL_BATCH = 16
@@ -35,7 +34,7 @@ def _close(actual, expected):
 @functools.lru_cache(maxsize=None)
 def _tiny():
     """small_cnn width 4 on 8x8x1 inputs, 80% sparse; STEPS global batches of 16."""
-    model = models.get_model('small_cnn', tiny_model.NUM_CLASSES, width=4)
+    model = zoo.get_model('small_cnn', tiny_model.NUM_CLASSES, width=4)
     variables = tiny_model.variables(width=4)
     flat = sparsity.flatten(variables['params'])
     kernels = {p: flat[p] for p in sparsity.prunable_paths(variables['params'])}
@@ -50,9 +49,9 @@ def _search_steps(num_devices: int):
     """STEPS search steps on a mesh of ``num_devices``; host copies of the state and metrics."""
     model, variables, kernels, counts, images, labels = _tiny()
     mesh = parallel.make_mesh(num_devices)
-    optimizer = search.sgd_optimizer(0.5, 5e-4, 0.9, 1, STEPS)
+    optimizer = step.sgd_optimizer(0.5, 5e-4, 0.9, 1, STEPS)
     masks = jax.jit(functools.partial(sparsity.magnitude_masks, counts=counts))(kernels)
-    state = search.init_search_state(
+    state = step.init_search_state(
         variables['params'],
         variables['batch_stats'],
         masks,
@@ -60,7 +59,7 @@ def _search_steps(num_devices: int):
         optimizer,
     )
     state = parallel.replicate(state, mesh)
-    step_fn = search.make_search_step(
+    step_fn = step.make_search_step(
         model=model,
         optimizer=optimizer,
         counts=counts,
@@ -123,7 +122,7 @@ def _search_config(weights: str, num_devices: int):
 
 def test_run_search_on_8_devices_matches_1_device(weights, tmp_path):
     found = {
-        n: search_run.run_search(_search_config(weights, n), str(tmp_path / f'devices{n}'))
+        n: search_mode.run_search(_search_config(weights, n), str(tmp_path / f'devices{n}'))
         for n in (1, 8)
     }
     one, eight = (parallel.to_host(found[n]['state']) for n in (1, 8))
@@ -163,12 +162,12 @@ def test_distributed_config_is_validated():
     config = config_lib.get_config()
     config.distributed.cpu_collectives = 'nccl'
     with pytest.raises(ValueError, match="unknown distributed.cpu_collectives 'nccl'"):
-        launcher.validate(config)
+        modes.validate(config)
     config = config_lib.get_config()
     config.distributed.num_processes = 2
     config.distributed.process_id = 2
     with pytest.raises(ValueError, match='process_id=2 is out of range'):
-        launcher.validate(config)
+        modes.validate(config)
 
 
 def test_prefetch_keeps_two_batches_in_flight_in_order():

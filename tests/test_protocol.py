@@ -7,13 +7,19 @@ import hashlib
 import jax
 import numpy as np
 import pytest
-
 import tiny_model  # tests/tiny_model.py
-from jackpot_jax import checkpoint, config_checks, data, launcher, parallel, search, search_run
-from jackpot_jax import sparsity
-from jackpot_jax import run_context as rc
-from jackpot_jax import config as config_lib
 from test_checkpoint import _assert_same_search, _Interrupt, _interrupt_after
+
+from jackpot_jax.core import parallel, sparsity, step
+from jackpot_jax.data import sources
+from jackpot_jax.io import checkpoint
+from jackpot_jax.launch import (
+    config as config_lib,
+    config_checks,
+    modes,
+    run_context as rc,
+    search_mode,
+)
 
 # A fixed paper-protocol search (tiny_model weights, 3 epochs of 6 steps of 16 digits),
 # fingerprinted on the implementation before the protocols existed: sha256 of the packed
@@ -55,12 +61,12 @@ def weights(tmp_path_factory):
 def _labelled_dataset(n=50):
     """Images that carry their own index, so any leak between splits is visible."""
     images = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1) * np.ones((1, 2, 2, 1), np.float32)
-    return data.ArrayDataset(images, np.arange(n) % 3, images[:4], np.arange(4) % 3, 3)
+    return sources.ArrayDataset(images, np.arange(n) % 3, images[:4], np.arange(4) % 3, 3)
 
 
 def test_validation_split_is_disjoint_from_every_training_batch_and_deterministic():
-    split = data.split_validation(_labelled_dataset(), 0.2)
-    again = data.split_validation(_labelled_dataset(), 0.2)
+    split = sources.split_validation(_labelled_dataset(), 0.2)
+    again = sources.split_validation(_labelled_dataset(), 0.2)
     np.testing.assert_array_equal(split.validation_images, again.validation_images)
     held = set(split.validation_images[:, 0, 0, 0].tolist())
     assert len(held) == 10 and len(split.train_labels) == 40
@@ -71,7 +77,7 @@ def test_validation_split_is_disjoint_from_every_training_batch_and_deterministi
     assert seen == set(range(50)) - held
     eval_seen = [x for b in split.eval_batches(4, 'validation') for x in b[0][b[2], 0, 0, 0]]
     assert sorted(eval_seen) == sorted(held)
-    assert data.split_validation(_labelled_dataset(), 0.0).validation_images is None
+    assert sources.split_validation(_labelled_dataset(), 0.0).validation_images is None
 
 
 @pytest.mark.parametrize('fraction', [-0.1, 1.0, 1.5])
@@ -79,14 +85,14 @@ def test_validation_fraction_outside_unit_interval_is_a_config_error(fraction):
     config = config_lib.get_config()
     config.data.validation_fraction = fraction
     with pytest.raises(ValueError, match=r'data.validation_fraction must be in \[0, 1\)'):
-        launcher.validate(config)
+        modes.validate(config)
 
 
 def test_validation_fraction_that_leaves_no_training_batch_is_refused(weights, tmp_path):
     config = _config(weights)
     config.data.validation_fraction = 0.99  # 1,437 digits -> 14 training images < batch 16
     with pytest.raises(ValueError, match='validation_fraction=0.99'):
-        search_run.run_search(config, str(tmp_path))
+        search_mode.run_search(config, str(tmp_path))
 
 
 def test_protocols_fill_only_the_fields_left_to_them():
@@ -102,11 +108,11 @@ def test_protocols_fill_only_the_fields_left_to_them():
     assert config_checks.resolve_protocol(paper).to_dict() == paper.to_dict()
     config.protocol = 'published'
     with pytest.raises(ValueError, match="unknown protocol 'published'"):
-        launcher.validate(config)
+        modes.validate(config)
 
 
 def test_paper_protocol_reproduces_the_published_search_exactly(weights, tmp_path):
-    result = search_run.run_search(_config(weights, 'paper'), str(tmp_path))
+    result = search_mode.run_search(_config(weights, 'paper'), str(tmp_path))
     state = jax.device_get(result['state'])
     digest, total, distance = _fingerprint(state.masks, state.scores)
     assert digest == PAPER_GOLDEN[0]
@@ -123,7 +129,7 @@ def stable_run(weights, tmp_path_factory):
     config = _config(weights, epochs=4)
     config.search.mask_freeze_fraction = 0.5
     config.search.compare_statistics = True
-    return workdir, config, search_run.run_search(config, workdir)
+    return workdir, config, search_mode.run_search(config, workdir)
 
 
 def test_frozen_masks_keep_exact_counts_and_stop_changing(weights, stable_run):
@@ -136,7 +142,7 @@ def test_frozen_masks_keep_exact_counts_and_stop_changing(weights, stable_run):
     flat = sparsity.flatten(params)
     for path, count in result['counts'].items():
         assert int(np.size(flat[path]) - masks[path].sum()) == count
-    assert search.mask_freeze_step(0.25, 30, 10) == 230 and search.mask_freeze_step(0.0, 30, 10) is None
+    assert step.mask_freeze_step(0.25, 30, 10) == 230 and step.mask_freeze_step(0.0, 30, 10) is None
 
 
 def test_every_epoch_reports_validation_and_both_statistics(stable_run):
@@ -158,8 +164,8 @@ def test_frozen_phase_resumes_bit_identically(weights, stable_run, tmp_path, mon
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 15)  # in epoch 3, the first frozen one
         with pytest.raises(_Interrupt):
-            search_run.run_search(config, workdir)
-    resumed = search_run.run_search(config, workdir)
+            search_mode.run_search(config, workdir)
+    resumed = search_mode.run_search(config, workdir)
     _assert_same_search(resumed['state'], jax.device_get(result['state']))
     assert resumed['history'] == result['history']
 
@@ -205,7 +211,7 @@ def test_jackpot_of_the_best_validation_epoch_is_the_one_saved(
     config = _config(weights, epochs=4)
     config.search.mask_freeze_fraction = 0.0  # so every epoch ends with other masks
     config.search.selection_rule = 'best'
-    result = search_run.run_search(config, str(tmp_path))
+    result = search_mode.run_search(config, str(tmp_path))
     chosen = result['history'][chosen_epoch - 1]
     assert result['jackpot_epoch'] == chosen_epoch and result['selection_rule'] == 'best'
     assert result['jackpot_top1'] == chosen['test_top1']
@@ -232,18 +238,18 @@ def test_jackpot_of_the_best_validation_epoch_is_the_one_saved(
 def test_last_epoch_jackpot_on_request_and_no_choice_without_validation(weights, tmp_path):
     config = _config(weights, epochs=2)
     config.search.selection_rule = 'last'
-    result = search_run.run_search(config, str(tmp_path))
+    result = search_mode.run_search(config, str(tmp_path))
     assert result['jackpot_epoch'] == 2 and result['jackpot_top1'] == result['last_epoch_top1']
     paper = _config(weights, 'paper')
     paper.search.selection_rule = 'best'
     with pytest.raises(ValueError, match=r"selection_rule='best'.*validation_fraction"):
-        launcher.validate(paper)
+        modes.validate(paper)
     with pytest.raises(ValueError, match=r"selection_rule='best'.*validation_fraction"):
-        search_run.run_search(paper, str(tmp_path / 'refused'))  # before any step
+        search_mode.run_search(paper, str(tmp_path / 'refused'))  # before any step
     assert not (tmp_path / 'refused').exists()
     paper.search.selection_rule = 'best_test'
     with pytest.raises(ValueError, match="unknown search.selection_rule 'best_test'"):
-        launcher.validate(paper)
+        modes.validate(paper)
 
 
 def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
@@ -252,7 +258,7 @@ def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
     """The paper's search (3 epochs of 6 steps) with a swap margin of 0.002."""
     config = _config(weights, 'paper')
     config.search.swap_margin = 0.002
-    result = search_run.run_search(config, str(tmp_path / 'whole'))
+    result = search_mode.run_search(config, str(tmp_path / 'whole'))
     state = jax.device_get(result['state'])
     assert _fingerprint(state.masks, state.scores)[0] != PAPER_GOLDEN[0]  # the margin acts
     assert sum(r['mask_changes'] for r in result['history']) > 0  # and masks still move
@@ -263,8 +269,8 @@ def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 10)  # in epoch 2
         with pytest.raises(_Interrupt):
-            search_run.run_search(config, str(tmp_path / 'resumed'))
-    resumed = search_run.run_search(config, str(tmp_path / 'resumed'))
+            search_mode.run_search(config, str(tmp_path / 'resumed'))
+    resumed = search_mode.run_search(config, str(tmp_path / 'resumed'))
     _assert_same_search(resumed['state'], state)
     assert resumed['history'] == result['history']
 
@@ -272,7 +278,7 @@ def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
 def test_swap_margin_no_score_can_clear_keeps_the_first_mask(weights, tmp_path):
     config = _config(weights, 'paper', epochs=1)
     config.search.swap_margin = 1.0  # scores start at 1.0 (kept) and 0.99 (pruned)
-    result = search_run.run_search(config, str(tmp_path))
+    result = search_mode.run_search(config, str(tmp_path))
     assert result['history'][0]['mask_changes'] == 0
 
 
@@ -289,4 +295,4 @@ def test_bad_swap_margin_is_a_config_error(margin, update, message):
     config.search.swap_margin = margin
     config.search.mask_update = update
     with pytest.raises(ValueError, match=message):
-        launcher.validate(config)
+        modes.validate(config)

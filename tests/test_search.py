@@ -8,7 +8,8 @@ import numpy as np
 import optax
 import pytest
 
-from jackpot_jax import models, search, sparsity, structured
+from jackpot_jax.core import sparsity, step as step_lib, structured
+from jackpot_jax.models import zoo
 
 STEPS_PER_EPOCH = 3
 EPOCHS = 2
@@ -16,7 +17,7 @@ EPOCHS = 2
 
 @functools.lru_cache(maxsize=None)
 def _setup(sparsity_level=0.8):
-    model = models.get_model('small_cnn', 10, width=4)
+    model = zoo.get_model('small_cnn', 10, width=4)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
     params = variables['params']
     flat = sparsity.flatten(params)
@@ -33,12 +34,12 @@ def _state(optimizer, **kw):
     masks = sparsity.magnitude_masks(kernels, counts)
     scores = sparsity.init_scores(masks)
     fresh = jax.tree.map(jnp.copy, variables)  # the step donates its state
-    return search.init_search_state(fresh['params'], fresh['batch_stats'], masks, scores, optimizer)
+    return step_lib.init_search_state(fresh['params'], fresh['batch_stats'], masks, scores, optimizer)
 
 
 def _step_fn(optimizer, **settings):
     model, _, _, counts, _, _ = _setup()
-    return search.make_search_step(
+    return step_lib.make_search_step(
         model=model,
         optimizer=optimizer,
         counts=counts,
@@ -49,7 +50,7 @@ def _step_fn(optimizer, **settings):
 
 
 def _optimizer():
-    return search.sgd_optimizer(0.5, 5e-4, 0.9, EPOCHS, STEPS_PER_EPOCH)
+    return step_lib.sgd_optimizer(0.5, 5e-4, 0.9, EPOCHS, STEPS_PER_EPOCH)
 
 
 def _run(steps, **settings):
@@ -137,7 +138,7 @@ def test_gradient_reaches_scores_of_pruned_weights_straight_through():
             train=True,
             mutable=['batch_stats'],
         )
-        return search.cross_entropy(logits, labels)
+        return step_lib.cross_entropy(logits, labels)
 
     grads = jax.grad(loss)(state.scores)
     for path in counts:
@@ -148,7 +149,7 @@ def test_gradient_reaches_scores_of_pruned_weights_straight_through():
 
 def test_sgd_matches_pytorch_update_rule_with_decay_before_momentum():
     lr, wd, mom = 0.1, 0.01, 0.9
-    optimizer = search.sgd_optimizer(lr, wd, mom, epochs=4, steps_per_epoch=100)
+    optimizer = step_lib.sgd_optimizer(lr, wd, mom, epochs=4, steps_per_epoch=100)
     p = jnp.array([1.0, -2.0])
     g = jnp.array([0.5, 0.25])
     state = optimizer.init(p)
@@ -164,7 +165,7 @@ def test_sgd_matches_pytorch_update_rule_with_decay_before_momentum():
 
 
 def test_learning_rate_is_a_per_epoch_cosine():
-    schedule = search.epoch_cosine(0.1, epochs=4, steps_per_epoch=10)
+    schedule = step_lib.epoch_cosine(0.1, epochs=4, steps_per_epoch=10)
     expected = [0.05 * (1 + np.cos(np.pi * e / 4)) for e in range(4)]
     got = [float(schedule(step)) for step in (0, 9, 10, 19, 20, 30, 39)]
     np.testing.assert_allclose(
@@ -177,8 +178,8 @@ def test_learning_rate_is_a_per_epoch_cosine():
 def test_label_smoothing_changes_the_loss():
     logits = jnp.array([[4.0, 0.0, -1.0]])
     labels = jnp.array([0])
-    plain = float(search.cross_entropy(logits, labels))
-    smooth = float(search.cross_entropy(logits, labels, 0.1))
+    plain = float(step_lib.cross_entropy(logits, labels))
+    smooth = float(step_lib.cross_entropy(logits, labels, 0.1))
     log_p = jax.nn.log_softmax(logits)[0]
     expected = -(0.9 + 0.1 / 3) * log_p[0] - (0.1 / 3) * (log_p[1] + log_p[2])
     assert smooth == pytest.approx(float(expected), rel=1e-6)
@@ -190,7 +191,7 @@ def test_eval_step_counts_only_valid_examples():
     logits = model.apply(variables, images, train=False)
     top1 = np.asarray(jnp.argmax(logits, -1))
     valid = np.array([True] * 5 + [False] * 3)
-    out = search.eval_step(
+    out = step_lib.eval_step(
         variables['params'], variables['batch_stats'], images, labels, valid, model=model
     )
     assert int(out['count']) == 5
@@ -233,7 +234,7 @@ def _traced_step(model, image_size, counts_of, **settings):
     scores = {p: jax.ShapeDtypeStruct(flat[p].shape, jnp.float32) for p in paths}
     optimizer = _optimizer()
     state = jax.eval_shape(
-        lambda p, b, m, s: search.init_search_state(p, b, m, s, optimizer),
+        lambda p, b, m, s: step_lib.init_search_state(p, b, m, s, optimizer),
         variables['params'],
         variables['batch_stats'],
         masks,
@@ -241,7 +242,7 @@ def _traced_step(model, image_size, counts_of, **settings):
     )
     step = jax.jit(
         functools.partial(
-            search.search_step,
+            step_lib.search_step,
             model=model,
             optimizer=optimizer,
             counts=counts,
@@ -258,7 +259,7 @@ def _traced_step(model, image_size, counts_of, **settings):
 def test_resnet50_search_step_has_one_mask_update_loop_for_its_53_layers():
     """Lowered ResNet-50 search step: the mask update is ONE while loop (32 passes over
     every layer at once), where a loop per layer would give 53."""
-    model = models.get_model('resnet50', 1000)
+    model = zoo.get_model('resnet50', 1000)
     traced, layers = _traced_step(
         model, 64, lambda shapes: sparsity.uniform_allocation(shapes, 0.9)
     )
@@ -271,7 +272,7 @@ def test_resnet50_search_step_has_one_mask_update_loop_for_its_53_layers():
 def test_mask_update_loops_per_rule():
     """Rate 1: one loop; rate < 1: one more, for the revival and drop selections of all
     layers together; edge-popup: one; N:M groups: none; no layer to prune: none."""
-    model = models.get_model('small_cnn', 10, width=4)
+    model = zoo.get_model('small_cnn', 10, width=4)
     uniform = lambda shapes: sparsity.uniform_allocation(shapes, 0.9)  # noqa: E731
     cases = [
         ({}, uniform, 1),

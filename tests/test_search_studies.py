@@ -7,15 +7,20 @@ import warnings
 import jax
 import numpy as np
 import pytest
-
-from jackpot_jax import checkpoint, launcher, plots, search_run, sparsity, structured, weight_training
-from jackpot_jax import run_context as rc
-from jackpot_jax import workdir as workdir_lib
-from jackpot_jax.studies import search_cost, stability
-from jackpot_jax import config as config_lib
-
 from test_studies import assert_valid_png
 from tiny_model import tiny_config  # tests/tiny_model.py
+
+from jackpot_jax.core import sparsity, structured
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.launch import (
+    config as config_lib,
+    modes,
+    plots,
+    run_context as rc,
+    search_mode,
+    weight_training,
+)
+from jackpot_jax.launch.studies import search_cost, stability
 
 
 def study_base():
@@ -126,7 +131,7 @@ def test_epochs_to_target_and_the_speedup_over_edge_popups_init():
 def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
     config = study_config(pretrained, 'search_cost')
     config.search_cost.inits = 'magnitude,kaiming'
-    result = launcher.MODES['search_cost'](config, str(tmp_path))
+    result = modes.MODES['search_cost'](config, str(tmp_path))
     with open(tmp_path / 'search_cost.json') as f:
         assert json.load(f) == json.loads(json.dumps(result))
     assert_valid_png(tmp_path / 'search_cost.png')
@@ -138,7 +143,7 @@ def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
     # A rerun resumes every finished search instead of searching again.
     metrics = tmp_path / 'search_cost' / 'kaiming' / workdir_lib.METRICS_FILE
     records = metrics.read_text()
-    again = launcher.MODES['search_cost'](config, str(tmp_path))
+    again = modes.MODES['search_cost'](config, str(tmp_path))
     assert metrics.read_text() == records
     for name, row in result['runs'].items():
         assert {**again['runs'][name], 'search_seconds': 0} == {**row, 'search_seconds': 0}
@@ -149,7 +154,7 @@ def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
 def test_restriction_mode_telemetry_adds_up(pretrained, tmp_path):
     config = study_config(pretrained, 'restriction')
     config.restriction.variants = 'constant,poly4,edge_popup'
-    result = launcher.MODES['restriction'](config, str(tmp_path))
+    result = modes.MODES['restriction'](config, str(tmp_path))
     assert_valid_png(tmp_path / 'restriction.png')
     assert list(result['runs']) == ['constant', 'poly4', 'edge_popup']
     for row in result['runs'].values():
@@ -184,7 +189,7 @@ def test_stability_mode_separates_statistics_and_oscillation(pretrained, tmp_pat
     config = study_config(pretrained, 'stability')
     config.search.epochs = 4  # the stable protocol freezes the masks for the last one
     config.stability.variants = 'paper,stable'
-    result = launcher.MODES['stability'](config, str(tmp_path))
+    result = modes.MODES['stability'](config, str(tmp_path))
     assert_valid_png(tmp_path / 'stability.png')
     paper, stable = result['runs']['paper'], result['runs']['stable']
     for row in (paper, stable):
@@ -206,13 +211,13 @@ def test_stability_mode_separates_statistics_and_oscillation(pretrained, tmp_pat
 def test_sweep_mode_compares_jackpot_magnitude_and_random(pretrained, tmp_path):
     config = study_config(pretrained, 'sweep')
     config.sweep.sparsities = '0.5, 0.9'
-    result = launcher.MODES['sweep'](config, str(tmp_path))
+    result = modes.MODES['sweep'](config, str(tmp_path))
     assert_valid_png(tmp_path / 'accuracy_vs_sparsity.png')
     assert [round(r['sparsity'], 4) for r in result['rows']] == [0.5, 0.9]
     setup = rc.Setup(config)
     params, statistics, _ = setup.load_weights(pretrained)
     config.search.sparsity = 0.9
-    expected = search_run.baseline_accuracies(config, setup, params, statistics)
+    expected = search_mode.baseline_accuracies(config, setup, params, statistics)
     row = result['rows'][1]
     assert row['magnitude_top1'] == expected['magnitude_top1']
     assert row['random_top1'] == expected['random_top1']
@@ -226,18 +231,18 @@ def test_study_lists_are_validated_with_the_field_named():
     config = config_lib.get_config()
     config.search_cost.inits = 'magnitude,xavier'
     with pytest.raises(ValueError, match="search_cost.inits.*'xavier'"):
-        launcher.validate(config)
+        modes.validate(config)
     config = config_lib.get_config()
     config.sweep.sparsities = '0.5,1.0'
     with pytest.raises(ValueError, match=r'sweep.sparsities.*1\.0'):
-        launcher.validate(config)
+        modes.validate(config)
     config.sweep.sparsities = '0.5,high'
     with pytest.raises(ValueError, match='sweep.sparsities'):
-        launcher.validate(config)
+        modes.validate(config)
     config = config_lib.get_config()
     config.restriction.variants = ''
     with pytest.raises(ValueError, match='restriction.variants is empty'):
-        launcher.validate(config)
+        modes.validate(config)
 
 
 def test_plot_curves_draws_a_reference_line(tmp_path):
@@ -256,8 +261,8 @@ def test_nm_search_keeps_n_of_every_m_and_reports_the_pattern(pretrained, tmp_pa
     config.search.pattern = '2:4'
     config.search.sparsity = 0.5
     config.search.score_init = init
-    launcher.validate(config)
-    found = search_run.run_search(config, str(tmp_path))
+    modes.validate(config)
+    found = search_mode.run_search(config, str(tmp_path))
     assert sum(r['mask_changes'] for r in found['history']) > 0
     _, masks, _, _ = checkpoint.load_jackpot(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
     assert np.all(masks['conv1/kernel'])  # 1 input channel: not a multiple of 4, left dense
@@ -291,13 +296,13 @@ def test_pattern_must_agree_with_the_sparsity():
     config = config_lib.get_config()
     config.search.pattern = '2:4'
     with pytest.raises(ValueError, match=r"'2:4' removes 2/4.*search.sparsity=0.5"):
-        launcher.validate(config)
+        modes.validate(config)
     config.search.pattern = '4:2'
     with pytest.raises(ValueError, match="'4:2'"):
-        launcher.validate(config)
+        modes.validate(config)
     config.search.pattern = '1:3'
     config.search.sparsity = 2 / 3
-    launcher.validate(config)
+    modes.validate(config)
 
 
 def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
@@ -335,9 +340,9 @@ def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
 def test_reestimation_evaluates_and_saves_reestimated_statistics(pretrained, tmp_path):
     config = study_config(pretrained, 'search')
     config.search.reestimation_steps = 0
-    plain = search_run.run_search(config, str(tmp_path / 'plain'))
+    plain = search_mode.run_search(config, str(tmp_path / 'plain'))
     config.search.reestimation_steps = 3
-    found = search_run.run_search(config, str(tmp_path / 'reestimated'))
+    found = search_mode.run_search(config, str(tmp_path / 'reestimated'))
     # The search itself is unchanged: same masks and running statistics as without it.
     jax.tree.map(np.testing.assert_array_equal, plain['state'].masks, found['state'].masks)
     jax.tree.map(
@@ -355,4 +360,4 @@ def test_reestimation_evaluates_and_saves_reestimated_statistics(pretrained, tmp
     assert found['history'][-1]['test_top1'] == setup.evaluate(masked, expected)['top1']
     config.search.reestimation_steps = -2
     with pytest.raises(ValueError, match='search.reestimation_steps must be >= 0'):
-        launcher.validate(config)
+        modes.validate(config)

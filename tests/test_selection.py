@@ -1,4 +1,4 @@
-"""Tests for jackpot_jax.selection on handmade epoch histories.
+"""Tests for jackpot_jax.core.selection on handmade epoch histories.
 
 Golden values are computed by hand and written literally: on a 144-image split with the
 best at 141 correct, the binomial SE is sqrt(141 * 3 / 144**3) = sqrt(423) / 1728 and one
@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from jackpot_jax import selection as sel
+from jackpot_jax.core import selection as sel
 
 
 def _history(values, metric='validation_top1', **columns):

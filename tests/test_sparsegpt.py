@@ -1,4 +1,4 @@
-"""Tests for jackpot_jax.core.sparsegpt (SparseGPT on one Dense kernel).
+"""Tests for jackpot_jax.baselines.sparsegpt (SparseGPT on one Dense kernel).
 
 The math is checked against a float64 numpy reference written here from the paper,
 input by input with plain loops and every error spread at once (no lazy batch update);
@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jackpot_jax.core import sparsegpt as sg
+from jackpot_jax.baselines import sparsegpt as sg
 from jackpot_jax.core import sparsity, structured
 from jackpot_jax.core.errors import UserError
 

@@ -1,4 +1,4 @@
-"""Tests for jackpot_jax.sparsity (docs/method.md §2-4).
+"""Tests for jackpot_jax.core.sparsity (docs/method.md §2-4).
 
 Golden values are computed by hand and written literally; the random tests compare
 against a sort-based numpy reference written straight from docs/method.md.
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jackpot_jax import sparsity as sp
+from jackpot_jax.core import sparsity as sp
 
 T, F = True, False
 

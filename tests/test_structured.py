@@ -1,8 +1,8 @@
-"""Tests for jackpot_jax.structured (N:M masks along input channels).
+"""Tests for jackpot_jax.core.structured (N:M masks along input channels).
 
 Golden values are worked by hand and written literally; the random tests compare
 against a numpy reference that loops over the groups and applies docs/method.md §4 to
-each one, and single groups are checked against jackpot_jax.sparsity.
+each one, and single groups are checked against jackpot_jax.core.sparsity.
 """
 
 import math
@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jackpot_jax import sparsity as sp
-from jackpot_jax import structured as st
+from jackpot_jax.core import sparsity as sp, structured as st
 
 T, F = True, False
 
@@ -399,7 +398,7 @@ def test_chained_updates_keep_every_group_at_n():
 
 
 # ----------------------------------------------------------------------------
-# 5. One group == one layer of jackpot_jax.sparsity.
+# 5. One group == one layer of jackpot_jax.core.sparsity.
 # ----------------------------------------------------------------------------
 def test_single_group_equals_sparsity_module():
     """A (M, 1) kernel is one group: every rule equals its sparsity counterpart with k = M - N."""

@@ -6,15 +6,16 @@ import os
 import ml_collections
 import numpy as np
 import pytest
-from PIL import Image
-
-from jackpot_jax import checkpoint, criteria, launcher, plots, sparsity
-from jackpot_jax import workdir as workdir_lib
-from jackpot_jax.studies import overlap
-from jackpot_jax.metrics import read_jsonl
-
 import tiny_model  # tests/tiny_model.py
+from PIL import Image
 from tiny_model import tiny_config  # tests/tiny_model.py
+
+from jackpot_jax.baselines import criteria
+from jackpot_jax.core import sparsity
+from jackpot_jax.engine.metrics import read_jsonl
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.launch import modes, plots
+from jackpot_jax.launch.studies import overlap
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -84,7 +85,7 @@ def overlap_run(tmp_path_factory):
     """A demo workdir (weights drawn in numpy instead of pre-trained: it is faster), then overlap."""
     workdir = str(tmp_path_factory.mktemp('overlap'))
     tiny_model.save_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR), width=4)
-    summary = launcher.run_demo(overlap_config(), workdir)
+    summary = modes.run_demo(overlap_config(), workdir)
     result = overlap.run_overlap(overlap_config(), workdir)
     return workdir, summary, result
 

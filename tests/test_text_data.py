@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from jackpot_jax import data
+from jackpot_jax.data import catalog, text as text_data
 
 
 def write_corpus(root, sizes=(300, 420, 150, 510, 260, 330, 90, 380, 440, 200, 610, 275), seed=0):
@@ -36,32 +36,32 @@ def corpus(tmp_path):
 
 def test_files_are_the_sorted_top_level_modules_only(corpus):
     root, docs = corpus
-    assert data.python_source_files(root) == sorted(docs)
+    assert text_data.python_source_files(root) == sorted(docs)
 
 
 def test_the_default_folder_is_this_pythons_standard_library():
-    names = data.python_source_files()
+    names = text_data.python_source_files()
     assert 'os.py' in names and names == sorted(names)
     assert not any(n.startswith('_sysconfigdata') for n in names)
 
 
 def test_split_is_by_file_disjoint_and_deterministic(corpus):
     root, docs = corpus
-    splits = data.split_documents(sorted(docs), validation_fraction=0.2, test_fraction=0.1)
+    splits = text_data.split_documents(sorted(docs), validation_fraction=0.2, test_fraction=0.1)
     assert [len(splits[s]) for s in ('train', 'validation', 'test')] == [9, 2, 1]
     assert sorted(sum(splits.values(), ())) == sorted(docs)
-    assert splits == data.split_documents(sorted(docs), 0.2, 0.1)  # same files every time
+    assert splits == text_data.split_documents(sorted(docs), 0.2, 0.1)  # same files every time
     # The test files do not depend on the validation fraction; validation comes from train.
-    none = data.split_documents(sorted(docs), 0.0, 0.1)
+    none = text_data.split_documents(sorted(docs), 0.0, 0.1)
     assert none['test'] == splits['test'] and none['validation'] == ()
     assert set(none['train']) == set(splits['train']) | set(splits['validation'])
     # The input order of the names does not matter.
-    assert data.split_documents(sorted(docs, reverse=True), 0.2, 0.1) == splits
+    assert text_data.split_documents(sorted(docs, reverse=True), 0.2, 0.1) == splits
 
 
 def test_windows_are_shifted_by_one_and_stay_inside_a_document():
     docs = [bytes(range(10)), bytes(range(100, 103)), bytes(range(200, 221))]
-    inputs, targets = data.token_windows(docs, context=4)
+    inputs, targets = text_data.token_windows(docs, context=4)
     assert inputs.dtype == np.int32 and inputs.shape == targets.shape == (2 + 0 + 5, 4)
     np.testing.assert_array_equal(inputs[0], [0, 1, 2, 3])
     np.testing.assert_array_equal(targets[0], [1, 2, 3, 4])
@@ -70,12 +70,12 @@ def test_windows_are_shifted_by_one_and_stay_inside_a_document():
     np.testing.assert_array_equal(inputs[2], [200, 201, 202, 203])  # the 3-byte file: none
     np.testing.assert_array_equal(targets, np.asarray(inputs) + 1)  # never across files
     with pytest.raises(ValueError, match='data.context must be a positive integer, got 0'):
-        data.token_windows(docs, 0)
+        text_data.token_windows(docs, 0)
 
 
 def test_dataset_windows_come_from_their_split_files_only(corpus):
     root, docs = corpus
-    ds = data.load_python_source(root, context=8, validation_fraction=0.2)
+    ds = text_data.load_python_source(root, context=8, validation_fraction=0.2)
     m = ds.manifest
     assert (ds.num_classes, ds.image_shape) == (256, (8,))
     assert m['total_files'] == len(docs) and m['total_bytes'] == sum(map(len, docs.values()))
@@ -92,14 +92,14 @@ def test_dataset_windows_come_from_their_split_files_only(corpus):
             text = bytes(window.astype(np.uint8)) + bytes([last])
             owners = [name for name, doc in docs.items() if text in doc]
             assert owners and set(owners) <= set(files), split
-    again = data.load_python_source(root, context=8, validation_fraction=0.2)
+    again = text_data.load_python_source(root, context=8, validation_fraction=0.2)
     np.testing.assert_array_equal(again.train_images, ds.train_images)
     assert again.manifest['sha256'] == m['sha256']
 
 
 def test_launcher_source_pads_token_labels_and_reads_data_context(corpus):
     root, _ = corpus
-    source = data.load_source('python_source', root, {'context': 8}, validation_fraction=0.2)
+    source = catalog.load_source('python_source', root, {'context': 8}, validation_fraction=0.2)
     assert source.image_shape == (8,) and source.has_validation
     x, y = next(iter(source.train_epoch(4, seed=0, epoch=0)))
     assert x.shape == y.shape == (4, 8)
@@ -111,10 +111,10 @@ def test_launcher_source_pads_token_labels_and_reads_data_context(corpus):
 
 def test_bad_folders_and_contexts_say_what_to_do(tmp_path, corpus):
     with pytest.raises(FileNotFoundError, match='does not exist; set --config.data.data_dir'):
-        data.load_python_source(str(tmp_path / 'missing'))
+        text_data.load_python_source(str(tmp_path / 'missing'))
     os.makedirs(tmp_path / 'empty')
     with pytest.raises(FileNotFoundError, match='no \\*.py files'):
-        data.load_python_source(str(tmp_path / 'empty'))
+        text_data.load_python_source(str(tmp_path / 'empty'))
     root, _ = corpus
     with pytest.raises(ValueError, match='hold no window of data.context \\+ 1 = 1001 bytes'):
-        data.load_python_source(root, context=1000)
+        text_data.load_python_source(root, context=1000)

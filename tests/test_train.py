@@ -11,11 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from jackpot_jax import checkpoint, launcher, metrics, search_run, sparsity, weight_training
-from jackpot_jax import workdir as workdir_lib
-from jackpot_jax.metrics import read_jsonl
 from tiny_model import tiny_config  # tests/tiny_model.py
+
+from jackpot_jax.core import sparsity
+from jackpot_jax.engine import metrics
+from jackpot_jax.engine.metrics import read_jsonl
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.launch import modes, search_mode, weight_training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,7 +29,7 @@ def demo_config():
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('demo'))
-    summary = launcher.run_demo(demo_config(), workdir)
+    summary = modes.run_demo(demo_config(), workdir)
     return workdir, summary
 
 
@@ -64,7 +66,7 @@ def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, 
     params, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     config = demo_config()
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
-    found = search_run.run_search(config, str(tmp_path))
+    found = search_mode.run_search(config, str(tmp_path))
     jax.tree.map(
         np.testing.assert_array_equal, params, jax.device_get(found['state'].frozen_params)
     )
@@ -77,7 +79,7 @@ def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, 
 
 def test_evaluate_mode_reproduces_the_selection_rule_accuracy(demo_run, capsys):
     workdir, summary = demo_run
-    result = launcher.run_evaluate(demo_config(), workdir)
+    result = modes.run_evaluate(demo_config(), workdir)
     assert result['top1'] == pytest.approx(summary['jackpot_top1'])
     assert 'sparsity over prunable weights: 90.00%' in capsys.readouterr().out
 
@@ -88,15 +90,15 @@ def test_weights_of_another_model_are_rejected_with_the_mismatch(demo_run, tmp_p
     config.model.width = 16
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
     with pytest.raises(ValueError, match=r'conv1/kernel: expected shape \(3, 3, 1, 16\)'):
-        search_run.run_search(config, str(tmp_path))
+        search_mode.run_search(config, str(tmp_path))
     config.model.name = 'resnet20'
     with pytest.raises(ValueError, match="model 'small_cnn'"):
-        search_run.run_search(config, str(tmp_path))
+        search_mode.run_search(config, str(tmp_path))
 
 
 def test_missing_pretrained_weights_say_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="mode 'pretrain'"):
-        search_run.run_search(demo_config(), str(tmp_path))
+        search_mode.run_search(demo_config(), str(tmp_path))
 
 
 def test_command_line_runs_search_from_a_config_file_with_overrides(demo_run, tmp_path):
@@ -182,7 +184,7 @@ def test_bfloat16_search_lands_within_two_points_of_float32(demo_run, tmp_path):
     config.mode = 'search'
     config.model.dtype = 'bfloat16'
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
-    found = search_run.run_search(config, str(tmp_path))
+    found = search_mode.run_search(config, str(tmp_path))
     assert abs(found['jackpot_top1'] - summary['jackpot_top1']) <= 0.02
     state = found['state']
     floats = [state.frozen_params, state.scores, state.opt_state, state.statistics]
@@ -190,7 +192,7 @@ def test_bfloat16_search_lands_within_two_points_of_float32(demo_run, tmp_path):
     assert np.dtype(np.float32) in dtypes  # optimizer step counts are integers
     assert all(d == np.float32 for d in dtypes if jnp.issubdtype(d, jnp.floating))
     config.mode = 'evaluate'
-    assert launcher.run_evaluate(config, str(tmp_path))['top1'] == found['jackpot_top1']
+    assert modes.run_evaluate(config, str(tmp_path))['top1'] == found['jackpot_top1']
 
 
 def _watch_host_reads(monkeypatch):
@@ -241,7 +243,7 @@ def test_search_steps_never_wait_on_the_host(demo_run, tmp_path, monkeypatch):
     config.search.epochs, config.steps_per_epoch, config.checkpoint.every_steps = 1, 4, 2
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
     entered, reads = _watch_host_reads(monkeypatch)
-    search_run.run_search(config, str(tmp_path / 'clean'))
+    search_mode.run_search(config, str(tmp_path / 'clean'))
     assert entered.count('disallow') == 1 and entered.count('allow') == 1  # the checkpoint
     assert not reads, reads[0]
 
@@ -252,5 +254,5 @@ def test_search_steps_never_wait_on_the_host(demo_run, tmp_path, monkeypatch):
         add(self, step, metrics)
 
     monkeypatch.setattr(metrics.EpochMetrics, 'add', leaky_add)
-    search_run.run_search(config, str(tmp_path / 'leaky'))
+    search_mode.run_search(config, str(tmp_path / 'leaky'))
     assert len(reads) == 4 and 'leaky_add' in reads[0]

@@ -15,10 +15,16 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jackpot_jax import checkpoint, launcher, models, search, search_run, sparsity, weight_training
-from jackpot_jax import run_context as rc
-from jackpot_jax import workdir as workdir_lib
-from jackpot_jax import config as config_lib
+from jackpot_jax.core import sparsity, step as step_lib
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.launch import (
+    config as config_lib,
+    modes,
+    run_context as rc,
+    search_mode,
+    weight_training,
+)
+from jackpot_jax.models import zoo
 
 KEY = jax.random.key(0)
 TINY = dict(patch_size=4, hidden_dim=16, num_layers=1, num_heads=2, mlp_dim=32)
@@ -29,7 +35,7 @@ PRUNABLE = re.compile(
 
 
 def _abstract_params(name, image_size=224, **kwargs):
-    model = models.get_model(name, 1000, **kwargs)
+    model = zoo.get_model(name, 1000, **kwargs)
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     return jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)
 
@@ -48,7 +54,7 @@ def test_torchvision_sizes_and_names(name, total, layers, width):
     assert set(variables) == {'params'}  # no BatchNorm, no batch_stats
     params = sparsity.flatten(variables['params'])
     assert sum(math.prod(v.shape) for v in params.values()) == total
-    patch = models.vit.CONFIGS[name]['patch_size']
+    patch = zoo.vit.CONFIGS[name]['patch_size']
     last = f'encoder/layers/encoder_layer_{layers - 1}'
     assert params['conv_proj/kernel'].shape == (patch, patch, 3, width)
     assert params['class_token'].shape == (1, 1, width)
@@ -66,7 +72,7 @@ def test_torchvision_sizes_and_names(name, total, layers, width):
 
 def _tiny_vit(**overrides):
     """A tiny ViT on 8x8x1 inputs, weights drawn in numpy (no XLA compile for the init)."""
-    model = models.get_model('vit_tiny', 10, **{**TINY, **overrides})
+    model = zoo.get_model('vit_tiny', 10, **{**TINY, **overrides})
     x = np.random.RandomState(0).randn(16, 8, 8, 1).astype(np.float32)
     shapes = jax.eval_shape(lambda x: model.init(KEY, x, train=False), x)['params']
     rng = np.random.RandomState(1)
@@ -95,7 +101,7 @@ def test_dropout_acts_only_in_training_with_an_rng():
 
 
 def test_patches_that_do_not_fit_raise_a_clear_error():
-    model = models.get_model('vit_tiny', 10, patch_size=3)
+    model = zoo.get_model('vit_tiny', 10, patch_size=3)
     with pytest.raises(ValueError, match=r'multiples of patch_size=3'):
         model.init(KEY, jnp.zeros((1, 8, 8, 1)), train=False)
 
@@ -139,9 +145,9 @@ def test_search_steps_on_a_vit_keep_counts_and_frozen_weights(settings):
     plan = rc.plan_masks(config, params)
     counts = plan.counts
     masks, scores = plan.initial_masks_and_scores(params, config.search.score_init)
-    optimizer = search.sgd_optimizer(5.0, 0.0, 0.9, 1, 3)
-    state = search.init_search_state(params, {}, masks, scores, optimizer)
-    step = search.make_search_step(
+    optimizer = step_lib.sgd_optimizer(5.0, 0.0, 0.9, 1, 3)
+    state = step_lib.init_search_state(params, {}, masks, scores, optimizer)
+    step = step_lib.make_search_step(
         model=model,
         optimizer=optimizer,
         counts=counts,
@@ -172,20 +178,20 @@ def test_launcher_pretrains_searches_evaluates_and_exports_a_vit(tmp_path, capsy
     config.steps_per_epoch = 2
     config.pretrain.epochs = 1
     config.search.epochs = 1
-    launcher.validate(config)
+    modes.validate(config)
     workdir = str(tmp_path)
     weight_training.run_pretrain(config, workdir)
     params, stats, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     assert stats == {}
-    found = search_run.run_search(config, workdir)
+    found = search_mode.run_search(config, workdir)
     _, masks, jackpot_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     assert jackpot_stats == {}
     assert set(masks) == set(sparsity.prunable_paths(params))
-    evaluated = launcher.run_evaluate(config, workdir)
+    evaluated = modes.run_evaluate(config, workdir)
     assert evaluated['top1'] == pytest.approx(found['jackpot_top1'])
-    exported = launcher.run_export(config, workdir)['masked_weights']
+    exported = modes.run_export(config, workdir)['masked_weights']
     config.pretrained, config.jackpot = exported, 'none'
-    assert launcher.run_evaluate(config, workdir)['top1'] == pytest.approx(found['jackpot_top1'])
+    assert modes.run_evaluate(config, workdir)['top1'] == pytest.approx(found['jackpot_top1'])
     # A second search run resumes from the checkpoint of the first (no batch stats in it).
     config.pretrained, config.jackpot = '', ''
-    assert search_run.run_search(config, workdir)['jackpot_top1'] == found['jackpot_top1']
+    assert search_mode.run_search(config, workdir)['jackpot_top1'] == found['jackpot_top1']

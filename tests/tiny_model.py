@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jackpot_jax import checkpoint, models
-from jackpot_jax import config as config_lib
+from jackpot_jax.io import checkpoint
+from jackpot_jax.launch import config as config_lib
+from jackpot_jax.models import zoo
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (8, 8, 1)
@@ -35,7 +36,7 @@ def tiny_config(**fields: Any) -> ml_collections.ConfigDict:
 
 def variables(width: int = 4, seed: int = 0) -> dict[str, Any]:
     """numpy ``{'params', 'batch_stats'}`` shaped like ``small_cnn(width)``'s."""
-    model = models.get_model('small_cnn', NUM_CLASSES, width=width)
+    model = zoo.get_model('small_cnn', NUM_CLASSES, width=width)
     init = functools.partial(model.init, train=False)
     shapes = jax.eval_shape(init, jax.random.key(0), jnp.zeros((1, *IMAGE_SHAPE)))
     rng = np.random.default_rng(seed)
@@ -62,9 +63,9 @@ def save_weights(path: str, width: int = 4, seed: int = 0) -> dict[str, Any]:
 def fault_at_step(monkeypatch, step: int, fault):
     """Makes every search step built from now on call ``fault(state, metrics)`` at the
     ``step``-th call (1-based) and return its result; ``fault`` may also raise."""
-    from jackpot_jax import search  # pylint: disable=g-import-not-at-top
+    from jackpot_jax.core import step as step_lib
 
-    original = search.make_search_step
+    original = step_lib.make_search_step
 
     def make(**settings):
         step_fn = original(**settings)
@@ -78,5 +79,5 @@ def fault_at_step(monkeypatch, step: int, fault):
 
         return faulty
 
-    monkeypatch.setattr(search, 'make_search_step', make)
+    monkeypatch.setattr(step_lib, 'make_search_step', make)
     return original

@@ -1,4 +1,4 @@
-"""Parity and format tests of jackpot_jax.convert against PyTorch.
+"""Parity and format tests of jackpot_jax.io.convert against PyTorch.
 
 Run in their own process (torch must never share one with tensorflow):
 ``python -m pytest -q tests/torch``.
@@ -19,7 +19,9 @@ import torch.nn as tnn
 import torch.nn.functional as F
 import torchvision
 
-from jackpot_jax import checkpoint, convert, models, name_tables, sparsity, torch_io
+from jackpot_jax.core import sparsity
+from jackpot_jax.io import checkpoint, convert, convert_cli, name_tables, official_releases, torch_io
+from jackpot_jax.models import zoo
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -85,7 +87,7 @@ def torch_forward(model: tnn.Module, x: np.ndarray, names=()) -> tuple[np.ndarra
 def flax_forward(
     name: str, num_classes: int, params, stats, x: np.ndarray
 ) -> tuple[np.ndarray, dict]:
-    model = models.get_model(name, num_classes)
+    model = zoo.get_model(name, num_classes)
     logits, state = model.apply(
         {'params': params, 'batch_stats': stats},
         nhwc(x),
@@ -153,7 +155,7 @@ def torch_names(arch: str, family: str) -> dict[str, str]:
 
 
 def cli(*args) -> int:
-    return convert.main([str(a) for a in args])
+    return convert_cli.main([str(a) for a in args])
 
 
 # ----------------------------------------------------------------------------
@@ -377,7 +379,7 @@ def test_adaptive_avg_pool_matches_torch(size):
     x = inputs((2, 4, size, size + 3))
     ref = tnn.AdaptiveAvgPool2d(7)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(
-        nhwc(ref), np.asarray(models.adaptive_avg_pool(nhwc(x), (7, 7))), rtol=1e-6, atol=1e-6
+        nhwc(ref), np.asarray(zoo.adaptive_avg_pool(nhwc(x), (7, 7))), rtol=1e-6, atol=1e-6
     )
 
 
@@ -389,7 +391,7 @@ def test_numpy_edge_popup_matches_sparsity():
         if trial % 3 == 0:
             scores = rng.randn(2, 9).astype(np.float32)
         n, k = 9, trial + 1
-        ours = convert.edge_popup_mask(scores, k)
+        ours = official_releases.edge_popup_mask(scores, k)
         np.testing.assert_array_equal(ours, np.asarray(reference(scores, k)))
         assert ours.sum() == 2 * n - k
 
@@ -829,8 +831,8 @@ def test_official_jackpot_2021_edge_popup(tmp_path):
 
 def test_launcher_accepts_converted_workdir(tmp_path):
     """The launcher's workdir names, meta check, shape check and jackpot fingerprint."""
-    from jackpot_jax import trees
-    from jackpot_jax import workdir as workdir_lib
+    from jackpot_jax.core import trees
+    from jackpot_jax.io import workdir as workdir_lib
 
     assert (convert.PRETRAINED_DIR, convert.JACKPOT_DIR) == (
         workdir_lib.PRETRAINED_DIR,
@@ -856,7 +858,7 @@ def test_launcher_accepts_converted_workdir(tmp_path):
     )
     params, stats, meta = checkpoint.load_weights(str(tmp_path / workdir_lib.PRETRAINED_DIR))
     assert meta['model']['name'] == 'resnet32'
-    model = models.get_model(meta['model']['name'], meta['num_classes'])
+    model = zoo.get_model(meta['model']['name'], meta['num_classes'])
     expected = jax.eval_shape(
         functools.partial(model.init, train=False), jax.random.key(0), np.zeros((1, 32, 32, 3))
     )
@@ -896,13 +898,13 @@ def test_launcher_accepts_converted_workdir(tmp_path):
 
 def test_command_line_imports_no_tensorflow():
     code = (
-        'import sys, jackpot_jax.convert, jackpot_jax.torch_io, jackpot_jax.checkpoint; '
-        'jackpot_jax.convert._parser(); assert "tensorflow" not in sys.modules, "tensorflow"'
+        'import sys, jackpot_jax.io.convert_cli, jackpot_jax.io.torch_io, jackpot_jax.io.checkpoint; '
+        'jackpot_jax.io.convert_cli._parser(); assert "tensorflow" not in sys.modules, "tensorflow"'
     )
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run([sys.executable, '-c', code], check=True, cwd=root)
     result = subprocess.run(
-        [sys.executable, '-m', 'jackpot_jax.convert', 'to-torch', '--help'],
+        [sys.executable, '-m', 'jackpot_jax.io.convert_cli', 'to-torch', '--help'],
         check=True,
         capture_output=True,
         text=True,
@@ -970,7 +972,7 @@ def test_bad_jackpots_are_refused(tmp_path):
     state['fc.b_mask'] = torch.zeros_like(state['fc.b_mask'])
     state['conv1.mask'] = state['conv1.mask'][:1]
     with pytest.raises(convert.ConversionError) as err:
-        convert.official_jackpot_to_flax({k: v.numpy() for k, v in state.items()}, 'resnet32')
+        official_releases.official_jackpot_to_flax({k: v.numpy() for k, v in state.items()}, 'resnet32')
     message = str(err.value)
     assert '5 problem(s)' in message
     for part in (
@@ -987,7 +989,7 @@ def test_bad_jackpots_are_refused(tmp_path):
     torch.save({'state_dict': dense.state_dict()}, tmp_path / 'pre.pth')
     torch.save({'state_dict': other}, tmp_path / 'jackpot.pth')
     with pytest.raises(convert.ConversionError, match='searched on other weights'):
-        convert.run_official(
+        convert_cli.run_official(
             'resnet32',
             str(tmp_path / 'pre.pth'),
             str(tmp_path / 'w'),
@@ -1004,4 +1006,4 @@ def test_to_torch_refuses_weights_of_another_model(tmp_path):
         == 0
     )
     with pytest.raises(ValueError, match="for model 'resnet32', not 'vgg19_cifar'"):
-        convert.run_to_torch('vgg19_cifar', str(tmp_path), str(tmp_path / 'o.pth'), 'official')
+        convert_cli.run_to_torch('vgg19_cifar', str(tmp_path), str(tmp_path / 'o.pth'), 'official')

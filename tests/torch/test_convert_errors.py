@@ -9,10 +9,9 @@ import os
 
 import numpy as np
 import torch
-
-from jackpot_jax import checkpoint
-from jackpot_jax import workdir as workdir_lib
 from test_convert import cli, official_model
+
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
 
 
 def _stderr_lines(capsys) -> list[str]:

@@ -13,7 +13,9 @@ import torch
 import torchvision
 from torchvision.models.vision_transformer import VisionTransformer
 
-from jackpot_jax import convert, models, name_tables, sparsity
+from jackpot_jax.core import sparsity
+from jackpot_jax.io import convert, name_tables
+from jackpot_jax.models import zoo
 
 jax.config.update('jax_default_matmul_precision', 'highest')
 
@@ -77,7 +79,7 @@ def torch_forward(model: torch.nn.Module, x: np.ndarray, blocks: int) -> tuple[n
 
 
 def flax_forward(arch: name_tables.Arch, num_classes: int, params, x: np.ndarray):
-    model = models.get_model(arch.model, num_classes, **dict(arch.model_kwargs))
+    model = zoo.get_model(arch.model, num_classes, **dict(arch.model_kwargs))
     logits, state = model.apply(
         {'params': params},
         x.transpose(0, 2, 3, 1),

@@ -1,0 +1,150 @@
+"""Checks of the batches a library search is given, before any step: their count, their
+structure, and the first one against the model (shapes, labels, train-mode statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jackpot_jax.core import step
+from jackpot_jax.engine import evaluation
+from jackpot_jax.models import output_layer
+
+Batch = Any
+
+
+def steps_per_epoch(batches: Any, steps_per_epoch: int | None) -> int:
+    """The steps of an epoch: ``steps_per_epoch``, or ``len(batches)``, checked."""
+    if steps_per_epoch is None:
+        if callable(batches) or not hasattr(batches, '__len__'):
+            raise ValueError('batches has no len(); pass steps_per_epoch=N')
+        steps_per_epoch = len(batches)
+        if not steps_per_epoch:
+            raise ValueError('batches is empty; pass at least one batch per epoch')
+    if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int):
+        raise ValueError(f'steps_per_epoch must be an integer >= 1, got {steps_per_epoch!r}')
+    if steps_per_epoch < 1:
+        raise ValueError(f'steps_per_epoch must be >= 1, got {steps_per_epoch!r}')
+    return steps_per_epoch
+
+
+def check_reiterable(name: str, batches: Any) -> None:
+    """Held-out batches are walked every epoch: a list (or any re-iterable), never empty."""
+    if batches is None:
+        return
+    if iter(batches) is batches:
+        raise ValueError(
+            f'{name} is an iterator, which the first evaluation would use up; pass a list of '
+            'batches (or another re-iterable)'
+        )
+    if next(iter(batches), None) is None:
+        raise ValueError(f'{name} is empty; pass at least one batch, or leave {name}=None')
+
+
+class BatchChecker:
+    """Checks the batches a search is given, before they reach the model: the first one
+    against the model (shapes, train-mode statistics), every one for empty batches and,
+    with the default loss, labels that are integers in ``[0, classes)``."""
+
+    def __init__(self, forward, params, statistics, loss_fn, inputs_fn, settings):
+        self.forward, self.params, self.statistics = forward, params, statistics
+        self.loss_fn, self.inputs_fn, self.settings = loss_fn, inputs_fn, settings
+        self.classes: int | None = None
+        self.inputs = None
+
+    def check_first(self, batch: Batch, name: str) -> None:
+        if batch is None:
+            raise ValueError(f'{name} is empty; pass at least one batch per epoch')
+        self._check_structure(batch, f'the first batch of {name}')
+        inputs = self.inputs_fn(batch)
+        try:
+            outputs = jax.eval_shape(
+                lambda p, s, x: self.forward(p, s, x, train=False)[0],
+                self.params,
+                self.statistics,
+                inputs,
+            )
+        except Exception as e:  # flax and jax raise many types for a misfit input
+            shapes = jax.tree.map(lambda a: tuple(np.shape(a)), inputs)
+            if type(e).__name__ == 'ModifyScopeVariableError':
+                raise ValueError(
+                    'the model updates its statistics in eval mode (a BatchNorm with '
+                    'use_running_average=False fixed in setup?); make its BatchNorm follow the '
+                    'train flag, or pass eval_kwargs= that switch it to running averages'
+                ) from e
+            raise ValueError(
+                f'the first batch of {name} does not fit the model: inputs of shape {shapes} '
+                f'gave {type(e).__name__}: {e}. Check the batch layout (inputs first, or '
+                "inputs_fn=) and the input shape the model was initialised with"
+            ) from None
+        self.inputs = inputs
+        if self.loss_fn is None:
+            self.classes = int(jax.tree.leaves(outputs)[0].shape[-1])
+            self.check(batch, f'the first batch of {name}')
+        self._check_statistics_update(inputs)
+
+    def check(self, batch: Batch, where: str) -> None:
+        self._check_structure(batch, where)
+        if self.loss_fn is not None:
+            return
+        labels = np.asarray(step.batch_labels(batch))
+        inputs = jax.tree.leaves(self.inputs_fn(batch))[0]
+        if labels.shape[:1] != np.shape(inputs)[:1]:
+            raise ValueError(
+                f'{where}: {len(labels)} labels for {np.shape(inputs)[0]} inputs; each '
+                'example needs one label'
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f'{where}: labels must be integer class indices, got dtype {labels.dtype}; '
+                'convert them (e.g. labels.astype(np.int32)), or pass a loss_fn for other targets'
+            )
+        bad = labels[(labels < 0) | (labels >= self.classes)]
+        if bad.size:
+            raise ValueError(
+                f'{where}: label {int(bad[0])} is outside [0, {self.classes}) (the model has '
+                f'{self.classes} outputs); check the labels or the model\'s number of classes'
+            )
+
+    def _check_structure(self, batch: Batch, where: str) -> None:
+        if not isinstance(batch, (tuple, list, Mapping)):
+            raise ValueError(
+                f'{where} is a {type(batch).__name__}; a batch is a tuple (inputs, labels) or '
+                'a dict'
+            )
+        sizes = {np.shape(a)[0] if np.ndim(a) else None for a in jax.tree.leaves(batch)}
+        if 0 in sizes:
+            raise ValueError(f'{where} holds no examples (an array of length 0); drop it')
+
+    def _check_statistics_update(self, inputs) -> None:
+        """Refuses a model whose statistics a train-mode pass leaves as they are, when the
+        search would rely on them changing (BatchNorm training or re-estimation)."""
+        s = self.settings
+        floats = [
+            x for x in jax.tree.leaves(self.statistics) if jnp.issubdtype(x.dtype, jnp.floating)
+        ]
+        if not floats or (s.bn_mode != 'train' and not s.reestimation_steps):
+            return
+        updated = evaluation.train_mode_statistics(
+            self.forward, self.params, self.statistics, inputs, jax.random.key(0)
+        )
+        after = [x for x in jax.tree.leaves(updated) if jnp.issubdtype(x.dtype, jnp.floating)]
+        if all(bool(jnp.array_equal(a, b)) for a, b in zip(floats, after)):
+            raise ValueError(
+                "the model's statistics did not change in a train-mode pass (a BatchNorm with "
+                'use_running_average=True fixed in setup, or a train flag the model ignores?), '
+                "so the search's BatchNorm training and re-estimation would do nothing; make its "
+                "BatchNorm follow the train flag (train_kwargs=), or pass bn_mode='frozen' and "
+                'reestimation_steps=0 to keep the statistics as they are'
+            )
+
+    def output_kernels(self) -> tuple[str, ...]:
+        """The prunable kernels whose output is the model's output (left dense)."""
+        return output_layer.output_kernels(
+            self.forward, self.params, self.statistics, self.inputs, self.settings.prune_include
+        )
