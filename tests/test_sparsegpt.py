@@ -302,3 +302,72 @@ def test_accumulate_hessian_bad_input():
         sg.accumulate_hessian(np.ones((4, 12), np.float32), hessian, n)
     with pytest.raises(UserError, match=re.escape('positions=4 with hessian=None')):
         sg.accumulate_hessian(np.ones((4, 16), np.float32), None, n)
+
+
+# ----------------------------------------------------------------------------
+# A whole model, block by block.
+# ----------------------------------------------------------------------------
+import flax.linen as nn  # noqa: E402
+
+
+class _Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Dense(8, name='proj')(nn.relu(nn.Dense(8, name='fc')(x)))
+
+
+class _TwoBlocks(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = _Block(name='block_0')(x)
+        return nn.Dense(3, name='head')(_Block(name='block_1')(x))
+
+
+def _two_blocks():
+    model = _TwoBlocks()
+    params = model.init(jax.random.key(0), jnp.zeros((1, 8)))['params']
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(8, 8))
+    batches = [(jnp.asarray(rng.normal(size=(32, 8)) @ mix, jnp.float32),) for _ in range(3)]
+    return model, params, batches
+
+
+def test_a_model_is_pruned_block_by_block_on_the_inputs_of_the_pruned_blocks_before():
+    model, params, batches = _two_blocks()
+    paths = ['block_0/fc/kernel', 'block_0/proj/kernel', 'block_1/fc/kernel', 'block_1/proj/kernel']
+    counts = {p: 32 for p in paths}
+    masks, updated = sg.prune_model(model, params, batches, counts=counts, blocksize=4)
+    flat, new = sparsity.flatten(params), sparsity.flatten(updated)
+    np.testing.assert_array_equal(new['head/kernel'], flat['head/kernel'])  # not in counts
+    for p in paths:
+        assert int(np.sum(~np.asarray(masks[p]))) == 32
+
+    def inputs_of(tree, path):
+        from jackpot_jax.baselines import calibration
+
+        grams = [
+            calibration.layer_inputs(model, {'params': tree}, x[0], calibration.gram, {path})[path]
+            for x in batches
+        ]
+        return sum(grams)
+
+    # Block 1's fc was solved on the Gram of its inputs through block 0 already updated
+    # (block 1 itself still dense), not through the dense block 0.
+    half = sparsity.flatten(params)
+    half.update({p: new[p] for p in paths[:2]})
+    half = sparsity.unflatten(half)
+    expect_mask, expect_kernel = sg.sparsegpt_layer(
+        flat['block_1/fc/kernel'], inputs_of(half, 'block_1/fc/kernel'), count=32, blocksize=4
+    )
+    np.testing.assert_array_equal(masks['block_1/fc/kernel'], expect_mask)
+    np.testing.assert_allclose(new['block_1/fc/kernel'], expect_kernel, rtol=1e-5, atol=1e-6)
+    _, from_dense_inputs = sg.sparsegpt_layer(
+        flat['block_1/fc/kernel'], inputs_of(params, 'block_1/fc/kernel'), count=32, blocksize=4
+    )
+    assert not np.allclose(from_dense_inputs, expect_kernel, atol=1e-3)  # the order matters
+
+
+def test_a_model_with_an_unused_kernel_is_refused_by_name():
+    model, params, batches = _two_blocks()
+    with pytest.raises(UserError, match='nowhere/kernel'):
+        sg.prune_model(model, params, batches, counts={'nowhere/kernel': 1})

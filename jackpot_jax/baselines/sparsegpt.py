@@ -44,13 +44,15 @@ shorter block (in not a multiple of ``blocksize``) has its own trace.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jackpot_jax.baselines import calibration
 from jackpot_jax.core import sparsity, structured
 from jackpot_jax.core.errors import UserError
 
@@ -77,7 +79,7 @@ def input_gram(inputs: Array) -> Array:
     """X^T X over every position of ``inputs`` (..., in): shape (in, in), float32.
 
     The full Gram matrix of a Dense layer's input features; its diagonal is what
-    Wanda's ``input_square_sums`` keeps. Traceable.
+    Wanda keeps (:func:`jackpot_jax.baselines.calibration.square_sums`). Traceable.
     """
     x = _input_rows(inputs)
     return jnp.matmul(x.T, x, precision=_HIGHEST)
@@ -333,3 +335,68 @@ def sparsegpt_layer(
             'or check the calibration inputs'
         )
     return mask, updated
+
+
+# ----------------------------------------------------------------------------
+# A whole model, block by block.
+# ----------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=('model', 'paths'))
+def _grams(model, params, statistics, inputs, *, paths):
+    variables = {'params': params, 'batch_stats': statistics}
+    return calibration.layer_inputs(model, variables, inputs, calibration.gram, paths)
+
+
+def prune_model(
+    model: Any,
+    params: Mapping,
+    batches: Sequence[Any],
+    *,
+    counts: Mapping[str, int],
+    pattern: str | Sequence[int] | None = None,
+    statistics: Mapping | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[dict[str, Array], dict]:
+    """SparseGPT over a whole model, as the paper runs it: block by block in forward order
+    (a block = the kernels under one top-level module, e.g. ``layers_3``), each block's
+    Hessians gathered from the calibration ``batches`` passed through the blocks before
+    it already pruned and updated. ``counts`` (kernel path -> pruned count) name the
+    kernels; with an N:M ``pattern`` each kernel is pruned N:M instead (kernels whose
+    inputs do not divide by M stay dense, as in the mask plan). Returns ``(masks,
+    updated_params)``; the mask-only row is the masks on the original ``params``.
+    """
+    statistics = {} if statistics is None else statistics
+    inputs = [b[0] if isinstance(b, (tuple, list)) else b for b in batches]
+    if not inputs:
+        raise UserError('sparsegpt: no calibration batch; pass at least one batch of inputs')
+    variables = {'params': params, 'batch_stats': statistics}
+    order = [p for p in calibration.call_order(model, variables, inputs[0]) if p in counts]
+    missing = sorted(set(counts) - set(order))
+    if missing:
+        raise UserError(
+            f'sparsegpt: no nn.Dense call of the forward uses the kernels {missing}; prune '
+            'Dense kernels only'
+        )
+    blocks: dict[str, list[str]] = {}
+    for path in order:
+        blocks.setdefault(path.split('/')[0], []).append(path)
+    flat = sparsity.flatten(params)
+    masks = {}
+    for block_paths in blocks.values():
+        current = sparsity.unflatten(flat)
+        hessians = None
+        for x in inputs:
+            g = _grams(model, current, statistics, x, paths=tuple(block_paths))
+            hessians = g if hessians is None else {p: hessians[p] + g[p] for p in block_paths}
+        for path in block_paths:
+            nm = structured.parse_pattern(pattern)
+            dense = nm is not None and flat[path].shape[0] % nm.m
+            if dense or (nm is None and not counts[path]):
+                masks[path] = jnp.ones(flat[path].shape, bool)
+                continue
+            masks[path], flat[path] = sparsegpt_layer(
+                flat[path], hessians[path],
+                count=None if nm else int(counts[path]), pattern=pattern if nm else None,
+                blocksize=blocksize, percdamp=percdamp,
+            )  # fmt: skip
+    return masks, sparsity.unflatten(flat)

@@ -8,13 +8,7 @@ one weight more to prune). With an N:M pattern the groups of M consecutive input
 each output are ranked instead (:func:`wanda_masks`). Unlike gradient criteria it needs
 one forward per calibration batch only (:func:`activation_norms`).
 
-How the activation norms are gathered: a Flax method interceptor
-(``nn.intercept_methods``) sees every ``nn.Dense`` and ``nn.Conv`` call of the forward
-and adds up the squares of its input per input feature (the kernel's axis -2), keyed by
-the module's scope path + '/kernel', which is the kernel's parameter path. No model
-change and no ``sow`` calls are needed; a layer called twice adds both inputs. A conv's
-"input feature" is its input channel, summed over every spatial position (a per-channel
-approximation of the im2col view, exact for 1x1 convs).
+The activation norms are gathered by :mod:`jackpot_jax.baselines.calibration`.
 """
 
 from __future__ import annotations
@@ -28,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jackpot_jax.baselines import calibration
 from jackpot_jax.core import sparsity, structured, trees
 from jackpot_jax.core.sparsity import prunable_paths  # wanda_masks has a `sparsity` argument
 
@@ -36,35 +31,10 @@ FlatTree = dict[str, Array]
 Batch = tuple[Array, Array]
 
 
-def _scope_kernel_path(module: nn.Module) -> str:
-    return '/'.join(module.scope.path) + '/kernel'
-
-
-def input_square_sums(model: nn.Module, variables: Mapping, inputs: Array) -> FlatTree:
-    """Per ``nn.Dense`` / ``nn.Conv`` kernel path, the sum over every position of one batch
-    of the squared layer input, per input feature (shape ``[kernel.shape[-2]]``).
-
-    The model runs in eval mode (``train=False``); traceable.
-    """
-    sums: dict[str, Array] = {}
-
-    def record(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name == '__call__' and isinstance(module, (nn.Dense, nn.Conv)):
-            x = jnp.asarray(args[0]).astype(jnp.float32)
-            path = _scope_kernel_path(module)
-            sq = jnp.sum(jnp.square(x), axis=tuple(range(x.ndim - 1)))
-            sums[path] = sums[path] + sq if path in sums else sq
-        return next_fun(*args, **kwargs)
-
-    with nn.intercept_methods(record):
-        model.apply(variables, inputs, train=False)
-    return sums
-
-
 @functools.partial(jax.jit, static_argnames=('model', 'paths'))
 def _square_sums(model, params, statistics, inputs, *, paths):
-    sums = input_square_sums(model, {'params': params, 'batch_stats': statistics}, inputs)
+    variables = {'params': params, 'batch_stats': statistics}
+    sums = calibration.layer_inputs(model, variables, inputs, calibration.square_sums)
     missing = [p for p in paths if p not in sums]
     if missing:
         raise ValueError(
@@ -123,7 +93,8 @@ def wanda_scores(
     if batch is None:
         raise ValueError("criterion 'wanda' needs a data batch (inputs, labels); pass batch=")
     inputs = batch[0]
-    sums = input_square_sums(model, {'params': params, 'batch_stats': statistics}, inputs)
+    variables = {'params': params, 'batch_stats': statistics}
+    sums = calibration.layer_inputs(model, variables, inputs, calibration.square_sums)
     kernels = trees.kernels_at(params, paths)
     return wanda_keep_scores(kernels, {p: jnp.sqrt(sums[p]) for p in kernels})
 
