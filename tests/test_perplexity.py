@@ -54,3 +54,16 @@ def test_bigram_perplexity_matches_the_hand_computed_value():
 def test_a_context_longer_than_the_model_is_refused():
     with pytest.raises(UserError, match="context=64 is longer than the model's 32"):
         ppl.perplexity(uniform_logits, None, np.arange(100) % VOCAB, 64, model_context=32)
+
+
+def test_greedy_continuation_follows_the_most_likely_token_and_stops_at_stop():
+    from jackpot_jax.engine.generation import greedy_continuation
+
+    table = np.full((VOCAB, VOCAB), 0.1)
+    for token in range(VOCAB):
+        table[token, (token + 2) % VOCAB] = 0.6  # after t, t + 2 is the most likely
+    table = jnp.asarray(table / table.sum(1, keepdims=True))
+    assert greedy_continuation(bigram_logits, table, [0], 4) == [2, 4, 1, 3]
+    assert greedy_continuation(bigram_logits, table, [3, 0], 5, stop=1) == [2, 4]
+    with pytest.raises(ValueError, match='prompt'):
+        greedy_continuation(bigram_logits, table, [], 2)
