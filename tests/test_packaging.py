@@ -38,7 +38,8 @@ def test_pyproject_and_requirements_name_the_same_packages_and_ranges():
     runtime = {_normal(r) for r in project['dependencies']}
     tfds = {_normal(r) for r in extras['tfds']}
     test = {_normal(r) for r in extras['test']}
-    assert runtime | tfds | test == _requirements('requirements.txt')
+    llm = {_normal(r) for r in extras['llm']}
+    assert runtime | tfds | llm | test == _requirements('requirements.txt')
     assert {_normal(r) for r in extras['torch']} == _requirements('requirements-torch.txt')
     assert not any(r.startswith(('tensorflow', 'torch')) for r in runtime)
 
