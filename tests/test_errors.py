@@ -191,7 +191,7 @@ def test_a_second_run_in_a_locked_workdir_fails_at_once_naming_the_holder(tmp_pa
         [
             sys.executable,
             '-c',
-            'import sys, time; from jackpot_jax import workdir; workdir.lock(sys.argv[1]); '
+            'import sys, time; from jackpot_jax.io import workdir; workdir.lock(sys.argv[1]); '
             'print("locked", flush=True); time.sleep(120)',
             workdir,
         ],

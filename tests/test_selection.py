@@ -242,7 +242,7 @@ def test_bad_inputs_name_the_value_and_the_fix():
 
 
 def test_the_module_imports_no_jax():
-    path = os.path.join(os.path.dirname(__file__), '..', 'jackpot_jax', 'selection.py')
+    path = os.path.join(os.path.dirname(__file__), '..', 'jackpot_jax', 'core', 'selection.py')
     code = (
         'import importlib.util, sys\n'
         f'spec = importlib.util.spec_from_file_location("selection", {path!r})\n'

@@ -63,12 +63,12 @@ SPECS = {
 
 # 'tfds:NAME' datasets opened in this process, by that name
 # (:func:`jackpot_jax.data.tfds_source.open_dataset`).
-OPENSPECS: dict[str, Spec] = {}
+OPEN_SPECS: dict[str, Spec] = {}
 
 
 def spec(name: str) -> Spec:
-    if name in OPENSPECS:
-        return OPENSPECS[name]
+    if name in OPEN_SPECS:
+        return OPEN_SPECS[name]
     if name not in SPECS:
         raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS}')
     return SPECS[name]
