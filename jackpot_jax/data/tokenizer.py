@@ -178,3 +178,14 @@ def load_gguf_tokenizer(path: str | os.PathLike) -> GGUFTokenizer:
     from jackpot_jax.io import gguf
 
     return tokenizer_from_gguf_metadata(gguf.gguf_metadata(gguf.open_gguf(path)))
+
+
+def load_tokenizer(path: str | os.PathLike) -> GGUFTokenizer:
+    """The tokenizer at ``path``: a GGUF file's, or a Hugging Face ``tokenizer.json``."""
+    path = os.fspath(path)
+    if path.endswith('.json'):
+        if not os.path.isfile(path):
+            raise UserError(f'tokenizer file {path!r} does not exist; pass the folder\'s tokenizer.json')
+        backend = _tokenizers().Tokenizer.from_file(path)
+        return GGUFTokenizer(backend, backend.get_vocab_size(), 'tokenizer.json', None, None)
+    return load_gguf_tokenizer(path)
