@@ -82,7 +82,7 @@ def test_one_image_on_144_keeps_the_later_epoch():
     assert choice.considered == (1, 2, 3, 4)
     assert choice.describe() == (
         'epoch 4 (latest within one standard error of the best, 0.58 SE below '
-        "epoch 2's 0.9792 on 144 validation examples)"
+        "epoch 2's 0.9792 on 144 validation examples; higher is better)"
     )
 
 
@@ -111,7 +111,7 @@ def test_a_clear_early_best_is_kept():
     assert (choice.epoch, choice.best_epoch) == (1, 1)
     assert choice.describe() == (
         'epoch 1 (latest within one standard error of the best: the best itself, 0.8720 '
-        'on 6000 validation examples, SE 0.0043)'
+        'on 6000 validation examples, SE 0.0043; higher is better)'
     )
     frozen = sel.choose_epoch(records, rule='best_frozen', num_examples=6000)
     assert frozen.epoch == 3
@@ -128,7 +128,7 @@ def test_best_frozen_and_final_mask_epochs():
     assert (choice.epoch, choice.best_epoch) == (3, 2)
     assert choice.describe() == (
         "epoch 3 (the best of the final-mask epochs 3 to 5, 0.0500 below epoch 2's 0.9000 "
-        'in validation_top1)'
+        'in validation_top1; higher is better)'
     )
     assert choice.gap_in_standard_errors is None  # behind, with no SE
     # Per-layer counts are summed; masks that changed in the last epoch: the last alone.
@@ -181,7 +181,7 @@ def test_lower_is_better_metric():
     assert choice.gap_in_standard_errors == pytest.approx(0.5)
     assert choice.describe() == (
         'epoch 3 (latest within one standard error of the best, 0.50 SE above '
-        "epoch 2's 0.4000 in validation_loss)"
+        "epoch 2's 0.4000 in validation_loss; lower is better)"
     )
     # The SE carried by the best record: 0.06, so up to 0.46.
     records[1]['validation_loss_stderr'] = 0.06

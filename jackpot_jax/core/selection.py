@@ -94,17 +94,19 @@ class EpochChoice:
 
     def describe(self) -> str:
         """One line: 'epoch 9 (latest within one standard error of the best, 0.58 SE below
-        epoch 7's 0.9792 on 144 validation examples)'."""
+        epoch 7's 0.9792 on 144 validation examples; higher is better)': the metric's
+        direction is always stated, since the choice depends on it."""
         reason = _REASONS[self.rule]
         if self.rule == 'best_frozen' and self.considered:
             first, last = self.considered[0], self.considered[-1]
             reason += f' {first}' if first == last else f' {first} to {last}'
         where = _where(self.metric, self.num_examples)
+        direction = '; higher is better' if self.higher_is_better else '; lower is better'
         se = f', SE {self.standard_error:.4f}' if self.standard_error > 0 else ', no SE'
         if _equal(self.value, self.best_value):
             itself = ': the best itself' if self.rule != 'best' else ''
             ties = '' if self.epoch == self.best_epoch else f', tied with epoch {self.best_epoch}'
-            return f'epoch {self.epoch} ({reason}{itself}, {self.value:.4f} {where}{ties}{se})'
+            return f'epoch {self.epoch} ({reason}{itself}, {self.value:.4f} {where}{ties}{se}{direction})'
         side = 'below' if self.higher_is_better else 'above'
         if self.gap_in_standard_errors is None:
             behind = f'{abs(self.best_value - self.value):.4f} {side}'
@@ -112,7 +114,7 @@ class EpochChoice:
             behind = f'{self.gap_in_standard_errors:.2f} SE {side}'
         return (
             f"epoch {self.epoch} ({reason}, {behind} epoch {self.best_epoch}'s "
-            f'{self.best_value:.4f} {where})'
+            f'{self.best_value:.4f} {where}{direction})'
         )
 
 
