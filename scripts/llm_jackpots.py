@@ -99,10 +99,15 @@ def main() -> None:
     parser.add_argument('--batch_size', type=int, default=2)
     parser.add_argument('--epochs', type=int, default=3)
     parser.add_argument('--steps_per_epoch', type=int, default=20)
-    parser.add_argument('--learning_rate', type=float, default=0.1)
+    parser.add_argument(
+        '--learning_rates', default='0.1,0.01,0.001',
+        help='score learning rates tried by short searches from the 50 %% magnitude masks; the '
+        'one of lowest validation loss runs every search',
+    )  # fmt: skip
+    parser.add_argument('--probe_steps', type=int, default=10)
     parser.add_argument('--settings', default='50%,2:4')
     parser.add_argument(
-        '--stages', default='dense,magnitude,random,wanda,sparsegpt,search,generate'
+        '--stages', default='dense,magnitude,random,wanda,sparsegpt,lr_probe,search,generate'
     )
     args = parser.parse_args()
     stages = set(args.stages.split(','))
@@ -152,6 +157,19 @@ def main() -> None:
                     results.put(key, test_ppl(sparsity.masked_params(params, masks[method])))
         if 'sparsegpt' in stages:
             run_sparsegpt(results, name, model, params, plan, pattern, calibration, test_ppl)
+        if 'lr_probe' in stages and name == '50%' and 'lr_probe' not in results:
+            probe = {}
+            for lr in args.learning_rates.split(','):
+                jackpot = jackpot_jax.find_jackpot(
+                    model, {'params': params}, train[: args.probe_steps],
+                    validation_batches=validation, loss_fn=lm_loss,
+                    workdir=os.path.join(args.out, 'probe', f'lr_{lr}'),
+                    initial_masks={p: np.array(m) for p, m in masks['magnitude'].items()},
+                    sparsity=0.5, allocation='uniform', epochs=1, learning_rate=float(lr),
+                    selection_metric='loss', selection_rule='best',
+                )  # fmt: skip
+                probe[lr] = jackpot.report['epochs'][-1]['validation_loss']
+            results.put('lr_probe', {'validation_loss': probe, 'chosen': min(probe, key=probe.get)})
         if 'search' not in stages:
             if 'generate' in stages and name == '50%':
                 run_generations(results, args.out, model, params, tok, masks['wanda'])
@@ -168,9 +186,10 @@ def main() -> None:
                 loss_fn=lm_loss,
                 workdir=os.path.join(args.out, 'search', f'{_slug(name)}_{origin}'),
                 checkpoint_every=10,
-                initial_masks=masks[origin],
+                initial_masks={p: np.array(m) for p, m in masks[origin].items()},
                 sparsity=0.5, allocation='uniform', pattern=pattern or '',
-                epochs=args.epochs, learning_rate=args.learning_rate,
+                epochs=args.epochs,
+                learning_rate=float(results.rows['lr_probe']['chosen']),
                 selection_metric='loss', selection_rule='best',
             )  # fmt: skip
             kept = sum(int(np.sum(np.asarray(m))) for m in jackpot.masks.values())
