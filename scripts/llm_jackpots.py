@@ -81,6 +81,9 @@ class Results:
         return key in self.rows
 
     def put(self, key: str, value: Any) -> None:
+        if os.path.exists(self.path):  # rows another run wrote meanwhile are kept
+            with open(self.path) as f:
+                self.rows = {**json.load(f), **self.rows}
         self.rows[key] = value
         tmp = self.path + '.tmp'
         with open(tmp, 'w') as f:
