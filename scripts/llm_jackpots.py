@@ -177,7 +177,7 @@ def main() -> None:
             if 'generate' in stages and name == '50%':
                 run_generations(results, args.out, model, params, tok, masks['wanda'])
             continue
-        for origin in ('magnitude', 'wanda'):
+        for origin in ('wanda', 'magnitude'):
             key = f'{name}/jackpot_from_{origin}'
             if key in results:
                 continue
