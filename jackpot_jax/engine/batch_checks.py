@@ -1,5 +1,9 @@
 """Checks of the batches a library search is given, before any step: their count, their
 structure, and the first one against the model (shapes, labels, train-mode statistics).
+
+One traced call (:func:`jax.eval_shape`: shapes only, no step) of the model and of the loss
+on the first batch checks what a custom ``loss_fn`` returns, and so which metrics the
+search measures: every metric the selection uses is known before step 1.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from jackpot_jax.engine import evaluation
 from jackpot_jax.models import output_layer
 
 Batch = Any
+# What the evaluation reports with the default loss (softmax cross-entropy on labels).
+DEFAULT_METRICS = ('loss', 'perplexity', 'top1', 'top5')
 
 
 def steps_per_epoch(batches: Any, steps_per_epoch: int | None) -> int:
@@ -55,7 +61,9 @@ class BatchChecker:
         self.forward, self.params, self.statistics = forward, params, statistics
         self.loss_fn, self.inputs_fn, self.settings = loss_fn, inputs_fn, settings
         self.classes: int | None = None
+        self.output_shape: tuple[int, ...] | None = None
         self.inputs = None
+        self.metrics: tuple[str, ...] = DEFAULT_METRICS  # what each split's evaluation gives
 
     def check_first(self, batch: Batch, name: str) -> None:
         if batch is None:
@@ -84,9 +92,73 @@ class BatchChecker:
             ) from None
         self.inputs = inputs
         if self.loss_fn is None:
-            self.classes = int(jax.tree.leaves(outputs)[0].shape[-1])
+            self.output_shape = tuple(jax.tree.leaves(outputs)[0].shape)
+            self.classes = int(self.output_shape[-1])
             self.check(batch, f'the first batch of {name}')
+        else:
+            self._check_structure(batch, f'the first batch of {name}')
+            self.metrics = tuple(sorted({'loss', *self._check_loss_fn(batch)}))
+        self._check_selection_metric()
         self._check_statistics_update(inputs)
+
+    def _check_loss_fn(self, batch: Batch) -> tuple[str, ...]:
+        """Traces ``loss_fn`` on the first batch (shapes only): a scalar float loss and a dict
+        of scalar metrics, or ValueError naming what it returned; its metric names."""
+
+        def loss(params, statistics):
+            outputs = self.forward(params, statistics, self.inputs_fn(batch), train=False)[0]
+            return self.loss_fn(outputs, batch)
+
+        try:
+            returned = jax.eval_shape(loss, self.params, self.statistics)
+        except Exception as e:  # the caller's code: any error, named as theirs
+            raise ValueError(
+                f'loss_fn failed on the first batch ({type(e).__name__}: {e}); it is called as '
+                'loss_fn(outputs, batch) with the model\'s outputs and the batch as given'
+            ) from None
+        if not isinstance(returned, (tuple, list)) or len(returned) != 2:
+            raise ValueError(
+                f'loss_fn must return (loss, {{name: value}}), got {_described(returned)}; '
+                'return (loss, {}) when there are no metrics'
+            )
+        value, named = returned
+        if named is None:
+            raise ValueError(
+                'loss_fn returned None as its metrics; return an empty dict for none: (loss, {})'
+            )
+        if not isinstance(named, Mapping):
+            raise ValueError(
+                f'loss_fn must return its metrics as a dict {{name: scalar}}, got '
+                f'{_described(named)}'
+            )
+        if not _is_scalar(value) or not jnp.issubdtype(value.dtype, jnp.floating):
+            raise ValueError(
+                f'loss_fn returned a loss of shape {_shape(value)} ({_described(value)}); the '
+                'search minimises one scalar float: average it over the batch (e.g. '
+                'losses.mean())'
+            )
+        for key, metric in named.items():
+            if not isinstance(key, str):
+                raise ValueError(f"loss_fn's metric names must be strings, got {key!r}")
+            if not _is_scalar(metric):
+                raise ValueError(
+                    f"loss_fn's metric {key!r} has shape {_shape(metric)}; metrics are "
+                    'scalars (averaged over the steps of an epoch): average it over the batch '
+                    '(e.g. jnp.mean(...))'
+                )
+        return tuple(named)
+
+    def _check_selection_metric(self) -> None:
+        """The metric the epoch is chosen by is one the evaluation gives."""
+        s = self.settings
+        if s.selection_rule in (None, 'last') or s.selection_metric in self.metrics:
+            return
+        given = ', '.join(map(repr, self.metrics))
+        raise ValueError(
+            f'selection_metric {s.selection_metric!r} is not a metric of this search: each '
+            f'split is evaluated as {given}; choose one of them (a loss_fn adds its own '
+            "metrics by name), or selection_rule='last'"
+        )
 
     def check(self, batch: Batch, where: str) -> None:
         self._check_structure(batch, where)
@@ -99,6 +171,8 @@ class BatchChecker:
                 f'{where}: {len(labels)} labels for {np.shape(inputs)[0]} inputs; each '
                 'example needs one label'
             )
+        self._check_label_shape(labels, where)
+        self._check_no_padding(batch, len(labels), where)
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(
                 f'{where}: labels must be integer class indices, got dtype {labels.dtype}; '
@@ -109,6 +183,49 @@ class BatchChecker:
             raise ValueError(
                 f'{where}: label {int(bad[0])} is outside [0, {self.classes}) (the model has '
                 f'{self.classes} outputs); check the labels or the model\'s number of classes'
+            )
+
+    def _check_label_shape(self, labels: np.ndarray, where: str) -> None:
+        """The default loss takes one integer class index per output row."""
+        if self.output_shape is None:
+            return
+        size = labels.shape[0]
+        expected = (size, *self.output_shape[1:-1])
+        if labels.shape == expected:
+            return
+        if labels.shape == (size, *self.output_shape[1:]):
+            raise ValueError(
+                f'{where}: labels of shape {labels.shape} look one-hot (one column per class); '
+                'the default loss takes class indices: pass labels.argmax(-1), or a loss_fn '
+                'for soft targets'
+            )
+        raise ValueError(
+            f'{where}: labels of shape {labels.shape} for outputs of shape '
+            f'{(size, *self.output_shape[1:])}; the default loss takes one integer class index '
+            f'per output row, labels of shape {expected}: reshape them (e.g. '
+            'labels.reshape(len(labels))), or pass a loss_fn'
+        )
+
+    def _check_no_padding(self, batch: Batch, size: int, where: str) -> None:
+        """A batch whose 'valid' marks padding rows: the default loss would train on them."""
+        if isinstance(batch, Mapping):
+            valid, name = batch.get('valid'), "its 'valid'"
+        else:
+            valid, name = (batch[2] if len(batch) > 2 else None), "its third item ('valid')"
+        if valid is None:
+            return
+        valid = np.asarray(valid)
+        if valid.shape != (size,) or valid.dtype != bool:
+            raise ValueError(
+                f"{where}: {name} must be a bool array of shape ({size},) (True: a real "
+                f'example), got {valid.dtype} of shape {valid.shape}'
+            )
+        if not valid.all():
+            raise ValueError(
+                f'{where}: {name} marks {int(size - valid.sum())} of {size} examples as padding, '
+                "but the default loss trains on every example of a training batch; drop the "
+                "padded rows from the training batches, or pass a loss_fn that weighs the "
+                "examples by batch['valid']"
             )
 
     def _check_structure(self, batch: Batch, where: str) -> None:
@@ -148,3 +265,18 @@ class BatchChecker:
         return output_layer.output_kernels(
             self.forward, self.params, self.statistics, self.inputs, self.settings.prune_include
         )
+
+
+def _shape(value: Any) -> tuple[int, ...] | None:
+    return tuple(value.shape) if hasattr(value, 'shape') else None
+
+
+def _is_scalar(value: Any) -> bool:
+    return _shape(value) == () and hasattr(value, 'dtype')
+
+
+def _described(value: Any) -> str:
+    """What a traced ``loss_fn`` returned, in words: 'a float32 array of shape (16,)'."""
+    if hasattr(value, 'shape') and hasattr(value, 'dtype'):
+        return f'a {value.dtype} array of shape {tuple(value.shape)}'
+    return f'a {type(value).__name__}'
