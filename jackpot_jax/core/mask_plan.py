@@ -183,7 +183,14 @@ class MaskPlan:
 
     def checked_masks(self, masks: Mapping[str, Any], params: Mapping) -> dict[str, jax.Array]:
         """Given masks (e.g. another criterion's) as bool arrays, checked against the plan:
-        one per prunable kernel, of its shape, pruning its count."""
+        one per prunable kernel, of its shape, pruning its count. The result holds copies:
+        the search's step consumes (donates) its state, never the caller's arrays."""
+        if not isinstance(masks, Mapping):
+            raise ValueError(
+                f'initial_masks must be a dict {{path: bool array}} (e.g. another jackpot\'s '
+                f'.masks), got a {type(masks).__name__}; key each mask by its kernel\'s path, '
+                "such as 'hidden/kernel'"
+            )
         kernels = self.kernels(params)
         if set(masks) != set(kernels):
             raise ValueError(
@@ -192,7 +199,7 @@ class MaskPlan:
             )
         out = {}
         for path, mask in masks.items():
-            mask = jnp.asarray(mask, bool)
+            mask = jnp.array(mask, bool)  # a copy, even of a bool jax.Array
             pruned = int(mask.size - jnp.sum(mask))
             if mask.shape != kernels[path].shape or pruned != self.counts[path]:
                 raise ValueError(
