@@ -52,7 +52,9 @@ API (stable; pure Python and numpy):
     ``gap_in_standard_errors`` (how far ``value`` is behind the best, in SEs; None when
     behind with an SE of 0), ``num_examples``, ``considered`` (the epochs the rule chose
     among), ``higher_is_better``, and ``describe()`` for one line;
-  * ``binomial_standard_error(p, n)`` and ``final_mask_epochs(records)``, the two pieces.
+  * ``binomial_standard_error(p, n)`` and ``final_mask_epochs(records)``, the two pieces;
+  * ``metric_direction(name) -> 'min' | 'max' | None``: the direction of a metric known
+    by its name (None: unknown; the caller must state it).
 """
 
 from __future__ import annotations
@@ -67,6 +69,27 @@ SELECTION_RULES = ('best', 'one_standard_error', 'best_frozen', 'last')
 DEFAULT_RULE = 'one_standard_error'
 TOLERANCE = 1e-6
 STDERR_SUFFIX = '_stderr'
+SELECTION_MODES = ('min', 'max')
+# The words of a metric's name ('_'-separated, lower case) that tell its direction; a name
+# with words of neither (or of both) has a direction that must be stated.
+LOWER_IS_BETTER_WORDS = frozenset(
+    'loss nll perplexity ppl error err cross entropy xent crossentropy mse mae rmse wer cer '
+    'ter distance regret'.split()
+)
+HIGHER_IS_BETTER_WORDS = frozenset(
+    'accuracy acc top1 top5 f1 precision recall auc bleu rouge iou map reward'.split()
+)
+
+
+def metric_direction(name: str) -> str | None:
+    """``'min'`` for a metric whose name says lower is better (``loss``, ``loss_total``,
+    ``ppl``, ``cross_entropy``, ``wer``, ``mse``, ...), ``'max'`` for one where higher is
+    (``top1``, ``accuracy``, ``f1``, ...), None when its name does not say."""
+    words = set(name.lower().split('_'))
+    lower, higher = bool(words & LOWER_IS_BETTER_WORDS), bool(words & HIGHER_IS_BETTER_WORDS)
+    if lower == higher:
+        return None
+    return 'min' if lower else 'max'
 
 _REASONS = {
     'best': 'the best',
