@@ -8,6 +8,7 @@ search measures: every metric the selection uses is known before step 1.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,16 @@ def steps_per_epoch(batches: Any, steps_per_epoch: int | None) -> int:
     if steps_per_epoch < 1:
         raise ValueError(f'steps_per_epoch must be >= 1, got {steps_per_epoch!r}')
     return steps_per_epoch
+
+
+def peek(batches: Any, count: int) -> tuple[list[Batch], Any]:
+    """The first ``count`` batches of epoch 0 (for the checks and the resume's fingerprint),
+    and batches that still give them: a one-shot iterator (a generator) is chained back
+    behind what was taken from it, so every batch the caller passed is trained on."""
+    if callable(batches) or iter(batches) is not batches:
+        return list(itertools.islice(evaluation.batches_of_epoch(batches, 0), count)), batches
+    first = list(itertools.islice(batches, count))
+    return first, itertools.chain(first, batches)
 
 
 def check_reiterable(name: str, batches: Any) -> None:

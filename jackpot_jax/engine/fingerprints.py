@@ -52,6 +52,19 @@ def named(obj: Any) -> str:
     return f'{label} ({digest[:12] if digest else "not fingerprintable"})'
 
 
+def model_named(model: Any) -> str:
+    """:func:`named` of a model: a Linen module by its class's code and its fields, a
+    forward function by its code; any other object (an NNX module) by its class's code
+    (its params are fingerprinted with the weights)."""
+    if dataclasses.is_dataclass(model) or isinstance(
+        model, (types.FunctionType, functools.partial, types.MethodType)
+    ):
+        return named(model)
+    digest = hashlib.sha256()
+    _feed_class(digest, type(model), 0, set())
+    return f'{_name(model)} ({digest.hexdigest()[:12]})'
+
+
 def batches_fingerprint(batches: Iterable[Any]) -> str:
     """A sha256 hex digest of the arrays of ``batches`` (their dtypes, shapes and bytes)."""
     digest = hashlib.sha256()
