@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -110,12 +111,16 @@ def main() -> None:
     parser.add_argument('--probe_steps', type=int, default=10)
     parser.add_argument('--settings', default='50%,2:4')
     parser.add_argument(
-        '--stages', default='dense,magnitude,random,wanda,sparsegpt,lr_probe,search,generate'
+        '--stages',
+        default='dense,magnitude,random,wanda,sparsegpt,lr_probe,search,generate,report',
     )
     args = parser.parse_args()
     stages = set(args.stages.split(','))
     os.makedirs(args.out, exist_ok=True)
     results = Results(os.path.join(args.out, 'results.json'))
+    if stages == {'report'}:
+        write_report(results, args.out)
+        return
     results.put('setup', vars(args))
 
     path = gguf.smollm2_gguf_path()
@@ -212,6 +217,67 @@ def main() -> None:
             })  # fmt: skip
         if 'generate' in stages and name == '50%':
             run_generations(results, args.out, model, params, tok, masks['wanda'])
+
+
+ROWS = (
+    ('dense', 'dense'), ('magnitude', 'magnitude'), ('random', 'random'), ('wanda', 'Wanda'),
+    ('sparsegpt_mask_only', 'SparseGPT mask only'), ('sparsegpt_update', 'SparseGPT with update'),
+    ('jackpot_from_magnitude', 'jackpot from magnitude'), ('jackpot_from_wanda', 'jackpot from Wanda'),
+)  # fmt: skip
+
+
+def write_report(results: Results, out: str) -> None:
+    """``OUT/report.md`` (the test-perplexity table, the searches' costs, the generations)
+    and ``OUT/perplexity_vs_steps.png`` (validation perplexity of each search per epoch)."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    rows = results.rows
+    settings = [name for name in SETTINGS if any(k.startswith(name + '/') for k in rows)]
+    lines = ['| method | ' + ' | '.join(settings) + ' |', '|---|' + '---|' * len(settings)]
+    for key, label in ROWS:
+        cells = []
+        for name in settings:
+            row = rows.get('dense' if key == 'dense' else f'{name}/{key}')
+            cells.append(f"{row['perplexity']:.2f}" if row else 'not run')
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    lines += ['', '| search | chosen epoch | validation ppl per epoch | test ppl | steps | tokens | '
+              'seconds | kept weights shared with magnitude / Wanda |', '|---|---|---|---|---|---|---|---|']  # fmt: skip
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in settings:
+        for origin in ('magnitude', 'wanda'):
+            row = rows.get(f'{name}/jackpot_from_{origin}')
+            if not row:
+                continue
+            ppl = [math.exp(v) for v in row['validation_loss']]
+            per_epoch = row['steps'] // len(ppl)
+            ax.plot([per_epoch * (i + 1) for i in range(len(ppl))], ppl, marker='o',
+                    label=f'{name} from {origin}')  # fmt: skip
+            shared = row['shared_kept']
+            lines.append(
+                f"| {name} from {origin} | {row['chosen_epoch']} | "
+                + ', '.join(f'{p:.2f}' for p in ppl)
+                + f" | {row['perplexity']:.2f} | {row['steps']} | {row['tokens']:,} | "
+                f"{row['seconds']:.0f} | {shared['magnitude']:.2%} / {shared['wanda']:.2%} |"
+            )
+    ax.set_xlabel('search steps')
+    ax.set_ylabel('validation perplexity')
+    ax.set_yscale('log')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'perplexity_vs_steps.png'), dpi=120)
+    if 'generations' in rows:
+        g = rows['generations']
+        labels = [k for k in g if k not in ('prompts', 'new_tokens')]
+        lines += ['', '| prompt | ' + ' | '.join(labels) + ' |', '|---|' + '---|' * len(labels)]
+        for i, prompt in enumerate(g['prompts']):
+            cells = [g[k][i].replace('\n', ' ').replace('|', '/') for k in labels]
+            lines.append(f'| {prompt} | ' + ' | '.join(cells) + ' |')
+    with open(os.path.join(out, 'report.md'), 'w') as f:
+        f.write('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
 
 
 def run_generations(results, out, model, params, tok, masks_50) -> None:
