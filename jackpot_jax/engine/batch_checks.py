@@ -50,6 +50,20 @@ def peek(batches: Any, count: int) -> tuple[list[Batch], Any]:
     return first, itertools.chain(first, batches)
 
 
+def check_selection_metric(settings: Any, metrics: tuple[str, ...], prefix: str = '') -> None:
+    """The metric the epoch is chosen by is one of ``metrics`` (what each split's evaluation
+    gives), or ValueError naming them, before step 1 (``prefix``: 'search.' in the
+    launcher)."""
+    s = settings
+    if s.selection_rule in (None, 'last') or s.selection_metric in metrics:
+        return
+    raise ValueError(
+        f'{prefix}selection_metric {s.selection_metric!r} is not a metric of this search: each '
+        f'split is evaluated as {", ".join(map(repr, metrics))}; choose one of them (a '
+        f"loss_fn adds its own metrics by name), or {prefix}selection_rule='last'"
+    )
+
+
 def check_reiterable(name: str, batches: Any) -> None:
     """Held-out batches are walked every epoch: a list (or any re-iterable), never empty."""
     if batches is None:
@@ -160,16 +174,7 @@ class BatchChecker:
         return tuple(named)
 
     def _check_selection_metric(self) -> None:
-        """The metric the epoch is chosen by is one the evaluation gives."""
-        s = self.settings
-        if s.selection_rule in (None, 'last') or s.selection_metric in self.metrics:
-            return
-        given = ', '.join(map(repr, self.metrics))
-        raise ValueError(
-            f'selection_metric {s.selection_metric!r} is not a metric of this search: each '
-            f'split is evaluated as {given}; choose one of them (a loss_fn adds its own '
-            "metrics by name), or selection_rule='last'"
-        )
+        check_selection_metric(self.settings, self.metrics)
 
     def check(self, batch: Batch, where: str) -> None:
         self._check_structure(batch, where)
