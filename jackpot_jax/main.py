@@ -195,7 +195,7 @@ def run_mode() -> None:
     config = _CONFIG.value
     if _MODE.value:
         config.mode = _MODE.value
-    modes.validate(config)
+    config = modes.validate(config)  # checked and resolved, once, for every mode below
     workdir = _WORKDIR.value
     writes = config.mode not in READ_ONLY_MODES
     workdir_lib.prepare(workdir, writes)

@@ -139,13 +139,16 @@ def test_packages_import_downwards_only():
 def test_pure_modules_stay_pure():
     graph = _graph()
     prefix = PACKAGE + '.'
-    # The math imports nothing of the package; N:M masks only the math.
-    assert graph[prefix + 'core.sparsity'] == set()
-    assert graph[prefix + 'core.structured'] <= {prefix + 'core.sparsity'}
-    assert graph[prefix + 'core.mask_plan'] <= {prefix + 'core.sparsity', prefix + 'core.structured'}
-    # The base config imports only the pure-Python settings (config files load without JAX).
+    # The names of the choices import nothing; the math only them; N:M masks only the math.
+    choices, sparsity = prefix + 'core.choices', prefix + 'core.sparsity'
+    assert graph[choices] == set()
+    assert graph[sparsity] <= {choices}
+    assert graph[prefix + 'core.structured'] <= {sparsity, choices}
+    assert graph[prefix + 'core.mask_plan'] <= {sparsity, prefix + 'core.structured', choices}
+    # The base config imports only the pure-Python settings (config files load without JAX),
+    # and the settings check every choice by its name.
     assert graph[prefix + 'launch.config'] <= {prefix + 'core.settings'}
-    assert graph[prefix + 'core.settings'] <= {prefix + 'core.selection'}
+    assert graph[prefix + 'core.settings'] <= {prefix + 'core.selection', choices}
     assert graph[prefix + 'core.selection'] == set()
     assert graph[prefix + 'launch.paper_configs'] == {prefix + 'launch.config'}
     # Nothing imports the command line.

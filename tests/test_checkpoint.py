@@ -12,12 +12,13 @@ import time
 import jax
 import numpy as np
 import pytest
-from tiny_model import fault_at_step, tiny_config  # tests/tiny_model.py
+from tiny_model import config_plan, fault_at_step, tiny_config  # tests/tiny_model.py
 
 from jackpot_jax.core import sparsity, step as step_lib
 from jackpot_jax.engine.metrics import read_jsonl
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.launch import modes, run_context as rc, search_mode, weight_training
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.models import zoo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def search_config(weights):
 def weights(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('weights'))
     config = search_config('')
-    weight_training.run_pretrain(config, workdir)
+    weight_training.run_pretrain(resolved(config), workdir)
     return os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
 
 
@@ -42,7 +43,7 @@ def weights(tmp_path_factory):
 def reference(weights, tmp_path_factory):
     """An uninterrupted search."""
     workdir = str(tmp_path_factory.mktemp('reference'))
-    result = search_mode.run_search(search_config(weights), workdir)
+    result = search_mode.run_search(resolved(search_config(weights)), workdir)
     return workdir, jax.device_get(result['state'])
 
 
@@ -101,10 +102,10 @@ def test_interrupted_search_resumes_bit_identically(
     with monkeypatch.context() as patch:
         _interrupt_after(patch, interrupt_at)
         with pytest.raises(_Interrupt):
-            search_mode.run_search(search_config(weights), workdir)
+            search_mode.run_search(resolved(search_config(weights)), workdir)
     saved = checkpoint.SearchCheckpoints(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)).steps()
     assert saved and max(saved) < 2 * STEPS
-    resumed = search_mode.run_search(search_config(weights), workdir)
+    resumed = search_mode.run_search(resolved(search_config(weights)), workdir)
     _assert_same_search(resumed['state'], ref_state)
     assert _search_records(workdir) == _search_records(ref_dir)
 
@@ -161,7 +162,7 @@ def test_sigkill_during_saves_never_leaves_a_bad_checkpoint(weights, reference, 
     ckpts.close()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    masks = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))[1]
+    masks = checkpoint.read_jackpot_bundle(os.path.join(workdir, workdir_lib.JACKPOT_DIR))[1]
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(ref_state.masks), masks)
 
 
@@ -174,14 +175,14 @@ def test_restore_across_device_layouts(
     with monkeypatch.context() as patch:
         _interrupt_after(patch, STEPS + 1)
         with pytest.raises(_Interrupt):
-            search_mode.run_search(config, str(tmp_path))
+            search_mode.run_search(resolved(config), str(tmp_path))
     ckpt_dir = os.path.join(tmp_path, workdir_lib.CHECKPOINTS_DIR)
     ckpts = checkpoint.SearchCheckpoints(ckpt_dir)
     step = ckpts.latest_step()
     config.num_devices = devices_after
-    setup = rc.Setup(config)
+    setup = rc.Setup(resolved(config))
     params, statistics, _ = setup.load_weights(weights)
-    plan = rc.plan_masks(config, params)
+    plan = config_plan(config, params)
     counts, masks = plan.counts, plan.magnitude_masks(params)
     optimizer = step_lib.sgd_optimizer(0.1, 5e-4, 0.9, 2, STEPS)
     like = step_lib.init_search_state(
@@ -193,7 +194,7 @@ def test_restore_across_device_layouts(
     assert len(jax.tree.leaves(state.scores)[0].sharding.device_set) == devices_after
     for path, k in counts.items():
         assert np.asarray(state.masks[path]).size - np.asarray(state.masks[path]).sum() == k
-    result = search_mode.run_search(config, str(tmp_path))  # and the search finishes there
+    result = search_mode.run_search(resolved(config), str(tmp_path))  # and the search finishes there
     assert int(result['state'].step) == 2 * STEPS
 
 
@@ -202,17 +203,17 @@ def test_changed_weights_or_config_are_refused_with_the_difference(weights, tmp_
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 3)
         with pytest.raises(_Interrupt):
-            search_mode.run_search(search_config(weights), workdir)
+            search_mode.run_search(resolved(search_config(weights)), workdir)
     config = search_config(weights)
     config.search.sparsity = 0.95
     with pytest.raises(ValueError, match=r'search.sparsity: checkpoint 0.9, now 0.95'):
-        search_mode.run_search(config, workdir)
+        search_mode.run_search(resolved(config), workdir)
     other = str(tmp_path / 'other_weights')
     params, statistics, meta = checkpoint.load_weights(weights)
     params = jax.tree.map(lambda x: x * 1.5, params)
     checkpoint.save_weights(other, params, statistics, meta)
     with pytest.raises(ValueError, match='differ from those the search'):
-        search_mode.run_search(search_config(other), workdir)
+        search_mode.run_search(resolved(search_config(other)), workdir)
 
 
 def test_corrupted_checkpoint_names_the_folder_to_delete(weights, tmp_path, monkeypatch):
@@ -220,7 +221,7 @@ def test_corrupted_checkpoint_names_the_folder_to_delete(weights, tmp_path, monk
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 5)
         with pytest.raises(_Interrupt):
-            search_mode.run_search(search_config(weights), workdir)
+            search_mode.run_search(resolved(search_config(weights)), workdir)
     ckpt_dir = os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR)
     latest = os.path.join(ckpt_dir, '4')
     for path in glob.glob(os.path.join(latest, 'scores', '**', '*'), recursive=True):
@@ -228,9 +229,9 @@ def test_corrupted_checkpoint_names_the_folder_to_delete(weights, tmp_path, monk
             with open(path, 'r+b') as f:
                 f.truncate(os.path.getsize(path) // 2)
     with pytest.raises(checkpoint.CheckpointError, match=f'{latest}.*Delete that folder'):
-        search_mode.run_search(search_config(weights), workdir)
+        search_mode.run_search(resolved(search_config(weights)), workdir)
     shutil.rmtree(latest)
-    result = search_mode.run_search(search_config(weights), workdir)  # resumes from step 2
+    result = search_mode.run_search(resolved(search_config(weights)), workdir)  # resumes from step 2
     assert int(result['state'].step) == 2 * STEPS
 
 
@@ -250,29 +251,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(weights, tmp_path, mo
         monkeypatch, 4, lambda state, metrics: (state, {**metrics, 'loss': metrics['loss'] * np.nan})
     )
     with pytest.raises(FloatingPointError, match='at step 4.*last good checkpoint is step 2'):
-        search_mode.run_search(search_config(weights), str(tmp_path))
+        search_mode.run_search(resolved(search_config(weights)), str(tmp_path))
     steps = checkpoint.SearchCheckpoints(os.path.join(tmp_path, workdir_lib.CHECKPOINTS_DIR)).steps()
     assert steps == [2]
     # The advice works: the same search with a lower learning rate resumes from step 2.
     monkeypatch.setattr(step_lib, 'make_search_step', original)
     config = search_config(weights)
     config.search.learning_rate = 0.05
-    result = search_mode.run_search(config, str(tmp_path))
+    result = search_mode.run_search(resolved(config), str(tmp_path))
     assert [r['step'] for r in result['history']] == [STEPS, 2 * STEPS]
     # Once resumed, the learning rate is part of the search again.
     config.search.learning_rate = 0.01
     config.search.epochs = 3
     with pytest.raises(ValueError, match='search.learning_rate: checkpoint 0.05'):
-        search_mode.run_search(config, str(tmp_path))
+        search_mode.run_search(resolved(config), str(tmp_path))
 
 
 def test_export_evaluates_like_the_jackpot(weights, reference, capsys):
     workdir, _ = reference
     config = search_config(weights)
-    jackpot = modes.run_evaluate(config, workdir)
-    out = modes.run_export(config, workdir)['masked_weights']
-    config.pretrained, config.jackpot = out, 'none'
-    exported = modes.run_evaluate(config, workdir)
+    jackpot = modes.run_evaluate(resolved(config), workdir)
+    out = modes.run_export(resolved(config), workdir)['masked_weights']
+    config.pretrained, config.jackpot, config.mode = out, 'none', 'evaluate'
+    exported = modes.run_evaluate(resolved(config), workdir)
     assert exported['top1'] == jackpot['top1']
     assert exported['sparsity'] == pytest.approx(jackpot['sparsity'])
 
@@ -307,6 +308,6 @@ def test_resnet50_jackpot_bundle_is_under_a_25th_of_the_weights(tmp_path):
         f'ratio 1/{weights_bytes / bundle:.1f}'
     )
     assert bundle * 25 <= weights_bytes
-    _, loaded, _, _ = checkpoint.load_jackpot(path)
+    _, loaded, _, _ = checkpoint.read_jackpot_bundle(path)
     for p, m in masks.items():
         np.testing.assert_array_equal(loaded[p], m)

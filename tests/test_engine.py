@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -15,10 +16,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_model  # tests/tiny_model.py
 
 import jackpot_jax
+from jackpot_jax.core import sparsity
 from jackpot_jax.io import checkpoint
-from jackpot_jax.launch import config as config_lib, run_context as rc, search_mode, weight_training
+from jackpot_jax.launch import (
+    config as config_lib,
+    config_checks,
+    modes,
+    run_context as rc,
+    search_mode,
+    weight_training,
+)
+from jackpot_jax.launch.config_checks import resolved
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 CLASSES = 4
@@ -160,10 +171,10 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
     config.model.width = 8
     config.num_devices = 1
     workdir = str(tmp_path / 'run')
-    weight_training.run_pretrain(config, workdir)
-    found = search_mode.run_search(config, workdir)
+    weight_training.run_pretrain(resolved(config), workdir)
+    found = search_mode.run_search(resolved(config), workdir)
 
-    config = rc.config_checks.resolve_protocol(config)
+    config = resolved(config)
     setup = rc.Setup(config)
     params, statistics, _ = setup.load_pretrained(workdir)
     size = config.search.batch_size
@@ -176,12 +187,12 @@ def test_the_library_and_the_launcher_give_identical_searches(tmp_path):
         validation_batches=list(
             setup.source.eval_batches(config.data.eval_batch_size, 'validation')
         ),
-        settings=search_mode.search_settings(config, True),
+        settings=config_checks.search_settings(config),
         progress=False,
     )
     kept = found['jackpot_epoch']
     assert jackpot.report['chosen_epoch'] == kept
-    _, saved_masks, saved_statistics, _ = checkpoint.load_jackpot(os.path.join(workdir, 'jackpot'))
+    _, saved_masks, saved_statistics, _ = checkpoint.read_jackpot_bundle(os.path.join(workdir, 'jackpot'))
     assert set(saved_masks) == set(jackpot.masks)
     for p, m in jackpot.masks.items():
         np.testing.assert_array_equal(m, saved_masks[p])
@@ -332,3 +343,125 @@ def test_a_resumed_search_still_has_the_epoch_its_rule_keeps(tmp_path):
     assert resumed.report['chosen_epoch'] == 1
     for path, mask in whole.masks.items():
         np.testing.assert_array_equal(resumed.masks[path], mask)
+
+
+# ----------------------------------------------------------------------------
+# Every selection metric the docs offer, in both entry points.
+# ----------------------------------------------------------------------------
+METRIC_DOCS = ('launcher.md', 'library.md', 'selection.md')
+
+
+def _offered_selection_metrics() -> list[str]:
+    """The metric names each doc gives on its lines about ``selection_metric``."""
+    offered = set()
+    for name in METRIC_DOCS:
+        lines = [
+            line
+            for line in (REPO / 'docs' / name).read_text().splitlines()
+            if 'selection_metric' in line
+        ]
+        found = {m for line in lines for m in re.findall(r"`'?([a-z][a-z0-9_]*)'?`", line)}
+        found -= {'selection_metric'}
+        assert found, f'docs/{name} names no selection metric on its selection_metric lines'
+        offered |= found
+    return sorted(offered)
+
+
+def _chosen_by(history, metric: str) -> int:
+    """The epoch rule 'best' keeps on validation ``metric``: the latest of the best."""
+    values = [r[f'validation_{metric}'] for r in history]
+    lower = metric in ('loss', 'perplexity')
+    best = min(values) if lower else max(values)
+    return max(r['epoch'] for r, v in zip(history, values) if v == best)
+
+
+@pytest.mark.parametrize('metric', _offered_selection_metrics())
+def test_every_documented_selection_metric_chooses_the_epoch_in_the_library(metric):
+    model, variables = _variables()
+    jackpot = jackpot_jax.find_jackpot(
+        model,
+        variables,
+        _batches(),
+        validation_batches=_batches(n=32, seed=1),
+        selection_metric=metric,
+        selection_rule='best',
+        **{**SETTINGS, 'epochs': 3},
+    )
+    history = jackpot.report['epochs']
+    assert jackpot.report['chosen_epoch'] == _chosen_by(history, metric)
+
+
+@pytest.fixture(scope='module')
+def digits_weights(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('weights') / 'pretrained')
+    tiny_model.save_weights(path, width=8)
+    return path
+
+
+@pytest.mark.parametrize('metric', _offered_selection_metrics())
+def test_every_documented_selection_metric_chooses_the_epoch_in_the_launcher(
+    metric, digits_weights, tmp_path
+):
+    """The launcher's digits search with ``--config.search.selection_metric``, which once
+    ended in ``KeyError: 'validation_loss'`` after its first epoch."""
+    config = tiny_model.tiny_config(
+        mode='search',
+        pretrained=digits_weights,
+        steps_per_epoch=3,
+        **{
+            'search.epochs': 3,
+            'search.batch_size': 16,
+            'search.reestimation_steps': 2,
+            'search.selection_rule': 'best',
+            'search.selection_metric': metric,
+        },
+    )
+    found = modes.MODES['search'](modes.validate(config), str(tmp_path))
+    assert found['jackpot_epoch'] == _chosen_by(found['history'], metric)
+
+
+# ----------------------------------------------------------------------------
+# The launcher's mask baselines prune what its search prunes.
+# ----------------------------------------------------------------------------
+def test_the_mask_baselines_leave_a_classifier_named_head_dense_as_the_search_does(
+    tmp_path, monkeypatch
+):
+    """The output layer, found by tracing the model whatever it is called, stays dense in
+    the search and in the magnitude and random masks it is compared with: the same
+    counts of the same kernels."""
+    config = tiny_model.tiny_config(
+        mode='search',
+        steps_per_epoch=2,
+        **{'search.epochs': 1, 'search.batch_size': 16, 'search.reestimation_steps': 2},
+    )
+    config.model = {'name': 'user_model:TinyNet', 'dtype': 'float32', 'head': 'head'}
+    config = modes.validate(config)
+    setup = rc.Setup(config)
+    variables = jax.device_get(weight_training.initial_variables(setup, config.seed))
+    weights = str(tmp_path / 'pretrained')
+    meta = {'model': config.model.to_dict(), 'num_classes': setup.source.num_classes}
+    checkpoint.save_weights(weights, variables['params'], {}, meta)
+    config.pretrained = weights
+    found = search_mode.run_search(config, str(tmp_path / 'run'))
+    assert set(found['counts']) == {'conv/kernel', 'conv2/kernel'}  # 'head' left dense
+
+    evaluated = []
+    split_metrics = rc.Setup.split_metrics
+
+    def recording(self, params, statistics, split='test'):
+        evaluated.append(sparsity.flatten(jax.device_get(params)))
+        return split_metrics(self, params, statistics, split)
+
+    monkeypatch.setattr(rc.Setup, 'split_metrics', recording)
+    params, statistics, _ = setup.load_weights(weights)
+    baselines = search_mode.mask_baselines(config, setup, params, statistics)
+    assert set(baselines) == {'magnitude_top1', 'random_top1'} and len(evaluated) == 2
+    dense = sparsity.flatten(variables['params'])
+    for masked in evaluated:
+        pruned = {
+            p: int(np.sum((masked[p] == 0) & (dense[p] != 0)))
+            for p in masked
+            if p.endswith('kernel') and int(np.sum((masked[p] == 0) & (dense[p] != 0)))
+        }
+        assert pruned == found['counts']
+        np.testing.assert_array_equal(masked['head/kernel'], dense['head/kernel'])

@@ -32,6 +32,7 @@ from jackpot_jax.engine import metrics
 from jackpot_jax.engine.metrics import EpochMetrics
 from jackpot_jax.io import checkpoint, convert_cli, workdir as workdir_lib
 from jackpot_jax.launch import modes, run_context as rc, weight_training
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.models import zoo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +70,7 @@ def weights_and_jackpot(tmp_path_factory):
     weights_a, weights_b = str(root / 'a'), str(root / 'b')
     params = tiny_model.save_weights(weights_a, width=8, seed=0)['params']
     tiny_model.save_weights(weights_b, width=8, seed=1)
-    plan = rc.plan_masks(tiny_config(), params)
+    plan = tiny_model.config_plan(tiny_config(), params)
     counts, masks = plan.counts, plan.magnitude_masks(params)
     jackpot = str(root / 'jackpot')
     fingerprint = checkpoint.weights_fingerprint(params)
@@ -135,7 +136,7 @@ def test_no_jackpot_is_never_a_folder_name(tmp_path):
 def test_evaluate_and_tune_check_which_weights_the_jackpot_was_found_in(weights_and_jackpot):
     weights_a, weights_b, jackpot = weights_and_jackpot
     workdir = os.path.dirname(jackpot)
-    config = tiny_config(pretrained=weights_b, jackpot=jackpot, **{'tune.epochs': 1})
+    config = resolved(tiny_config(pretrained=weights_b, jackpot=jackpot, **{'tune.epochs': 1}))
     for run in (modes.run_evaluate, weight_training.run_tune):
         with pytest.raises(ValueError, match='was found in other weights than .*b'):
             run(config, workdir)
@@ -279,7 +280,7 @@ def test_a_pattern_that_prunes_nothing_is_an_error():
     modes.validate(config)
     params = tiny_model.variables(width=8)['params']
     with pytest.raises(ValueError, match=r"search.pattern '1:3' prunes nothing .*conv2/kernel': 8"):
-        rc.plan_masks(config, params)
+        tiny_model.config_plan(config, params)
 
 
 @pytest.mark.parametrize('field', ['prune_include', 'prune_exclude'])
@@ -489,8 +490,14 @@ def test_a_new_search_never_replaces_a_jackpot_it_would_not_resume(weights_and_j
     _, _, jackpot = weights_and_jackpot
     workdir = str(tmp_path)
     shutil.copytree(jackpot, os.path.join(workdir, workdir_lib.JACKPOT_DIR))
-    config = tiny_config(mode='search')
-    for run in (rc.check_search_outputs, modes.run_demo, modes.MODES['search']):
+    config = resolved(tiny_config(mode='search'))
+
+    def check(config, workdir):
+        workdir_lib.check_search_outputs(
+            workdir, config.jackpot, tunes=bool(config.tune.epochs), overwrite=config.overwrite
+        )
+
+    for run in (check, modes.run_demo, modes.MODES['search']):
         with pytest.raises(errors.UserError, match=(
             f'{workdir}/jackpot already exists, and {workdir}/checkpoints holds no search to '
             'resume, so a new search would replace them: search into another --workdir, or '
@@ -501,11 +508,11 @@ def test_a_new_search_never_replaces_a_jackpot_it_would_not_resume(weights_and_j
     config.tune.epochs = 1
     os.makedirs(os.path.join(workdir, workdir_lib.TUNED_DIR))
     with pytest.raises(errors.UserError, match='jackpot and .*tuned already exist, '):
-        rc.check_search_outputs(config, workdir)
+        check(config, workdir)
     # Allowed: a search that resumes its own checkpoints, or one told to overwrite.
     os.makedirs(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR, '12'))
-    rc.check_search_outputs(config, workdir)
-    rc.check_search_outputs(tiny_config(overwrite=True, jackpot=str(tmp_path / 'x')), workdir)
+    check(config, workdir)
+    check(tiny_config(overwrite=True, jackpot=str(tmp_path / 'x')), workdir)
 
 
 def test_pretrain_never_replaces_weights_naming_what_they_would_orphan(
@@ -527,7 +534,7 @@ def test_pretrain_never_replaces_weights_naming_what_they_would_orphan(
         '--config.pretrained=NEW_FOLDER), or pass --config.overwrite=true to replace them'
     ]
     assert _tree_files(pretrained) == before
-    weight_training.ensure_pretrained(tiny_config(), workdir)  # the demo reuses them
+    weight_training.ensure_pretrained(resolved(tiny_config()), workdir)  # the demo reuses them
     assert _tree_files(pretrained) == before
 
 
@@ -549,7 +556,7 @@ def test_a_jackpot_without_its_statistics_names_the_path_and_the_fix(weights_and
     damaged = str(tmp_path / 'jackpot')
     shutil.copytree(jackpot, damaged)
     shutil.rmtree(os.path.join(damaged, 'statistics'))
-    config = tiny_config(pretrained=weights_a, jackpot=damaged, **{'tune.epochs': 1})
+    config = resolved(tiny_config(pretrained=weights_a, jackpot=damaged, **{'tune.epochs': 1}))
     for run in (modes.run_evaluate, modes.run_export, weight_training.run_tune):
         with pytest.raises(checkpoint.CheckpointError, match=(
             f"the jackpot at {damaged} holds no batch statistics, but model 'small_cnn' has "

@@ -21,6 +21,7 @@ import jackpot_jax
 from jackpot_jax.core import parallel
 from jackpot_jax.engine import loop
 from jackpot_jax.launch import config as config_lib, modes, run_context as rc, search_mode
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.models import zoo
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -283,7 +284,7 @@ def test_bad_fsdp_values_are_named(tmp_path):
     config.fsdp = 5  # num_devices 0: all 8, which 5 does not divide
     modes.validate(config)
     with pytest.raises(ValueError, match='fsdp=5 does not divide the 8 devices'):
-        rc.Setup(config)
+        rc.Setup(resolved(config))
     assert config_lib.is_resumable('fsdp')
 
 
@@ -309,9 +310,9 @@ def test_launcher_search_with_fsdp_matches_1_device(weights, tmp_path):
         c.data.eval_batch_size = 360
         return c
 
-    assert rc.Setup(config(8, 4)).mesh.shape == {'data': 2, 'fsdp': 4}
+    assert rc.Setup(resolved(config(8, 4))).mesh.shape == {'data': 2, 'fsdp': 4}
     found = {
-        n: search_mode.run_search(config(n, f), str(tmp_path / f'fsdp{f}'))
+        n: search_mode.run_search(resolved(config(n, f)), str(tmp_path / f'fsdp{f}'))
         for n, f in ((1, 1), (8, 4))
     }
     one, split = found[1]['state'], found[8]['state']

@@ -13,10 +13,12 @@ import optax
 import pytest
 from test_text_data import write_corpus  # tests/ is on the path
 
-from jackpot_jax.core import sparsity, step
+from jackpot_jax.core import adapters, sparsity, step
+from jackpot_jax.engine import evaluation
 from jackpot_jax.engine.metrics import read_jsonl
 from jackpot_jax.io import checkpoint
 from jackpot_jax.launch import run_context as rc, weight_training
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.models import gpt, zoo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,20 +100,24 @@ def test_bad_sizes_name_the_value_and_the_fix(tiny):
     assert isinstance(zoo.get_model('gpt', 256, vocab_size=256), gpt.GPT)
 
 
-def test_eval_step_counts_tokens_of_valid_windows_and_sums_their_loss(tiny):
+def test_evaluation_counts_tokens_of_valid_windows_and_averages_their_loss(tiny):
     model, variables = tiny
     rng = np.random.default_rng(2)
     tokens, labels = rng.integers(0, 11, (4, 8)), rng.integers(0, 11, (4, 8)).astype(np.int32)
     valid = np.array([True, True, False, True])
-    out = step.eval_step(variables['params'], {}, tokens, labels, valid, model=model)
+    forward = adapters.linen_forward(model, 'batch_stats')
+    out = evaluation.evaluate_metrics(
+        forward, variables['params'], {}, [(tokens, labels, valid)]
+    )
     logits = np.asarray(model.apply(variables, tokens, train=False))
     top1 = logits.argmax(-1)
     top5 = np.argsort(-logits, axis=-1)[..., :5]
-    assert int(out['count']) == 3 * 8
-    assert int(out['correct1']) == int(((top1 == labels) & valid[:, None]).sum())
-    assert int(out['correct5']) == int(((top5 == labels[..., None]).any(-1) & valid[:, None]).sum())
+    assert out['examples'] == 3 * 8
+    assert out['top1'] == ((top1 == labels) & valid[:, None]).sum() / 24
+    assert out['top5'] == ((top5 == labels[..., None]).any(-1) & valid[:, None]).sum() / 24
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    np.testing.assert_allclose(float(out['loss_sum']), float(losses[valid].sum()), rtol=1e-5)
+    np.testing.assert_allclose(out['loss'], float(losses[valid].sum()) / 24, rtol=1e-5)
+    assert out['perplexity'] == pytest.approx(np.exp(out['loss']))
 
 
 def _config_module():
@@ -134,7 +140,7 @@ def test_pretrain_through_the_launcher_reports_perplexity(tmp_path):
     config = _tiny_config(text_dir)
     workdir = str(tmp_path / 'run')
     os.makedirs(workdir)
-    result = weight_training.run_pretrain(config, workdir)
+    result = weight_training.run_pretrain(resolved(config), workdir)
     assert 0.0 <= result['top1'] <= result['top5'] <= 1.0
     assert result['perplexity'] == pytest.approx(np.exp(result['loss']))
     # Random printable bytes: about log(95) nats once trained at all, log(256) untrained.
@@ -142,10 +148,10 @@ def test_pretrain_through_the_launcher_reports_perplexity(tmp_path):
     records = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
     assert [r['epoch'] for r in records if 'train_loss' in r] == [1, 2]
     assert records[-1]['test_perplexity'] == result['perplexity']
-    setup = rc.Setup(config)
+    setup = rc.Setup(resolved(config))
     params, statistics, _ = setup.load_pretrained(workdir)
-    assert setup.evaluate(params, statistics) == result
-    validation = setup.evaluate(params, statistics, 'validation')
+    assert setup.split_metrics(params, statistics) == result
+    validation = setup.split_metrics(params, statistics, 'validation')
     assert {'top1', 'top5', 'loss', 'perplexity'} <= set(validation)
     assert validation['perplexity'] == pytest.approx(np.exp(validation['loss']))
     _, _, meta = checkpoint.load_weights(os.path.join(workdir, 'pretrained'))

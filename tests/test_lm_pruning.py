@@ -11,6 +11,7 @@ from test_gpt import _tiny_config  # tests/ is on the path
 from test_text_data import write_corpus
 
 from jackpot_jax.launch import config_checks, modes, weight_training
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.launch.studies import lm_pruning
 
 
@@ -25,8 +26,8 @@ def study(tmp_path_factory):
     config.lm_pruning.calibration_batches = 2
     workdir = str(root / 'run')
     os.makedirs(workdir)
-    weight_training.run_pretrain(config, workdir)
-    return config, workdir, modes.MODES['lm_pruning'](config, workdir)
+    weight_training.run_pretrain(resolved(config), workdir)
+    return config, workdir, modes.MODES['lm_pruning'](resolved(config), workdir)
 
 
 def test_every_method_at_every_sparsity_prunes_the_same_counts(study):
@@ -67,7 +68,7 @@ def test_the_chosen_epoch_is_the_lowest_validation_perplexity_never_test(study):
 
 def test_rerun_resumes_every_search(study, capsys):
     config, workdir, result = study
-    again = modes.MODES['lm_pruning'](config, workdir)
+    again = modes.MODES['lm_pruning'](resolved(config), workdir)
     for old, new in zip(result['rows'], again['rows']):
         for name in lm_pruning.METHODS[1:]:
             assert new['methods'][name]['test_perplexity'] == pytest.approx(

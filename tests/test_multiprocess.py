@@ -21,6 +21,7 @@ import tiny_model  # tests/tiny_model.py
 from jackpot_jax.engine.metrics import read_jsonl
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.launch import config as config_lib, search_mode
+from jackpot_jax.launch.config_checks import resolved
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES = 2
@@ -127,14 +128,14 @@ def runs(tmp_path_factory):
     started = _start(two, flags, str(root))
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     try:
-        one = search_mode.run_search(_config(pretrained=weights, num_devices=4), str(root / 'one'))
+        one = search_mode.run_search(resolved(_config(pretrained=weights, num_devices=4)), str(root / 'one'))
     finally:
         logs = _finish(started, deadline)
     return {'weights': weights, 'two': two, 'logs': logs, 'one': one}
 
 
 def test_two_processes_find_the_masks_of_one_process(runs):
-    _, masks, statistics, meta = checkpoint.load_jackpot(
+    _, masks, statistics, meta = checkpoint.read_jackpot_bundle(
         os.path.join(runs['two'], workdir_lib.JACKPOT_DIR)
     )
     reference = jax.device_get(runs['one']['state'])
@@ -171,8 +172,8 @@ def test_two_process_checkpoint_resumes_in_one_process(runs, tmp_path):
     shutil.copytree(runs['two'], workdir)
     shutil.rmtree(os.path.join(workdir, workdir_lib.CHECKPOINTS_DIR, '4'))
     shutil.rmtree(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
-    resumed = search_mode.run_search(_config(pretrained=runs['weights']), workdir)  # all 8 devices
-    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(runs['two'], workdir_lib.JACKPOT_DIR))
+    resumed = search_mode.run_search(resolved(_config(pretrained=runs['weights'])), workdir)  # all 8 devices
+    _, masks, _, _ = checkpoint.read_jackpot_bundle(os.path.join(runs['two'], workdir_lib.JACKPOT_DIR))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed['state'].masks), masks)
     assert int(jax.device_get(resumed['state'].step)) == 4
     assert resumed['jackpot_top1'] == pytest.approx(runs['one']['jackpot_top1'])

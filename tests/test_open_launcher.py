@@ -13,6 +13,7 @@ from jackpot_jax.data import catalog
 from jackpot_jax.engine.metrics import read_jsonl
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.launch import config as config_lib, modes, search_mode, weight_training
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.models import zoo
 
 tfds = pytest.importorskip('tensorflow_datasets')
@@ -142,13 +143,13 @@ def test_user_model_on_a_tfds_dataset_through_the_launcher(mock_dir, tmp_path):
     config.pretrain.batch_size = config.search.batch_size = 8
     modes.validate(config)
     workdir = str(tmp_path / 'run')
-    weight_training.run_pretrain(config, workdir)
-    found = search_mode.run_search(config, workdir)
+    weight_training.run_pretrain(resolved(config), workdir)
+    found = search_mode.run_search(resolved(config), workdir)
 
     params, statistics, meta = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     assert statistics == {} and meta['model']['name'] == 'user_model:TinyNet'
     assert params['conv']['kernel'].shape == (3, 3, 1, 8)  # grey 16x16 input, 8 features
-    _, masks, jackpot_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    _, masks, jackpot_stats, _ = checkpoint.read_jackpot_bundle(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     assert set(masks) == {'conv/kernel', 'conv2/kernel'} and jackpot_stats == {}  # fc excluded
     pruned = sum(int(m.size - np.count_nonzero(m)) for m in masks.values())
     assert pruned == sum(found['counts'].values()) == 648 - 64  # keeps floor(10 % of 648)

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 from jackpot_jax.engine.metrics import read_jsonl
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.launch import config_checks, modes, run_context as rc, search_mode, weight_training
+from jackpot_jax.launch.config_checks import resolved
 
 tfds = pytest.importorskip('tensorflow_datasets')
 
@@ -327,18 +328,18 @@ def pretrained(mock_data_dir, tmp_path_factory):
             if imagenet:
                 # No pretrain config (users bring torchvision's weights): ResNet-50 at its
                 # initialisation, which spares the suite a ResNet-50 training compile.
-                setup = rc.Setup(config_checks.resolve_protocol(config))
+                setup = rc.Setup(resolved(config))
                 variables = weight_training.initial_variables(setup, config.seed)
                 meta = {'model': config.model.to_dict(), 'num_classes': setup.source.num_classes}
                 checkpoint.save_weights(
-                    rc.pretrained_path(config, workdir),
+                    workdir_lib.pretrained_path(workdir, config.pretrained),
                     variables['params'], variables['batch_stats'], meta,
                 )
             else:
-                weight_training.run_pretrain(config, workdir)
+                weight_training.run_pretrain(resolved(config), workdir)
                 records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
                 assert [r['mode'] for r in records] == ['pretrain', 'pretrain']  # epoch + test
-            made[model, dataset] = rc.pretrained_path(config, workdir)
+            made[model, dataset] = workdir_lib.pretrained_path(workdir, config.pretrained)
         return made[model, dataset]
 
     return get
@@ -355,7 +356,7 @@ def tiny_run(mock_data_dir, pretrained, tmp_path_factory):
             config.data.data_dir = mock_data_dir
             config.pretrained = pretrained(config.model.name, config.data.name)
             workdir = str(tmp_path_factory.mktemp('search'))
-            summary = search_mode.run_search(config, workdir)
+            summary = search_mode.run_search(resolved(config), workdir)
             del summary['state']  # 8 device copies of the weights, scores and momenta
             done[row] = workdir, summary
         return done[row]
@@ -366,7 +367,7 @@ def tiny_run(mock_data_dir, pretrained, tmp_path_factory):
 @pytest.mark.parametrize('row', END_TO_END_ROWS, ids=str)
 def test_tiny_row_runs_end_to_end(row, tiny_run):
     workdir, summary = tiny_run(row)
-    _, masks, _, meta = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    _, masks, _, meta = checkpoint.read_jackpot_bundle(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     total = sum(m.size for m in masks.values())
     pruned = sum(int(m.size - np.count_nonzero(m)) for m in masks.values())
     assert pruned == sum(meta['counts'].values())

@@ -18,6 +18,7 @@ import tiny_model  # tests/tiny_model.py
 from jackpot_jax.core import parallel, sparsity, step
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.launch import config as config_lib, modes, run_context as rc, search_mode
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.models import zoo
 
 RTOL, ATOL = 1e-5, 1e-6
@@ -122,7 +123,7 @@ def _search_config(weights: str, num_devices: int):
 
 def test_run_search_on_8_devices_matches_1_device(weights, tmp_path):
     found = {
-        n: search_mode.run_search(_search_config(weights, n), str(tmp_path / f'devices{n}'))
+        n: search_mode.run_search(resolved(_search_config(weights, n)), str(tmp_path / f'devices{n}'))
         for n in (1, 8)
     }
     one, eight = (parallel.to_host(found[n]['state']) for n in (1, 8))
@@ -131,7 +132,7 @@ def test_run_search_on_8_devices_matches_1_device(weights, tmp_path):
     _close(eight.scores, one.scores)
     _close(eight.statistics, one.statistics)
     assert found[8]['jackpot_top1'] == found[1]['jackpot_top1']
-    _, saved_masks, saved_stats, _ = checkpoint.load_jackpot(
+    _, saved_masks, saved_stats, _ = checkpoint.read_jackpot_bundle(
         os.path.join(tmp_path, 'devices8', workdir_lib.JACKPOT_DIR)
     )
     jax.tree.map(np.testing.assert_array_equal, saved_masks, one.masks)
@@ -143,13 +144,13 @@ def test_batch_size_that_does_not_divide_over_the_devices_is_rejected(weights):
     parallel.check_batch_size(16, mesh)
     with pytest.raises(ValueError, match='batch size 12 does not divide over 8 devices'):
         parallel.check_batch_size(12, mesh)
-    setup = rc.Setup(_search_config(weights, 8))
+    setup = rc.Setup(resolved(_search_config(weights, 8)))
     with pytest.raises(ValueError, match='use a multiple of 8'):
         setup.steps_per_epoch(12)
     config = _search_config(weights, 8)
     config.data.eval_batch_size = 100
     with pytest.raises(ValueError, match='batch size 100 does not divide over 8 devices'):
-        rc.Setup(config).evaluate(None, None)
+        rc.Setup(resolved(config)).split_metrics(None, None)
 
 
 def test_mesh_size_is_checked():

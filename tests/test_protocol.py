@@ -20,6 +20,7 @@ from jackpot_jax.launch import (
     run_context as rc,
     search_mode,
 )
+from jackpot_jax.launch.config_checks import resolved
 
 # A fixed paper-protocol search (tiny_model weights, 3 epochs of 6 steps of 16 digits),
 # fingerprinted on the implementation before the protocols existed: sha256 of the packed
@@ -92,27 +93,27 @@ def test_validation_fraction_that_leaves_no_training_batch_is_refused(weights, t
     config = _config(weights)
     config.data.validation_fraction = 0.99  # 1,437 digits -> 14 training images < batch 16
     with pytest.raises(ValueError, match='validation_fraction=0.99'):
-        search_mode.run_search(config, str(tmp_path))
+        search_mode.run_search(resolved(config), str(tmp_path))
 
 
 def test_protocols_fill_only_the_fields_left_to_them():
     config = config_lib.get_config()
-    stable = config_checks.resolve_protocol(config)
+    stable = resolved(config)
     assert stable.data.validation_fraction == 0.1 and stable.search.reestimation_steps == 50
     assert stable.search.mask_freeze_fraction == 0.25 and stable.search.swap_margin == 0.0
     config.protocol = 'paper'
     config.search.reestimation_steps = 7
-    paper = config_checks.resolve_protocol(config)
+    paper = resolved(config)
     assert paper.data.validation_fraction == 0.0 and paper.search.mask_freeze_fraction == 0.0
     assert paper.search.reestimation_steps == 7  # set explicitly: kept
-    assert config_checks.resolve_protocol(paper).to_dict() == paper.to_dict()
+    assert resolved(paper).to_dict() == paper.to_dict()
     config.protocol = 'published'
     with pytest.raises(ValueError, match="unknown protocol 'published'"):
         modes.validate(config)
 
 
 def test_paper_protocol_reproduces_the_published_search_exactly(weights, tmp_path):
-    result = search_mode.run_search(_config(weights, 'paper'), str(tmp_path))
+    result = search_mode.run_search(resolved(_config(weights, 'paper')), str(tmp_path))
     state = jax.device_get(result['state'])
     digest, total, distance = _fingerprint(state.masks, state.scores)
     assert digest == PAPER_GOLDEN[0]
@@ -129,7 +130,7 @@ def stable_run(weights, tmp_path_factory):
     config = _config(weights, epochs=4)
     config.search.mask_freeze_fraction = 0.5
     config.search.compare_statistics = True
-    return workdir, config, search_mode.run_search(config, workdir)
+    return workdir, config, search_mode.run_search(resolved(config), workdir)
 
 
 def test_frozen_masks_keep_exact_counts_and_stop_changing(weights, stable_run):
@@ -164,8 +165,8 @@ def test_frozen_phase_resumes_bit_identically(weights, stable_run, tmp_path, mon
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 15)  # in epoch 3, the first frozen one
         with pytest.raises(_Interrupt):
-            search_mode.run_search(config, workdir)
-    resumed = search_mode.run_search(config, workdir)
+            search_mode.run_search(resolved(config), workdir)
+    resumed = search_mode.run_search(resolved(config), workdir)
     _assert_same_search(resumed['state'], jax.device_get(result['state']))
     assert resumed['history'] == result['history']
 
@@ -173,14 +174,14 @@ def test_frozen_phase_resumes_bit_identically(weights, stable_run, tmp_path, mon
 def _scripted_validation(monkeypatch, top1s):
     """Makes each epoch's validation top-1 the next of ``top1s`` (test is measured as is),
     so which epoch is best on validation is known in advance."""
-    original = rc.Setup.evaluate
+    original = rc.Setup.split_metrics
     calls = iter(top1s)
 
-    def evaluate(self, params, statistics, split='test'):
+    def split_metrics(self, params, statistics, split='test'):
         result = original(self, params, statistics, split)
         return {**result, 'top1': next(calls)} if split == 'validation' else result
 
-    monkeypatch.setattr(rc.Setup, 'evaluate', evaluate)
+    monkeypatch.setattr(rc.Setup, 'split_metrics', split_metrics)
 
 
 def _epoch_end_states(monkeypatch):
@@ -211,24 +212,24 @@ def test_jackpot_of_the_best_validation_epoch_is_the_one_saved(
     config = _config(weights, epochs=4)
     config.search.mask_freeze_fraction = 0.0  # so every epoch ends with other masks
     config.search.selection_rule = 'best'
-    result = search_mode.run_search(config, str(tmp_path))
+    result = search_mode.run_search(resolved(config), str(tmp_path))
     chosen = result['history'][chosen_epoch - 1]
     assert result['jackpot_epoch'] == chosen_epoch and result['selection_rule'] == 'best'
     assert result['jackpot_top1'] == chosen['test_top1']
     assert result['jackpot_validation_top1'] == validation[chosen_epoch - 1]
     assert result['last_epoch_top1'] == result['history'][-1]['test_top1']
 
-    _, masks, saved_stats, meta = checkpoint.load_jackpot(str(tmp_path / 'jackpot'))
+    _, masks, saved_stats, meta = checkpoint.read_jackpot_bundle(str(tmp_path / 'jackpot'))
     epoch_masks, running_stats = states[chosen['step']]
     jax.tree.map(np.testing.assert_array_equal, dict(epoch_masks), masks)
-    setup = rc.Setup(config_checks.resolve_protocol(config))
+    setup = rc.Setup(resolved(config))
     params, _, _ = checkpoint.load_weights(weights)
     masked = parallel.replicate(sparsity.masked_params(sparsity.flatten(params), masks), setup.mesh)
     expected = rc.reestimate_statistics(
         setup, masked, parallel.replicate(running_stats, setup.mesh), 50, 16
     )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(expected), saved_stats)
-    evaluated = setup.evaluate(masked, parallel.replicate(saved_stats, setup.mesh))
+    evaluated = setup.split_metrics(masked, parallel.replicate(saved_stats, setup.mesh))
     assert (evaluated['top1'], evaluated['top5']) == (chosen['test_top1'], chosen['test_top5'])
     assert meta['summary']['jackpot_epoch'] == chosen_epoch
     # a different jackpot from the last epoch's
@@ -238,14 +239,14 @@ def test_jackpot_of_the_best_validation_epoch_is_the_one_saved(
 def test_last_epoch_jackpot_on_request_and_no_choice_without_validation(weights, tmp_path):
     config = _config(weights, epochs=2)
     config.search.selection_rule = 'last'
-    result = search_mode.run_search(config, str(tmp_path))
+    result = search_mode.run_search(resolved(config), str(tmp_path))
     assert result['jackpot_epoch'] == 2 and result['jackpot_top1'] == result['last_epoch_top1']
     paper = _config(weights, 'paper')
     paper.search.selection_rule = 'best'
     with pytest.raises(ValueError, match=r"selection_rule='best'.*validation_fraction"):
         modes.validate(paper)
     with pytest.raises(ValueError, match=r"selection_rule='best'.*validation_fraction"):
-        search_mode.run_search(paper, str(tmp_path / 'refused'))  # before any step
+        search_mode.run_search(resolved(paper), str(tmp_path / 'refused'))  # before any step
     assert not (tmp_path / 'refused').exists()
     paper.search.selection_rule = 'best_test'
     with pytest.raises(ValueError, match="unknown search.selection_rule 'best_test'"):
@@ -258,7 +259,7 @@ def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
     """The paper's search (3 epochs of 6 steps) with a swap margin of 0.002."""
     config = _config(weights, 'paper')
     config.search.swap_margin = 0.002
-    result = search_mode.run_search(config, str(tmp_path / 'whole'))
+    result = search_mode.run_search(resolved(config), str(tmp_path / 'whole'))
     state = jax.device_get(result['state'])
     assert _fingerprint(state.masks, state.scores)[0] != PAPER_GOLDEN[0]  # the margin acts
     assert sum(r['mask_changes'] for r in result['history']) > 0  # and masks still move
@@ -269,8 +270,8 @@ def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
     with monkeypatch.context() as patch:
         _interrupt_after(patch, 10)  # in epoch 2
         with pytest.raises(_Interrupt):
-            search_mode.run_search(config, str(tmp_path / 'resumed'))
-    resumed = search_mode.run_search(config, str(tmp_path / 'resumed'))
+            search_mode.run_search(resolved(config), str(tmp_path / 'resumed'))
+    resumed = search_mode.run_search(resolved(config), str(tmp_path / 'resumed'))
     _assert_same_search(resumed['state'], state)
     assert resumed['history'] == result['history']
 
@@ -278,7 +279,7 @@ def test_swap_margin_keeps_exact_counts_and_resumes_bit_identically(
 def test_swap_margin_no_score_can_clear_keeps_the_first_mask(weights, tmp_path):
     config = _config(weights, 'paper', epochs=1)
     config.search.swap_margin = 1.0  # scores start at 1.0 (kept) and 0.99 (pruned)
-    result = search_mode.run_search(config, str(tmp_path))
+    result = search_mode.run_search(resolved(config), str(tmp_path))
     assert result['history'][0]['mask_changes'] == 0
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import optax
 import pytest
 
-from jackpot_jax.core import sparsity, step as step_lib, structured
+from jackpot_jax.core import adapters, sparsity, step as step_lib, structured
+from jackpot_jax.core.settings import SearchSettings
+from jackpot_jax.engine import evaluation
 from jackpot_jax.models import zoo
 
 STEPS_PER_EPOCH = 3
@@ -186,23 +188,27 @@ def test_label_smoothing_changes_the_loss():
     assert smooth > plain
 
 
-def test_eval_step_counts_only_valid_examples():
+def test_evaluation_counts_only_valid_examples():
     model, variables, _, _, images, labels = _setup()
     logits = model.apply(variables, images, train=False)
     top1 = np.asarray(jnp.argmax(logits, -1))
     valid = np.array([True] * 5 + [False] * 3)
-    out = step_lib.eval_step(
-        variables['params'], variables['batch_stats'], images, labels, valid, model=model
+    forward = adapters.linen_forward(model, 'batch_stats')
+    out = evaluation.evaluate_metrics(
+        forward, variables['params'], variables['batch_stats'], [(images, labels, valid)]
     )
-    assert int(out['count']) == 5
-    assert int(out['correct1']) == int(np.sum((top1 == labels) & valid))
+    assert out['examples'] == 5
+    assert out['top1'] == np.sum((top1 == labels) & valid) / 5
     top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
-    assert int(out['correct5']) == int(np.sum((top5 == labels[:, None]).any(-1) & valid))
+    assert out['top5'] == np.sum((top5 == labels[:, None]).any(-1) & valid) / 5
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    assert out['loss'] == pytest.approx(float(np.sum(np.where(valid, losses, 0.0))) / 5, rel=1e-6)
+    assert out['perplexity'] == pytest.approx(np.exp(out['loss']))
 
 
 def test_unknown_bn_mode_is_rejected():
-    with pytest.raises(ValueError, match="bn_mode 'nope'"):
-        _step_fn(_optimizer(), bn_mode='nope')
+    with pytest.raises(ValueError, match="unknown bn_mode 'nope'; choose one of train, frozen"):
+        SearchSettings(bn_mode='nope').check()
 
 
 # ----------------------------------------------------------------------------

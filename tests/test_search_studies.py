@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 from test_studies import assert_valid_png
-from tiny_model import tiny_config  # tests/tiny_model.py
+from tiny_model import config_plan, tiny_config  # tests/tiny_model.py
 
 from jackpot_jax.core import sparsity, structured
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
@@ -20,6 +20,7 @@ from jackpot_jax.launch import (
     search_mode,
     weight_training,
 )
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.launch.studies import search_cost, stability
 
 
@@ -33,7 +34,7 @@ def study_base():
 @pytest.fixture(scope='module')
 def pretrained(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('pretrained'))
-    weight_training.run_pretrain(study_base(), workdir)
+    weight_training.run_pretrain(resolved(study_base()), workdir)
     return os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
 
 
@@ -74,9 +75,9 @@ def test_non_magnitude_inits_start_from_their_own_top_scores_at_the_same_counts(
     config = study_config(pretrained, 'search')
     config.search.score_init = init
     params = checkpoint.load_weights(pretrained)[0]
-    plan = rc.plan_masks(config, params)
+    plan = config_plan(config, params)
     counts = plan.counts
-    masks, scores = plan.initial_masks_and_scores(params, init, rng=rc.score_init_key(config))
+    masks, scores = plan.initial_masks_and_scores(params, init, rng=search_mode.score_init_key(config))
     magnitude = plan.magnitude_masks(params)
     for path, mask in masks.items():
         assert mask.size - int(np.count_nonzero(mask)) == counts[path]
@@ -131,7 +132,7 @@ def test_epochs_to_target_and_the_speedup_over_edge_popups_init():
 def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
     config = study_config(pretrained, 'search_cost')
     config.search_cost.inits = 'magnitude,kaiming'
-    result = modes.MODES['search_cost'](config, str(tmp_path))
+    result = modes.MODES['search_cost'](resolved(config), str(tmp_path))
     with open(tmp_path / 'search_cost.json') as f:
         assert json.load(f) == json.loads(json.dumps(result))
     assert_valid_png(tmp_path / 'search_cost.png')
@@ -143,7 +144,7 @@ def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
     # A rerun resumes every finished search instead of searching again.
     metrics = tmp_path / 'search_cost' / 'kaiming' / workdir_lib.METRICS_FILE
     records = metrics.read_text()
-    again = modes.MODES['search_cost'](config, str(tmp_path))
+    again = modes.MODES['search_cost'](resolved(config), str(tmp_path))
     assert metrics.read_text() == records
     for name, row in result['runs'].items():
         assert {**again['runs'][name], 'search_seconds': 0} == {**row, 'search_seconds': 0}
@@ -154,7 +155,7 @@ def test_search_cost_mode_writes_curves_summary_and_plot(pretrained, tmp_path):
 def test_restriction_mode_telemetry_adds_up(pretrained, tmp_path):
     config = study_config(pretrained, 'restriction')
     config.restriction.variants = 'constant,poly4,edge_popup'
-    result = modes.MODES['restriction'](config, str(tmp_path))
+    result = modes.MODES['restriction'](resolved(config), str(tmp_path))
     assert_valid_png(tmp_path / 'restriction.png')
     assert list(result['runs']) == ['constant', 'poly4', 'edge_popup']
     for row in result['runs'].values():
@@ -189,7 +190,7 @@ def test_stability_mode_separates_statistics_and_oscillation(pretrained, tmp_pat
     config = study_config(pretrained, 'stability')
     config.search.epochs = 4  # the stable protocol freezes the masks for the last one
     config.stability.variants = 'paper,stable'
-    result = modes.MODES['stability'](config, str(tmp_path))
+    result = modes.MODES['stability'](resolved(config), str(tmp_path))
     assert_valid_png(tmp_path / 'stability.png')
     paper, stable = result['runs']['paper'], result['runs']['stable']
     for row in (paper, stable):
@@ -211,13 +212,13 @@ def test_stability_mode_separates_statistics_and_oscillation(pretrained, tmp_pat
 def test_sweep_mode_compares_jackpot_magnitude_and_random(pretrained, tmp_path):
     config = study_config(pretrained, 'sweep')
     config.sweep.sparsities = '0.5, 0.9'
-    result = modes.MODES['sweep'](config, str(tmp_path))
+    result = modes.MODES['sweep'](resolved(config), str(tmp_path))
     assert_valid_png(tmp_path / 'accuracy_vs_sparsity.png')
     assert [round(r['sparsity'], 4) for r in result['rows']] == [0.5, 0.9]
-    setup = rc.Setup(config)
+    setup = rc.Setup(resolved(config))
     params, statistics, _ = setup.load_weights(pretrained)
     config.search.sparsity = 0.9
-    expected = search_mode.baseline_accuracies(config, setup, params, statistics)
+    expected = search_mode.baseline_accuracies(resolved(config), setup, params, statistics)
     row = result['rows'][1]
     assert row['magnitude_top1'] == expected['magnitude_top1']
     assert row['random_top1'] == expected['random_top1']
@@ -262,14 +263,14 @@ def test_nm_search_keeps_n_of_every_m_and_reports_the_pattern(pretrained, tmp_pa
     config.search.sparsity = 0.5
     config.search.score_init = init
     modes.validate(config)
-    found = search_mode.run_search(config, str(tmp_path))
+    found = search_mode.run_search(resolved(config), str(tmp_path))
     assert sum(r['mask_changes'] for r in found['history']) > 0
-    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
+    _, masks, _, _ = checkpoint.read_jackpot_bundle(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
     assert np.all(masks['conv1/kernel'])  # 1 input channel: not a multiple of 4, left dense
     for path in ('conv2/kernel', 'conv3/kernel'):
         assert structured.group_violations(masks[path], 2, 4) == 0
         assert np.count_nonzero(masks[path]) * 2 == masks[path].size
-    report = rc.plan_masks(config, checkpoint.load_weights(pretrained)[0]).report(
+    report = config_plan(config, checkpoint.load_weights(pretrained)[0]).report(
         checkpoint.load_weights(pretrained)[0], masks
     )
     assert report['pattern'] == '2:4 along input channels' and report['group_violations'] == 0
@@ -284,7 +285,7 @@ def test_nm_baselines_are_n_m_masks_too(pretrained):
     config.search.pattern = '1:4'
     config.search.sparsity = 0.75
     params = checkpoint.load_weights(pretrained)[0]
-    plan = rc.plan_masks(config, params)
+    plan = config_plan(config, params)
     magnitude, random = plan.magnitude_masks(params), plan.random_masks(params, jax.random.key(1))
     for masks in (magnitude, random):
         for path in ('conv2/kernel', 'conv3/kernel'):
@@ -340,24 +341,24 @@ def test_plots_of_models_with_dozens_of_layers_keep_their_layout(tmp_path):
 def test_reestimation_evaluates_and_saves_reestimated_statistics(pretrained, tmp_path):
     config = study_config(pretrained, 'search')
     config.search.reestimation_steps = 0
-    plain = search_mode.run_search(config, str(tmp_path / 'plain'))
+    plain = search_mode.run_search(resolved(config), str(tmp_path / 'plain'))
     config.search.reestimation_steps = 3
-    found = search_mode.run_search(config, str(tmp_path / 'reestimated'))
+    found = search_mode.run_search(resolved(config), str(tmp_path / 'reestimated'))
     # The search itself is unchanged: same masks and running statistics as without it.
     jax.tree.map(np.testing.assert_array_equal, plain['state'].masks, found['state'].masks)
     jax.tree.map(
         np.testing.assert_array_equal, plain['state'].statistics, found['state'].statistics
     )
     # The jackpot carries the statistics re-estimated over 3 batches under its mask.
-    setup = rc.Setup(config)
+    setup = rc.Setup(resolved(config))
     masked = sparsity.masked_params(found['state'].frozen_params, found['state'].masks)
     expected = rc.reestimate_statistics(setup, masked, found['state'].statistics, 3, 64)
-    _, masks, saved, _ = checkpoint.load_jackpot(str(tmp_path / 'reestimated' / 'jackpot'))
+    _, masks, saved, _ = checkpoint.read_jackpot_bundle(str(tmp_path / 'reestimated' / 'jackpot'))
     jax.tree.map(np.testing.assert_allclose, jax.device_get(expected), saved)
     assert not np.allclose(
         saved['bn1']['mean'], jax.device_get(found['state'].statistics)['bn1']['mean']
     )
-    assert found['history'][-1]['test_top1'] == setup.evaluate(masked, expected)['top1']
+    assert found['history'][-1]['test_top1'] == setup.split_metrics(masked, expected)['top1']
     config.search.reestimation_steps = -2
     with pytest.raises(ValueError, match='search.reestimation_steps must be >= 0'):
         modes.validate(config)

@@ -15,6 +15,7 @@ from jackpot_jax.core import sparsity
 from jackpot_jax.engine.metrics import read_jsonl
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.launch import modes, plots
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.launch.studies import overlap
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
@@ -85,8 +86,8 @@ def overlap_run(tmp_path_factory):
     """A demo workdir (weights drawn in numpy instead of pre-trained: it is faster), then overlap."""
     workdir = str(tmp_path_factory.mktemp('overlap'))
     tiny_model.save_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR), width=4)
-    summary = modes.run_demo(overlap_config(), workdir)
-    result = overlap.run_overlap(overlap_config(), workdir)
+    summary = modes.run_demo(resolved(overlap_config()), workdir)
+    result = overlap.run_overlap(resolved(overlap_config()), workdir)
     return workdir, summary, result
 
 
@@ -95,7 +96,7 @@ def test_overlap_writes_every_criterion_to_json_and_png(overlap_run):
     with open(os.path.join(workdir, overlap.OVERLAP_JSON)) as f:
         saved = json.load(f)
     assert set(saved['criteria']) == set(criteria.CRITERIA)
-    _, jackpot, _, meta = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    _, jackpot, _, meta = checkpoint.read_jackpot_bundle(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     assert saved['counts'] == meta['counts']
     for name, row in saved['criteria'].items():
         assert 0.0 <= row['top1'] <= 1.0, name
@@ -128,7 +129,7 @@ def test_overlap_settings_come_from_the_optional_config_group_and_a_table_is_pri
     config.overlap = ml_collections.ConfigDict(
         {'criteria': 'magnitude, random', 'batch_size': 16, 'reestimation_steps': 3}
     )
-    result = overlap.run_overlap(config, workdir)
+    result = overlap.run_overlap(resolved(config), workdir)
     assert list(result['criteria']) == ['magnitude', 'random'] and result['batch_size'] == 16
     for row in [result['jackpot_pretrained_bn'], *result['criteria'].values()]:
         assert 0.0 <= row['top1_reestimated'] <= 1.0
@@ -136,14 +137,14 @@ def test_overlap_settings_come_from_the_optional_config_group_and_a_table_is_pri
     for text in ('magnitude', 'jackpot, pre-trained BN', 're-estimated', 'shared kept by chance'):
         assert text in out
     assert_valid_png(os.path.join(workdir, overlap.OVERLAP_PNG))
-    assert set(overlap.run_overlap(config, workdir, names=('magnitude',))['criteria']) == {
+    assert set(overlap.run_overlap(resolved(config), workdir, names=('magnitude',))['criteria']) == {
         'magnitude'
     }
     with pytest.raises(ValueError, match='unknown criteria'):
-        overlap.run_overlap(config, workdir, names=('obd',))
+        overlap.run_overlap(resolved(config), workdir, names=('obd',))
     config.overlap.reestimation_steps = -1
     with pytest.raises(ValueError, match='reestimation_steps must be >= 0'):
-        overlap.run_overlap(config, workdir)
+        overlap.run_overlap(resolved(config), workdir)
 
 
 # ----------------------------------------------------------------------------
@@ -152,7 +153,7 @@ def test_overlap_settings_come_from_the_optional_config_group_and_a_table_is_pri
 def test_plots_write_valid_pngs(overlap_run, tmp_path):
     workdir, _, _ = overlap_run
     params, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
-    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    _, masks, _, _ = checkpoint.read_jackpot_bundle(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     records = read_jsonl(os.path.join(workdir, workdir_lib.METRICS_FILE))
     search = [r for r in records if r['mode'] == 'search']
     paths = [

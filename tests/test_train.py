@@ -18,6 +18,7 @@ from jackpot_jax.engine import metrics
 from jackpot_jax.engine.metrics import read_jsonl
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.launch import modes, search_mode, weight_training
+from jackpot_jax.launch.config_checks import resolved
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +30,7 @@ def demo_config():
 @pytest.fixture(scope='module')
 def demo_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('demo'))
-    summary = modes.run_demo(demo_config(), workdir)
+    summary = modes.run_demo(resolved(demo_config()), workdir)
     return workdir, summary
 
 
@@ -66,11 +67,11 @@ def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, 
     params, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     config = demo_config()
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
-    found = search_mode.run_search(config, str(tmp_path))
+    found = search_mode.run_search(resolved(config), str(tmp_path))
     jax.tree.map(
         np.testing.assert_array_equal, params, jax.device_get(found['state'].frozen_params)
     )
-    scores, masks, _, meta = checkpoint.load_jackpot(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
+    scores, masks, _, meta = checkpoint.read_jackpot_bundle(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
     assert meta['counts'] == found['counts']
     for path, k in found['counts'].items():
         assert masks[path].dtype == bool and masks[path].size - masks[path].sum() == k
@@ -79,7 +80,7 @@ def test_search_never_changes_the_saved_weights_and_saves_exact_masks(demo_run, 
 
 def test_evaluate_mode_reproduces_the_selection_rule_accuracy(demo_run, capsys):
     workdir, summary = demo_run
-    result = modes.run_evaluate(demo_config(), workdir)
+    result = modes.run_evaluate(resolved(demo_config()), workdir)
     assert result['top1'] == pytest.approx(summary['jackpot_top1'])
     assert 'sparsity over prunable weights: 90.00%' in capsys.readouterr().out
 
@@ -90,15 +91,15 @@ def test_weights_of_another_model_are_rejected_with_the_mismatch(demo_run, tmp_p
     config.model.width = 16
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
     with pytest.raises(ValueError, match=r'conv1/kernel: expected shape \(3, 3, 1, 16\)'):
-        search_mode.run_search(config, str(tmp_path))
+        search_mode.run_search(resolved(config), str(tmp_path))
     config.model.name = 'resnet20'
     with pytest.raises(ValueError, match="model 'small_cnn'"):
-        search_mode.run_search(config, str(tmp_path))
+        search_mode.run_search(resolved(config), str(tmp_path))
 
 
 def test_missing_pretrained_weights_say_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="mode 'pretrain'"):
-        search_mode.run_search(demo_config(), str(tmp_path))
+        search_mode.run_search(resolved(demo_config()), str(tmp_path))
 
 
 def test_command_line_runs_search_from_a_config_file_with_overrides(demo_run, tmp_path):
@@ -116,7 +117,7 @@ def test_command_line_runs_search_from_a_config_file_with_overrides(demo_run, tm
         f'--config.pretrained={os.path.join(workdir, workdir_lib.PRETRAINED_DIR)}',
     ]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
-    _, masks, _, meta = checkpoint.load_jackpot(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
+    _, masks, _, meta = checkpoint.read_jackpot_bundle(os.path.join(tmp_path, workdir_lib.JACKPOT_DIR))
     assert meta['summary']['sparsity'] == pytest.approx(0.95, abs=1e-3)
     assert sum(meta['counts'].values()) == 5832 - 291  # keep floor(5832 * 0.05) of width 8
 
@@ -160,11 +161,11 @@ def test_tuning_under_a_fixed_mask_keeps_pruned_weights_exactly_zero(demo_run, t
     workdir, _ = demo_run
     config = demo_config()
     config.tune.epochs = 1
-    result = weight_training.run_tune(config, workdir)
+    result = weight_training.run_tune(resolved(config), workdir)
     assert 0.0 <= result['top1'] <= 1.0
     tuned, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.TUNED_DIR))
     original, _, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
-    _, masks, _, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    _, masks, _, _ = checkpoint.read_jackpot_bundle(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     flat_tuned, flat_original = sparsity.flatten(tuned), sparsity.flatten(original)
     for path, mask in masks.items():
         w = np.asarray(flat_tuned[path])
@@ -184,7 +185,7 @@ def test_bfloat16_search_lands_within_two_points_of_float32(demo_run, tmp_path):
     config.mode = 'search'
     config.model.dtype = 'bfloat16'
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
-    found = search_mode.run_search(config, str(tmp_path))
+    found = search_mode.run_search(resolved(config), str(tmp_path))
     assert abs(found['jackpot_top1'] - summary['jackpot_top1']) <= 0.02
     state = found['state']
     floats = [state.frozen_params, state.scores, state.opt_state, state.statistics]
@@ -192,7 +193,7 @@ def test_bfloat16_search_lands_within_two_points_of_float32(demo_run, tmp_path):
     assert np.dtype(np.float32) in dtypes  # optimizer step counts are integers
     assert all(d == np.float32 for d in dtypes if jnp.issubdtype(d, jnp.floating))
     config.mode = 'evaluate'
-    assert modes.run_evaluate(config, str(tmp_path))['top1'] == found['jackpot_top1']
+    assert modes.run_evaluate(resolved(config), str(tmp_path))['top1'] == found['jackpot_top1']
 
 
 def _watch_host_reads(monkeypatch):
@@ -243,7 +244,7 @@ def test_search_steps_never_wait_on_the_host(demo_run, tmp_path, monkeypatch):
     config.search.epochs, config.steps_per_epoch, config.checkpoint.every_steps = 1, 4, 2
     config.pretrained = os.path.join(workdir, workdir_lib.PRETRAINED_DIR)
     entered, reads = _watch_host_reads(monkeypatch)
-    search_mode.run_search(config, str(tmp_path / 'clean'))
+    search_mode.run_search(resolved(config), str(tmp_path / 'clean'))
     assert entered.count('disallow') == 1 and entered.count('allow') == 1  # the checkpoint
     assert not reads, reads[0]
 
@@ -254,5 +255,5 @@ def test_search_steps_never_wait_on_the_host(demo_run, tmp_path, monkeypatch):
         add(self, step, metrics)
 
     monkeypatch.setattr(metrics.EpochMetrics, 'add', leaky_add)
-    search_mode.run_search(config, str(tmp_path / 'leaky'))
+    search_mode.run_search(resolved(config), str(tmp_path / 'leaky'))
     assert len(reads) == 4 and 'leaky_add' in reads[0]

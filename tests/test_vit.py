@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from tiny_model import config_plan  # tests/tiny_model.py
 
 from jackpot_jax.core import sparsity, step as step_lib
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
@@ -24,6 +25,7 @@ from jackpot_jax.launch import (
     search_mode,
     weight_training,
 )
+from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.models import zoo
 
 KEY = jax.random.key(0)
@@ -115,7 +117,7 @@ def _search_config(**search):
 def test_allocations_on_a_vit():
     """Counts over the attention and MLP kernels: one exact budget (uniform: per layer)."""
     params = _tiny_vit()[1]['params']
-    kernels = rc.plan_masks(config_lib.get_config(), params).kernels(params)
+    kernels = config_plan(config_lib.get_config(), params).kernels(params)
     assert set(kernels) == set(sparsity.prunable_paths(params))
     sizes = {p: int(np.size(w)) for p, w in kernels.items()}
     total = sum(sizes.values())
@@ -142,7 +144,7 @@ def test_search_steps_on_a_vit_keep_counts_and_frozen_weights(settings):
     model, variables, x = _tiny_vit()
     params = variables['params']
     frozen = jax.device_get(sparsity.flatten(params))  # the step donates its state
-    plan = rc.plan_masks(config, params)
+    plan = config_plan(config, params)
     counts = plan.counts
     masks, scores = plan.initial_masks_and_scores(params, config.search.score_init)
     optimizer = step_lib.sgd_optimizer(5.0, 0.0, 0.9, 1, 3)
@@ -180,18 +182,18 @@ def test_launcher_pretrains_searches_evaluates_and_exports_a_vit(tmp_path, capsy
     config.search.epochs = 1
     modes.validate(config)
     workdir = str(tmp_path)
-    weight_training.run_pretrain(config, workdir)
+    weight_training.run_pretrain(resolved(config), workdir)
     params, stats, _ = checkpoint.load_weights(os.path.join(workdir, workdir_lib.PRETRAINED_DIR))
     assert stats == {}
-    found = search_mode.run_search(config, workdir)
-    _, masks, jackpot_stats, _ = checkpoint.load_jackpot(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
+    found = search_mode.run_search(resolved(config), workdir)
+    _, masks, jackpot_stats, _ = checkpoint.read_jackpot_bundle(os.path.join(workdir, workdir_lib.JACKPOT_DIR))
     assert jackpot_stats == {}
     assert set(masks) == set(sparsity.prunable_paths(params))
-    evaluated = modes.run_evaluate(config, workdir)
+    evaluated = modes.run_evaluate(resolved(config), workdir)
     assert evaluated['top1'] == pytest.approx(found['jackpot_top1'])
-    exported = modes.run_export(config, workdir)['masked_weights']
-    config.pretrained, config.jackpot = exported, 'none'
-    assert modes.run_evaluate(config, workdir)['top1'] == pytest.approx(found['jackpot_top1'])
+    exported = modes.run_export(resolved(config), workdir)['masked_weights']
+    config.pretrained, config.jackpot, config.mode = exported, 'none', 'evaluate'
+    assert modes.run_evaluate(resolved(config), workdir)['top1'] == pytest.approx(found['jackpot_top1'])
     # A second search run resumes from the checkpoint of the first (no batch stats in it).
-    config.pretrained, config.jackpot = '', ''
-    assert search_mode.run_search(config, workdir)['jackpot_top1'] == found['jackpot_top1']
+    config.pretrained, config.jackpot, config.mode = '', '', 'search'
+    assert search_mode.run_search(resolved(config), workdir)['jackpot_top1'] == found['jackpot_top1']

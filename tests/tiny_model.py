@@ -81,3 +81,13 @@ def fault_at_step(monkeypatch, step: int, fault):
 
     monkeypatch.setattr(step_lib, 'make_search_step', make)
     return original
+
+
+def config_plan(config: ml_collections.ConfigDict, params: Any) -> Any:
+    """The mask plan of a config's search over ``params`` (the output layer not traced: a
+    model whose classifier the name rule knows)."""
+    from jackpot_jax.engine import loop
+    from jackpot_jax.launch import config_checks
+
+    settings = config_checks.search_settings(config_checks.resolved(config))
+    return loop.plan(params, settings, model_name=f'model {config.model.name!r}')

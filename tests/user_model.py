@@ -11,17 +11,20 @@ import jax
 
 
 class TinyNet(nn.Module):
-    """conv -> relu -> mean pool -> dense; ``train`` is taken and ignored (no BN, no dropout)."""
+    """conv -> relu -> mean pool -> dense; ``train`` is taken and ignored (no BN, no dropout).
+    ``head`` names the classifier (``model.head='head'``: a name the prune rule's default
+    exclusion does not know, so only tracing the model finds it)."""
 
     num_classes: int
     features: int = 8
+    head: str = 'fc'
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         del train
         x = nn.relu(nn.Conv(self.features, (3, 3), name='conv')(x))
         x = nn.relu(nn.Conv(self.features, (3, 3), name='conv2')(x))
-        return nn.Dense(self.num_classes, name='fc')(x.mean(axis=(1, 2)))
+        return nn.Dense(self.num_classes, name=self.head)(x.mean(axis=(1, 2)))
 
 
 def make_deterministic_net(num_classes: int) -> nn.Module:

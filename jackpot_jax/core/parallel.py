@@ -175,11 +175,24 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
-    """Global arrays split over the mesh's devices (:func:`batch_sharding`), from this
-    process's share of the batch."""
+def place_batch(batch: Any, mesh: Mesh) -> Any:
+    """A batch (any pytree of arrays) as global arrays split over the mesh's devices
+    (:func:`batch_sharding`), from this process's share of it; a batch size that does not
+    divide over the devices is refused."""
     sharding = batch_sharding(mesh)
-    return tuple(jax.make_array_from_process_local_data(sharding, a) for a in arrays)
+
+    def one(a):
+        a = np.asarray(a)
+        if a.ndim:
+            check_batch_size(a.shape[0] * jax.process_count(), mesh)
+        return jax.make_array_from_process_local_data(sharding, a)
+
+    return jax.tree.map(one, batch)
+
+
+def shard_batch(mesh: Mesh, *arrays: np.ndarray) -> tuple[jax.Array, ...]:
+    """:func:`place_batch` of the arrays of a batch, as a tuple."""
+    return tuple(place_batch(arrays, mesh))
 
 
 def prefetch_to_mesh(

@@ -2,8 +2,8 @@
 
 :class:`SearchSettings` is what the search engine (:mod:`jackpot_jax.engine.loop`) runs on:
 the library builds it from :func:`~jackpot_jax.engine.api.find_jackpot`'s arguments, the
-launcher from ``config.search``. Options left at None are filled by the *protocol*
-(:meth:`SearchSettings.resolved`), in one place for both:
+launcher from ``config.search``. Options left at None (the one "unset" marker) are filled
+by the *protocol* (:func:`fill_protocol`), in one place for both:
 
 * ``'stable'`` (default): the masks are frozen for the last quarter of the epochs, the
   statistics are re-estimated over 50 training batches under every evaluated mask, and
@@ -15,8 +15,9 @@ The one rule for "stable protocol, no validation data": the jackpot of the last 
 kept, and the report says so; asking for a choice on validation explicitly
 (``selection_rule`` other than 'last') without validation data is an error.
 
-Pure Python (and numpy): importing this module imports no JAX (config files use its
-tables).
+:meth:`SearchSettings.check` is the one check of every option, the names of the rules
+included (:mod:`jackpot_jax.core.choices`). Pure Python (and numpy): importing this
+module imports no JAX (config files use its tables).
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from jackpot_jax.core import selection
+from jackpot_jax.core import choices, selection
+from jackpot_jax.core.choices import check_choice
 
 # Values the protocol gives to the options left at None.
 PROTOCOLS: dict[str, dict[str, Any]] = {
@@ -45,9 +48,6 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         'selection_rule': 'last',
     },
 }
-# Optimizers of the scores (momentum is SGD's; Adam's betas stay at optax's defaults).
-OPTIMIZERS = ('sgd', 'adam', 'adamw')
-BN_MODES = ('train', 'frozen')
 # Metrics where lower is better; any other metric is higher-is-better.
 LOWER_IS_BETTER = re.compile(r'(^|_)(loss|perplexity|error|nll)$')
 # Metrics that are fractions of examples (top-k accuracy), whose standard error is
@@ -78,8 +78,8 @@ class SearchSettings:
     pattern: str = ''
     mask_update: str = 'short_restriction'
     rate_schedule: str = 'constant'
-    prune_include: str = r'(^|/)kernel$'
-    prune_exclude: str = r'^((fc|classifier)(_\d+)?|heads|conv_proj)/'
+    prune_include: str = choices.DEFAULT_INCLUDE
+    prune_exclude: str = choices.DEFAULT_EXCLUDE
     dense_output_layer: bool = True
     bn_mode: str = 'train'
     label_smoothing: float = 0.0
@@ -98,93 +98,117 @@ class SearchSettings:
     def selection_metric_is_fraction(self) -> bool:
         return bool(FRACTION_OF_EXAMPLES.search(self.selection_metric))
 
-    def resolved(self, has_validation: bool) -> SearchSettings:
-        """A copy with the options left at None set by the protocol, checked."""
-        _check_choice('protocol', self.protocol, tuple(PROTOCOLS))
-        defaults = PROTOCOLS[self.protocol]
-        filled = {
-            name: defaults[name]
-            for name in ('mask_freeze_fraction', 'reestimation_steps', 'swap_margin')
-            if getattr(self, name) is None
-        }
-        if self.selection_rule is None:
-            filled['selection_rule'] = defaults['selection_rule'] if has_validation else 'last'
+    def resolved(self, has_validation: bool, prefix: str = '') -> SearchSettings:
+        """A copy with the options left at None set by the protocol, checked (``prefix``:
+        see :meth:`check`)."""
+        filled = fill_protocol(self.protocol, dataclasses.asdict(self), has_validation)
         settings = dataclasses.replace(self, **filled)
-        settings.check(has_validation)
+        settings.check(has_validation, prefix)
         return settings
 
-    def check(self, has_validation: bool = True) -> None:
-        """Raises ValueError naming the first bad option and its fix."""
+    def check(self, has_validation: bool = True, prefix: str = '') -> None:
+        """Raises ValueError naming the first bad option (as ``prefix + name``) and its fix."""
+
+        def name(field: str) -> str:
+            return prefix + field
+
         if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
             raise ValueError(
-                f'sparsity must be a number in [0, 1) (the fraction of weights removed), got '
-                f'{self.sparsity!r}'
+                f'{name("sparsity")} must be a number in [0, 1) (the fraction of weights '
+                f'removed), got {self.sparsity!r}'
             )
         if not 0.0 <= self.sparsity < 1.0:
             raise ValueError(
-                f'sparsity must be in [0, 1), got {self.sparsity!r}; it is the fraction of '
-                'prunable weights removed (0.9 keeps 10%)'
+                f'{name("sparsity")} must be in [0, 1), got {self.sparsity!r}; it is the '
+                'fraction of prunable weights removed (0.9 keeps 10%)'
             )
         if not _is_int(self.epochs) or self.epochs < 1:
-            raise ValueError(f'epochs must be an integer >= 1, got {self.epochs!r}')
-        if not (_is_number(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(
-                f'learning_rate must be a finite number > 0, got {self.learning_rate!r}'
-            )
-        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
-            raise ValueError(
-                f'weight_decay must be a finite number >= 0, got {self.weight_decay!r}'
-            )
-        if not (_is_number(self.momentum) and 0 <= self.momentum < 1):
-            raise ValueError(f'momentum must be in [0, 1) (0 = none), got {self.momentum!r}')
-        if not (_is_number(self.pruned_score) and 0 <= self.pruned_score < 1):
-            raise ValueError(
-                f'pruned_score must be in [0, 1) so magnitude-kept weights (score 1.0) rank '
-                f'first, got {self.pruned_score!r}'
-            )
-        if not (_is_number(self.label_smoothing) and 0 <= self.label_smoothing < 1):
-            raise ValueError(f'label_smoothing must be in [0, 1), got {self.label_smoothing!r}')
-        _check_choice('optimizer', self.optimizer, OPTIMIZERS)
-        _check_choice('bn_mode', self.bn_mode, BN_MODES)
-        for name in ('prune_include', 'prune_exclude'):
-            check_regex(name, getattr(self, name))
-        if self.mask_freeze_fraction is not None and not (
-            _is_number(self.mask_freeze_fraction) and 0 <= self.mask_freeze_fraction < 1
-        ):
-            raise ValueError(
-                'mask_freeze_fraction must be in [0, 1) (the fraction of the epochs with the '
-                f'masks frozen), got {self.mask_freeze_fraction!r}'
-            )
+            raise ValueError(f'{name("epochs")} must be an integer >= 1, got {self.epochs!r}')
+        for field, low, high, meaning in _RANGES:
+            value = getattr(self, field)
+            if value is None and field in _PROTOCOL_FIELDS:
+                continue
+            inside = _is_number(value) and value >= low and (high is None or value < high)
+            if not inside or (field == 'learning_rate' and not value > 0):
+                raise ValueError(f'{name(field)} must be {meaning}, got {value!r}')
         if self.reestimation_steps is not None and not (
             _is_int(self.reestimation_steps) and self.reestimation_steps >= 0
         ):
             raise ValueError(
-                'reestimation_steps must be >= 0 (an integer; 0: keep the running '
+                f'{name("reestimation_steps")} must be >= 0 (an integer; 0: keep the running '
                 f'statistics), got {self.reestimation_steps!r}'
             )
-        if self.swap_margin is not None:
-            if not (_is_number(self.swap_margin) and self.swap_margin >= 0):
-                raise ValueError(
-                    f'swap_margin must be >= 0 (0 = no margin), got {self.swap_margin!r}'
-                )
-            if self.swap_margin and self.mask_update != 'short_restriction':
-                raise ValueError(
-                    f'swap_margin={self.swap_margin!r} applies to the short restriction only, but '
-                    f'mask_update is {self.mask_update!r}; set swap_margin=0, or choose the '
-                    'short restriction'
-                )
+        for field, choices in _CHOICES:
+            check_choice(name(field), getattr(self, field), choices)
         if self.selection_rule is not None:
-            _check_choice('selection_rule', self.selection_rule, selection.SELECTION_RULES)
-            if self.selection_rule != 'last' and not has_validation:
-                raise ValueError(
-                    f'selection_rule={self.selection_rule!r} chooses on validation data, but '
-                    'there is none: pass validation_batches= (held-out training examples, never '
-                    'the test set; launcher: data.validation_fraction > 0), or '
-                    "selection_rule='last'"
-                )
+            check_choice(name('selection_rule'), self.selection_rule, selection.SELECTION_RULES)
+        for field in ('prune_include', 'prune_exclude'):
+            check_regex(name(field), getattr(self, field))
+        if not isinstance(self.selection_metric, str) or not self.selection_metric:
+            raise ValueError(
+                f"{name('selection_metric')} must be a metric's name, such as 'top1' or "
+                f"'loss', got {self.selection_metric!r}"
+            )
+        self._check_pattern(name)
+        self._check_combinations(name, has_validation)
+
+    def _check_pattern(self, name: Callable[[str], str]) -> None:
+        """An N:M pattern removes (M - N) / M: the sparsity must say the same."""
+        pattern = choices.parse_pattern(self.pattern, name('pattern'))
+        if pattern and abs(self.sparsity - choices.pattern_sparsity(*pattern)) > 1e-9:
+            n, m = pattern
+            raise ValueError(
+                f'{name("pattern")} {self.pattern!r} removes {m - n}/{m} of every eligible '
+                f'layer, but {name("sparsity")} is {self.sparsity!r}; set '
+                f'{name("sparsity")}={(m - n) / m!r}'
+            )
+
+    def _check_combinations(self, name: Callable[[str], str], has_validation: bool) -> None:
+        """Options that are fine alone but not together."""
+        if self.swap_margin and self.mask_update != 'short_restriction':
+            raise ValueError(
+                f'{name("swap_margin")}={self.swap_margin!r} applies to the short restriction '
+                f'only, but {name("mask_update")} is {self.mask_update!r}; set '
+                f'{name("swap_margin")}=0, or choose the short restriction'
+            )
+        if self.selection_rule not in (None, 'last') and not has_validation:
+            raise ValueError(
+                f'{name("selection_rule")}={self.selection_rule!r} chooses on validation data, '
+                'but there is none: pass validation_batches= (held-out training examples, never '
+                'the test set; launcher: data.validation_fraction > 0), or '
+                "selection_rule='last'"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# (field, lowest value, bound it stays below or None, the rule in words) of the numbers.
+_RANGES = (
+    ('learning_rate', 0.0, None, 'a finite number > 0'),
+    ('weight_decay', 0.0, None, 'a finite number >= 0'),
+    ('momentum', 0.0, 1.0, 'in [0, 1) (0 = none)'),
+    ('pruned_score', 0.0, 1.0, 'in [0, 1) so magnitude-kept weights (score 1.0) rank first'),
+    ('label_smoothing', 0.0, 1.0, 'in [0, 1)'),
+    (
+        'mask_freeze_fraction',
+        0.0,
+        1.0,
+        'in [0, 1) (the fraction of the epochs with the masks frozen)',
+    ),
+    ('swap_margin', 0.0, None, '>= 0 (0 = no margin)'),
+)
+# Every option that names a rule, and the rules it may name.
+_CHOICES = (
+    ('optimizer', choices.OPTIMIZERS),
+    ('bn_mode', choices.BN_MODES),
+    ('allocation', choices.ALLOCATIONS),
+    ('mask_update', choices.MASK_UPDATES),
+    ('rate_schedule', choices.RATE_SCHEDULES),
+    ('score_init', choices.SCORE_INITS),
+)
+# The options a protocol fills when they are left at None.
+_PROTOCOL_FIELDS = frozenset(PROTOCOLS['stable'])
 
 
 def _is_int(value: Any) -> bool:
@@ -195,9 +219,19 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
+def fill_protocol(protocol: str, values: Mapping[str, Any], has_validation: bool) -> dict[str, Any]:
+    """The protocol's value of every field of ``values`` left at None (the one "unset"
+    marker): the one place where a protocol fills a search's options, for the library
+    and the launcher. Without validation data the jackpot kept is the last epoch's."""
+    check_choice('protocol', protocol, tuple(PROTOCOLS))
+    filled = {
+        name: default
+        for name, default in PROTOCOLS[protocol].items()
+        if name in values and values[name] is None
+    }
+    if 'selection_rule' in filled and not has_validation:
+        filled['selection_rule'] = 'last'
+    return filled
 
 
 def check_regex(name: str, pattern: Any) -> None:

@@ -29,17 +29,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+# The names of the rules below (one table with SearchSettings, which checks them).
+from jackpot_jax.core.choices import (
+    ALLOCATIONS,
+    DEFAULT_EXCLUDE,
+    DEFAULT_INCLUDE,
+    MASK_UPDATES,
+    RATE_SCHEDULES,
+    SCORE_INITS,
+)
+
 Array = jax.Array
 FlatTree = dict[str, Array]
-
-ALLOCATIONS = ('global_magnitude', 'uniform', 'erk')
-RATE_SCHEDULES = ('constant', 'poly4', 'cosine')  # 'constant': rate 1 every step
-MASK_UPDATES = ('short_restriction', 'edge_popup')
-SCORE_INITS = ('magnitude', 'kaiming', 'random')  # 'random': U(0, 1) scores
-DEFAULT_INCLUDE = r'(^|/)kernel$'
-# Classifiers (incl. torchvision VGG's three and the ViT's ``heads``) and the ViT's patch
-# embedding ``conv_proj``; the ViT's class token and position embedding are no kernels.
-DEFAULT_EXCLUDE = r'^((fc|classifier)(_\d+)?|heads|conv_proj)/'
 
 
 # ----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from jackpot_jax.core import adapters, sparsity, structured
-from jackpot_jax.core.settings import BN_MODES, SearchSettings
+from jackpot_jax.core.settings import SearchSettings
 
 Metrics = dict[str, Any]
 
@@ -246,17 +246,6 @@ def mask_freeze_step(fraction: float, epochs: int, steps_per_epoch: int) -> int 
     return (epochs - frozen_epochs) * steps_per_epoch if frozen_epochs else None
 
 
-def check_swap_margin(margin: float, mask_update: str, name: str = 'swap_margin') -> None:
-    """A margin must be >= 0, and only the short restriction has a kept set to favour."""
-    if not margin >= 0:
-        raise ValueError(f'{name} must be >= 0 (0 = no margin), got {margin!r}')
-    if margin and mask_update != 'short_restriction':
-        raise ValueError(
-            f'{name}={margin!r} applies to the short restriction only, but the mask update is '
-            f'{mask_update!r}; set {name}=0, or choose the short restriction as the mask update'
-        )
-
-
 def make_search_step(
     state_sharding: Any = None, **settings
 ) -> Callable[..., tuple[SearchState, Metrics]]:
@@ -265,47 +254,12 @@ def make_search_step(
     ``state_sharding`` (a SearchState of ``NamedSharding``, e.g. from
     :func:`jackpot_jax.core.parallel.state_sharding`) is where the new state is placed, so a
     state given in that layout keeps it from step to step and its buffers are reused;
-    the metrics are then replicated over the same mesh. None: XLA chooses.
+    the metrics are then replicated over the same mesh. None: XLA chooses. The settings
+    are those :meth:`~jackpot_jax.core.settings.SearchSettings.check` has checked.
     """
-    if settings.get('bn_mode', 'train') not in BN_MODES:
-        raise ValueError(f"unknown bn_mode {settings['bn_mode']!r}; choose one of {BN_MODES}")
-    check_swap_margin(
-        settings.get('swap_margin', 0.0), settings.get('mask_update', 'short_restriction')
-    )
     step = functools.partial(search_step, **settings)
     if state_sharding is None:
         return jax.jit(step, donate_argnums=0)
     mesh = jax.tree.leaves(state_sharding)[0].mesh
     metrics_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, metrics_sharding))
-
-
-@functools.partial(jax.jit, static_argnames='model')
-def eval_step(
-    params: Mapping,
-    statistics: Mapping,
-    images: jax.Array,
-    labels: jax.Array,
-    valid: jax.Array,
-    *,
-    model: nn.Module,
-) -> dict[str, jax.Array]:
-    """Counts of correct top-1 / top-5 predictions over the valid examples of a batch, and
-    the sum of their cross-entropies (``loss_sum``).
-
-    Labels ``[B]`` against logits ``[B, C]`` count examples; labels ``[B, T]`` (next
-    tokens) against logits ``[B, T, V]`` count tokens: ``valid [B]`` covers every token
-    of its example.
-    """
-    logits = model.apply({'params': params, 'batch_stats': statistics}, images, train=False)
-    valid = jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (labels.ndim - 1)), labels.shape)
-    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    hit1 = (top5[..., 0] == labels) & valid
-    hit5 = jnp.any(top5 == labels[..., None], axis=-1) & valid
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-    return {
-        'correct1': jnp.sum(hit1),
-        'correct5': jnp.sum(hit5),
-        'count': jnp.sum(valid),
-        'loss_sum': jnp.sum(jnp.where(valid, losses, 0.0)),
-    }

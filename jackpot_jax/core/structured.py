@@ -26,71 +26,22 @@ every array function ``jax.jit``-compatible.
 
 from __future__ import annotations
 
-import fractions
 import math
-import re
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jackpot_jax.core.choices import NByM, check_pattern, parse_pattern, pattern_sparsity
 from jackpot_jax.core.sparsity import sortable_key
 
 Array = jax.Array
-
-_PATTERN = re.compile(r'(\d+)\s*:\s*(\d+)')
 
 
 # ----------------------------------------------------------------------------
 # Patterns and eligibility.
 # ----------------------------------------------------------------------------
-class NByM(NamedTuple):
-    """An N:M pattern: N weights kept in every group of M consecutive input channels."""
-
-    n: int
-    m: int
-
-    def __str__(self) -> str:
-        return f'{self.n}:{self.m}'
-
-
-def parse_pattern(pattern: str | Sequence[int] | None) -> NByM | None:
-    """``'2:4'`` -> ``NByM(2, 4)``; ``''`` or None -> None (unstructured masks).
-
-    Parsed values pass through, so a pattern can be parsed once and handed on.
-    """
-    if pattern is None:
-        return None
-    if not isinstance(pattern, str):
-        _check_pattern(*pattern)
-        return NByM(*pattern)
-    text = pattern.strip()
-    if not text:
-        return None
-    match = _PATTERN.fullmatch(text)
-    if match:
-        n, m = int(match.group(1)), int(match.group(2))
-        if 1 <= n < m:
-            return NByM(n, m)
-    raise ValueError(
-        f"search.pattern {pattern!r} is not N:M with 1 <= N < M; "
-        "use e.g. '2:4', or '' for unstructured masks"
-    )
-
-
-def _check_pattern(n: int, m: int) -> None:
-    if not (isinstance(n, (int, np.integer)) and isinstance(m, (int, np.integer)) and 1 <= n < m):
-        raise ValueError(f'N:M pattern must have integers 1 <= N < M, got {n!r}:{m!r}; e.g. 2:4')
-
-
-def pattern_sparsity(n: int, m: int) -> fractions.Fraction:
-    """The fraction of weights an N:M mask removes, exactly: (M - N) / M."""
-    _check_pattern(n, m)
-    return fractions.Fraction(m - n, m)
-
-
 def eligible(shape: Sequence[int], m: int) -> bool:
     """Whether a kernel of this shape splits into groups of M input channels."""
     return len(shape) >= 2 and shape[-2] % m == 0
@@ -98,7 +49,7 @@ def eligible(shape: Sequence[int], m: int) -> bool:
 
 def nm_counts(shapes: Mapping[str, Sequence[int]], n: int, m: int) -> dict[str, int]:
     """Per-layer pruned counts under N:M: size (M - N) / M, or 0 (dense) if ineligible."""
-    _check_pattern(n, m)
+    check_pattern(n, m)
     return {
         p: math.prod(s) * (m - n) // m if eligible(tuple(s), m) else 0 for p, s in shapes.items()
     }
@@ -113,7 +64,7 @@ def describe(n: int, m: int) -> str:
 # Groups.
 # ----------------------------------------------------------------------------
 def _check_eligible(shape: Sequence[int], n: int, m: int) -> None:
-    _check_pattern(n, m)
+    check_pattern(n, m)
     if not eligible(shape, m):
         raise ValueError(
             f'kernel shape {tuple(shape)} is not eligible for {n}:{m}: it needs rank >= 2 and '

@@ -17,13 +17,13 @@ import difflib
 import functools
 import itertools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from jackpot_jax.core import adapters, parallel, sparsity as sparsity_lib, step
+from jackpot_jax.core import adapters, parallel, sparsity as sparsity_lib, step, trees
 from jackpot_jax.core.settings import SearchSettings
 from jackpot_jax.engine import batch_checks, evaluation, loop, persistence as persistence_lib
 from jackpot_jax.engine.evaluation import evaluate
@@ -31,7 +31,6 @@ from jackpot_jax.io import checkpoint, workdir as workdir_lib
 
 Batch = Any
 Batches = Iterable[Batch] | Callable[[int], Iterable[Batch]]
-JACKPOT_DIR = 'jackpot'
 
 
 # ----------------------------------------------------------------------------
@@ -149,7 +148,7 @@ def load_jackpot(
     forward, params, statistics, split = adapters.as_forward(
         model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
     )
-    scores, masks, saved_statistics, meta = checkpoint.load_jackpot(path)
+    scores, masks, saved_statistics, meta = checkpoint.read_jackpot_bundle(path)
     fingerprint = checkpoint.weights_fingerprint(params)
     if meta.get('weights_fingerprint') not in (None, '', fingerprint):
         raise ValueError(
@@ -157,8 +156,6 @@ def load_jackpot(
             f"{meta['weights_fingerprint'][:12]} != {fingerprint[:12]} of the params given); "
             'pass the pre-trained variables it was searched in'
         )
-    from jackpot_jax.core import trees
-
     trees.check_tree_matches(statistics, saved_statistics, f'the statistics saved at {path}')
     flat = sparsity_lib.flatten(params)
     trees.check_tree_matches(
@@ -231,12 +228,7 @@ def find_jackpot(
     ``{path: bool array}`` at the plan's per-layer counts, e.g. another criterion's masks)
     start the search instead of the magnitude masks.
     """
-    custom_optimizer = options.pop('optimizer', None)
-    if custom_optimizer is not None and not isinstance(custom_optimizer, str):
-        options['optimizer'] = 'sgd'  # replaced by the transformation given
-    elif custom_optimizer is not None:
-        options['optimizer'], custom_optimizer = custom_optimizer, None
-    settings = _settings(settings, options).resolved(validation_batches is not None)
+    settings, custom_optimizer = _settings(settings, options, validation_batches is not None)
     forward, params, statistics, split = adapters.as_forward(
         model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
     )
@@ -248,79 +240,36 @@ def find_jackpot(
         batch_checks.check_reiterable(f'{name}_batches', given)
     checker = batch_checks.BatchChecker(forward, params, statistics, loss_fn, inputs_fn, settings)
     checker.check_first(next(iter(evaluation.batches_of_epoch(batches, 0)), None), 'batches')
-    key = jax.random.key(rng) if isinstance(rng, int) else rng
-    splits = tuple(name for name, given in held_out.items() if given is not None)
-
-    def train_epoch(epoch: int, first: int):
-        stream = itertools.islice(
-            evaluation.batches_of_epoch(batches, epoch), first, steps_per_epoch
-        )
-        count = first
-        for count, batch in enumerate(stream, first + 1):
-            checker.check(batch, f'batch {count - 1} of epoch {epoch}')
-            yield _place(batch, mesh)
-        if count < steps_per_epoch:
-            raise ValueError(
-                f'epoch {epoch + 1} got {count} batches, fewer than steps_per_epoch='
-                f'{steps_per_epoch}; pass a re-iterable (a list) or a callable epoch -> batches, '
-                'or lower steps_per_epoch'
-            )
-
-    def evaluate_split(masked, stats, split_name):
-        return evaluation.evaluate_metrics(
-            forward, masked, stats, held_out[split_name], loss_fn=loss_fn, inputs_fn=inputs_fn
-        )
-
     placed = parallel.shard_state((params, statistics), mesh)  # split over 'fsdp' if > 1
-    output_paths = ()
-    if settings.dense_output_layer:
-        output_paths = checker.output_kernels()
     task = loop.SearchTask(
         forward=forward,
         params=placed[0],
         statistics=placed[1],
         mesh=mesh,
-        train_epoch=train_epoch,
+        train_epoch=functools.partial(_train_epoch, batches, steps_per_epoch, checker, mesh),
         steps_per_epoch=steps_per_epoch,
-        evaluate=evaluate_split,
-        splits=splits,
-        rng=key,
+        split_metrics=lambda masked, stats, name: evaluation.evaluate_metrics(
+            forward, masked, stats, held_out[name], loss_fn=loss_fn, inputs_fn=inputs_fn
+        ),
+        splits=tuple(name for name, given in held_out.items() if given is not None),
+        rng=jax.random.key(rng) if isinstance(rng, int) else rng,
         loss_fn=loss_fn,
         optimizer=custom_optimizer,
         inputs_fn=inputs_fn,
         progress=progress,
-        excluded_output_paths=output_paths,
         initial_masks=None if initial_masks is None else dict(initial_masks),
     )
+    output_paths = checker.output_kernels() if settings.dense_output_layer else ()
+    planned = loop.plan(task.params, settings, output_paths)
     fingerprint = checkpoint.weights_fingerprint(params)
-    planned = loop.plan(task, settings)
-    persistence = None
-    if workdir is not None:
-        persistence = _persistence(
-            workdir, checkpoint_every, settings, task, planned.counts, fingerprint
-        )
-        workdir_lib.prepare(workdir)
-        workdir_lib.lock(workdir)
-    try:
-        outcome = loop.run(task, settings, persistence, planned)
-    finally:
-        if workdir is not None:
-            workdir_lib.unlock(workdir)
+    outcome = _run(task, settings, planned, workdir, checkpoint_every, fingerprint)
     jackpot = Jackpot(
         masks=outcome.chosen_masks,
         scores=outcome.chosen_scores,
         counts=outcome.plan.counts,
         params=sparsity_lib.masked_params(params, outcome.chosen_masks),
         statistics=outcome.chosen_statistics,
-        report=dict(
-            sparsity=outcome.plan.report(params, outcome.chosen_masks),
-            epochs=[dict(r) for r in outcome.history],
-            chosen_epoch=outcome.chosen['epoch'],
-            selection_rule=settings.selection_rule,
-            choice=outcome.choice,
-            output_layer=_output_layer_note(output_paths),
-            search_seconds=outcome.search_seconds,
-        ),
+        report=_report(outcome, settings, params, output_paths),
         forward=forward,
         nnx_split=split,
         loss_fn=loss_fn,
@@ -328,12 +277,76 @@ def find_jackpot(
         weights_fingerprint=fingerprint,
     )
     if workdir is not None:  # every process takes part in the (orbax) write
-        jackpot.save(os.path.join(workdir, JACKPOT_DIR), overwrite=True)
+        jackpot.save(workdir_lib.jackpot_path(workdir), overwrite=True)
     return jackpot
 
 
-def _settings(settings: SearchSettings | None, options: dict[str, Any]) -> SearchSettings:
-    """``settings`` with ``options`` applied; unknown option names are refused."""
+def _train_epoch(
+    batches: Batches, steps_per_epoch: int, checker: Any, mesh: Any, epoch: int, first: int
+) -> Iterator[Batch]:
+    """The epoch's batches from step ``first`` on, checked and split over the mesh."""
+    stream = itertools.islice(evaluation.batches_of_epoch(batches, epoch), first, steps_per_epoch)
+    count = first
+    for count, batch in enumerate(stream, first + 1):
+        checker.check(batch, f'batch {count - 1} of epoch {epoch}')
+        yield parallel.place_batch(batch, mesh)
+    if count < steps_per_epoch:
+        raise ValueError(
+            f'epoch {epoch + 1} got {count} batches, fewer than steps_per_epoch='
+            f'{steps_per_epoch}; pass a re-iterable (a list) or a callable epoch -> batches, '
+            'or lower steps_per_epoch'
+        )
+
+
+def _run(task, settings, planned, workdir, every, fingerprint) -> loop.SearchOutcome:
+    """The search, in the workdir (locked while it runs) if one is given."""
+    if workdir is None:
+        return loop.run(task, settings, planned)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ValueError(f'checkpoint_every must be an integer >= 0 (0: each epoch), got {every!r}')
+    # What a resume must match: the settings, the per-layer counts, the weights and the
+    # first masks.
+    identity = persistence_lib.search_identity(
+        {
+            **settings.to_dict(),
+            'steps_per_epoch': task.steps_per_epoch,
+            'optimizer': 'custom optax transformation' if task.optimizer else settings.optimizer,
+        },
+        planned.counts,
+        fingerprint,
+        task.initial_masks and checkpoint.weights_fingerprint(task.initial_masks),
+    )
+    persistence = persistence_lib.Persistence(workdir, identity, every_steps=every)
+    workdir_lib.prepare(workdir)
+    workdir_lib.lock(workdir)
+    try:
+        return loop.run(task, settings, planned, persistence)
+    finally:
+        workdir_lib.unlock(workdir)
+
+
+def _report(outcome, settings, params, output_paths) -> dict[str, Any]:
+    return dict(
+        sparsity=outcome.plan.report(params, outcome.chosen_masks),
+        epochs=[dict(r) for r in outcome.history],
+        chosen_epoch=outcome.chosen['epoch'],
+        selection_rule=settings.selection_rule,
+        choice=outcome.choice,
+        output_layer=_output_layer_note(output_paths),
+        search_seconds=outcome.search_seconds,
+    )
+
+
+def _settings(
+    settings: SearchSettings | None, options: dict[str, Any], has_validation: bool
+) -> tuple[SearchSettings, Any]:
+    """``settings`` with ``options`` applied, resolved; and a custom optax optimizer given
+    as ``optimizer`` (None for a name). Unknown option names are refused."""
+    custom = options.pop('optimizer', None)
+    if custom is not None and not isinstance(custom, str):
+        options['optimizer'] = 'sgd'  # replaced by the transformation given
+    elif custom is not None:
+        options['optimizer'], custom = custom, None
     names = [f.name for f in dataclasses.fields(SearchSettings)]
     unknown = [k for k in options if k not in names]
     if unknown:
@@ -343,43 +356,9 @@ def _settings(settings: SearchSettings | None, options: dict[str, Any]) -> Searc
             f'find_jackpot got an unknown option {unknown[0]!r}{hint}; the options are the '
             f'fields of SearchSettings: {", ".join(names)}'
         )
-    return dataclasses.replace(settings or SearchSettings(), **options)
-
-
-def _place(batch: Batch, mesh: jax.sharding.Mesh) -> Batch:
-    """The host batch split over all devices of the mesh."""
-    sharding = parallel.batch_sharding(mesh)
-
-    def one(a):
-        a = np.asarray(a)
-        if a.ndim:
-            parallel.check_batch_size(a.shape[0] * jax.process_count(), mesh)
-        return jax.make_array_from_process_local_data(sharding, a)
-
-    return jax.tree.map(one, batch)
-
-
-def _persistence(workdir, every, settings, task, counts, fingerprint):
-    """The library's workdir: what a resume must match is the settings, the per-layer
-    counts, the weights and the first masks."""
-    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-        raise ValueError(f'checkpoint_every must be an integer >= 0 (0: each epoch), got {every!r}')
-    optimizer = 'custom optax transformation' if task.optimizer else settings.optimizer
-    identity = {
-        'settings': {
-            **settings.to_dict(),
-            'steps_per_epoch': task.steps_per_epoch,
-            'optimizer': optimizer,
-        },
-        'counts': counts,
-        'weights_fingerprint': fingerprint,
-        'initial_masks': task.initial_masks and checkpoint.weights_fingerprint(task.initial_masks),
-    }
-    check = functools.partial(
-        persistence_lib.check_same_search, expected=identity, directory=workdir
-    )
-    return persistence_lib.Persistence(
-        directory=workdir, identity=identity, check_resumable=check, every_steps=every
+    return (
+        dataclasses.replace(settings or SearchSettings(), **options).resolved(has_validation),
+        custom,
     )
 
 

@@ -1,8 +1,8 @@
 """Which epoch's jackpot a search keeps, and which epochs' jackpots it must hold until then.
 
-:func:`chosen_epoch` applies ``settings.selection_rule`` (a rule of
-:mod:`jackpot_jax.core.selection`) to the epoch records on the selection split, among the epochs
-whose jackpot still exists: a checkpoint in a workdir, else an in-memory snapshot.
+:func:`choose` applies ``settings.selection_rule`` (a rule of
+:mod:`jackpot_jax.core.selection`) to the epoch records on the selection split, among the
+epochs whose jackpot the search's store still holds (:mod:`jackpot_jax.engine.store`).
 :func:`candidates` are the epochs the rule may still keep: the others have a later epoch
 at least as good (every rule prefers the later one then); their jackpots may go.
 """
@@ -38,52 +38,28 @@ def candidates(history: list, split: str, s: SearchSettings) -> set[int]:
     return out
 
 
-def drop_dominated(snapshots: dict, history: list, split: str, s: SearchSettings) -> None:
-    """Forgets the snapshots of epochs the rule can no longer keep."""
-    keep = candidates(history, split, s)
-    for epoch in list(snapshots):
-        if epoch not in keep:
-            del snapshots[epoch]
-
-
-def chosen_epoch(history, s, split, ckpts, snapshots, state, statistics_of):
-    """``(record, masks, scores, statistics, choice)`` of the chosen epoch; ``statistics_of(
-    state)`` gives a search state's jackpot statistics."""
+def choose(
+    history: list, s: SearchSettings, split: str | None, available: set[int]
+) -> tuple[int, str]:
+    """``(epoch, how it was chosen in words)`` among the epochs ``available``."""
     last = history[-1]
     if s.selection_rule == 'last':
-        epoch, choice = last['epoch'], f"epoch {last['epoch']} (the last epoch)"
-    else:
-        available = (
-            set(snapshots)
-            if ckpts is None
-            else {r['epoch'] for r in history if r['step'] in set(ckpts.steps())}
+        return last['epoch'], f"epoch {last['epoch']} (the last epoch)"
+    kwargs = dict(
+        metric=f'{split}_{s.selection_metric}',
+        higher_is_better=not s.lower_is_better,
+        rule=s.selection_rule,
+        num_examples=last.get(f'{split}_examples') if s.selection_metric_is_fraction else None,
+    )
+    chosen = selection.choose_epoch(history, available=available, **kwargs)
+    unrestricted = selection.choose_epoch(history, **kwargs)
+    if chosen.epoch != unrestricted.epoch:
+        logging.warning(
+            'the checkpoint of epoch %d (the %s choice on %s) is gone; keeping epoch %d, '
+            'the choice among those still saved',
+            unrestricted.epoch,
+            s.selection_rule,
+            split,
+            chosen.epoch,
         )
-        metric = f'{split}_{s.selection_metric}'
-        rule = s.selection_rule
-        kwargs = dict(
-            metric=metric,
-            higher_is_better=not s.lower_is_better,
-            rule=rule,
-            num_examples=(
-                last.get(f'{split}_examples') if s.selection_metric_is_fraction else None
-            ),
-        )
-        chosen = selection.choose_epoch(history, available=available, **kwargs)
-        unrestricted = selection.choose_epoch(history, **kwargs)
-        if chosen.epoch != unrestricted.epoch:
-            logging.warning(
-                'the checkpoint of epoch %d (the %s choice on %s) is gone; keeping epoch %d, '
-                'the choice among those still saved',
-                unrestricted.epoch,
-                rule,
-                split,
-                chosen.epoch,
-            )
-        epoch, choice = chosen.epoch, chosen.describe()
-    record = history[epoch - 1]
-    if ckpts is None:
-        return (record, *snapshots[epoch], choice)
-    if epoch == last['epoch']:
-        return record, state.masks, state.scores, statistics_of(state), choice
-    restored, _ = ckpts.restore(record['step'], like=state)
-    return record, restored.masks, restored.scores, statistics_of(restored), choice
+    return chosen.epoch, chosen.describe()

@@ -1,7 +1,9 @@
 """Evaluation and statistics re-estimation over batches, for any model and any task.
 
 :func:`evaluate_metrics` runs a forward in eval mode over batches (each example once)
-and averages the task's metrics; :func:`reestimate_statistics` re-estimates a model's
+and averages the task's metrics: the one evaluation loop, under the library, the search
+and every mode of the launcher; :func:`evaluate` is one of those metrics, as a number.
+:func:`reestimate_statistics` re-estimates a model's
 statistics (BatchNorm running averages) under fixed masked params. A batch is a tuple
 ``(inputs, labels[, valid])`` or a dict (see :func:`jackpot_jax.core.step.batch_inputs`).
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -18,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jackpot_jax.core import adapters, step
+from jackpot_jax.core import adapters, parallel, step
 
 Batch = Any
 
@@ -83,11 +86,28 @@ def eval_outputs(forward, params, statistics, inputs):
     return forward(params, statistics, inputs, train=False)[0]
 
 
+@functools.partial(jax.jit, static_argnames='forward')
+def _classification_sums(forward, params, statistics, inputs, labels, valid):
+    """Correct top-1 / top-5 predictions, the summed cross-entropy and the count over the
+    valid examples of a batch (labels ``[B, T]`` count tokens, ``valid [B]`` covering every
+    token of its example), and whether every output is finite."""
+    logits = forward(params, statistics, inputs, train=False)[0]
+    valid = jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (labels.ndim - 1)), labels.shape)
+    top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
+    hit1 = (top5[..., 0] == labels) & valid
+    hit5 = jnp.any(top5 == labels[..., None], axis=-1) & valid
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    sums = {
+        'top1': jnp.sum(hit1),
+        'top5': jnp.sum(hit5),
+        'loss': jnp.sum(jnp.where(valid, losses, 0.0)),
+    }
+    return sums, jnp.sum(valid), jnp.all(jnp.isfinite(logits))
+
+
 @jax.jit
-def _classification_sums(logits, labels, valid):
-    hits = (jnp.argmax(logits, -1) == labels) & valid
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return jnp.sum(hits), jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _batch_valid(batch: Batch, size: int) -> np.ndarray:
@@ -99,6 +119,23 @@ def _batch_valid(batch: Batch, size: int) -> np.ndarray:
     return np.ones(size, bool) if valid is None else np.asarray(valid, bool)
 
 
+def _batch_sums(forward, params, statistics, batch, loss_fn, inputs_fn, mesh):
+    """``(values, count, finite)`` of one batch, on the devices (nothing waits for them):
+    sums over its valid examples, or a ``loss_fn``'s means over its ``count`` examples."""
+    if loss_fn is None:
+        labels = np.asarray(step.batch_labels(batch))
+        arrays = (inputs_fn(batch), labels, _batch_valid(batch, len(labels)))
+        if mesh is not None:
+            arrays = parallel.place_batch(arrays, mesh)
+        return _classification_sums(forward, params, statistics, *arrays)
+    if mesh is not None:
+        batch = parallel.place_batch(batch, mesh)
+    inputs = inputs_fn(batch)
+    outputs = eval_outputs(forward, params, statistics, inputs)
+    loss, named = loss_fn(outputs, batch)
+    return {'loss': loss, **named}, np.shape(jax.tree.leaves(inputs)[0])[0], _all_finite(outputs)
+
+
 def evaluate_metrics(
     forward: adapters.Forward,
     params: Any,
@@ -107,39 +144,42 @@ def evaluate_metrics(
     *,
     loss_fn: step.LossFn | None = None,
     inputs_fn: Callable[[Batch], Any] = step.batch_inputs,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> dict[str, float]:
-    """Metrics in eval mode over the batches, each example once, and their ``examples``.
+    """Metrics in eval mode over the batches, each example once, and their ``examples``:
+    the one evaluation of the library and the launcher.
 
-    Default (classification): ``top1`` and the mean cross-entropy ``loss`` over the valid
-    examples (a tuple's third item or a dict's ``'valid'`` marks padding). With
-    ``loss_fn``: its loss and named metrics, averaged over the examples (batches weighted
-    by their size). Non-finite model outputs raise FloatingPointError.
+    Default (classification, integer labels): ``top1`` and ``top5`` (fractions), the mean
+    cross-entropy ``loss`` (nats) and ``perplexity`` = exp(loss), over the valid examples
+    (a tuple's third item or a dict's ``'valid'`` marks padding); labels ``[B, T]`` (a
+    language model's next tokens) count tokens. With ``loss_fn``: its loss and named
+    metrics, averaged over the examples (batches weighted by their size). ``mesh``: each
+    batch (this process's share of it) is split over the mesh's devices first. Non-finite
+    model outputs raise FloatingPointError naming the batch.
     """
+    per_batch = [
+        _batch_sums(forward, params, statistics, batch, loss_fn, inputs_fn, mesh)
+        for batch in batches
+    ]
+    per_batch = parallel.to_host(per_batch)  # one wait, after every batch is dispatched
     sums: dict[str, float] = {}
     total = 0
-    for index, batch in enumerate(batches):
-        inputs = inputs_fn(batch)
-        outputs = eval_outputs(forward, params, statistics, inputs)
-        if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(outputs)):
+    for index, (values, count, finite) in enumerate(per_batch):
+        if not finite:
             raise FloatingPointError(
                 f'the model gave inf or NaN outputs on evaluation batch {index}; check that '
                 'batch for inf or NaN inputs (or the weights for non-finite values)'
             )
-        if loss_fn is None:
-            labels = np.asarray(step.batch_labels(batch))
-            valid = _batch_valid(batch, len(labels))
-            correct, loss, count = jax.device_get(_classification_sums(outputs, labels, valid))
-            values, size = {'top1': float(correct), 'loss': float(loss)}, int(count)
-        else:
-            loss, named = jax.device_get(loss_fn(outputs, batch))
-            size = int(np.shape(jax.tree.leaves(inputs)[0])[0])
-            values = {k: float(v) * size for k, v in {'loss': loss, **named}.items()}
+        weight = 1 if loss_fn is None else int(count)  # a loss_fn gives means per batch
         for key, value in values.items():
-            sums[key] = sums.get(key, 0.0) + value
-        total += size
+            sums[key] = sums.get(key, 0.0) + float(value) * weight
+        total += int(count)
     if not total:
         raise ValueError('evaluate got no examples; pass a non-empty iterable of batches')
-    return {**{k: v / total for k, v in sums.items()}, 'examples': total}
+    result = {**{k: v / total for k, v in sums.items()}, 'examples': total}
+    if loss_fn is None:
+        result['perplexity'] = math.exp(min(result['loss'], 700.0))  # no overflow
+    return result
 
 
 def evaluate(

@@ -1,5 +1,6 @@
 """Metrics: per-epoch sums of step metrics (:class:`EpochMetrics`), written as JSON lines
-(``WORKDIR/metrics.jsonl``) and TensorBoard scalars (``WORKDIR/tensorboard``).
+(``WORKDIR/metrics.jsonl``) and TensorBoard scalars (``WORKDIR/tensorboard``); the one
+progress bar of the steps (:func:`progress_bar`).
 
 Only process 0 writes. Each record is one epoch of one mode; numbers nested in
 dicts (e.g. mask changes per layer) become TensorBoard tags joined by '/'. A record's
@@ -18,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 from absl import logging
+from tqdm import auto as tqdm
 
 from jackpot_jax.core import parallel
 from jackpot_jax.io.workdir import METRICS_FILE
@@ -28,6 +30,22 @@ TENSORBOARD_DIR = 'tensorboard'
 def to_python(tree: Any) -> Any:
     """Device arrays and numpy scalars -> plain Python numbers (JSON-ready)."""
     return jax.tree.map(lambda x: x.item() if x.ndim == 0 else x.tolist(), parallel.to_host(tree))
+
+
+def progress_bar(
+    total: int, desc: str, batch_size: int = 0, initial: int = 0, enabled: bool = True
+) -> tqdm.tqdm:
+    """A progress bar of ``total`` steps from ``initial``, on process 0 only, counting
+    images per second when the ``batch_size`` is known (0: steps per second)."""
+    return tqdm.tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit='img' if batch_size else 'step',
+        unit_scale=batch_size or 1,
+        leave=False,
+        disable=not enabled or jax.process_index() != 0,
+    )
 
 
 def _scalars(record: Mapping[str, Any], prefix: str) -> dict[str, float]:

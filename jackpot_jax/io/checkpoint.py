@@ -229,8 +229,9 @@ def save_jackpot(
     _save(path, arrays, {**meta, 'mask_shapes': shapes})
 
 
-def load_jackpot(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
-    """Reads ``(scores or None, masks, statistics, meta)`` written by :func:`save_jackpot`."""
+def read_jackpot_bundle(path: str) -> tuple[dict | None, dict, dict, dict[str, Any]]:
+    """Reads ``(scores or None, masks, statistics, meta)`` written by :func:`save_jackpot`
+    (the library's :func:`jackpot_jax.load_jackpot` makes a ``Jackpot`` of them)."""
     restored = _restore(path, ('masks',), 'jackpot', optional=('scores', *_MAYBE_EMPTY))
     meta = restored['meta']
     scores = sparsity.flatten(restored['scores']) if 'scores' in restored else None

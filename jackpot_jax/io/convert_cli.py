@@ -231,7 +231,7 @@ def run_to_torch(
         raise ValueError(f'the weights at {weights} are for model {saved!r}, not {arch.model!r}')
     scores = masks = None
     if jackpot is not None:
-        scores, masks, statistics, _ = ckpt.load_jackpot(_checkpoint_dir(jackpot, JACKPOT_DIR))
+        scores, masks, statistics, _ = ckpt.read_jackpot_bundle(_checkpoint_dir(jackpot, JACKPOT_DIR))
         if scores is None and mask_format != 'none':
             # A jackpot saved without scores: 1.0 kept / 0.0 pruned ranks to the same masks.
             print('note: the jackpot has no scores; writing the binary masks as .mask scores')

@@ -10,6 +10,7 @@ loading a config never imports JAX.
 from __future__ import annotations
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from jackpot_jax.core import settings
 
@@ -24,8 +25,10 @@ FLOAT32_ONLY_MODES = ('overlap',)
 # Variants of mode 'stability': the paper's protocol, each change of the stable one on
 # its own, and the stable protocol.
 STABILITY_VARIANTS = ('paper', 'paper+reestimation', 'paper+freeze', 'stable')
-# What config.protocol sets for every field left at -1 ("set by the protocol"): the
-# library's table (jackpot_jax.core.settings.PROTOCOLS) under the config's field names.
+# What config.protocol sets for every field left unset (None, "set by the protocol"): the
+# library's table (jackpot_jax.core.settings.PROTOCOLS) under the config's field names,
+# applied by the library's one rule (settings.fill_protocol) when the launcher resolves
+# its config at its entry (config_checks.resolved).
 # 'stable': a validation split for every choice, BatchNorm statistics re-estimated
 # under each evaluated mask, the mask held fixed over the last quarter of the epochs
 # (at rate 1 it otherwise oscillates between near-tied weights to the end), and the
@@ -45,7 +48,7 @@ def get_config() -> ml_collections.ConfigDict:
     """Digits demo: pretrain a small CNN, then search a 90%-sparse jackpot in it."""
     config = ml_collections.ConfigDict()
     config.mode = 'demo'
-    # 'stable' (default) | 'paper': fills every field below that is left at -1; see PROTOCOLS.
+    # 'stable' (default) | 'paper': fills every field below that is left unset; see PROTOCOLS.
     config.protocol = 'stable'
     config.seed = 0
     config.num_devices = 0  # devices of the data-parallel mesh; 0 = all.
@@ -72,8 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_batch_size = 512
     # Share of the training images held out as the validation split, the only split any
     # selection looks at (the test split is reported, never used to choose); in [0, 1).
-    # -1 = set by config.protocol (stable: 0.1, paper: 0).
-    config.data.validation_fraction = -1.0
+    # Unset = set by config.protocol (stable: 0.1, paper: 0).
+    config.data.validation_fraction = placeholder(float)
     # Cores the tfds input pipeline may use (a private tf.data thread pool); 0 = every core.
     config.data.threads = 0
     # 'tfds:NAME' (any tfds image-classification dataset, prepared in data_dir) only:
@@ -123,23 +126,23 @@ def get_config() -> ml_collections.ConfigDict:
     # > 0: evaluate each epoch, and save the jackpot, with BatchNorm statistics re-estimated
     # over N training batches under the current mask (no weight or mask changes; the search
     # itself goes on with its own running statistics). 0 = the paper's: the search's own.
-    # -1 = set by config.protocol (stable: 50, paper: 0).
-    config.search.reestimation_steps = -1
+    # Unset = set by config.protocol (stable: 50, paper: 0).
+    config.search.reestimation_steps = placeholder(int)
     # Fraction of the final epochs during which the masks stay fixed (the scores and the
     # BatchNorm statistics still train): ends the late oscillation between near-tied weights.
-    # In [0, 1); 0 = never (the paper). -1 = set by config.protocol (stable: 0.25, paper: 0).
-    config.search.mask_freeze_fraction = -1.0
+    # In [0, 1); 0 = never (the paper). Unset = set by config.protocol (stable: 0.25, paper: 0).
+    config.search.mask_freeze_fraction = placeholder(float)
     # A hysteresis on the short restriction's threshold: kept weights rank this much
     # higher in the mask update, so a pruned weight comes back only if its score beats
     # the one it replaces by more than the margin (counts stay exact). >= 0; 0 = none
-    # (the paper). -1 = set by config.protocol (stable: 0, paper: 0).
-    config.search.swap_margin = -1.0
+    # (the paper). Unset = set by config.protocol (stable: 0, paper: 0).
+    config.search.swap_margin = placeholder(float)
     # Which epoch's jackpot the search saves: 'last', or a rule over the validation top-1
     # (needs data.validation_fraction > 0; never chosen on test): 'one_standard_error' (the
     # latest epoch within one binomial standard error of the best), 'best' (the latest on
-    # ties), 'best_frozen' (the best with the final masks). '' = set by config.protocol
+    # ties), 'best_frozen' (the best with the final masks). Unset = set by config.protocol
     # (stable: 'one_standard_error', paper: 'last'; without a validation split: 'last').
-    config.search.selection_rule = ''
+    config.search.selection_rule = placeholder(str)
     # The validation metric the epoch is chosen by: 'top1', or a lower-is-better one
     # such as 'loss' or 'perplexity' (a language model's).
     config.search.selection_metric = 'top1'

@@ -1,26 +1,32 @@
-"""A config checked against the library: protocol resolution and validation.
+"""A config checked against the library and resolved: the launcher's one resolution.
 
-:func:`resolve_protocol` fills the fields left to ``config.protocol``; :func:`validate`
-names the first bad field and its fix. Both need the library's lists of valid names,
-which is why they live here and not in :mod:`jackpot_jax.launch.config` (which imports only
-ml_collections, so loading a config file never imports JAX).
+:func:`resolved` names the first bad field and its fix, and returns a copy with every
+field left unset (None) filled by ``config.protocol``, through the library's one rule
+(:func:`jackpot_jax.core.settings.fill_protocol`); the search group is checked by
+:meth:`~jackpot_jax.core.settings.SearchSettings.check`, as the library's options are.
+The launcher calls it once, at its entry; everything below takes the resolved config
+(and, below ``launch/``, plain values or :class:`~jackpot_jax.core.settings.SearchSettings`).
+It lives here and not in :mod:`jackpot_jax.launch.config` (which imports only ml_collections,
+so loading a config file never imports JAX) because it needs the library's names.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import ml_collections
 
 from jackpot_jax.baselines import criteria
-from jackpot_jax.core import selection, settings as settings_lib, sparsity, step, structured
+from jackpot_jax.core import choices, settings as settings_lib, structured
+from jackpot_jax.core.choices import check_choice
+from jackpot_jax.core.settings import SearchSettings
 from jackpot_jax.data import catalog
 from jackpot_jax.launch.config import (
     CPU_COLLECTIVES,
     FLOAT32_ONLY_MODES,
     NO_JACKPOT_MODES,
-    PROTOCOLS,
     STABILITY_VARIANTS,
     get_config,
     is_no_jackpot,
@@ -30,38 +36,45 @@ from jackpot_jax.models import user_models, zoo
 
 # Mask-update rules compared by mode 'restriction': the three short-restriction rates and
 # the 2021 edge-popup rule.
-RESTRICTION_VARIANTS = sparsity.RATE_SCHEDULES + ('edge_popup',)
-# Which epoch's jackpot a search keeps (search.selection_rule).
+RESTRICTION_VARIANTS = choices.RATE_SCHEDULES + ('edge_popup',)
+# The search fields of SearchSettings; its protocol is config.protocol.
+_SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchSettings) if f.name != 'protocol')
 
 
-def resolve_protocol(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy of ``config`` with every field left to ``config.protocol`` (-1, or '' for a
-    text field) set by it.
-
-    Idempotent; fields set explicitly (>= 0) are kept, so a protocol can be mixed with
-    single changes (e.g. the paper's protocol with re-estimated statistics). Without a
-    validation split the jackpot's epoch is the last epoch's (one rule with the library:
-    :meth:`jackpot_jax.core.settings.SearchSettings.resolved`).
-    """
-    check_choice('protocol', config.protocol, tuple(PROTOCOLS))
-    resolved = ml_collections.ConfigDict(config.to_dict())
-    for field, value in PROTOCOLS[config.protocol].items():
-        group, name = field.split('.')
-        if resolved[group][name] in (-1, ''):
-            if field == 'search.selection_rule' and not resolved.data.validation_fraction:
-                value = 'last'
-            resolved[group][name] = value
-    return resolved
+def search_settings(config: ml_collections.ConfigDict) -> SearchSettings:
+    """The typed settings of ``config.search`` under ``config.protocol``, as they are (a
+    resolved config gives resolved settings)."""
+    return SearchSettings(
+        protocol=config.protocol, **{name: config.search[name] for name in _SEARCH_FIELDS}
+    )
 
 
-def check_selection_rule(config: ml_collections.ConfigDict) -> None:
-    """Refuses a choice on the validation split when there is none (a resolved config)."""
-    choice = config.search.selection_rule
-    if choice != 'last' and not config.data.validation_fraction:
+def validation_fraction(config: ml_collections.ConfigDict) -> float:
+    """``data.validation_fraction``, or the protocol's when it is left unset."""
+    fraction = config.data.validation_fraction
+    if fraction is None:
+        fraction = settings_lib.fill_protocol(
+            config.protocol, {'validation_fraction': None}, has_validation=True
+        )['validation_fraction']
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+        raise ValueError(f'data.validation_fraction must be a number in [0, 1), got {fraction!r}')
+    if not 0.0 <= fraction < 1.0:
         raise ValueError(
-            f"search.selection_rule={choice!r} chooses on the validation split, but "
-            'data.validation_fraction is 0 (no validation split); set '
-            "--config.data.validation_fraction=0.1, or --config.search.selection_rule=last"
+            f'data.validation_fraction must be in [0, 1) (unset: set by config.protocol), got '
+            f'{fraction!r}'
+        )
+    return fraction
+
+
+def require_resolved(config: ml_collections.ConfigDict) -> None:
+    """Raises unless :func:`resolved` made ``config`` (no field is left unset)."""
+    unset = [f'search.{n}' for n in _SEARCH_FIELDS if config.search[n] is None]
+    unset += ['data.validation_fraction'] if config.data.validation_fraction is None else []
+    if unset:
+        raise ValueError(
+            f'{", ".join(unset)} {"is" if len(unset) == 1 else "are"} unset: resolve the config '
+            'first with jackpot_jax.launch.config_checks.resolved(config), as the launcher does '
+            'at its entry'
         )
 
 
@@ -76,12 +89,6 @@ def _check_keys(
             if not isinstance(value, ml_collections.ConfigDict):
                 raise ValueError(f"config key '{name}' must be a group of fields, got {value!r}")
             _check_keys(value, base[key], name + '.')
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f'unknown {name} {value!r}; choose one of {", ".join(choices)}')
-
 
 
 def _check_list(name: str, text: str, choices: tuple[str, ...]) -> None:
@@ -196,13 +203,29 @@ def _check_open_names(config: ml_collections.ConfigDict) -> None:
         check_choice('model', config.model.name, known)
 
 
-def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> None:
-    """Raises ValueError naming the first bad field and how to fix it; with ``modes`` (the
-    launcher's table) the mode must be one of them."""
+def resolved(
+    config: ml_collections.ConfigDict, modes: Sequence[str] = ()
+) -> ml_collections.ConfigDict:
+    """The config checked, with every field left unset filled by ``config.protocol``.
+
+    Raises ValueError naming the first bad field and how to fix it; with ``modes`` (the
+    launcher's table) the mode must be one of them. Idempotent.
+    """
     _check_keys(config, get_config())
-    config = resolve_protocol(config)
     if modes:
         check_choice('mode', config.mode, tuple(modes))
+    fraction = validation_fraction(config)
+    settings = search_settings(config).resolved(fraction > 0, prefix='search.')
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.data.validation_fraction = fraction
+    for name in _SEARCH_FIELDS:
+        out.search[name] = getattr(settings, name)
+    _check_launcher_fields(out)
+    return out
+
+
+def _check_launcher_fields(config: ml_collections.ConfigDict) -> None:
+    """What only the launcher has: names, modes' groups, devices, weight training."""
     _check_open_names(config)
     if 'width' in config.model and not config.model.width > 0:
         raise ValueError(f'model.width must be a positive integer, got {config.model.width!r}')
@@ -217,29 +240,7 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
         raise ValueError(
             f'overwrite must be true or false (replace what exists), got {config.overwrite!r}'
         )
-    s = config.search
-    if not 0.0 <= s.sparsity < 1.0:
-        raise ValueError(
-            f'search.sparsity must be in [0, 1), got {s.sparsity!r}; it is the '
-            'fraction of prunable weights removed (0.9 keeps 10%)'
-        )
-    check_choice('allocation', s.allocation, sparsity.ALLOCATIONS)
-    check_choice('mask_update', s.mask_update, sparsity.MASK_UPDATES)
-    check_choice('rate_schedule', s.rate_schedule, sparsity.RATE_SCHEDULES)
-    check_choice('bn_mode', s.bn_mode, step.BN_MODES)
-    check_choice('search.optimizer', s.optimizer, settings_lib.OPTIMIZERS)
-    check_choice('search.score_init', s.score_init, sparsity.SCORE_INITS)
-    check_choice('search.selection_rule', s.selection_rule, selection.SELECTION_RULES)
-    settings_lib.check_regex('search.prune_include', s.prune_include)
-    settings_lib.check_regex('search.prune_exclude', s.prune_exclude)
-    pattern = structured.parse_pattern(s.pattern)
-    if pattern and abs(s.sparsity - structured.pattern_sparsity(*pattern)) > 1e-9:
-        n, m = pattern
-        raise ValueError(
-            f'search.pattern {s.pattern!r} removes {m - n}/{m} of every eligible layer, but '
-            f'search.sparsity is {s.sparsity!r}; set --config.search.sparsity={(m - n) / m!r}'
-        )
-    _check_list('search_cost.inits', config.search_cost.inits, sparsity.SCORE_INITS)
+    _check_list('search_cost.inits', config.search_cost.inits, choices.SCORE_INITS)
     _check_list('restriction.variants', config.restriction.variants, RESTRICTION_VARIANTS)
     _check_list('stability.variants', config.stability.variants, STABILITY_VARIANTS)
     for value in parse_list('sweep.sparsities', config.sweep.sparsities, float):
@@ -252,20 +253,8 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
             f'search_cost.target must be a test top-1 in [0, 1] (0 = the kaiming search\'s '
             f'final accuracy), got {config.search_cost.target!r}'
         )
-    for name, value in [
-        ('data.validation_fraction', config.data.validation_fraction),
-        ('search.mask_freeze_fraction', s.mask_freeze_fraction),
-    ]:
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f'{name} must be in [0, 1) (or -1: set by config.protocol), got {value!r}')
-    check_selection_rule(config)
-    step.check_swap_margin(s.swap_margin, s.mask_update, 'search.swap_margin')
-    if not 0.0 <= s.pruned_score < 1.0:
-        raise ValueError(
-            f'search.pruned_score must be in [0, 1) so magnitude-kept weights '
-            f'(score 1.0) rank first, got {s.pruned_score!r}'
-        )
-    for group in ('pretrain', 'search', 'tune'):
+    _check_positive('search.batch_size', config.search.batch_size)
+    for group in ('pretrain', 'tune'):
         for field in ('epochs', 'batch_size'):
             if group != 'tune' or field != 'epochs':
                 _check_positive(f'{group}.{field}', config[group][field])
@@ -287,7 +276,6 @@ def validate(config: ml_collections.ConfigDict, modes: Sequence[str] = ()) -> No
         ('overlap.batch_size', config.overlap.batch_size),
         ('overlap.reestimation_steps', config.overlap.reestimation_steps),
         ('data.threads', config.data.threads),
-        ('search.reestimation_steps', s.reestimation_steps),
     ]:
         if value < 0:
             raise ValueError(f'{name} must be >= 0, got {value!r}')

@@ -10,7 +10,8 @@ Workdir layout (names in :mod:`jackpot_jax.io.workdir`):
   metrics.jsonl      one JSON record per epoch; summary.json: the demo's table
   layer_sparsity.png, mask_changes.png   the search's per-layer sparsity and mask changes
 Nothing there is replaced unless config.overwrite (checked before any work): see
-run_context.check_search_outputs, check_pretrain_output and check_new_output.
+workdir.check_search_outputs, check_pretrain_output and check_new_output. Every mode
+takes the config :func:`validate` resolved at the launcher's entry.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import jax
 import ml_collections
 
 from jackpot_jax.core import mask_plan, parallel, sparsity
-from jackpot_jax.io import checkpoint
-from jackpot_jax.io.workdir import MASKED_WEIGHTS_DIR, TUNED_DIR
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.io.workdir import MASKED_WEIGHTS_DIR, SUMMARY_FILE, TUNED_DIR
 from jackpot_jax.launch import config as config_lib, config_checks, run_context as rc
 from jackpot_jax.launch.search_mode import baseline_accuracies, run_search
 from jackpot_jax.launch.studies import (
@@ -40,7 +41,6 @@ from jackpot_jax.launch.studies import (
 from jackpot_jax.launch.weight_training import ensure_pretrained, run_pretrain, run_tune
 
 
-@rc.resolved
 def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Evaluates the jackpot (masks + its batch statistics) over the weights.
 
@@ -51,7 +51,7 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     params, statistics, fingerprint = setup.load_pretrained(workdir)
     if not config_lib.is_no_jackpot(config.jackpot):
         path = rc.jackpot_path(config, workdir)
-        masks, statistics, meta = setup.load_jackpot(path)
+        masks, statistics, meta = setup.read_jackpot(path)
         rc.check_jackpot_weights(config, workdir, meta, fingerprint)
         masks, statistics = parallel.replicate((masks, statistics), setup.mesh)
         params = sparsity.masked_params(params, masks)
@@ -60,30 +60,29 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
         s = config.search
         kernels = mask_plan.prunable_kernels(params, s.prune_include, s.prune_exclude)
         masks = {p: w != 0 for p, w in kernels.items()}
-        what = f'weights {rc.pretrained_path(config, workdir)}'
-    result = setup.evaluate(params, statistics)
+        what = f'weights {workdir_lib.pretrained_path(workdir, config.pretrained)}'
+    result = setup.split_metrics(params, statistics)
     report = mask_plan.mask_report(params, parallel.to_host(masks), config.search.pattern)
     rc.print_main(sparsity.format_sparsity_report(report))
     rc.print_main(f"{what}: test top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}")
-    tuned = os.path.join(workdir, TUNED_DIR)
+    tuned = workdir_lib.path(workdir, TUNED_DIR)
     if os.path.isdir(tuned) and not config.pretrained:
         tuned_params, tuned_stats, _ = setup.load_weights(tuned)
-        result['tuned_top1'] = setup.evaluate(tuned_params, tuned_stats)['top1']
+        result['tuned_top1'] = setup.split_metrics(tuned_params, tuned_stats)['top1']
         rc.print_main(f"tuned weights {tuned}: test top-1 {result['tuned_top1']:.4f}")
     return {**result, 'sparsity': report['sparsity']}
 
 
-@rc.resolved
 def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str]:
     """Writes the jackpot's masked dense params as ordinary weights (WORKDIR/masked_weights).
 
     Refuses to replace masked weights already there unless ``config.overwrite``.
     """
-    out = os.path.join(workdir, MASKED_WEIGHTS_DIR)
-    rc.check_new_output(config, out, 'masked weights')
+    out = workdir_lib.path(workdir, MASKED_WEIGHTS_DIR)
+    workdir_lib.check_new_output(out, 'masked weights', config.overwrite)
     setup = rc.Setup(config)
     params, _, fingerprint = setup.load_pretrained(workdir)
-    masks, statistics, meta = setup.load_jackpot(rc.jackpot_path(config, workdir))
+    masks, statistics, meta = setup.read_jackpot(rc.jackpot_path(config, workdir))
     rc.check_jackpot_weights(config, workdir, meta, fingerprint)
     masked = parallel.to_host(sparsity.masked_params(params, parallel.replicate(masks, setup.mesh)))
     checkpoint.save_weights(
@@ -103,15 +102,14 @@ def run_export(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
     return {'masked_weights': out}
 
 
-@rc.resolved
 def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Pretrain -> search -> compare with magnitude and random masks; writes summary.json.
 
     Reuses the pre-trained weights already there; refuses, before any training, a search
-    that :func:`run_context.check_search_outputs` refuses.
+    that :func:`workdir.check_search_outputs` refuses.
     """
     total_start = time.perf_counter()
-    rc.check_search_outputs(config, workdir)
+    _check_search_outputs(config, workdir)
     ensure_pretrained(config, workdir)
     setup = rc.Setup(config)
     params, statistics, _ = setup.load_pretrained(workdir)
@@ -134,32 +132,38 @@ def run_demo(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         summary[key] = found[key]
     summary['total_seconds'] = time.perf_counter() - total_start
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+        with open(workdir_lib.path(workdir, SUMMARY_FILE), 'w') as f:
             json.dump(summary, f, indent=2)
     rc.print_main(format_summary(config, summary))
     return summary
 
 
-@rc.resolved
 def run_search_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Searches a jackpot in the frozen weights; resumes from WORKDIR/checkpoints if present.
 
-    :func:`search_run.run_search` once :func:`run_context.check_search_outputs` allows
+    :func:`search_mode.run_search` once :func:`workdir.check_search_outputs` allows
     its outputs: never a jackpot outside the workdir, nor over one it would not resume,
     unless ``config.overwrite``.
     """
-    rc.check_search_outputs(config, workdir)
+    _check_search_outputs(config, workdir)
     return run_search(config, workdir)
 
 
-@rc.resolved
+def _check_search_outputs(config: ml_collections.ConfigDict, workdir: str) -> None:
+    workdir_lib.check_search_outputs(
+        workdir, config.jackpot, tunes=bool(config.tune.epochs), overwrite=config.overwrite
+    )
+
+
 def run_tune_mode(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains the kept weights of the workdir's jackpot (pruned weights stay exactly zero).
 
     :func:`weight_training.run_tune`, refused if WORKDIR/tuned exists, unless
     ``config.overwrite``.
     """
-    rc.check_new_output(config, os.path.join(workdir, TUNED_DIR), 'tuned weights')
+    workdir_lib.check_new_output(
+        workdir_lib.path(workdir, TUNED_DIR), 'tuned weights', config.overwrite
+    )
     return run_tune(config, workdir)
 
 
@@ -201,6 +205,8 @@ MODES: dict[str, Callable[[ml_collections.ConfigDict, str], dict[str, Any]]] = {
 }
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad field (the mode included) and how to fix it."""
-    config_checks.validate(config, tuple(MODES))
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config resolved (every field left unset filled by its protocol), once, at the
+    launcher's entry; raises ValueError naming the first bad field (the mode included) and
+    how to fix it."""
+    return config_checks.resolved(config, tuple(MODES))

@@ -21,8 +21,8 @@ import optax
 from absl import logging
 
 from jackpot_jax.core import adapters, parallel, sparsity, step
-from jackpot_jax.engine.metrics import EpochMetrics, MetricWriter
-from jackpot_jax.io import checkpoint
+from jackpot_jax.engine.metrics import EpochMetrics, MetricWriter, progress_bar
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.io.workdir import TUNED_DIR
 from jackpot_jax.launch import run_context as rc
 
@@ -103,7 +103,7 @@ def train_weights(
     step_fn = make_train_step(
         model=setup.model, optimizer=optimizer, label_smoothing=cfg.label_smoothing
     )
-    with rc.progress(cfg.epochs * steps, cfg.batch_size, mode) as bar:
+    with progress_bar(cfg.epochs * steps, mode, cfg.batch_size) as bar:
         for epoch in range(cfg.epochs):
             epoch_metrics = EpochMetrics()
             # The steps never wait on the host: metrics are fetched at the epoch's end.
@@ -116,12 +116,12 @@ def train_weights(
                 'mode': mode,
                 'epoch': epoch + 1,
                 'step': (epoch + 1) * steps,
-                'learning_rate': rc.epoch_learning_rate(cfg, epoch),
+                'learning_rate': float(step.epoch_cosine(cfg.learning_rate, cfg.epochs, 1)(epoch)),
                 **epoch_metrics.result(),
             }
             writer.write(record)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}")
-    result = setup.evaluate(state.params, state.statistics)
+    result = setup.split_metrics(state.params, state.statistics)
     writer.write(
         {
             'mode': mode,
@@ -140,14 +140,13 @@ def initial_variables(setup: rc.Setup, seed: int) -> dict:
     return jax.jit(functools.partial(setup.model.init, train=False))(jax.random.key(seed), sample)
 
 
-@rc.resolved
 def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains the dense model and saves it as the frozen starting point of searches.
 
     Refuses, before any training, to replace weights already there unless
-    ``config.overwrite`` (:func:`run_context.check_pretrain_output`).
+    ``config.overwrite`` (:func:`jackpot_jax.io.workdir.check_pretrain_output`).
     """
-    rc.check_pretrain_output(config, workdir)
+    workdir_lib.check_pretrain_output(workdir, config.pretrained, config.overwrite)
     setup = rc.Setup(config)
     variables = initial_variables(setup, config.seed)
     state, result = train_weights(
@@ -166,19 +165,21 @@ def run_pretrain(config: ml_collections.ConfigDict, workdir: str) -> dict[str, f
         'test_top1': result['top1'],
     }
     checkpoint.save_weights(
-        rc.pretrained_path(config, workdir), state.params, state.statistics, meta
+        workdir_lib.pretrained_path(workdir, config.pretrained),
+        state.params,
+        state.statistics,
+        meta,
     )
     return result
 
 
-@rc.resolved
 def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains the kept weights of the workdir's jackpot (pruned weights stay exactly zero)."""
     if not config.tune.epochs:
         raise ValueError('tune.epochs is 0; set --config.tune.epochs=N (the paper uses 10)')
     setup = rc.Setup(config)
     params, _, fingerprint = setup.load_pretrained(workdir)
-    masks, statistics, meta = setup.load_jackpot(rc.jackpot_path(config, workdir))
+    masks, statistics, meta = setup.read_jackpot(rc.jackpot_path(config, workdir))
     rc.check_jackpot_weights(config, workdir, meta, fingerprint)
     masks, statistics = parallel.replicate((masks, statistics), setup.mesh)
     state, result = train_weights(
@@ -190,14 +191,15 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         'source': f'tuned under the mask of {rc.jackpot_path(config, workdir)}',
         'test_top1': result['top1'],
     }
-    checkpoint.save_weights(os.path.join(workdir, TUNED_DIR), state.params, state.statistics, meta)
+    tuned = workdir_lib.path(workdir, TUNED_DIR)
+    checkpoint.save_weights(tuned, state.params, state.statistics, meta)
     return result
 
 
-@rc.resolved
 def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Pre-trains the dense model unless its weights are already there (then reused)."""
-    if os.path.isdir(rc.pretrained_path(config, workdir)):
-        logging.info('using the pre-trained weights at %s', rc.pretrained_path(config, workdir))
+    weights = workdir_lib.pretrained_path(workdir, config.pretrained)
+    if os.path.isdir(weights):
+        logging.info('using the pre-trained weights at %s', weights)
     else:
         run_pretrain(config, workdir)

@@ -661,7 +661,7 @@ def test_official_jackpot_2023_roundtrip(tmp_path):
         == 0
     )
     params, pre_stats, _ = checkpoint.load_weights(str(tmp_path / 'w' / convert.PRETRAINED_DIR))
-    scores, masks, stats, meta = checkpoint.load_jackpot(str(tmp_path / 'w' / convert.JACKPOT_DIR))
+    scores, masks, stats, meta = checkpoint.read_jackpot_bundle(str(tmp_path / 'w' / convert.JACKPOT_DIR))
     assert meta['format'] == '2023' and meta['model'] == {'name': 'resnet32'}
     assert len(masks) == 31 and 'fc/kernel' not in masks
     paths = {v: k for k, v in torch_names('resnet32', 'official').items()}
@@ -722,7 +722,7 @@ def test_official_jackpot_2023_roundtrip(tmp_path):
         == 0
     )
     params2, _, _ = checkpoint.load_weights(str(tmp_path / 'w2' / convert.PRETRAINED_DIR))
-    scores2, masks2, stats2, _ = checkpoint.load_jackpot(str(tmp_path / 'w2' / convert.JACKPOT_DIR))
+    scores2, masks2, stats2, _ = checkpoint.read_jackpot_bundle(str(tmp_path / 'w2' / convert.JACKPOT_DIR))
     for a, b in ((params, params2), (stats, stats2)):
         assert_tree_equal(a, b)
     for a, b in ((scores, scores2), (masks, masks2)):
@@ -782,7 +782,7 @@ def test_official_jackpot_2021_edge_popup(tmp_path):
     assert cli(*common) == 1  # 2021 format: the sparsity is required.
     assert cli(*common, '--sparsity', 0.9) == 0
     params, _, _ = checkpoint.load_weights(str(tmp_path / 'w' / convert.PRETRAINED_DIR))
-    scores, masks, stats, meta = checkpoint.load_jackpot(str(tmp_path / 'w' / convert.JACKPOT_DIR))
+    scores, masks, stats, meta = checkpoint.read_jackpot_bundle(str(tmp_path / 'w' / convert.JACKPOT_DIR))
     assert meta['format'] == '2021' and meta['requested_sparsity'] == 0.9
     prunable = convs[:-1]
     counts = _global_magnitude_counts([state[f'{n}.weight'] for n in prunable], 0.9)
@@ -864,7 +864,7 @@ def test_launcher_accepts_converted_workdir(tmp_path):
     )
     trees.check_tree_matches(expected['params'], params, 'params')
     trees.check_tree_matches(expected['batch_stats'], stats, 'batch stats')
-    _, masks, jackpot_stats, jackpot_meta = checkpoint.load_jackpot(
+    _, masks, jackpot_stats, jackpot_meta = checkpoint.read_jackpot_bundle(
         str(tmp_path / workdir_lib.JACKPOT_DIR)
     )
     trees.check_tree_matches(expected['batch_stats'], jackpot_stats, 'jackpot batch stats')

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from jackpot_jax.io import workdir as workdir_lib
 from jackpot_jax.launch import config_checks, run_context as rc
 from jackpot_jax.launch.search_mode import run_search
 from jackpot_jax.launch.weight_training import ensure_pretrained
@@ -23,10 +24,11 @@ from jackpot_jax.launch.weight_training import ensure_pretrained
 def variant_config(
     config: ml_collections.ConfigDict, workdir: str, overrides: Mapping[str, Any]
 ) -> ml_collections.ConfigDict:
-    """A search config over the study's frozen weights with dotted-key ``overrides``."""
+    """A search config over the study's frozen weights with dotted-key ``overrides``,
+    checked (``config`` is resolved; the overrides set values, never leave one unset)."""
     sub = ml_collections.ConfigDict(config.to_dict())
     sub.mode = 'search'
-    sub.pretrained = os.path.abspath(rc.pretrained_path(config, workdir))
+    sub.pretrained = os.path.abspath(workdir_lib.pretrained_path(workdir, config.pretrained))
     sub.jackpot = ''
     sub.tune.epochs = 0
     for key, value in overrides.items():
@@ -35,8 +37,7 @@ def variant_config(
             sub[group][field] = value
         else:
             sub[key] = value
-    config_checks.validate(sub)
-    return sub
+    return config_checks.resolved(sub)
 
 
 def variant_folder(workdir: str, study: str, name: str) -> str:

@@ -32,9 +32,8 @@ import numpy as np
 
 from jackpot_jax.baselines import wanda
 from jackpot_jax.core import parallel, sparsity, structured
-from jackpot_jax.engine import loop
 from jackpot_jax.launch import config_checks, run_context as rc
-from jackpot_jax.launch.search_mode import run_search, search_settings, search_task
+from jackpot_jax.launch.search_mode import run_search, search_plan
 from jackpot_jax.launch.studies import common
 from jackpot_jax.launch.studies.overlap import mask_overlap
 from jackpot_jax.launch.weight_training import ensure_pretrained
@@ -114,7 +113,6 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     """Mode 'lm_pruning': test perplexity of dense, magnitude, random, Wanda and the two
     jackpots (from magnitude, from Wanda) per ``lm_pruning.sparsities``; see the module."""
     ensure_pretrained(config, workdir)
-    config = config_checks.resolve_protocol(config)
     if not config.data.validation_fraction:
         raise ValueError(
             'lm_pruning keeps each jackpot on validation perplexity, but '
@@ -123,8 +121,9 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     specs = config_checks.lm_pruning_sparsities(config.lm_pruning.sparsities)
     setup = rc.Setup(config)
     params, statistics, _ = setup.load_pretrained(workdir)
-    dense = setup.evaluate(params, statistics)
-    if 'perplexity' not in dense:
+    dense = setup.split_metrics(params, statistics)
+    first = next(iter(setup.source.eval_batches(config.data.eval_batch_size, 'test')))
+    if np.ndim(first[1]) < 2:  # labels [B, T]: next tokens
         raise ValueError(
             f'lm_pruning compares perplexities, but model {config.model.name!r} on '
             f'{config.data.name!r} has no token labels; use a language model, e.g. '
@@ -148,11 +147,7 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
     for label, value, pattern in specs:
         overrides = _variant_overrides(value, pattern)
         sub = common.variant_config(config, workdir, overrides)
-        sub = config_checks.resolve_protocol(sub)
-        plan = loop.plan(
-            search_task(sub, setup, params, statistics),
-            search_settings(sub, setup.source.has_validation),
-        )
+        plan = search_plan(sub, setup, params, statistics)
         counts = {p: int(k) for p, k in plan.counts.items()}
         paths = tuple(sorted(counts))
         if norms is None:
@@ -175,7 +170,7 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         }
         for name, m in masks.items():
             _check_counts(name, m, counts)
-            evaluated = setup.evaluate(sparsity.masked_params(params, m), statistics)
+            evaluated = setup.split_metrics(sparsity.masked_params(params, m), statistics)
             row['methods'][name] = {
                 'test_perplexity': evaluated['perplexity'],
                 'test_top1': evaluated['top1'],
@@ -190,7 +185,7 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
             found = run_search(
                 sub, folder, initial_masks=None if start == 'magnitude' else masks['wanda']
             )
-            jackpot, _, _ = setup.load_jackpot(rc.jackpot_path(sub, folder))
+            jackpot, _, _ = setup.read_jackpot(rc.jackpot_path(sub, folder))
             _check_counts(f'jackpot from {start}', jackpot, counts)
             history = found['history']
             chosen = history[found['jackpot_epoch'] - 1]

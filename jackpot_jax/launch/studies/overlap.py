@@ -21,6 +21,7 @@ import numpy as np
 
 from jackpot_jax.baselines import criteria
 from jackpot_jax.core import parallel, sparsity
+from jackpot_jax.io import workdir as workdir_lib
 from jackpot_jax.launch import config as config_lib, plots, run_context as rc
 
 OVERLAP_JSON = 'overlap.json'
@@ -171,10 +172,10 @@ def run_overlap(
     """
     names, batch_size, reestimation_steps = _overlap_settings(config, names)
     setup = rc.Setup(config)
-    weights = rc.pretrained_path(config, workdir)
+    weights = workdir_lib.pretrained_path(workdir, config.pretrained)
     params, statistics, fingerprint = setup.load_weights(weights)
     path = rc.jackpot_path(config, workdir)
-    jackpot_masks, jackpot_stats, meta = setup.load_jackpot(path)
+    jackpot_masks, jackpot_stats, meta = setup.read_jackpot(path)
     if meta.get('weights_fingerprint') not in (None, fingerprint):
         raise ValueError(
             f'the jackpot at {path} was found in other weights than {weights}; '
@@ -194,12 +195,12 @@ def run_overlap(
 
     def accuracies(masks, adapt):
         masked = params if masks is None else sparsity.masked_params(params, masks)
-        row = setup.evaluate(masked, statistics)
+        row = setup.split_metrics(masked, statistics)
         if adapt:
             stats = rc.reestimate_statistics(
                 setup, masked, statistics, reestimation_steps, config.search.batch_size
             )
-            evaluated = setup.evaluate(masked, stats)
+            evaluated = setup.split_metrics(masked, stats)
             row.update(top1_reestimated=evaluated['top1'], top5_reestimated=evaluated['top5'])
         return row
 
@@ -215,7 +216,7 @@ def run_overlap(
         'reestimation_steps': reestimation_steps,
         'counts': counts,
         'dense': accuracies(None, False),
-        'jackpot': setup.evaluate(sparsity.masked_params(params, masks), stats),
+        'jackpot': setup.split_metrics(sparsity.masked_params(params, masks), stats),
         'jackpot_pretrained_bn': accuracies(masks, reestimation_steps > 0),
         'criteria': {},
     }

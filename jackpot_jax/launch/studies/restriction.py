@@ -25,6 +25,7 @@ RESTRICTION_OVERRIDES = {
     'edge_popup': {'search.mask_update': 'edge_popup', 'search.rate_schedule': 'constant'},
 }
 
+
 def restriction_summary(run: Mapping[str, Any]) -> dict[str, Any]:
     """Curves and per-layer totals of one search with ``search.step_trace`` on."""
     history = run['history']

@@ -18,22 +18,24 @@ from jackpot_jax.launch import config as config_lib, plots, run_context as rc
 from jackpot_jax.launch.search_mode import baseline_accuracies
 from jackpot_jax.launch.studies import common
 
-# Config overrides of each variant of the 'stability' study (the protocol fills the rest).
+
+def _protocol(name: str, **changes: Any) -> dict[str, Any]:
+    """Every field ``config.protocol`` sets, as protocol ``name`` sets it, with ``changes``."""
+    return {'protocol': name, **config_lib.PROTOCOLS[name], **changes}
+
+
+# Config overrides of each variant of the 'stability' study: the paper's protocol, each
+# change of the stable one on its own, and the stable protocol, whatever the config's.
+_STABLE = config_lib.PROTOCOLS['stable']
 STABILITY_OVERRIDES = {
-    'paper': {'protocol': 'paper'},
-    'paper+reestimation': {
-        'protocol': 'paper',
-        'search.reestimation_steps': config_lib.PROTOCOLS['stable'][
-            'search.reestimation_steps'
-        ],
-    },
-    'paper+freeze': {
-        'protocol': 'paper',
-        'search.mask_freeze_fraction': config_lib.PROTOCOLS['stable'][
-            'search.mask_freeze_fraction'
-        ],
-    },
-    'stable': {'protocol': 'stable'},
+    'paper': _protocol('paper'),
+    'paper+reestimation': _protocol(
+        'paper', **{'search.reestimation_steps': _STABLE['search.reestimation_steps']}
+    ),
+    'paper+freeze': _protocol(
+        'paper', **{'search.mask_freeze_fraction': _STABLE['search.mask_freeze_fraction']}
+    ),
+    'stable': _protocol('stable'),
 }
 
 

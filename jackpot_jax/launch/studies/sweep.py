@@ -34,7 +34,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]
     ensure_pretrained(config, workdir)
     setup = rc.Setup(config)
     params, statistics, _ = setup.load_pretrained(workdir)
-    dense = setup.evaluate(params, statistics)['top1']
+    dense = setup.split_metrics(params, statistics)['top1']
     rows = []
     for value in config_lib.parse_list('sweep.sparsities', config.sweep.sparsities, float):
         overrides = {'search.sparsity': value}
