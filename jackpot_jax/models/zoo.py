@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jackpot_jax.models import gpt, user_models, vit
+from jackpot_jax.models import conv, gpt, user_models, vit
 
 Dtype = Any
 
@@ -37,10 +37,13 @@ _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 def _conv(
     features: int, kernel: int, stride: int, dtype: Dtype, name: str, use_bias: bool = False
-) -> nn.Conv:
-    """Square conv (bias-free unless asked) with PyTorch-style symmetric padding ``kernel // 2``."""
+) -> conv.Conv:
+    """Square conv (bias-free unless asked) with PyTorch-style symmetric padding ``kernel // 2``.
+
+    ``conv.Conv`` is ``nn.Conv``'s parameters and values, with gradients fast on XLA:CPU.
+    """
     pad = kernel // 2
-    return nn.Conv(
+    return conv.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
