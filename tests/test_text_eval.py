@@ -68,3 +68,29 @@ def test_bad_text_or_context_is_one_clear_error(tmp_path, weights):
     with pytest.raises(UserError, match='neither a .gguf file'):
         text_eval.run_text_perplexity(_config(str(tmp_path), str(text_file)), str(tmp_path / 'w'))
     np.testing.assert_equal(latin.read_bytes(), 'café'.encode('latin-1'))  # nothing touched
+
+
+def test_the_command_line_prints_and_writes_the_perplexity(tmp_path, weights):
+    import os
+    import subprocess
+    import sys
+
+    root, _ = weights
+    text_file = tmp_path / 'text.txt'
+    text_file.write_text(TEXT)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, '-m', 'jackpot_jax.main', '--config=configs/smollm2.py',
+         '--mode=evaluate', f'--config.pretrained={root / "tiny.gguf"}',
+         f'--config.data.text_file={text_file}', '--config.data.context=16',
+         f'--workdir={tmp_path / "w"}'],
+        cwd=repo, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / 'w' / 'summary.json') as f:
+        summary = json.load(f)
+    assert f"perplexity {summary['perplexity']:.4f}" in done.stdout
+    direct = text_eval.run_text_perplexity(
+        _config(str(root / 'tiny.gguf'), str(text_file), 16), str(tmp_path / 'direct')
+    )
+    assert summary['perplexity'] == pytest.approx(direct['perplexity'], rel=1e-6)

@@ -90,6 +90,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Text datasets ('python_source') only: tokens per window, the model's input length
     # (at most a language model's model.context); 0 = 128.
     config.data.context = 0
+    # Mode 'evaluate' of a language model (configs/smollm2.py): the UTF-8 text file whose
+    # perplexity is printed; '' = evaluate a jackpot instead.
+    config.data.text_file = ''
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'small_cnn'
@@ -230,7 +233,7 @@ def get_config() -> ml_collections.ConfigDict:
 # and whether existing outputs may be replaced.
 RESUMABLE_FIELDS = (
     'mode', 'pretrained', 'jackpot', 'num_devices', 'fsdp', 'distributed', 'checkpoint',
-    'data.data_dir', 'data.eval_batch_size', 'data.threads',
+    'data.data_dir', 'data.eval_batch_size', 'data.threads', 'data.text_file',
     'tune', 'pretrain', 'overlap', 'search_cost', 'restriction', 'sweep', 'stability',
     'lm_pruning',
     'search.step_trace', 'search.compare_statistics', 'search.selection_rule',

@@ -28,7 +28,7 @@ import ml_collections
 from jackpot_jax.core import mask_plan, parallel, sparsity
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.io.workdir import MASKED_WEIGHTS_DIR, SUMMARY_FILE, TUNED_DIR
-from jackpot_jax.launch import config as config_lib, config_checks, run_context as rc
+from jackpot_jax.launch import config as config_lib, config_checks, run_context as rc, text_eval
 from jackpot_jax.launch.search_mode import baseline_accuracies, run_search
 from jackpot_jax.launch.studies import (
     lm_pruning,
@@ -45,8 +45,11 @@ def run_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, A
     """Evaluates the jackpot (masks + its batch statistics) over the weights.
 
     With ``config.jackpot='none'`` the weights are evaluated as they are, e.g. the
-    masked weights written by 'export'.
+    masked weights written by 'export'. With ``config.data.text_file``, a language
+    model's perplexity of that text (:mod:`jackpot_jax.launch.text_eval`).
     """
+    if config.data.get('text_file'):
+        return text_eval.run_text_perplexity(config, workdir)
     setup = rc.Setup(config)
     params, statistics, fingerprint = setup.load_pretrained(workdir)
     if not config_lib.is_no_jackpot(config.jackpot):

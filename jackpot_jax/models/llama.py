@@ -399,3 +399,15 @@ def init_params(config: LlamaConfig, seed: int = 0) -> dict[str, Any]:
     norms), as a nested dict of float32 arrays."""
     variables = jax.jit(Llama(config).init)(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))
     return flax.core.unfreeze(variables['params'])
+
+
+def llama(num_classes: int, dtype: Dtype = jnp.float32, **fields: Any) -> Llama:
+    """The zoo's ``llama``: :class:`Llama` over ``num_classes`` tokens, its other
+    :class:`LlamaConfig` fields from ``fields`` (default: SmolLM2-135M's)."""
+    base = dataclasses.asdict(smollm2_135m())
+    unknown = sorted(set(fields) - set(base) - {'attention_chunk'})
+    if unknown:
+        raise UserError(f'llama: unknown model field(s) {unknown}; the fields are {sorted(base)}')
+    chunk = fields.pop('attention_chunk', ATTENTION_CHUNK)
+    config = LlamaConfig(**{**base, **fields, 'vocab_size': num_classes})
+    return Llama(config, attention_chunk=chunk, dtype=dtype)

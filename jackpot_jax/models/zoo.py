@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jackpot_jax.models import conv, gpt, user_models, vit
+from jackpot_jax.models import conv, gpt, llama, user_models, vit
 
 Dtype = Any
 
@@ -358,6 +358,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     },
     # A causal language model over the data's vocabulary (:mod:`jackpot_jax.models.gpt`).
     'gpt': gpt.gpt,
+    # The LLaMA family (:mod:`jackpot_jax.models.llama`); defaults: SmolLM2-135M.
+    'llama': llama.llama,
 }
 
 
