@@ -36,6 +36,7 @@ _EXPORTS = {
     'plan_counts': 'core.mask_plan',
     'plan_masks': 'core.mask_plan',
     'prunable_kernels': 'core.mask_plan',
+    'MaskSchedule': 'core.step',
     'SearchState': 'core.step',
     'init_search_state': 'core.step',
     'make_search_step': 'core.step',

@@ -246,16 +246,13 @@ def _traced_step(model, image_size, counts_of, **settings):
         masks,
         scores,
     )
-    step = jax.jit(
-        functools.partial(
-            step_lib.search_step,
-            model=model,
-            optimizer=optimizer,
-            counts=counts,
-            steps_per_epoch=STEPS_PER_EPOCH,
-            epochs=EPOCHS,
-            **settings,
-        )
+    step = step_lib.make_search_step(
+        model=model,
+        optimizer=optimizer,
+        counts=counts,
+        steps_per_epoch=STEPS_PER_EPOCH,
+        epochs=EPOCHS,
+        **settings,
     )
     images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((2,), jnp.int32)

@@ -6,6 +6,7 @@ the mask update, with the state donated. Nothing in ``frozen_params`` ever chang
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -139,22 +140,61 @@ def init_search_state(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class MaskSchedule:
+    """How the masks move from step to step: the per-layer pruned ``counts`` they keep,
+    the update rule (``mask_update``) at the rate ``rate_schedule`` gives each of the
+    ``epochs`` of ``steps_per_epoch`` steps, within the groups of an N:M ``pattern`` if
+    given; from step ``mask_frozen_from`` on (if given) they stay as they are.
+    ``swap_margin`` > 0 ranks kept weights that much higher in the update
+    (:func:`sparsity.with_swap_margin`): a pruned weight comes back only if it beats the
+    one it replaces by more than the margin."""
+
+    counts: Mapping[str, int]
+    steps_per_epoch: int
+    epochs: int
+    mask_update: str = 'short_restriction'
+    rate_schedule: str = 'constant'
+    pattern: tuple[int, int] | None = None
+    mask_frozen_from: int | None = None
+    swap_margin: float = 0.0
+
+    def update(
+        self, scores: dict[str, jax.Array], masks: dict[str, jax.Array], step: jax.Array
+    ) -> tuple[dict[str, jax.Array], jax.Array]:
+        """The masks after a step's score update, and the swap rate they moved at."""
+        # The update ranks these; the optimizer keeps learning the scores themselves.
+        ranking = (
+            sparsity.with_swap_margin(scores, masks, self.swap_margin)
+            if self.swap_margin
+            else scores
+        )
+        epoch = step // self.steps_per_epoch
+        constant = self.rate_schedule == 'constant'
+        rate = None if constant else sparsity.swap_rate(self.rate_schedule, epoch, self.epochs)
+        counts, mode = self.counts, self.mask_update
+        if self.pattern:
+            new, _ = structured.update_masks(
+                ranking, masks, counts, *self.pattern, mode=mode, rate=rate
+            )
+        else:
+            new, _ = sparsity.update_masks(ranking, masks, counts, mode=mode, rate=rate)
+        swap_rate = jnp.float32(1.0) if rate is None else rate
+        if self.mask_frozen_from is not None:
+            frozen = step >= self.mask_frozen_from
+            new = {p: jnp.where(frozen, masks[p], m) for p, m in new.items()}
+            swap_rate = jnp.where(frozen, 0.0, swap_rate)
+        return new, swap_rate
+
+
 def search_step(
     state: SearchState,
     *batch: Any,
+    schedule: MaskSchedule,
+    optimizer: optax.GradientTransformation,
     model: nn.Module | None = None,
     forward: adapters.Forward | None = None,
-    optimizer: optax.GradientTransformation,
-    counts: Mapping[str, int],
-    steps_per_epoch: int,
-    epochs: int,
-    mask_update: str = 'short_restriction',
-    rate_schedule: str = 'constant',
     bn_mode: str = 'train',
-    label_smoothing: float = 0.0,
-    pattern: tuple[int, int] | None = None,
-    mask_frozen_from: int | None = None,
-    swap_margin: float = 0.0,
     rng: jax.Array | None = None,
     loss_fn: LossFn | None = None,
     inputs_fn: Callable[[Any], Any] = batch_inputs,
@@ -164,18 +204,13 @@ def search_step(
     The model is ``forward`` (see :mod:`jackpot_jax.core.adapters`), or a Linen ``model``
     called with ``train=`` whose ``batch_stats`` collection is ``state.statistics``. ``bn_mode``
     'frozen' runs it in eval mode (statistics kept as they are, no dropout). ``rng``,
-    folded with the step number, feeds the model's random streams (dropout).
-    ``pattern`` (N, M) keeps the masks N:M: the update runs within every group.
-    From step ``mask_frozen_from`` on (if given) the masks stay as they are; the
-    scores and BatchNorm statistics still train. ``swap_margin`` > 0 ranks kept weights
-    that much higher in the mask update (:func:`sparsity.with_swap_margin`): a pruned
-    weight comes back only if it beats the one it replaces by more than the margin.
-    ``batch`` is ``images, labels`` or one batch (a tuple or a dict); ``loss_fn(outputs,
-    batch)`` (default: :func:`classification_loss`) gives the loss and named metrics,
-    ``inputs_fn(batch)`` the model's input.
+    folded with the step number, feeds the model's random streams (dropout). The masks
+    move as ``schedule`` says. ``batch`` is ``images, labels`` or one batch (a tuple or a
+    dict); ``loss_fn(outputs, batch)`` (default: :func:`classification_loss`) gives the
+    loss and named metrics, ``inputs_fn(batch)`` the model's input.
     """
     batch = batch[0] if len(batch) == 1 else batch
-    loss_fn = loss_fn or classification_loss(label_smoothing)
+    loss_fn = loss_fn or classification_loss()
     if forward is None:
         forward = adapters.linen_forward(model, 'batch_stats')
     train = bn_mode == 'train'
@@ -194,22 +229,7 @@ def search_step(
     )
     updates, opt_state = optimizer.update(grads, state.opt_state, state.scores)
     scores = optax.apply_updates(state.scores, updates)
-
-    # The update ranks these; the optimizer keeps learning the scores themselves.
-    ranking = sparsity.with_swap_margin(scores, state.masks, swap_margin) if swap_margin else scores
-    epoch = state.step // steps_per_epoch
-    rate = None if rate_schedule == 'constant' else sparsity.swap_rate(rate_schedule, epoch, epochs)
-    if pattern:
-        masks, _ = structured.update_masks(
-            ranking, state.masks, counts, *pattern, mode=mask_update, rate=rate
-        )
-    else:
-        masks, _ = sparsity.update_masks(ranking, state.masks, counts, mode=mask_update, rate=rate)
-    swap_rate = jnp.float32(1.0) if rate is None else rate
-    if mask_frozen_from is not None:
-        frozen = state.step >= mask_frozen_from
-        masks = {p: jnp.where(frozen, state.masks[p], m) for p, m in masks.items()}
-        swap_rate = jnp.where(frozen, 0.0, swap_rate)
+    masks, swap_rate = schedule.update(scores, state.masks, state.step)
     # Mask changes and flip-backs both come from this one comparison.
     flipped = {p: masks[p] != state.masks[p] for p in masks}
     changes = {p: jnp.sum(f, dtype=jnp.int32) for p, f in flipped.items()}
@@ -247,9 +267,11 @@ def mask_freeze_step(fraction: float, epochs: int, steps_per_epoch: int) -> int 
 
 
 def make_search_step(
-    state_sharding: Any = None, **settings
+    state_sharding: Any = None, **settings: Any
 ) -> Callable[..., tuple[SearchState, Metrics]]:
-    """The jitted search step with the state donated. ``settings`` are search_step's keywords.
+    """The jitted search step with the state donated. ``settings`` are the fields of
+    :class:`MaskSchedule` and the other keywords of :func:`search_step`, and
+    ``label_smoothing``, the default loss's (:func:`classification_loss`).
 
     ``state_sharding`` (a SearchState of ``NamedSharding``, e.g. from
     :func:`jackpot_jax.core.parallel.state_sharding`) is where the new state is placed, so a
@@ -257,7 +279,11 @@ def make_search_step(
     the metrics are then replicated over the same mesh. None: XLA chooses. The settings
     are those :meth:`~jackpot_jax.core.settings.SearchSettings.check` has checked.
     """
-    step = functools.partial(search_step, **settings)
+    fields = [f.name for f in dataclasses.fields(MaskSchedule)]
+    schedule = MaskSchedule(**{name: settings.pop(name) for name in fields if name in settings})
+    smoothing = settings.pop('label_smoothing', 0.0)
+    settings['loss_fn'] = settings.get('loss_fn') or classification_loss(smoothing)
+    step = functools.partial(search_step, schedule=schedule, **settings)
     if state_sharding is None:
         return jax.jit(step, donate_argnums=0)
     mesh = jax.tree.leaves(state_sharding)[0].mesh
