@@ -91,6 +91,7 @@ def metric_direction(name: str) -> str | None:
         return None
     return 'min' if lower else 'max'
 
+
 _REASONS = {
     'best': 'the best',
     'one_standard_error': 'latest within one standard error of the best',

@@ -48,8 +48,6 @@ PROTOCOLS: dict[str, dict[str, Any]] = {
         'selection_rule': 'last',
     },
 }
-# Metrics where lower is better; any other metric is higher-is-better.
-LOWER_IS_BETTER = re.compile(r'(^|_)(loss|perplexity|error|nll)$')
 # Metrics that are fractions of examples (top-k accuracy), whose standard error is
 # binomial; the rules know no standard error of any other metric (selection.py).
 FRACTION_OF_EXAMPLES = re.compile(r'(^|_)(top\d+|accuracy)$')
@@ -62,8 +60,11 @@ class SearchSettings:
     ``sparsity`` is the fraction of prunable weights removed. The score optimizer is
     ``optimizer`` at ``learning_rate`` under a per-epoch cosine, with ``weight_decay`` added
     to the gradient and (SGD) ``momentum``. ``selection_metric`` is the evaluation metric
-    the epoch is chosen by on validation (``top1`` by default; names such as
-    ``loss`` or ``perplexity`` are lower-is-better).
+    the epoch is chosen by on validation (``top1`` by default); ``selection_mode``
+    (``'min'`` or ``'max'``) says whether lower or higher is better. Left at None, the
+    metric's name must tell (:func:`~jackpot_jax.core.selection.metric_direction`:
+    ``loss``, ``perplexity``, ``mse`` ... are lower-is-better, ``top1``, ``accuracy`` ...
+    higher); a name that does not is refused rather than guessed.
     """
 
     sparsity: float = 0.9
@@ -89,10 +90,13 @@ class SearchSettings:
     swap_margin: float | None = None
     selection_rule: str | None = None
     selection_metric: str = 'top1'
+    selection_mode: str | None = None
 
     @property
     def lower_is_better(self) -> bool:
-        return bool(LOWER_IS_BETTER.search(self.selection_metric))
+        """The selection metric's direction: stated, or read from its name."""
+        mode = self.selection_mode or selection.metric_direction(self.selection_metric)
+        return mode == 'min'
 
     @property
     def selection_metric_is_fraction(self) -> bool:
@@ -149,8 +153,24 @@ class SearchSettings:
                 f"{name('selection_metric')} must be a metric's name, such as 'top1' or "
                 f"'loss', got {self.selection_metric!r}"
             )
+        self._check_selection_mode(name)
         self._check_pattern(name)
         self._check_combinations(name, has_validation)
+
+    def _check_selection_mode(self, name: Callable[[str], str]) -> None:
+        """The selection metric's direction is stated or known from its name, never guessed
+        (it decides which epoch is kept)."""
+        if self.selection_mode is not None:
+            check_choice(name('selection_mode'), self.selection_mode, selection.SELECTION_MODES)
+            return
+        if self.selection_rule in (None, 'last'):
+            return
+        if selection.metric_direction(self.selection_metric) is None:
+            raise ValueError(
+                f'{name("selection_metric")} {self.selection_metric!r}: its name does not say '
+                f'whether lower or higher is better; state it: {name("selection_mode")}=\'min\' '
+                f'(lower is better) or {name("selection_mode")}=\'max\''
+            )
 
     def _check_pattern(self, name: Callable[[str], str]) -> None:
         """An N:M pattern removes (M - N) / M: the sparsity must say the same."""

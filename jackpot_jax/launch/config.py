@@ -149,6 +149,10 @@ def get_config() -> ml_collections.ConfigDict:
     # The validation metric the epoch is chosen by: 'top1', or a lower-is-better one
     # such as 'loss' or 'perplexity' (a language model's).
     config.search.selection_metric = 'top1'
+    # Its direction: 'min' (lower is better) or 'max'. Unset: read from the metric's name
+    # (loss, perplexity, error: 'min'; top1, accuracy: 'max'); a name that does not tell is
+    # refused, never guessed.
+    config.search.selection_mode = placeholder(str)
     # Also evaluate every epoch with the other statistics (the search's running ones and ones
     # re-estimated under the mask), recorded as *_running / *_reestimated: a diagnostic.
     config.search.compare_statistics = False
@@ -237,7 +241,7 @@ RESUMABLE_FIELDS = (
     'tune', 'pretrain', 'overlap', 'search_cost', 'restriction', 'sweep', 'stability',
     'lm_pruning',
     'search.step_trace', 'search.compare_statistics', 'search.selection_rule',
-    'search.selection_metric', 'overwrite',
+    'search.selection_metric', 'search.selection_mode', 'overwrite',
 )  # fmt: skip
 # A resumed search must share these with the one that wrote the checkpoint. A field in
 # neither list (a model's own keyword, e.g. configs/vit_digits.py's) counts as identity.

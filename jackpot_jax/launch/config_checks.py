@@ -39,6 +39,9 @@ from jackpot_jax.models import user_models, zoo
 RESTRICTION_VARIANTS = choices.RATE_SCHEDULES + ('edge_popup',)
 # The search fields of SearchSettings; its protocol is config.protocol.
 _SEARCH_FIELDS = tuple(f.name for f in dataclasses.fields(SearchSettings) if f.name != 'protocol')
+# Search fields whose None no protocol fills: it has a meaning of its own (selection_mode:
+# the direction read from the metric's name).
+_UNSET_MEANS_DEFAULT = frozenset({'selection_mode'})
 
 
 def search_settings(config: ml_collections.ConfigDict) -> SearchSettings:
@@ -68,7 +71,11 @@ def validation_fraction(config: ml_collections.ConfigDict) -> float:
 
 def require_resolved(config: ml_collections.ConfigDict) -> None:
     """Raises unless :func:`resolved` made ``config`` (no field is left unset)."""
-    unset = [f'search.{n}' for n in _SEARCH_FIELDS if config.search[n] is None]
+    unset = [
+        f'search.{n}'
+        for n in _SEARCH_FIELDS
+        if config.search[n] is None and n not in _UNSET_MEANS_DEFAULT
+    ]
     unset += ['data.validation_fraction'] if config.data.validation_fraction is None else []
     if unset:
         raise ValueError(
