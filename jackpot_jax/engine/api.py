@@ -25,7 +25,13 @@ import numpy as np
 
 from jackpot_jax.core import adapters, parallel, sparsity as sparsity_lib, step, trees
 from jackpot_jax.core.settings import SearchSettings
-from jackpot_jax.engine import batch_checks, evaluation, loop, persistence as persistence_lib
+from jackpot_jax.engine import (
+    batch_checks,
+    evaluation,
+    fingerprints,
+    loop,
+    persistence as persistence_lib,
+)
 from jackpot_jax.engine.evaluation import evaluate
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 
@@ -200,6 +206,8 @@ def find_jackpot(
     eval_kwargs: Mapping[str, Any] | None = None,
     initial_masks: Mapping[str, Any] | None = None,
     settings: SearchSettings | None = None,
+    overwrite: bool = False,
+    same_search: bool = False,
     **options: Any,
 ) -> Jackpot:
     """Searches a jackpot: masks over the frozen params of ``model``, no weight trained.
@@ -227,8 +235,22 @@ def find_jackpot(
     train/eval-mode keywords (default: read from its signature). ``initial_masks`` (flat
     ``{path: bool array}`` at the plan's per-layer counts, e.g. another criterion's masks)
     start the search instead of the magnitude masks.
+
+    A resume (or a finished ``workdir`` called again) goes on only when everything that
+    decides the result matches the search that wrote the checkpoints: the settings, the
+    weights, the first masks, ``loss_fn``, the model, the optimizer (an optax
+    transformation by its hyper-parameters) and the first batches; ``same_search=True``
+    vouches for what cannot be fingerprinted (an object of no known form). A jackpot in
+    ``workdir/jackpot`` that this search did not find is replaced only with
+    ``overwrite=True``.
     """
     settings, custom_optimizer = _settings(settings, options, validation_batches is not None)
+    if initial_masks is not None and settings.score_init != 'magnitude':
+        raise ValueError(
+            f'score_init={settings.score_init!r} draws the first scores, but initial_masks '
+            'set them (1.0 where kept, pruned_score where pruned); drop score_init, or '
+            'initial_masks'
+        )
     forward, params, statistics, split = adapters.as_forward(
         model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
     )
@@ -239,7 +261,8 @@ def find_jackpot(
     for name, given in held_out.items():
         batch_checks.check_reiterable(f'{name}_batches', given)
     checker = batch_checks.BatchChecker(forward, params, statistics, loss_fn, inputs_fn, settings)
-    checker.check_first(next(iter(evaluation.batches_of_epoch(batches, 0)), None), 'batches')
+    first, batches = batch_checks.peek(batches, FINGERPRINTED_BATCHES)
+    checker.check_first(first[0] if first else None, 'batches')
     placed = parallel.shard_state((params, statistics), mesh)  # split over 'fsdp' if > 1
     task = loop.SearchTask(
         forward=forward,
@@ -257,12 +280,25 @@ def find_jackpot(
         optimizer=custom_optimizer,
         inputs_fn=inputs_fn,
         progress=progress,
-        initial_masks=None if initial_masks is None else dict(initial_masks),
     )
     output_paths = checker.output_kernels() if settings.dense_output_layer else ()
     planned = loop.plan(task.params, settings, output_paths)
+    if initial_masks is not None:  # checked (and copied) before any work
+        task.initial_masks = {
+            p: np.asarray(m) for p, m in planned.checked_masks(initial_masks, params).items()
+        }
     fingerprint = checkpoint.weights_fingerprint(params)
-    outcome = _run(task, settings, planned, workdir, checkpoint_every, fingerprint)
+    decisive = {
+        'loss_fn': 'the default loss' if loss_fn is None else fingerprints.named(loss_fn),
+        'model': fingerprints.model_named(model),
+        'first_batches': fingerprints.batches_fingerprint(first)[:16],
+    }
+    if custom_optimizer is not None:
+        decisive['optimizer'] = 'optax ' + fingerprints.named(custom_optimizer)
+    outcome = _run(
+        task, settings, planned, workdir, checkpoint_every, fingerprint,
+        decisive=decisive, overwrite=overwrite, same_search=same_search,
+    )  # fmt: skip
     jackpot = Jackpot(
         masks=outcome.chosen_masks,
         scores=outcome.chosen_scores,
@@ -277,8 +313,33 @@ def find_jackpot(
         weights_fingerprint=fingerprint,
     )
     if workdir is not None:  # every process takes part in the (orbax) write
-        jackpot.save(workdir_lib.jackpot_path(workdir), overwrite=True)
+        path = workdir_lib.jackpot_path(workdir)
+        _check_replaceable(path, jackpot.masks, overwrite)
+        jackpot.save(path, overwrite=True)
     return jackpot
+
+
+# The batches of epoch 0 whose fingerprint a resume must match.
+FINGERPRINTED_BATCHES = 2
+
+
+def _check_replaceable(path: str, masks: Mapping[str, Any] | None, overwrite: bool) -> None:
+    """Refuses to replace a jackpot at ``path`` that holds other masks (``masks``; None: any
+    jackpot) unless ``overwrite``: only the search's own result may be written again."""
+    if overwrite or not os.path.exists(path):
+        return
+    if masks is not None:
+        try:
+            saved = checkpoint.read_jackpot_bundle(path)[1]
+        except Exception:  # unreadable: not this search's
+            saved = None
+        if saved is not None and set(saved) == set(masks):
+            if all(np.array_equal(np.asarray(saved[p]), np.asarray(masks[p])) for p in masks):
+                return
+    raise FileExistsError(
+        f'{path} holds a jackpot this search did not find; pass overwrite=True to replace '
+        'it, or use another workdir'
+    )
 
 
 def _train_epoch(
@@ -298,19 +359,35 @@ def _train_epoch(
         )
 
 
-def _run(task, settings, planned, workdir, every, fingerprint) -> loop.SearchOutcome:
-    """The search, in the workdir (locked while it runs) if one is given."""
+def _run(
+    task, settings, planned, workdir, every, fingerprint, *, decisive, overwrite, same_search
+) -> loop.SearchOutcome:
+    """The search, in the workdir (locked while it runs) if one is given. ``decisive``:
+    the fingerprints a resume must match besides the settings."""
     if workdir is None:
         return loop.run(task, settings, planned)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(f'checkpoint_every must be an integer >= 0 (0: each epoch), got {every!r}')
+    checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
+    resuming = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+    if not resuming:  # a jackpot already there is not this search's: refused before any work
+        _check_replaceable(workdir_lib.jackpot_path(workdir), None, overwrite)
+    opaque = [f'{k} {v}' for k, v in decisive.items() if v.endswith('(not fingerprintable)')]
+    if resuming and opaque and not same_search:
+        raise ValueError(
+            f'{workdir} holds the checkpoints of a search, and {", ".join(opaque)} cannot be '
+            'fingerprinted (it holds an object of no known form), so this search cannot be '
+            'checked to be the same one; pass same_search=True if it is, or use a new workdir'
+        )
+
     # What a resume must match: the settings, the per-layer counts, the weights and the
     # first masks.
     identity = persistence_lib.search_identity(
         {
             **settings.to_dict(),
             'steps_per_epoch': task.steps_per_epoch,
-            'optimizer': 'custom optax transformation' if task.optimizer else settings.optimizer,
+            'optimizer': settings.optimizer,
+            **decisive,
         },
         planned.counts,
         fingerprint,
@@ -344,6 +421,14 @@ def _settings(
     as ``optimizer`` (None for a name). Unknown option names are refused."""
     custom = options.pop('optimizer', None)
     if custom is not None and not isinstance(custom, str):
+        ignored = [k for k in ('learning_rate', 'weight_decay', 'momentum') if k in options]
+        if ignored:
+            raise ValueError(
+                f'{ignored[0]}={options[ignored[0]]!r} is an option of the named optimizers '
+                "('sgd', 'adam', 'adamw'), but optimizer is an optax transformation, which "
+                f'has its own (e.g. optax.adam(learning_rate)); set it there and drop '
+                f'{ignored[0]}'
+            )
         options['optimizer'] = 'sgd'  # replaced by the transformation given
     elif custom is not None:
         options['optimizer'], custom = custom, None
