@@ -109,6 +109,7 @@ class WorkdirStore:
             workdir_lib.path(persistence.directory, workdir_lib.CHECKPOINTS_DIR), persistence.keep
         )
         self._writer: metrics.MetricWriter | None = None
+        self._nan_marker: str | None = None  # the non-finite stop's, until a checkpoint
 
     def resume(self, state: step.SearchState, trace: bool) -> tuple[step.SearchState, Resumed]:
         """The workdir's latest checkpoint, checked to be this search's, else ``state``."""
@@ -125,8 +126,9 @@ class WorkdirStore:
                 meta.get('search_seconds', 0.0),
             )
             logging.info('resuming the search from step %d of %s', latest, self._ckpts.directory)
-        if after_nan and jax.process_index() == 0:
-            os.remove(marker)
+        # The marker goes once a checkpoint of this run (at its learning rate) is on disk
+        # (save): until then the advised rerun must still be accepted.
+        self._nan_marker = marker if after_nan else None
         start = int(parallel.to_host(state.step))
         metrics_file = workdir_lib.path(self._p.directory, workdir_lib.METRICS_FILE)
         persistence_lib.truncate_records(metrics_file, self._p.mode, start)
@@ -150,6 +152,11 @@ class WorkdirStore:
         epochs = epoch_choice.candidates(history, self._split, self._settings)
         preserve = [r['step'] for r in history if r['epoch'] in epochs]
         self._ckpts.save(state, {**self._p.identity, **meta}, preserve)
+        if self._nan_marker is not None:
+            self._ckpts.wait()  # safely on disk before the marker it replaces goes
+            if jax.process_index() == 0 and os.path.exists(self._nan_marker):
+                os.remove(self._nan_marker)
+            self._nan_marker = None
 
     def end_epoch(self, state, history, epoch_metrics, seconds, statistics) -> None:
         self.save(state, history, epoch_metrics, seconds)

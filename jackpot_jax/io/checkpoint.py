@@ -350,6 +350,14 @@ class SearchCheckpoints:
         try:
             restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:
+            other = self._other_structure(step, {name: targets[name] for name in args})
+            if other:  # another search's state, not a damaged one: nothing to delete
+                raise ValueError(
+                    f'the search checkpoint {os.path.join(self.directory, str(step))} holds a '
+                    f'search state of another structure ({other}): a search with other '
+                    'settings (the optimizer, the model or the masks) wrote it; restore those '
+                    'settings to resume, or use a new workdir'
+                ) from None
             raise self._unreadable(step, e) from e
 
         def place(packed):
@@ -365,6 +373,24 @@ class SearchCheckpoints:
             step=jax.device_put(np.int32(meta['step']), like.step.sharding),
         )
         return state, meta
+
+    def _other_structure(self, step: int, targets: Mapping[str, Any]) -> str | None:
+        """Which saved item has arrays of another number or shape than ``targets`` (this
+        search's state), in words; None when they agree or the saved metadata cannot be
+        read (then the checkpoint is damaged)."""
+        try:
+            saved = self._manager.item_metadata(step)
+        except Exception:  # unreadable metadata: a damaged checkpoint
+            return None
+        for name, target in targets.items():
+            if name not in saved or saved[name] is None:
+                continue
+            tree = getattr(saved[name], 'tree', saved[name])
+            have = sorted(tuple(getattr(x, 'shape', None) or ()) for x in jax.tree.leaves(tree))
+            want = sorted(tuple(x.shape) for x in jax.tree.leaves(target))
+            if have != want:
+                return f'{name}: {len(have)} arrays saved, {len(want)} in this search'
+        return None
 
     def _unreadable(self, step: int, error: Exception) -> CheckpointError:
         others = [s for s in self.steps() if s != step]
