@@ -22,9 +22,16 @@ import numpy as np
 from absl import logging
 
 from jackpot_jax.core import mask_plan, parallel, sparsity
-from jackpot_jax.engine import loop, persistence as persistence_lib
+from jackpot_jax.engine import batch_checks, loop, persistence as persistence_lib
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
-from jackpot_jax.launch import config as config_lib, config_checks, plots, run_context as rc
+from jackpot_jax.core.errors import UserError
+from jackpot_jax.launch import (
+    config as config_lib,
+    config_checks,
+    plots,
+    run_context as rc,
+    weight_training,
+)
 from jackpot_jax.launch.weight_training import run_tune
 from jackpot_jax.models import output_layer
 
@@ -110,6 +117,8 @@ def run_search(
         elsewhere='a new --workdir',
     )
     settings = config_checks.search_settings(config)
+    metrics = batch_checks.DEFAULT_METRICS  # the launcher's task: the default loss
+    batch_checks.check_selection_metric(settings, metrics, prefix='search.')
     outcome = loop.run(task, settings, planned, persistence)
     summary = _summary(outcome, params, task.splits[0], settings.selection_rule)
     checkpoint.save_jackpot(
@@ -133,13 +142,30 @@ def run_search(
             outcome.history, workdir_lib.path(workdir, workdir_lib.MASK_CHANGES_PNG)
         )
     if config.tune.epochs:
-        summary['tuned_top1'] = run_tune(config, workdir)['top1']
+        summary['tuned_top1'] = _tuned_top1(config, workdir, outcome.chosen_masks)
     return {
         **summary,
         'state': outcome.state,
         'counts': planned.counts,
         'history': outcome.history,
     }
+
+
+def _tuned_top1(config: ml_collections.ConfigDict, workdir: str, masks: Any) -> float:
+    """Tunes the jackpot's kept weights into WORKDIR/tuned: its test top-1. Tuned weights
+    already there that this jackpot and these tune settings made (a finished search run
+    again) are kept as they are; any others are refused unless ``config.overwrite``."""
+    tuned = workdir_lib.path(workdir, workdir_lib.TUNED_DIR)
+    if os.path.isdir(tuned) and not config.overwrite:
+        meta = checkpoint.load_weights(tuned)[2]
+        if meta.get('tuned_by') == weight_training.tuned_by(config, masks):
+            logging.info('%s holds this jackpot tuned as configured: kept as it is', tuned)
+            return meta['test_top1']
+        raise UserError(
+            f'{tuned} holds weights tuned under another jackpot or other tune settings; move '
+            'it elsewhere first, or pass --config.overwrite=true to replace it'
+        )
+    return run_tune(config, workdir)['top1']
 
 
 def _summary(

@@ -8,6 +8,7 @@ the epoch loop, and :func:`run_pretrain` / :func:`run_tune` the launcher's modes
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,6 +25,7 @@ from jackpot_jax.core import adapters, parallel, sparsity, step
 from jackpot_jax.engine.metrics import EpochMetrics, MetricWriter, progress_bar
 from jackpot_jax.io import checkpoint, workdir as workdir_lib
 from jackpot_jax.io.workdir import TUNED_DIR
+from jackpot_jax.core.errors import UserError
 from jackpot_jax.launch import run_context as rc
 
 
@@ -181,6 +183,7 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     params, _, fingerprint = setup.load_pretrained(workdir)
     masks, statistics, meta = setup.read_jackpot(rc.jackpot_path(config, workdir))
     rc.check_jackpot_weights(config, workdir, meta, fingerprint)
+    by = tuned_by(config, masks)
     masks, statistics = parallel.replicate((masks, statistics), setup.mesh)
     state, result = train_weights(
         setup, config.tune, params, statistics, masks, 'tune', MetricWriter(workdir)
@@ -190,16 +193,35 @@ def run_tune(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         'num_classes': setup.source.num_classes,
         'source': f'tuned under the mask of {rc.jackpot_path(config, workdir)}',
         'test_top1': result['top1'],
+        # What made these weights: a rerun with the same two reuses them (tuned_by).
+        'tuned_by': by,
     }
     tuned = workdir_lib.path(workdir, TUNED_DIR)
     checkpoint.save_weights(tuned, state.params, state.statistics, meta)
     return result
 
 
+def tuned_by(config: ml_collections.ConfigDict, masks: Any) -> dict[str, Any]:
+    """What decides tuned weights besides the frozen ones: the jackpot's masks (their
+    fingerprint) and the ``tune`` settings."""
+    by = {
+        'jackpot_fingerprint': checkpoint.weights_fingerprint(parallel.to_host(masks)),
+        'tune': config.tune.to_dict(),
+    }
+    return json.loads(json.dumps(by, default=str))  # as the meta file gives it back
+
+
 def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Pre-trains the dense model unless its weights are already there (then reused)."""
+    """Pre-trains the dense model unless its weights are already there (then reused). A
+    ``config.pretrained`` given is read, never written: a path that is not there is an
+    error (a typo would otherwise be pre-trained into)."""
     weights = workdir_lib.pretrained_path(workdir, config.pretrained)
     if os.path.isdir(weights):
         logging.info('using the pre-trained weights at %s', weights)
+    elif config.pretrained:
+        raise UserError(
+            f'config.pretrained={config.pretrained!r} does not exist; fix the path, or leave '
+            f'config.pretrained unset to pre-train into {workdir_lib.pretrained_path(workdir)}'
+        )
     else:
         run_pretrain(config, workdir)
