@@ -1,5 +1,6 @@
 """The package's structure: sub-packages by role that import downwards only, no import
-cycle, config files free of JAX, small modules, and a README that names every module."""
+cycle, config files free of JAX, small modules, and an architecture page that names every
+module."""
 
 from __future__ import annotations
 
@@ -189,15 +190,14 @@ def test_modules_stay_small():
     assert not too_long, f'modules over {MAX_MODULE_LINES} lines (one concern each): {too_long}'
 
 
-def test_readme_architecture_names_every_module():
-    with open(os.path.join(REPO, 'README.md')) as f:
-        readme = f.read()
-    section = readme.split('## Architecture', 1)[1].split('\n## ', 1)[0]
-    named = set(re.findall(r'`(jackpot_jax/[\w/]+\.py)`', section))
+def test_the_architecture_page_names_every_module():
+    with open(os.path.join(REPO, 'docs', 'architecture.md')) as f:
+        page = f.read()
+    named = set(re.findall(r'`(jackpot_jax/[\w/]+\.py)`', page))
     files = {
         os.path.relpath(path, REPO)
         for path in _modules().values()
         if not path.endswith('__init__.py')
     }
-    assert files - named == set(), 'modules missing from the README Architecture section'
-    assert named - files == set(), 'README Architecture names modules that do not exist'
+    assert files - named == set(), 'modules missing from docs/architecture.md'
+    assert named - files == set(), 'docs/architecture.md names modules that do not exist'
