@@ -244,13 +244,9 @@ def find_jackpot(
     ``workdir/jackpot`` that this search did not find is replaced only with
     ``overwrite=True``.
     """
-    settings, custom_optimizer = _settings(settings, options, validation_batches is not None)
-    if initial_masks is not None and settings.score_init != 'magnitude':
-        raise ValueError(
-            f'score_init={settings.score_init!r} draws the first scores, but initial_masks '
-            'set them (1.0 where kept, pruned_score where pruned); drop score_init, or '
-            'initial_masks'
-        )
+    settings, custom_optimizer = _settings(
+        settings, options, validation_batches is not None, initial_masks is not None
+    )
     forward, params, statistics, split = adapters.as_forward(
         model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
     )
@@ -284,20 +280,12 @@ def find_jackpot(
     output_paths = checker.output_kernels() if settings.dense_output_layer else ()
     planned = loop.plan(task.params, settings, output_paths)
     if initial_masks is not None:  # checked (and copied) before any work
-        task.initial_masks = {
-            p: np.asarray(m) for p, m in planned.checked_masks(initial_masks, params).items()
-        }
+        task.initial_masks = jax.tree.map(np.asarray, planned.checked_masks(initial_masks, params))
     fingerprint = checkpoint.weights_fingerprint(params)
-    decisive = {
-        'loss_fn': 'the default loss' if loss_fn is None else fingerprints.named(loss_fn),
-        'model': fingerprints.model_named(model),
-        'first_batches': fingerprints.batches_fingerprint(first)[:16],
-    }
-    if custom_optimizer is not None:
-        decisive['optimizer'] = 'optax ' + fingerprints.named(custom_optimizer)
     outcome = _run(
-        task, settings, planned, workdir, checkpoint_every, fingerprint,
-        decisive=decisive, overwrite=overwrite, same_search=same_search,
+        task, settings, planned, workdir, checkpoint_every, fingerprint, overwrite=overwrite,
+        decisive=fingerprints.resume_fingerprints(loss_fn, model, first, custom_optimizer),
+        same_search=same_search,
     )  # fmt: skip
     jackpot = Jackpot(
         masks=outcome.chosen_masks,
@@ -314,32 +302,13 @@ def find_jackpot(
     )
     if workdir is not None:  # every process takes part in the (orbax) write
         path = workdir_lib.jackpot_path(workdir)
-        _check_replaceable(path, jackpot.masks, overwrite)
+        persistence_lib.check_replaceable(path, jackpot.masks, overwrite)
         jackpot.save(path, overwrite=True)
     return jackpot
 
 
 # The batches of epoch 0 whose fingerprint a resume must match.
 FINGERPRINTED_BATCHES = 2
-
-
-def _check_replaceable(path: str, masks: Mapping[str, Any] | None, overwrite: bool) -> None:
-    """Refuses to replace a jackpot at ``path`` that holds other masks (``masks``; None: any
-    jackpot) unless ``overwrite``: only the search's own result may be written again."""
-    if overwrite or not os.path.exists(path):
-        return
-    if masks is not None:
-        try:
-            saved = checkpoint.read_jackpot_bundle(path)[1]
-        except Exception:  # unreadable: not this search's
-            saved = None
-        if saved is not None and set(saved) == set(masks):
-            if all(np.array_equal(np.asarray(saved[p]), np.asarray(masks[p])) for p in masks):
-                return
-    raise FileExistsError(
-        f'{path} holds a jackpot this search did not find; pass overwrite=True to replace '
-        'it, or use another workdir'
-    )
 
 
 def _train_epoch(
@@ -368,10 +337,9 @@ def _run(
         return loop.run(task, settings, planned)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ValueError(f'checkpoint_every must be an integer >= 0 (0: each epoch), got {every!r}')
-    checkpoints = workdir_lib.path(workdir, workdir_lib.CHECKPOINTS_DIR)
-    resuming = os.path.isdir(checkpoints) and bool(os.listdir(checkpoints))
+    resuming = workdir_lib.has_search_checkpoints(workdir)
     if not resuming:  # a jackpot already there is not this search's: refused before any work
-        _check_replaceable(workdir_lib.jackpot_path(workdir), None, overwrite)
+        persistence_lib.check_replaceable(workdir_lib.jackpot_path(workdir), None, overwrite)
     opaque = [f'{k} {v}' for k, v in decisive.items() if v.endswith('(not fingerprintable)')]
     if resuming and opaque and not same_search:
         raise ValueError(
@@ -415,10 +383,14 @@ def _report(outcome, settings, params, output_paths) -> dict[str, Any]:
 
 
 def _settings(
-    settings: SearchSettings | None, options: dict[str, Any], has_validation: bool
+    settings: SearchSettings | None,
+    options: dict[str, Any],
+    has_validation: bool,
+    has_initial_masks: bool,
 ) -> tuple[SearchSettings, Any]:
     """``settings`` with ``options`` applied, resolved; and a custom optax optimizer given
-    as ``optimizer`` (None for a name). Unknown option names are refused."""
+    as ``optimizer`` (None for a name). Unknown option names are refused, and a drawn
+    ``score_init`` beside initial masks, which set the first scores."""
     custom = options.pop('optimizer', None)
     if custom is not None and not isinstance(custom, str):
         ignored = [k for k in ('learning_rate', 'weight_decay', 'momentum') if k in options]
@@ -441,10 +413,14 @@ def _settings(
             f'find_jackpot got an unknown option {unknown[0]!r}{hint}; the options are the '
             f'fields of SearchSettings: {", ".join(names)}'
         )
-    return (
-        dataclasses.replace(settings or SearchSettings(), **options).resolved(has_validation),
-        custom,
-    )
+    resolved = dataclasses.replace(settings or SearchSettings(), **options).resolved(has_validation)
+    if has_initial_masks and resolved.score_init != 'magnitude':
+        raise ValueError(
+            f'score_init={resolved.score_init!r} draws the first scores, but initial_masks '
+            'set them (1.0 where kept, pruned_score where pruned); drop score_init, or '
+            'initial_masks'
+        )
+    return resolved, custom
 
 
 def _output_layer_note(paths: tuple[str, ...]) -> str:

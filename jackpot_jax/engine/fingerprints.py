@@ -77,6 +77,22 @@ def batches_fingerprint(batches: Iterable[Any]) -> str:
     return digest.hexdigest()
 
 
+def resume_fingerprints(
+    loss_fn: Any, model: Any, first_batches: Iterable[Any], optimizer: Any = None
+) -> dict[str, str]:
+    """What a resumed library search must match beyond its settings: the loss function,
+    the model, the first batches and an optax ``optimizer`` (None: a named one, which the
+    settings hold)."""
+    out = {
+        'loss_fn': 'the default loss' if loss_fn is None else named(loss_fn),
+        'model': model_named(model),
+        'first_batches': batches_fingerprint(first_batches)[:16],
+    }
+    if optimizer is not None:
+        out['optimizer'] = 'optax ' + named(optimizer)
+    return out
+
+
 def _name(obj: Any) -> str:
     if isinstance(obj, functools.partial):
         return f'partial({_name(obj.func)})'

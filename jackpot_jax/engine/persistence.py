@@ -1,5 +1,5 @@
 """What a search keeps in a workdir and what a resume must match (:class:`Persistence`);
-the stop after a non-finite loss.
+the stop after a non-finite loss; which jackpot a search may write over.
 
 A search's *identity* (:func:`search_identity`: its settings, per-layer counts, weights
 and first masks) is stored with every checkpoint; a resume goes on only when the
@@ -18,9 +18,10 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from jackpot_jax.engine import metrics
-from jackpot_jax.io import workdir as workdir_lib
+from jackpot_jax.io import checkpoint, workdir as workdir_lib
 
 
 def search_identity(
@@ -154,3 +155,22 @@ def truncate_records(path: str, mode: str, after_step: int) -> None:
         with open(path + '.tmp', 'w') as f:
             f.writelines(json.dumps(r) + '\n' for r in kept)
         os.replace(path + '.tmp', path)
+
+
+def check_replaceable(path: str, masks: Mapping[str, Any] | None, overwrite: bool) -> None:
+    """Refuses to replace a jackpot at ``path`` that holds other masks (``masks``; None: any
+    jackpot) unless ``overwrite``: only the search's own result may be written again."""
+    if overwrite or not os.path.exists(path):
+        return
+    if masks is not None:
+        try:
+            saved = checkpoint.read_jackpot_bundle(path)[1]
+        except Exception:  # unreadable: not this search's
+            saved = None
+        if saved is not None and set(saved) == set(masks):
+            if all(np.array_equal(np.asarray(saved[p]), np.asarray(masks[p])) for p in masks):
+                return
+    raise FileExistsError(
+        f'{path} holds a jackpot this search did not find; pass overwrite=True to replace '
+        'it, or use another workdir'
+    )

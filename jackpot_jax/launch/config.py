@@ -69,30 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Cap on training steps per epoch (0 = whole epochs); for smoke tests and benchmarks.
     config.steps_per_epoch = 0
 
-    config.data = ml_collections.ConfigDict()
-    config.data.name = 'digits'
-    config.data.data_dir = ''  # '' = the dataset's default location.
-    config.data.eval_batch_size = 512
-    # Share of the training images held out as the validation split, the only split any
-    # selection looks at (the test split is reported, never used to choose); in [0, 1).
-    # Unset = set by config.protocol (stable: 0.1, paper: 0).
-    config.data.validation_fraction = placeholder(float)
-    # Cores the tfds input pipeline may use (a private tf.data thread pool); 0 = every core.
-    config.data.threads = 0
-    # 'tfds:NAME' (any tfds image-classification dataset, prepared in data_dir) only:
-    config.data.image_size = 0  # model input height = width; 0 = the dataset's own size.
-    config.data.resize = 0  # > 0: shorter side resized to this, then an image_size crop
-    #                         (random in training, centred in eval); 0 = resize to image_size.
-    config.data.random_flip = False  # random horizontal flips in training.
-    config.data.mean = '0.5'  # of [0, 1] pixels: one value, or one per channel, comma-separated.
-    config.data.std = '0.5'
-    config.data.eval_split = ''  # '' = 'test', else 'validation'.
-    # Text datasets ('python_source') only: tokens per window, the model's input length
-    # (at most a language model's model.context); 0 = 128.
-    config.data.context = 0
-    # Mode 'evaluate' of a language model (configs/smollm2.py): the UTF-8 text file whose
-    # perplexity is printed; '' = evaluate a jackpot instead.
-    config.data.text_file = ''
+    config.data = _data()
 
     config.model = ml_collections.ConfigDict()
     config.model.name = 'small_cnn'
@@ -101,84 +78,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = 'float32'
     config.model.width = 64  # keyword arguments of the model besides its name and dtype.
 
-    config.pretrain = ml_collections.ConfigDict()
-    config.pretrain.epochs = 30
-    config.pretrain.batch_size = 64
-    config.pretrain.learning_rate = 0.05
-    config.pretrain.weight_decay = 5e-4
-    config.pretrain.momentum = 0.9
-    config.pretrain.label_smoothing = 0.0
+    config.pretrain = _weight_training(epochs=30, learning_rate=0.05, weight_decay=5e-4)
 
-    config.search = ml_collections.ConfigDict()
-    config.search.sparsity = 0.9  # fraction of prunable weights removed.
-    config.search.allocation = 'global_magnitude'  # | 'uniform' | 'erk'
-    config.search.epochs = 10
-    config.search.batch_size = 64
-    config.search.learning_rate = 0.1
-    config.search.weight_decay = 5e-4
-    config.search.momentum = 0.9  # of 'sgd'.
-    # The scores' optimizer: 'sgd' (the paper's, PyTorch-style) | 'adam' | 'adamw'.
-    config.search.optimizer = 'sgd'
-    config.search.label_smoothing = 0.0
-    config.search.pruned_score = 0.99  # initial score of magnitude-pruned weights.
-    # 'magnitude' (the paper) | 'kaiming' (edge-popup's scaled Kaiming uniform) | 'random' U(0,1).
-    config.search.score_init = 'magnitude'
-    config.search.mask_update = 'short_restriction'  # | 'edge_popup'
-    config.search.rate_schedule = 'constant'  # rate 1 every step | 'poly4' | 'cosine'
-    config.search.bn_mode = 'train'  # | 'frozen': keep the pre-trained running statistics.
-    # > 0: evaluate each epoch, and save the jackpot, with BatchNorm statistics re-estimated
-    # over N training batches under the current mask (no weight or mask changes; the search
-    # itself goes on with its own running statistics). 0 = the paper's: the search's own.
-    # Unset = set by config.protocol (stable: 50, paper: 0).
-    config.search.reestimation_steps = placeholder(int)
-    # Fraction of the final epochs during which the masks stay fixed (the scores and the
-    # BatchNorm statistics still train): ends the late oscillation between near-tied weights.
-    # In [0, 1); 0 = never (the paper). Unset = set by config.protocol (stable: 0.25, paper: 0).
-    config.search.mask_freeze_fraction = placeholder(float)
-    # A hysteresis on the short restriction's threshold: kept weights rank this much
-    # higher in the mask update, so a pruned weight comes back only if its score beats
-    # the one it replaces by more than the margin (counts stay exact). >= 0; 0 = none
-    # (the paper). Unset = set by config.protocol (stable: 0, paper: 0).
-    config.search.swap_margin = placeholder(float)
-    # Which epoch's jackpot the search saves: 'last', or a rule over the validation top-1
-    # (needs data.validation_fraction > 0; never chosen on test): 'one_standard_error' (the
-    # latest epoch within one binomial standard error of the best), 'best' (the latest on
-    # ties), 'best_frozen' (the best with the final masks). Unset = set by config.protocol
-    # (stable: 'one_standard_error', paper: 'last'; without a validation split: 'last').
-    config.search.selection_rule = placeholder(str)
-    # The validation metric the epoch is chosen by: 'top1', or a lower-is-better one
-    # such as 'loss' or 'perplexity' (a language model's).
-    config.search.selection_metric = 'top1'
-    # Its direction: 'min' (lower is better) or 'max'. Unset: read from the metric's name
-    # (loss, perplexity, error: 'min'; top1, accuracy: 'max'); a name that does not tell is
-    # refused, never guessed.
-    config.search.selection_mode = placeholder(str)
-    # Also evaluate every epoch with the other statistics (the search's running ones and ones
-    # re-estimated under the mask), recorded as *_running / *_reestimated: a diagnostic.
-    config.search.compare_statistics = False
-    # Regexes over parameter paths (sparsity.DEFAULT_INCLUDE / DEFAULT_EXCLUDE: every kernel
-    # but the classifier's and a ViT's conv_proj); written out so configs need no JAX.
-    config.search.prune_include = r'(^|/)kernel$'
-    config.search.prune_exclude = r'^((fc|classifier)(_\d+)?|heads|conv_proj)/'
-    # Also leave dense the kernels whose output is the model's output (its classifier),
-    # found by tracing the model, whatever their names.
-    config.search.dense_output_layer = True
-    # 'N:M' (e.g. '2:4'): keep N of every M consecutive input-channel weights in each
-    # prunable layer whose input channels are a multiple of M (the others stay dense);
-    # search.sparsity must then equal (M - N) / M (search.allocation is not used).
-    # '' = unstructured.
-    config.search.pattern = ''
-    # Also record every step's loss, mask changes and flip-backs in the epoch records.
-    config.search.step_trace = False
+    config.search = _search()
 
     # Optional weight tuning under the found mask (the paper's "+T" rows); 0 epochs = none.
-    config.tune = ml_collections.ConfigDict()
-    config.tune.epochs = 0
-    config.tune.batch_size = 64
-    config.tune.learning_rate = 0.01
-    config.tune.weight_decay = 0.0
-    config.tune.momentum = 0.9
-    config.tune.label_smoothing = 0.0
+    config.tune = _weight_training(epochs=0, learning_rate=0.01, weight_decay=0.0)
 
     # Search checkpoints in WORKDIR/checkpoints: every N steps (0 = each epoch's end only),
     # keeping the latest `keep` and those of every epoch the selection rule may still
@@ -187,6 +92,131 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.every_steps = 0
     config.checkpoint.keep = 3
 
+    _add_studies(config)
+
+    # Multi-host runs (one process per host, e.g. a Cloud TPU pod): the launcher calls
+    # jax.distributed.initialize before any other JAX use. Left at their defaults, the
+    # coordinator, process count and id are detected (Cloud TPU, SLURM, Open MPI).
+    config.distributed = ml_collections.ConfigDict()
+    config.distributed.initialize = False
+    config.distributed.coordinator_address = ''  # 'host:port' of process 0.
+    config.distributed.num_processes = 0  # 0 = auto.
+    config.distributed.process_id = -1  # -1 = auto.
+    config.distributed.cpu_collectives = ''  # 'gloo' for multi-process runs on CPUs.
+    return config
+
+
+def _data() -> ml_collections.ConfigDict:
+    """The dataset and how it is read."""
+    data = ml_collections.ConfigDict()
+    data.name = 'digits'
+    data.data_dir = ''  # '' = the dataset's default location.
+    data.eval_batch_size = 512
+    # Share of the training images held out as the validation split, the only split any
+    # selection looks at (the test split is reported, never used to choose); in [0, 1).
+    # Unset = set by config.protocol (stable: 0.1, paper: 0).
+    data.validation_fraction = placeholder(float)
+    # Cores the tfds input pipeline may use (a private tf.data thread pool); 0 = every core.
+    data.threads = 0
+    # 'tfds:NAME' (any tfds image-classification dataset, prepared in data_dir) only:
+    data.image_size = 0  # model input height = width; 0 = the dataset's own size.
+    data.resize = 0  # > 0: shorter side resized to this, then an image_size crop
+    #                         (random in training, centred in eval); 0 = resize to image_size.
+    data.random_flip = False  # random horizontal flips in training.
+    data.mean = '0.5'  # of [0, 1] pixels: one value, or one per channel, comma-separated.
+    data.std = '0.5'
+    data.eval_split = ''  # '' = 'test', else 'validation'.
+    # Text datasets ('python_source') only: tokens per window, the model's input length
+    # (at most a language model's model.context); 0 = 128.
+    data.context = 0
+    # Mode 'evaluate' of a language model (configs/smollm2.py): the UTF-8 text file whose
+    # perplexity is printed; '' = evaluate a jackpot instead.
+    data.text_file = ''
+    return data
+
+
+def _search() -> ml_collections.ConfigDict:
+    """The search's options: the fields of SearchSettings (core/settings.py)."""
+    search = ml_collections.ConfigDict()
+    search.sparsity = 0.9  # fraction of prunable weights removed.
+    search.allocation = 'global_magnitude'  # | 'uniform' | 'erk'
+    search.epochs = 10
+    search.batch_size = 64
+    search.learning_rate = 0.1
+    search.weight_decay = 5e-4
+    search.momentum = 0.9  # of 'sgd'.
+    # The scores' optimizer: 'sgd' (the paper's, PyTorch-style) | 'adam' | 'adamw'.
+    search.optimizer = 'sgd'
+    search.label_smoothing = 0.0
+    search.pruned_score = 0.99  # initial score of magnitude-pruned weights.
+    # 'magnitude' (the paper) | 'kaiming' (edge-popup's scaled Kaiming uniform) | 'random' U(0,1).
+    search.score_init = 'magnitude'
+    search.mask_update = 'short_restriction'  # | 'edge_popup'
+    search.rate_schedule = 'constant'  # rate 1 every step | 'poly4' | 'cosine'
+    search.bn_mode = 'train'  # | 'frozen': keep the pre-trained running statistics.
+    # > 0: evaluate each epoch, and save the jackpot, with BatchNorm statistics re-estimated
+    # over N training batches under the current mask (no weight or mask changes; the search
+    # itself goes on with its own running statistics). 0 = the paper's: the search's own.
+    # Unset = set by config.protocol (stable: 50, paper: 0).
+    search.reestimation_steps = placeholder(int)
+    # Fraction of the final epochs during which the masks stay fixed (the scores and the
+    # BatchNorm statistics still train): ends the late oscillation between near-tied weights.
+    # In [0, 1); 0 = never (the paper). Unset = set by config.protocol (stable: 0.25, paper: 0).
+    search.mask_freeze_fraction = placeholder(float)
+    # A hysteresis on the short restriction's threshold: kept weights rank this much
+    # higher in the mask update, so a pruned weight comes back only if its score beats
+    # the one it replaces by more than the margin (counts stay exact). >= 0; 0 = none
+    # (the paper). Unset = set by config.protocol (stable: 0, paper: 0).
+    search.swap_margin = placeholder(float)
+    # Which epoch's jackpot the search saves: 'last', or a rule over the validation top-1
+    # (needs data.validation_fraction > 0; never chosen on test): 'one_standard_error' (the
+    # latest epoch within one binomial standard error of the best), 'best' (the latest on
+    # ties), 'best_frozen' (the best with the final masks). Unset = set by config.protocol
+    # (stable: 'one_standard_error', paper: 'last'; without a validation split: 'last').
+    search.selection_rule = placeholder(str)
+    # The validation metric the epoch is chosen by: 'top1', or a lower-is-better one
+    # such as 'loss' or 'perplexity' (a language model's).
+    search.selection_metric = 'top1'
+    # Its direction: 'min' (lower is better) or 'max'. Unset: read from the metric's name
+    # (loss, perplexity, error: 'min'; top1, accuracy: 'max'); a name that does not tell is
+    # refused, never guessed.
+    search.selection_mode = placeholder(str)
+    # Also evaluate every epoch with the other statistics (the search's running ones and ones
+    # re-estimated under the mask), recorded as *_running / *_reestimated: a diagnostic.
+    search.compare_statistics = False
+    # Regexes over parameter paths (core/choices.py: every kernel but the classifier's and
+    # a ViT's conv_proj).
+    search.prune_include = settings.choices.DEFAULT_INCLUDE
+    search.prune_exclude = settings.choices.DEFAULT_EXCLUDE
+    # Also leave dense the kernels whose output is the model's output (its classifier),
+    # found by tracing the model, whatever their names.
+    search.dense_output_layer = True
+    # 'N:M' (e.g. '2:4'): keep N of every M consecutive input-channel weights in each
+    # prunable layer whose input channels are a multiple of M (the others stay dense);
+    # search.sparsity must then equal (M - N) / M (search.allocation is not used).
+    # '' = unstructured.
+    search.pattern = ''
+    # Also record every step's loss, mask changes and flip-backs in the epoch records.
+    search.step_trace = False
+    return search
+
+
+def _weight_training(
+    epochs: int, learning_rate: float, weight_decay: float
+) -> ml_collections.ConfigDict:
+    """A weight-training group ('pretrain', 'tune'): SGD with momentum, a per-epoch cosine."""
+    group = ml_collections.ConfigDict()
+    group.epochs = epochs
+    group.batch_size = 64
+    group.learning_rate = learning_rate
+    group.weight_decay = weight_decay
+    group.momentum = 0.9
+    group.label_smoothing = 0.0
+    return group
+
+
+def _add_studies(config: ml_collections.ConfigDict) -> None:
+    """The groups of the modes that compare searches and criteria."""
     # Mode 'overlap': other pruning criteria at the jackpot's per-layer counts.
     config.overlap = ml_collections.ConfigDict()
     config.overlap.criteria = 'magnitude,random,snip,grasp,synflow,wanda'  # comma-separated.
@@ -215,17 +245,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.lm_pruning = ml_collections.ConfigDict()
     config.lm_pruning.sparsities = '0.5,0.7,2:4'  # fractions pruned per layer, or N:M patterns.
     config.lm_pruning.calibration_batches = 8  # Wanda's input norms: training batches.
-
-    # Multi-host runs (one process per host, e.g. a Cloud TPU pod): the launcher calls
-    # jax.distributed.initialize before any other JAX use. Left at their defaults, the
-    # coordinator, process count and id are detected (Cloud TPU, SLURM, Open MPI).
-    config.distributed = ml_collections.ConfigDict()
-    config.distributed.initialize = False
-    config.distributed.coordinator_address = ''  # 'host:port' of process 0.
-    config.distributed.num_processes = 0  # 0 = auto.
-    config.distributed.process_id = -1  # -1 = auto.
-    config.distributed.cpu_collectives = ''  # 'gloo' for multi-process runs on CPUs.
-    return config
 
 
 # A search resumes from WORKDIR/checkpoints only under the config it started with: its
