@@ -142,8 +142,8 @@ class SearchSettings:
                 f'{name("reestimation_steps")} must be >= 0 (an integer; 0: keep the running '
                 f'statistics), got {self.reestimation_steps!r}'
             )
-        for field, choices in _CHOICES:
-            check_choice(name(field), getattr(self, field), choices)
+        for field, names in _CHOICES:
+            check_choice(name(field), getattr(self, field), names)
         if self.selection_rule is not None:
             check_choice(name('selection_rule'), self.selection_rule, selection.SELECTION_RULES)
         for field in ('prune_include', 'prune_exclude'):

@@ -30,7 +30,7 @@ import numpy as np
 from flax import traverse_util
 
 # The names of the rules below (one table with SearchSettings, which checks them).
-from jackpot_jax.core.choices import (
+from jackpot_jax.core.choices import (  # noqa: F401
     ALLOCATIONS,
     DEFAULT_EXCLUDE,
     DEFAULT_INCLUDE,

@@ -33,7 +33,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jackpot_jax.core.choices import NByM, check_pattern, parse_pattern, pattern_sparsity
+# The pattern syntax lives with the other names of choices; its names are kept here too.
+from jackpot_jax.core.choices import (  # noqa: F401
+    NByM,
+    check_pattern,
+    parse_pattern,
+    pattern_sparsity,
+)
 from jackpot_jax.core.sparsity import sortable_key
 
 Array = jax.Array

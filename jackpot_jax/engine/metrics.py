@@ -22,9 +22,9 @@ from absl import logging
 from tqdm import auto as tqdm
 
 from jackpot_jax.core import parallel
-from jackpot_jax.io.workdir import METRICS_FILE
+from jackpot_jax.io import workdir as workdir_lib
+from jackpot_jax.io.workdir import METRICS_FILE, TENSORBOARD_DIR
 
-TENSORBOARD_DIR = 'tensorboard'
 
 
 def to_python(tree: Any) -> Any:
@@ -62,12 +62,12 @@ class MetricWriter:
     """Appends records to ``WORKDIR/metrics.jsonl`` and to TensorBoard event files."""
 
     def __init__(self, workdir: str, filename: str = METRICS_FILE):
-        self.path = os.path.join(workdir, filename)
+        self.path = workdir_lib.path(workdir, filename)
         self._enabled = jax.process_index() == 0
         self._events = None
         if self._enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._events = _EventFile(os.path.join(workdir, TENSORBOARD_DIR))
+            self._events = _EventFile(workdir_lib.path(workdir, TENSORBOARD_DIR))
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Writes one record; its 'step' (else 'epoch') is the TensorBoard step."""

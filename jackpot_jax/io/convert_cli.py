@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from jackpot_jax.core import errors, sparsity
-from jackpot_jax.io import convert, official_releases
+from jackpot_jax.io import convert, official_releases, workdir as workdir_lib
 from jackpot_jax.io.name_tables import ARCHS, FAMILIES, Arch, get_arch
 from jackpot_jax.io.workdir import CHECKPOINTS_DIR, JACKPOT_DIR, PRETRAINED_DIR, TUNED_DIR
 
@@ -71,7 +71,7 @@ def check_output_free(output: str, overwrite: bool) -> None:
     """
     if os.path.exists(output) and not os.path.isdir(output):
         raise errors.UserError(f'--output {output} is a file; pass a folder (a workdir)')
-    present = [n for n in WORKDIR_CONTENTS if os.path.exists(os.path.join(output, n))]
+    present = [n for n in WORKDIR_CONTENTS if os.path.exists(workdir_lib.path(output, n))]
     if present and not overwrite:
         raise errors.UserError(
             f'--output {output} already holds {", ".join(present)}; converting into it would '
@@ -91,7 +91,7 @@ def run_torchvision(arch_name: str, input_spec: str, output: str, overwrite: boo
     check_output_free(output, overwrite)
     path = _torch_io().resolve_input(input_spec, arch_name)
     converted = convert.torch_to_flax(_torch_io().load_state_dict(path), arch, what=path)
-    target = os.path.join(output, PRETRAINED_DIR)
+    target = workdir_lib.pretrained_path(output)
     source = f'torchvision {arch_name} state dict {os.path.abspath(path)}'
     _checkpoint().save_weights(
         target,
@@ -109,7 +109,7 @@ def run_llama(input_path: str, output: str, overwrite: bool = False) -> str:
 
     check_output_free(output, overwrite)
     weights = llama_weights.read_llama_weights(input_path)
-    target = os.path.join(output, PRETRAINED_DIR)
+    target = workdir_lib.pretrained_path(output)
     _checkpoint().save_weights(target, weights.params, {}, llama_weights.weights_meta(weights))
     return target
 
@@ -153,7 +153,7 @@ def run_official(
                 'file as --input too.\n  ' + '\n  '.join(mismatches)
             )
     source = f'official {arch_name} checkpoint {os.path.abspath(path)}'
-    written['weights'] = os.path.join(output, PRETRAINED_DIR)
+    written['weights'] = workdir_lib.pretrained_path(output)
     ckpt = _checkpoint()
     ckpt.save_weights(
         written['weights'],
@@ -177,7 +177,7 @@ def run_official(
         }
         if jackpot.format == '2021':
             meta.update({'requested_sparsity': sparsity_level, 'allocation': allocation})
-        written['jackpot'] = os.path.join(output, JACKPOT_DIR)
+        written['jackpot'] = workdir_lib.jackpot_path(output)
         ckpt.save_jackpot(
             written['jackpot'], jackpot.scores, jackpot.masks, jackpot.statistics, meta
         )

@@ -26,6 +26,7 @@ JACKPOT_DIR = 'jackpot'  # the found jackpot: bit-packed masks, batch statistics
 TUNED_DIR = 'tuned'  # weights tuned under the jackpot's mask
 MASKED_WEIGHTS_DIR = 'masked_weights'  # 'export': the masked params as ordinary weights
 METRICS_FILE = 'metrics.jsonl'  # one JSON record per epoch
+TENSORBOARD_DIR = 'tensorboard'  # the same records as TensorBoard scalars
 NAN_STOP_FILE = 'nan_stop.json'  # in checkpoints/: the search stopped on a non-finite loss
 SUMMARY_FILE = 'summary.json'  # the demo's table
 LAYER_SPARSITY_PNG = 'layer_sparsity.png'

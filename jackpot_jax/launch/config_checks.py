@@ -200,7 +200,7 @@ def _check_dtype(config: ml_collections.ConfigDict) -> None:
 def _check_open_names(config: ml_collections.ConfigDict) -> None:
     """The dataset and model names: built-in ones, 'tfds:NAME' and 'package.module:Factory'."""
     if catalog.is_tfds_name(config.data.name):
-        catalog.tfds_options(config.data)
+        catalog.tfds_options(config.data.to_dict())
     else:
         check_choice(
             'dataset', config.data.name, catalog.DATASETS + catalog.TFDS_DATASETS + ('tfds:NAME',)

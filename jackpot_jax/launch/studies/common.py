@@ -42,7 +42,7 @@ def variant_config(
 
 def variant_folder(workdir: str, study: str, name: str) -> str:
     """``WORKDIR/<study>/<name>``: where one variant of a study searches."""
-    return os.path.join(workdir, study, name)
+    return os.path.join(workdir_lib.path(workdir, study), name)
 
 
 def run_variant(
@@ -82,9 +82,9 @@ def save_result(
     """Writes ``WORKDIR/<study>.json`` and the figure (``plot(path)``, default
     ``<study>.png``) on process 0, and prints ``text``."""
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, f'{study}.json'), 'w') as f:
+        with open(workdir_lib.path(workdir, f'{study}.json'), 'w') as f:
             json.dump(result, f, indent=2)
-        plot(os.path.join(workdir, figure or f'{study}.png'))
+        plot(workdir_lib.path(workdir, figure or f'{study}.png'))
     rc.print_main(text)
 
 

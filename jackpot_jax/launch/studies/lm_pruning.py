@@ -180,7 +180,7 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                 f"lm_pruning {label}: {name} test perplexity {evaluated['perplexity']:.3f}"
             )
         for start in STARTS:
-            folder = os.path.join(workdir, STUDY, _folder_name(label, start))
+            folder = common.variant_folder(workdir, STUDY, _folder_name(label, start))
             rc.print_main(f'{STUDY}: searching {label} from {start} in {folder}')
             found = run_search(
                 sub, folder, initial_masks=None if start == 'magnitude' else masks['wanda']

@@ -228,8 +228,8 @@ def run_overlap(
         }
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, OVERLAP_JSON), 'w') as f:
+        with open(workdir_lib.path(workdir, OVERLAP_JSON), 'w') as f:
             json.dump(result, f, indent=2)
-        plots.plot_overlap(result, os.path.join(workdir, OVERLAP_PNG))
+        plots.plot_overlap(result, workdir_lib.path(workdir, OVERLAP_PNG))
         print(format_overlap_table(result))
     return result
