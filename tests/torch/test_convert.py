@@ -20,7 +20,15 @@ import torch.nn.functional as F
 import torchvision
 
 from jackpot_jax.core import sparsity
-from jackpot_jax.io import checkpoint, convert, convert_cli, name_tables, official_releases, torch_io
+from jackpot_jax.io import (
+    checkpoint,
+    convert,
+    convert_cli,
+    name_tables,
+    official_releases,
+    torch_io,
+    workdir as workdir_lib,
+)
 from jackpot_jax.models import zoo
 
 jax.config.update('jax_default_matmul_precision', 'highest')
@@ -454,8 +462,8 @@ def test_torchvision_cli_pth_safetensors_and_back(tmp_path, resnet18):
     torch_io.save_state_dict(state, str(st))
     assert cli('torchvision', '--arch', 'resnet18', '--input', pth, '--output', tmp_path / 'a') == 0
     assert cli('torchvision', '--arch', 'resnet18', '--input', st, '--output', tmp_path / 'b') == 0
-    params, stats, meta = checkpoint.load_weights(str(tmp_path / 'a' / convert.PRETRAINED_DIR))
-    params_b, stats_b, _ = checkpoint.load_weights(str(tmp_path / 'b' / convert.PRETRAINED_DIR))
+    params, stats, meta = checkpoint.load_weights(str(tmp_path / 'a' / workdir_lib.PRETRAINED_DIR))
+    params_b, stats_b, _ = checkpoint.load_weights(str(tmp_path / 'b' / workdir_lib.PRETRAINED_DIR))
     assert meta['model'] == {'name': 'resnet18'} and meta['num_classes'] == 1000
     assert str(pth) in meta['source']
     assert_tree_equal(params, params_b)
@@ -495,7 +503,7 @@ def test_torchvision_masked_export(tmp_path, resnet18):
         )
         == 0
     )
-    params, stats, _ = checkpoint.load_weights(str(tmp_path / convert.PRETRAINED_DIR))
+    params, stats, _ = checkpoint.load_weights(str(tmp_path / workdir_lib.PRETRAINED_DIR))
     flat = sparsity.flatten(params)
     kernels = {p: flat[p] for p in sparsity.prunable_paths(params)}
     assert 'fc/kernel' not in kernels and len(kernels) == 20
@@ -505,7 +513,7 @@ def test_torchvision_masked_export(tmp_path, resnet18):
     scores = {p: rng.rand(*w.shape).astype(np.float32) for p, w in kernels.items()}
     searched = jax.tree.map(lambda v: v * 1.1, stats)
     checkpoint.save_jackpot(
-        str(tmp_path / convert.JACKPOT_DIR), scores, masks, searched, {'counts': counts}
+        str(tmp_path / workdir_lib.JACKPOT_DIR), scores, masks, searched, {'counts': counts}
     )
     out = tmp_path / 'masked.pth'
     # A torchvision state dict has no mask slots: unmasked export of a jackpot is refused.
@@ -576,7 +584,7 @@ def test_torchvision_cache_lookup(tmp_path, monkeypatch, resnet18):
         cli('torchvision', '--arch', 'resnet18', '--input', 'cache', '--output', tmp_path / 'x')
         == 0
     )
-    _, _, meta = checkpoint.load_weights(str(tmp_path / 'x' / convert.PRETRAINED_DIR))
+    _, _, meta = checkpoint.load_weights(str(tmp_path / 'x' / workdir_lib.PRETRAINED_DIR))
     assert 'resnet18-f37072fd.pth' in meta['source']
 
 
@@ -594,7 +602,7 @@ def test_official_pretrained_parity(tmp_path, arch, prefix):
     assert (
         cli('official', '--arch', arch, '--input', tmp_path / 'pre.pth', '--output', tmp_path) == 0
     )
-    params, stats, meta = checkpoint.load_weights(str(tmp_path / convert.PRETRAINED_DIR))
+    params, stats, meta = checkpoint.load_weights(str(tmp_path / workdir_lib.PRETRAINED_DIR))
     assert meta['model'] == {'name': arch} and meta['num_classes'] == num_classes
     assert 'official' in meta['source'] and 'pre.pth' in meta['source']
     if arch == 'resnet32':
@@ -660,8 +668,8 @@ def test_official_jackpot_2023_roundtrip(tmp_path):
         )
         == 0
     )
-    params, pre_stats, _ = checkpoint.load_weights(str(tmp_path / 'w' / convert.PRETRAINED_DIR))
-    scores, masks, stats, meta = checkpoint.read_jackpot_bundle(str(tmp_path / 'w' / convert.JACKPOT_DIR))
+    params, pre_stats, _ = checkpoint.load_weights(str(tmp_path / 'w' / workdir_lib.PRETRAINED_DIR))
+    scores, masks, stats, meta = checkpoint.read_jackpot_bundle(str(tmp_path / 'w' / workdir_lib.JACKPOT_DIR))
     assert meta['format'] == '2023' and meta['model'] == {'name': 'resnet32'}
     assert len(masks) == 31 and 'fc/kernel' not in masks
     paths = {v: k for k, v in torch_names('resnet32', 'official').items()}
@@ -721,8 +729,8 @@ def test_official_jackpot_2023_roundtrip(tmp_path):
         )
         == 0
     )
-    params2, _, _ = checkpoint.load_weights(str(tmp_path / 'w2' / convert.PRETRAINED_DIR))
-    scores2, masks2, stats2, _ = checkpoint.read_jackpot_bundle(str(tmp_path / 'w2' / convert.JACKPOT_DIR))
+    params2, _, _ = checkpoint.load_weights(str(tmp_path / 'w2' / workdir_lib.PRETRAINED_DIR))
+    scores2, masks2, stats2, _ = checkpoint.read_jackpot_bundle(str(tmp_path / 'w2' / workdir_lib.JACKPOT_DIR))
     for a, b in ((params, params2), (stats, stats2)):
         assert_tree_equal(a, b)
     for a, b in ((scores, scores2), (masks, masks2)):
@@ -781,8 +789,8 @@ def test_official_jackpot_2021_edge_popup(tmp_path):
     )
     assert cli(*common) == 1  # 2021 format: the sparsity is required.
     assert cli(*common, '--sparsity', 0.9) == 0
-    params, _, _ = checkpoint.load_weights(str(tmp_path / 'w' / convert.PRETRAINED_DIR))
-    scores, masks, stats, meta = checkpoint.read_jackpot_bundle(str(tmp_path / 'w' / convert.JACKPOT_DIR))
+    params, _, _ = checkpoint.load_weights(str(tmp_path / 'w' / workdir_lib.PRETRAINED_DIR))
+    scores, masks, stats, meta = checkpoint.read_jackpot_bundle(str(tmp_path / 'w' / workdir_lib.JACKPOT_DIR))
     assert meta['format'] == '2021' and meta['requested_sparsity'] == 0.9
     prunable = convs[:-1]
     counts = _global_magnitude_counts([state[f'{n}.weight'] for n in prunable], 0.9)
@@ -834,7 +842,7 @@ def test_launcher_accepts_converted_workdir(tmp_path):
     from jackpot_jax.core import trees
     from jackpot_jax.io import workdir as workdir_lib
 
-    assert (convert.PRETRAINED_DIR, convert.JACKPOT_DIR) == (
+    assert (workdir_lib.PRETRAINED_DIR, workdir_lib.JACKPOT_DIR) == (
         workdir_lib.PRETRAINED_DIR,
         workdir_lib.JACKPOT_DIR,
     )
