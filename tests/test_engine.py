@@ -20,6 +20,7 @@ import tiny_model  # tests/tiny_model.py
 
 import jackpot_jax
 from jackpot_jax.core import sparsity
+from jackpot_jax.engine import loop
 from jackpot_jax.io import checkpoint
 from jackpot_jax.launch import (
     config as config_lib,
@@ -285,6 +286,21 @@ def test_resume_refuses_other_settings_naming_them(tmp_path):
     other = jax.tree.map(lambda w: w * 2.0, variables)
     with pytest.raises(ValueError, match='other weights'):
         jackpot_jax.find_jackpot(model, other, _batches(), workdir=workdir, **SETTINGS)
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_the_search_starts_over(
+    tmp_path, monkeypatch
+):
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    tiny_model.fault_at_step(monkeypatch, 1, interrupt)
+    model, variables = _variables()
+    with pytest.raises(loop.SearchInterrupted, match=(
+        'interrupted at step 0: no checkpoint was written yet in .*checkpoints; running the '
+        'same search again starts it over'
+    )):  # fmt: skip
+        jackpot_jax.find_jackpot(model, variables, _batches(), workdir=str(tmp_path), **SETTINGS)
 
 
 def test_the_score_optimizer_is_a_setting():

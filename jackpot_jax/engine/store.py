@@ -176,7 +176,10 @@ class WorkdirStore:
         self._ckpts.wait()
         latest = self._ckpts.latest_step()
         if latest is None:
-            return 'nothing was saved (pass a workdir to make a search resumable)'
+            return (
+                f'no checkpoint was written yet in {self._ckpts.directory}; running the same '
+                'search again starts it over'
+            )
         return (
             f'the last checkpoint is step {latest} in {self._ckpts.directory}; run the same '
             'search again to resume from it'
