@@ -1,5 +1,6 @@
-"""What one-shot criteria see of the calibration data: the input of every ``nn.Dense`` and
-``nn.Conv`` layer of a forward pass, reduced per kernel path.
+"""What one-shot criteria see of the calibration data: the input of every ``nn.Dense``,
+``nn.Conv`` and zoo :class:`~jackpot_jax.models.conv.Conv` layer of a forward pass,
+reduced per kernel path.
 
 A Flax method interceptor (``nn.intercept_methods``) sees every such call and reduces its
 input, keyed by the module's scope path + '/kernel', which is the kernel's parameter
@@ -16,7 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jackpot_jax.models import conv
+
 Array = jax.Array
+# The layers whose input is a kernel's input: Flax's and the zoo's convolution.
+LAYERS = (nn.Dense, nn.Conv, conv.Conv)
 # A layer's input (..., features) -> the statistic kept of it.
 Reduce = Callable[[Array], Array]
 
@@ -46,7 +51,7 @@ def layer_inputs(
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == '__call__' and isinstance(module, (nn.Dense, nn.Conv)):
+        if context.method_name == '__call__' and isinstance(module, LAYERS):
             path = '/'.join(module.scope.path) + '/kernel'
             if paths is None or path in paths:
                 value = reduce(jnp.asarray(args[0]).astype(jnp.float32))
@@ -65,7 +70,7 @@ def call_order(model: nn.Module, variables: Mapping, inputs: Any) -> list[str]:
 
     def record(next_fun, args, kwargs, context):
         module = context.module
-        if context.method_name == '__call__' and isinstance(module, (nn.Dense, nn.Conv)):
+        if context.method_name == '__call__' and isinstance(module, LAYERS):
             path = '/'.join(module.scope.path) + '/kernel'
             if path not in order:
                 order.append(path)
