@@ -10,11 +10,11 @@ whose forward, input gradient and filter gradient each take, on the CPU, one of:
 as patches, one GEMM); both over batch chunks that fit a cache. The input gradient's are
 the forward's on ``g`` dilated by the stride, the kernel flipped and transposed.
 
-The filter gradient's formulation is chosen once per shape by timing each on this
-machine, and remembered for the process (:func:`measurements`); the forward and input
-gradient, small convs, and all convs when measuring is off (``JACKPOT_CONV_MEASURE=0``,
-``formulation='heuristic'``) take a fixed rule (:func:`heuristic_formulation`). All give
-the same values within float rounding. The CPU formulations are selected at lowering time
+By default every formulation follows a fixed rule (:func:`heuristic_formulation`), so a
+run's floats do not depend on timings. With ``JACKPOT_CONV_MEASURE=1`` the filter
+gradient's formulation of a big conv is instead chosen once per shape by timing each on
+this machine, and remembered for the process (:func:`measurements`): sometimes faster,
+but two runs may then round differently. All give the same values within float rounding. The CPU formulations are selected at lowering time
 (``lax.platform_dependent``): a GPU or TPU program gets XLA's own (:func:`backend_path`).
 """
 
@@ -83,8 +83,9 @@ _LOCK = threading.Lock()
 
 
 def measuring_enabled() -> bool:
-    """Whether ``'auto'`` may time formulations (env ``JACKPOT_CONV_MEASURE``, default on)."""
-    return os.environ.get(MEASURE_ENV, '1').strip().lower() not in ('0', 'false', 'off', 'no')
+    """Whether ``'auto'`` may time formulations (env ``JACKPOT_CONV_MEASURE=1``; default off,
+    so that results do not depend on timings)."""
+    return os.environ.get(MEASURE_ENV, '0').strip().lower() in ('1', 'true', 'on', 'yes')
 
 
 def measurements() -> dict[tuple[ConvShape, str], tuple[str, dict[str, float]]]:
