@@ -18,6 +18,13 @@ time), images/s, search/dense, the mask update's share of the search step, compi
 seconds, and whether the search step compiled again after its first call. A table of
 the main figures goes to stderr at the end.
 
+``--xla_conv`` adds ``search_xla_conv``: the same search step with every conv computed by
+XLA's own convolution and gradients (``jackpot_jax.models.conv`` off: the step before
+it existed). ``--compare_torch`` also times the same model's PyTorch search step in this
+process (``benchmarks/torch_step.py``: the CIFAR ResNets, vgg19_cifar, resnet50) and prints the
+ratio; tensorflow must not be loaded (importing torch after it segfaults). The JSON's
+environment names the CPU model.
+
 ``--models`` entries may carry their own batch and timed steps, ``name:batch:steps``
 (e.g. ``resnet50:256:2``: big steps on a CPU, so few of them).
 ``--scaling`` adds the search step's images/s on 1, 2, 4, 8 devices of a data-parallel
@@ -34,6 +41,8 @@ Run from the repository root::
     python -m benchmarks.search_step --models=resnet32 --steps=5
     python -m benchmarks.search_step \
         --models=resnet32:128,vgg19_cifar:64,resnet50:16,resnet50:256:2
+    python -m benchmarks.search_step --models=resnet32:128:5 --xla_conv --compare_torch \
+        --no-per_layer --no-rate_update --no-ablation
     python -m benchmarks.search_step --models=resnet20 --scaling --no-compare
     python -m benchmarks.search_step --models=vit_b_16:8 --memory --no-compare
 """
@@ -41,6 +50,7 @@ Run from the repository root::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
@@ -62,7 +72,7 @@ import numpy as np  # noqa: E402
 from benchmarks import per_layer_reference  # noqa: E402
 from jackpot_jax.core import parallel, sparsity, step as step_lib, structured
 from jackpot_jax.launch import weight_training
-from jackpot_jax.models import zoo
+from jackpot_jax.models import conv, zoo
 
 # name: (image size, default batch, classes, weight decay)
 MODEL_DEFAULTS = {
@@ -132,6 +142,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help='also time the search step without its mask update',
+    )
+    p.add_argument(
+        '--xla_conv',
+        action='store_true',
+        help="also time the search step with XLA's own conv gradients (models.conv off)",
+    )
+    p.add_argument(
+        '--compare_torch',
+        action='store_true',
+        help='also time the PyTorch search step of the same model and print the ratio',
     )
     p.add_argument(
         '--scaling',
@@ -340,20 +360,26 @@ def dense_state_and_fn(s: dict[str, Any], mesh) -> tuple[Any, Callable]:
 
 
 class Stateful:
-    """A jitted step with a donated state: each call advances the state."""
+    """A jitted step with a donated state: each call advances the state.
 
-    def __init__(self, fn: Callable, state: Any, *args: Any, patch: Any = None):
-        self.fn, self.state, self.args, self.patch = fn, state, args, patch
+    ``patches``: ``(object, attribute, value)`` set while it runs; they only affect
+    tracing (a cache hit never looks at them).
+    """
+
+    def __init__(self, fn: Callable, state: Any, *args: Any, patches: Sequence[tuple] = ()):
+        self.fn, self.state, self.args, self.patches = fn, state, args, tuple(patches)
 
     def __call__(self) -> Any:
-        if self.patch is not None:  # only affects tracing; a cache hit never looks at it
-            with mock.patch.object(sparsity, 'update_masks', self.patch), mock.patch.object(
-                structured, 'update_masks', self.patch
-            ):
-                self.state, out = self.fn(self.state, *self.args)
-        else:
+        with contextlib.ExitStack() as stack:
+            for target, attribute, value in self.patches:
+                stack.enter_context(mock.patch.object(target, attribute, value))
             self.state, out = self.fn(self.state, *self.args)
         return self.state, out
+
+
+def _xla_formulation(shape, computation, mode='auto'):
+    """Stand-in for ``conv.choose_formulation``: XLA's own conv and gradients everywhere."""
+    return 'xla'
 
 
 class Pure:
@@ -479,8 +505,17 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         runners['mask_update_rate'] = Pure(rate_fn, *mask_args, rate)
     if args.ablation:
         ablated = search_state(s, mesh)
+        patches = [(lib, 'update_masks', _identity_update) for lib in (sparsity, structured)]
         runners['search_no_mask_update'] = Stateful(
-            make_search_fn(s, ablated, mesh), ablated, *batch, patch=_identity_update
+            make_search_fn(s, ablated, mesh), ablated, *batch, patches=patches
+        )
+    if args.xla_conv:
+        plain = search_state(s, mesh)
+        runners['search_xla_conv'] = Stateful(
+            make_search_fn(s, plain, mesh),
+            plain,
+            *batch,
+            patches=[(conv, 'choose_formulation', _xla_formulation)],
         )
     log(f'{name}: batch {s["batch_size"]}, {args.dtype}, {args.devices} device(s), '
         f'{parallel.describe(mesh)}')
@@ -503,7 +538,7 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         'largest_layer': max(s['sizes'].values()),
     }
     for key, secs in samples.items():
-        with_images = key in ('search', 'dense', 'search_no_mask_update')
+        with_images = key in ('search', 'dense', 'search_no_mask_update', 'search_xla_conv')
         result[key] = {**summarize(secs, b if with_images else None), **first[key]}
     search_ms = result['search']['ms_median']
     result['search_over_dense'] = search_ms / result['dense']['ms_median']
@@ -537,6 +572,23 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         result['search_no_mask_update_over_dense'] = (
             result['search_no_mask_update']['ms_median'] / result['dense']['ms_median']
         )
+    if args.xla_conv:
+        xla = result['search_xla_conv']
+        result['xla_conv_over_search'] = xla['ms_median'] / search_ms
+        result['xla_conv_over_search_cpu_time'] = (
+            xla['cpu_ms_median'] / result['search']['cpu_ms_median']
+        )
+    if args.compare_torch:
+        del runners, state, dense_state, mask_args  # free their memory for PyTorch's step
+        result['torch'] = torch_comparison(s, args)
+        torch_ms = result['torch']['ms_median']
+        result['torch_over_search'] = torch_ms / search_ms
+        result['torch_over_search_cpu_time'] = (
+            result['torch']['cpu_ms_median'] / result['search']['cpu_ms_median']
+        )
+        if args.xla_conv:
+            xla_ms = result['search_xla_conv']['ms_median']
+            result['torch_over_search_xla_conv'] = torch_ms / xla_ms
     # A recompilation is a trace + backend compile after the first call. The jit cache
     # may still hold 2 entries without one: on a mesh the first state carries the specs
     # P() that parallel.replicate gives, later ones the P(None, ...) that jit returns.
@@ -554,6 +606,41 @@ def bench_model(name: str, args: argparse.Namespace, compile_log: CompileLog) ->
         'search_over_dense_met': result['search_over_dense'] <= SEARCH_OVER_DENSE_TARGET,
     }
     return result
+
+
+def torch_comparison(s: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The PyTorch search step of the same model, batch and sparsity (``torch_step``)."""
+    if 'tensorflow' in sys.modules:
+        raise RuntimeError(
+            'tensorflow is loaded in this process and importing torch after it segfaults; '
+            'run --compare_torch from a process that does not import tensorflow'
+        )
+    from benchmarks import torch_step  # imports torch: only when asked
+
+    log(f"{s['name']}: PyTorch search step")
+    return torch_step.time_search_step(
+        s['name'],
+        s['batch_size'],
+        s['image_size'],
+        s['num_classes'],
+        steps=args.steps,
+        sparsity=args.sparsity,
+        weight_decay=MODEL_DEFAULTS.get(s['name'], IMAGENET_DEFAULTS)[3],
+        warmup=args.warmup,
+        seed=args.seed,
+    )
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ('' where there is none)."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return ''
 
 
 def bench_scaling(name: str, args: argparse.Namespace, compile_log: CompileLog) -> dict[str, Any]:
@@ -681,6 +768,7 @@ def environment() -> dict[str, Any]:
         'device_kind': devices[0].device_kind,
         'device_count': len(devices),
         'cpu_count': os.cpu_count(),
+        'cpu_model': cpu_model(),
         'python': sys.version.split()[0],
     }
 
@@ -728,6 +816,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(text, flush=True)
     if result['models']:
         log(summary_table(result['models']))
+        if args.compare_torch or args.xla_conv:
+            log(f"CPU: {result['environment']['cpu_model']}")
+            log(conv_table(result['models']))
     if result.get('memory'):
         log(memory_table(result['memory']))
     if args.output:
@@ -776,6 +867,46 @@ def summary_table(rows: dict[str, dict[str, Any]]) -> str:
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     return '\n'.join(
         ' | '.join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table
+    )
+
+
+def conv_table(rows: dict[str, dict[str, Any]]) -> str:
+    """Our search step against itself with XLA's conv gradients and against PyTorch's:
+    wall-clock medians in ms, CPU time in brackets; speed-ups as time ratios."""
+
+    def cell(row: dict[str, Any]) -> str:
+        return f"{row['ms_median']:.0f} [{row['cpu_ms_median']:.0f}]"
+
+    header = (
+        'model (batch)',
+        'ours ms [cpu]',
+        'XLA conv ms [cpu]',
+        'XLA conv / ours',
+        'PyTorch ms [cpu]',
+        'PyTorch / ours [cpu]',
+    )
+    table = [header]
+    for r in rows.values():
+        if 'skipped' in r:
+            continue
+        xla, torch_row = r.get('search_xla_conv'), r.get('torch')
+        table.append(
+            (
+                f"{r['model']} ({r['batch_size']})",
+                cell(r['search']),
+                cell(xla) if xla else '-',
+                f"{r['xla_conv_over_search']:.2f}" if xla else '-',
+                cell(torch_row) if torch_row else '-',
+                (
+                    f"{r['torch_over_search']:.2f} [{r['torch_over_search_cpu_time']:.2f}]"
+                    if torch_row
+                    else '-'
+                ),
+            )
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
+    return '\n'.join(
+        ' | '.join(text.ljust(w) for text, w in zip(line, widths)).rstrip() for line in table
     )
 
 

@@ -403,10 +403,15 @@ def test_module_is_nn_conv(use_bias, dtype):
     y1, y2 = ours.apply(v1, x), theirs.apply(v2, x)
     assert y1.dtype == y2.dtype == dtype
     np.testing.assert_array_equal(np.asarray(y1, np.float32), np.asarray(y2, np.float32))
-    g1 = jax.grad(lambda v: jnp.sum(ours.apply(v, x).astype(jnp.float32) ** 2))(v1)
     g2 = jax.grad(lambda v: jnp.sum(theirs.apply(v, x).astype(jnp.float32) ** 2))(v2)
     tol = 1e-4 if dtype == jnp.float32 else 3e-2
-    jax.tree.map(lambda a, b: _assert_close_tol(a, b, tol), g1, g2)
+    for form in ('auto', 'taps', 'im2col'):  # the forward and gradients of each
+        module = conv.Conv(**kwargs, formulation=form)
+        y = module.apply(v1, x)
+        assert y.dtype == dtype
+        _assert_close_tol(np.asarray(y, np.float32), np.asarray(y2, np.float32), tol)
+        g1 = jax.grad(lambda v: jnp.sum(module.apply(v, x).astype(jnp.float32) ** 2))(v1)
+        jax.tree.map(lambda a, b: _assert_close_tol(a, b, tol), g1, g2)
 
 
 def _assert_close_tol(a, b, tol):
