@@ -122,8 +122,9 @@ def test_resnet_stride_and_downsample_placement():
 
 @pytest.mark.parametrize('name', sorted(MODELS))
 def test_every_model_builds_with_explicit_names(name):
-    model = get_model(name, 7)
-    if name == 'gpt':  # a language model: token ids in, one logit vector per position out
+    small = {'width': 16, 'depth': 1, 'heads': 2, 'kv_heads': 1, 'mlp_width': 32}
+    model = get_model(name, 7, **(small if name == 'llama' else {}))
+    if name in ('gpt', 'llama'):  # language models: token ids in, a logit vector per position
         x, out = jax.ShapeDtypeStruct((2, 16), jnp.int32), (2, 16, 7)
     else:
         shape = (2, 8, 8, 1) if name == 'small_cnn' else (2, 32, 32, 3)
@@ -136,7 +137,7 @@ def test_every_model_builds_with_explicit_names(name):
     for path in traverse_util.flatten_dict(variables['params']):
         assert not any(auto_name.match(part) for part in path), path
     # Transformers have no BatchNorm, so no batch statistics.
-    want = {'params'} if name.startswith(('vit', 'gpt')) else {'params', 'batch_stats'}
+    want = {'params'} if name.startswith(('vit', 'gpt', 'llama')) else {'params', 'batch_stats'}
     assert set(variables) == want
 
 
