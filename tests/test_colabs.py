@@ -23,6 +23,7 @@ nbclient = pytest.importorskip('nbclient')
 pytest.importorskip('ipykernel')
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import AsyncKernelManager  # noqa: E402
+from jupyter_core.utils import run_sync  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLABS = os.path.join(REPO, 'colabs')
@@ -95,7 +96,10 @@ def run_notebook(name: str, tmp_path, **parameters):
         startup_timeout=180,
         resources={'metadata': {'path': REPO}},
     )
-    client.execute()
+    try:
+        client.execute()
+    finally:  # nbclient shuts down only the kernels it made itself
+        run_sync(client.km.shutdown_kernel)(now=True)
     return nb
 
 

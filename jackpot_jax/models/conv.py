@@ -10,12 +10,11 @@ whose forward, input gradient and filter gradient each take, on the CPU, one of:
 as patches, one GEMM); both over batch chunks that fit a cache. The input gradient's are
 the forward's on ``g`` dilated by the stride, the kernel flipped and transposed.
 
-By default every formulation follows a fixed rule (:func:`heuristic_formulation`), so a
-run's floats do not depend on timings. With ``JACKPOT_CONV_MEASURE=1`` the filter
-gradient's formulation of a big conv is instead chosen once per shape by timing each on
-this machine, and remembered for the process (:func:`measurements`): sometimes faster,
-but two runs may then round differently. All give the same values within float rounding. The CPU formulations are selected at lowering time
-(``lax.platform_dependent``): a GPU or TPU program gets XLA's own (:func:`backend_path`).
+By default each formulation follows a fixed rule (:func:`heuristic_formulation`), so a
+run's floats do not depend on timings; with ``JACKPOT_CONV_MEASURE=1`` a big conv's filter
+gradient takes the fastest on this machine, timed once per shape (:func:`measurements`).
+All agree within float rounding. The CPU formulations are chosen at lowering time
+(``lax.platform_dependent``): a GPU or TPU program gets XLA's own.
 """
 
 from __future__ import annotations
@@ -83,14 +82,12 @@ _LOCK = threading.Lock()
 
 
 def measuring_enabled() -> bool:
-    """Whether ``'auto'`` may time formulations (env ``JACKPOT_CONV_MEASURE=1``; default off,
-    so that results do not depend on timings)."""
+    """Whether ``'auto'`` may time formulations (``JACKPOT_CONV_MEASURE=1``; default off)."""
     return os.environ.get(MEASURE_ENV, '0').strip().lower() in ('1', 'true', 'on', 'yes')
 
 
 def measurements() -> dict[tuple[ConvShape, str], tuple[str, dict[str, float]]]:
-    """``(shape, computation) -> (chosen formulation, seconds per call of each)`` for every
-    choice timed in this process."""
+    """Every choice timed in this process: ``(shape, computation) -> (choice, seconds)``."""
     with _LOCK:
         return dict(_MEASURED)
 
@@ -99,12 +96,6 @@ def clear_cache() -> None:
     """Forget every choice: the next trace of each shape measures again."""
     with _LOCK:
         _MEASURED.clear()
-
-
-def backend_path(platform: str) -> str:
-    """How a program lowered for ``platform`` computes the conv: ``'custom'`` (the chosen
-    formulations) for the CPU, ``'xla'`` (XLA's own) for every other platform."""
-    return 'custom' if platform.lower() in ('cpu', 'host') else 'xla'
 
 
 # Formulations. x [n,h,w,ci], kernel [kh,kw,ci,co], g (output gradient) [n,oh,ow,co].
@@ -128,8 +119,9 @@ def _out_hw(in_hw, kernel_hw, strides, padding) -> tuple[int, int]:
 
 
 def _chunks(x: Array, out_hw, kernel_shape, formulation: str) -> int:
-    """How many equal batch chunks (a divisor of the batch) keep one chunk's tap slice
-    (``taps``) or patches (``im2col``) within about a cache's size."""
+    """How many batch chunks keep a chunk's taps or patches within about a cache's size: a
+    divisor of each device's share of the batch, so a data-parallel shard loops over its own
+    examples (:func:`_split`), with no collective in the loop (that can deadlock XLA:CPU)."""
     kh, kw, ci, _ = kernel_shape
     per_example = out_hw[0] * out_hw[1] * ci * x.dtype.itemsize
     if formulation == 'taps':
@@ -137,8 +129,19 @@ def _chunks(x: Array, out_hw, kernel_shape, formulation: str) -> int:
     else:
         target, per_example = IM2COL_CHUNK_BYTES, per_example * kh * kw
     batch = x.shape[0]
-    want = max(1, min(batch, -(-batch * per_example // target)))
-    return next(count for count in range(want, batch + 1) if batch % count == 0)
+    local = batch // _shards(batch)
+    want = max(1, min(local, -(-batch * per_example // target)))
+    return next(count for count in range(want, local + 1) if local % count == 0)
+
+
+def _shards(batch: int) -> int:
+    """How many data-parallel shards a batch may be split into: every device, if it divides."""
+    return jax.device_count() if batch % jax.device_count() == 0 else 1
+
+
+def _split(a: Array, chunks: int) -> Array:
+    """``[chunks, batch / chunks, ...]``, chunk ``k`` every ``chunks``-th example from ``k``."""
+    return a.reshape((-1, chunks) + a.shape[1:]).swapaxes(0, 1)
 
 
 def _padded(x: Array, padding, dilation=(1, 1)) -> Array:
@@ -170,6 +173,13 @@ def _dot(a: Array, b: Array, contract: tuple) -> Array:
     return lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=acc)
 
 
+def _dot_per_shard(a: Array, b: Array, shards: int) -> Array:
+    """``[shards, p, q]``: ``a [n, ..., p]``, ``b [n, ..., q]`` contracted per batch shard."""
+    a, b = (v.reshape(shards, -1, v.shape[-1]) for v in (a, b))
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    return lax.dot_general(a, b, (((1,), (1,)), ((0,), (0,))), preferred_element_type=acc)
+
+
 def _conv_by(x, kernel, strides, padding, dilation, formulation) -> Array:
     """A stride-``strides`` conv of ``x`` dilated by ``dilation``, by ``taps`` or ``im2col``."""
     kh, kw, ci, co = kernel.shape
@@ -187,8 +197,8 @@ def _conv_by(x, kernel, strides, padding, dilation, formulation) -> Array:
 
     if chunks == 1:
         return one(x).astype(x.dtype)
-    ys = lax.map(one, x.reshape((chunks, -1) + x.shape[1:]))
-    return ys.reshape((x.shape[0],) + ys.shape[2:]).astype(x.dtype)
+    ys = lax.map(one, _split(x, chunks))  # back to the batch's order:
+    return ys.swapaxes(0, 1).reshape(x.shape[:1] + ys.shape[2:]).astype(x.dtype)
 
 
 def forward(x: Array, kernel: Array, strides, padding, formulation: str) -> Array:
@@ -229,21 +239,22 @@ def filter_gradient(
         return _xla_filter_gradient(x, jnp.zeros(kernel_shape, x.dtype), g, strides, padding)
     out_hw = g.shape[1:3]
     chunks = _chunks(x, out_hw, kernel_shape, formulation)
-    contract = ((0, 1, 2), (0, 1, 2))
+    shards = _shards(x.shape[0]) if chunks > 1 else 1
 
-    def one(xc, gc):
+    def one(xc, gc):  # [shards, kh, kw, ci, co]
         taps = _taps(_padded(xc, padding), (kh, kw), strides, out_hw)
         if formulation == 'taps':
-            return jnp.stack([_dot(t, gc, contract) for t in taps]).reshape(kernel_shape)
+            terms = jnp.stack([_dot_per_shard(t, gc, shards) for t in taps], axis=1)
+            return terms.reshape((shards,) + kernel_shape)
         patches = taps[0] if len(taps) == 1 else jnp.concatenate(taps, axis=-1)
-        return _dot(patches, gc, contract).reshape(kernel_shape)
+        return _dot_per_shard(patches, gc, shards).reshape((shards,) + kernel_shape)
 
     if chunks == 1:
-        return one(x, g).astype(x.dtype)
-    xs, gs = (a.reshape((chunks, -1) + a.shape[1:]) for a in (x, g))
-    zero = jnp.zeros(kernel_shape, jnp.promote_types(x.dtype, jnp.float32))
+        return one(x, g)[0].astype(x.dtype)
+    xs, gs = _split(x, chunks), _split(g, chunks)
+    zero = jnp.zeros((shards,) + kernel_shape, jnp.promote_types(x.dtype, jnp.float32))
     total, _ = lax.scan(lambda total, c: (total + one(*c), None), zero, (xs, gs))
-    return total.astype(x.dtype)
+    return total.sum(0).astype(x.dtype)  # each device's sum: one all-reduce, after the loop
 
 
 def _static(strides, padding, formulation: str):
@@ -256,10 +267,9 @@ def _static(strides, padding, formulation: str):
 def heuristic_formulation(shape: ConvShape, computation: str) -> str:
     """The fixed choice for ``computation`` ('forward', 'input' or 'filter'), no timing.
 
-    As measured in search steps (``docs/benchmarks.md``): XLA:CPU's filter gradient wins on
-    small convs (ResNet-20 at batch 8 or 32) and loses to the patches GEMM on big ones;
-    its forward and input gradient are as fast as any except on tiny maps (VGG's 2x2
-    stage), where they take 100x the GEMM's time.
+    Measured in search steps (``docs/benchmarks.md``): XLA:CPU's filter gradient wins on
+    small convs, the patches GEMM on big ones; XLA's forward and input gradient are as fast
+    as any except on tiny maps (VGG's 2x2 stage), where they take 100x the GEMM's time.
     """
     if computation == 'filter':
         return 'im2col' if shape.macs >= MEASURE_MIN_MACS else 'xla'
@@ -267,10 +277,7 @@ def heuristic_formulation(shape: ConvShape, computation: str) -> str:
 
 
 def time_formulations(
-    shape: ConvShape,
-    computation: str,
-    formulations: Sequence[str] = FORMULATIONS,
-    repeats: int = 3,
+    shape: ConvShape, computation: str, formulations: Sequence[str] = FORMULATIONS, repeats=3
 ) -> dict[str, float]:
     """Seconds per call (compiled beforehand; best of up to ``repeats``) of each formulation
     of one computation on the CPU, on random data of ``shape``. They are timed in
@@ -305,10 +312,9 @@ def time_formulations(
 def choose_formulation(shape: ConvShape, computation: str, mode: str = 'auto') -> str:
     """The CPU formulation of ``computation`` ('forward', 'input', 'filter') for ``shape``.
 
-    ``mode`` 'auto': for the computations in :data:`MEASURED`, timed once and remembered
-    when the default backend is the CPU, measuring is on and the conv is big enough to be
-    worth it; otherwise (and for 'heuristic') :func:`heuristic_formulation`. A
-    formulation's name forces it.
+    ``mode`` 'auto': timed once and remembered for :data:`MEASURED` computations of big
+    convs when measuring is on and the backend is the CPU; otherwise (and for 'heuristic')
+    :func:`heuristic_formulation`. A formulation's name forces it.
     """
     if computation not in COMPUTATIONS:
         raise UserError(f'unknown computation {computation!r}; choose one of {COMPUTATIONS}')
@@ -392,20 +398,13 @@ def conv2d(
     *,
     formulation: str = 'auto',
 ) -> Array:
-    """``lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=('NHWC',
-    'HWIO', 'NHWC'))``, its forward and gradients computed the fastest way found on
-    XLA:CPU (module docstring); other backends get XLA's own.
-
-    ``padding``: ``(lo, hi)`` pairs for H and W, or 'SAME' / 'VALID'. ``formulation``:
-    ``'auto'`` (the filter gradient measured on a CPU backend, else the heuristic),
-    ``'heuristic'``, or one of :data:`FORMULATIONS` for all three computations (on the
-    CPU). Negative paddings and mixed dtypes go to ``lax.conv_general_dilated`` as they are.
-    """
+    """``lax.conv_general_dilated`` in :data:`LAYOUT`, computed the fastest way found on
+    XLA:CPU (module docstring); other backends get XLA's own. ``padding``: ``(lo, hi)`` per
+    H and W, or 'SAME' / 'VALID'. ``formulation``: ``'auto'`` (measured if enabled, else
+    the heuristic), ``'heuristic'``, or one of :data:`FORMULATIONS` for all three
+    computations. Negative paddings and mixed dtypes go to ``lax`` as they are."""
     if formulation not in CHOICES:
-        raise UserError(
-            f"formulation={formulation!r} is not one of {CHOICES}; use 'auto' unless a test "
-            'needs one formulation'
-        )
+        raise UserError(f"formulation={formulation!r} is not one of {CHOICES}; use 'auto'")
     strides = tuple(int(s) for s in strides)
     if x.ndim != 4 or kernel.ndim != 4 or len(strides) != 2:
         raise UserError(
