@@ -110,6 +110,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument('--probe_steps', type=int, default=10)
     parser.add_argument('--settings', default='50%,2:4')
+    parser.add_argument('--origins', default='wanda,magnitude', help='masks the searches start from')
     parser.add_argument(
         '--stages',
         default='dense,magnitude,random,wanda,sparsegpt,lr_probe,search,generate,report',
@@ -182,7 +183,7 @@ def main() -> None:
             if 'generate' in stages and name == '50%':
                 run_generations(results, args.out, model, params, tok, masks['wanda'])
             continue
-        for origin in ('wanda', 'magnitude'):
+        for origin in args.origins.split(','):
             key = f'{name}/jackpot_from_{origin}'
             if key in results:
                 continue
@@ -287,10 +288,8 @@ def run_generations(results, out, model, params, tok, masks_50) -> None:
 
     if 'generations' in results:
         return
-    best = min(
-        ('magnitude', 'wanda'),
-        key=lambda o: min(results.rows[f'50%/jackpot_from_{o}']['validation_loss']),
-    )
+    searched = [o for o in ('magnitude', 'wanda') if f'50%/jackpot_from_{o}' in results]
+    best = min(searched, key=lambda o: min(results.rows[f'50%/jackpot_from_{o}']['validation_loss']))
     jackpot = jackpot_jax.load_jackpot(
         os.path.join(out, 'search', f'50pct_{best}', 'jackpot'), model, {'params': params}
     )

@@ -20,7 +20,7 @@ import tiny_model  # tests/tiny_model.py
 
 import jackpot_jax
 from jackpot_jax.core import sparsity
-from jackpot_jax.engine import loop
+from jackpot_jax.engine import loop, metrics
 from jackpot_jax.io import checkpoint
 from jackpot_jax.launch import (
     config as config_lib,
@@ -77,6 +77,18 @@ def test_the_package_has_one_search_loop():
             ):
                 callers.append(path.name)
     assert callers == ['loop.py']
+
+
+def test_the_progress_bar_counts_images_or_tokens(capsys):
+    bar = metrics.progress_bar(4, 'search')
+    metrics.count_examples(bar, np.zeros((2, 255), np.int32))  # a language model's ids
+    assert (bar.unit, bar.unit_scale) == ('tok', 510)
+    metrics.count_examples(bar, np.zeros((8, 32, 32, 3), np.float32))
+    assert (bar.unit, bar.unit_scale) == ('img', 8)
+    metrics.count_examples(bar, (np.zeros((8, 4)), np.zeros((8, 4))))  # several: unchanged
+    assert (bar.unit, bar.unit_scale) == ('img', 8)
+    jackpot_jax.find_jackpot(*_variables(), _batches(n=32), sparsity=0.5, epochs=1)
+    assert 'ex/s' in capsys.readouterr().err  # the search's own bar, from its first batch
 
 
 def test_a_classifier_named_head_stays_dense_by_default():

@@ -69,7 +69,6 @@ class SearchTask:
     splits: tuple[str, ...]
     rng: jax.Array  # dropout in the steps and the re-estimation
     score_init_rng: jax.Array | None = None  # drawn score inits; None: split from rng
-    batch_size: int = 0  # for the progress bar's images per second (0: count steps)
     loss_fn: step.LossFn | None = None
     optimizer: Any = None  # an optax transformation of the scores instead of settings.optimizer
     inputs_fn: Callable[[Batch], Any] = step.batch_inputs
@@ -144,7 +143,7 @@ def run(
             return resumed.seconds + time.perf_counter() - clock
 
         bar = metrics.progress_bar(
-            s.epochs * steps, 'search', task.batch_size, start, task.progress
+            s.epochs * steps, 'search', initial=start, enabled=task.progress
         )
         with bar:
             for epoch in range(start // steps, s.epochs):
@@ -154,6 +153,7 @@ def run(
                     for i, batch in enumerate(task.train_epoch(epoch, first), first + 1):
                         if global_step == start:  # compiles the step (kept for the calls)
                             _log_step_memory(step_fn, state, batch, task.mesh)
+                            metrics.count_examples(bar, task.inputs_fn(batch))
                         state, step_metrics = step_fn(state, batch)
                         global_step = epoch * steps + i
                         epoch_metrics.add(global_step, step_metrics)

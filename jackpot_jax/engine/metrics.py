@@ -48,6 +48,21 @@ def progress_bar(
     )
 
 
+def count_examples(bar: tqdm.tqdm, inputs: Any) -> None:
+    """Sets ``bar`` (counting steps) to count what a step's model ``inputs`` hold: tokens
+    for a language model's integer ``[batch, positions]`` ids, else images (a batch of
+    images) or examples."""
+    leaves = jax.tree.leaves(inputs)
+    if len(leaves) != 1 or not getattr(leaves[0], 'ndim', 0):
+        return  # several inputs: steps
+    x = leaves[0]
+    tokens = np.issubdtype(x.dtype, np.integer) and x.ndim == 2
+    if tokens:
+        bar.unit, bar.unit_scale = 'tok', x.size
+    else:
+        bar.unit, bar.unit_scale = 'img' if x.ndim >= 3 else 'ex', x.shape[0]
+
+
 def _scalars(record: Mapping[str, Any], prefix: str) -> dict[str, float]:
     out = {}
     for key, value in record.items():

@@ -70,7 +70,6 @@ def search_task(
         splits=('validation', 'test') if setup.source.has_validation else ('test',),
         rng=jax.random.key(config.seed + 3),
         score_init_rng=score_init_key(config),
-        batch_size=s.batch_size,
         step_trace=s.step_trace,
         compare_statistics=s.compare_statistics,
     )
