@@ -25,7 +25,7 @@ from jackpot_jax.io import workdir as workdir_lib
 from jackpot_jax.launch import config as config_lib, modes
 
 DEFAULT_CONFIG = os.path.abspath(config_lib.__file__)
-PACKAGE_DIR = os.path.dirname(DEFAULT_CONFIG)
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # No default here: parse_flags supplies it, so that a bad override is reported when flags
 # are parsed, not while this module is imported.
 _CONFIG = config_flags.DEFINE_config_file(
@@ -62,15 +62,15 @@ def packaged_configs_dir() -> str | None:
 
 
 def resolve_config_argument(value: str) -> str:
-    """``configs/NAME.py[:ARGS]`` (or ``jackpot_jax/NAME.py``) as the file under the working
+    """``configs/NAME.py[:ARGS]`` (or ``jackpot_jax/.../NAME.py``) as the file under the working
     directory if there is one, else as the copy that ships with the package."""
     path, colon, args = value.partition(':')
     if os.path.exists(path):
         return value
     parts = os.path.normpath(path).split(os.sep)
     folder = {'configs': packaged_configs_dir(), 'jackpot_jax': PACKAGE_DIR}.get(parts[0])
-    if len(parts) == 2 and folder and os.path.isfile(os.path.join(folder, parts[1])):
-        return os.path.join(folder, parts[1]) + colon + args
+    if len(parts) >= 2 and folder and os.path.isfile(os.path.join(folder, *parts[1:])):
+        return os.path.join(folder, *parts[1:]) + colon + args
     return value
 
 
