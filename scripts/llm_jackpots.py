@@ -153,8 +153,9 @@ def main() -> None:
             'magnitude': lambda: plan.magnitude_masks(params),
             'random': lambda: plan.random_masks(params, jax.random.key(1)),
             'wanda': lambda: wanda.wanda_masks(
-                model, params, {}, calibration, counts=plan.counts, pattern=pattern
-            ),
+                model, params, {}, calibration,
+                **({'pattern': pattern} if pattern else {'counts': plan.counts}),
+            ),  # fmt: skip
         }
         masks = {}
         for method, build in rows.items():

@@ -143,6 +143,25 @@ def test_input_pipeline_benchmark_smoke(capsys, tmp_path):
     assert input_pipeline.MIN_SIZE <= data['height_range'][0] <= data['height_range'][1]
 
 
+def test_llm_step_benchmark_smoke(monkeypatch, capsys):
+    from benchmarks import llm_step
+    from jackpot_jax.core import parallel
+    from jackpot_jax.models import llama
+
+    monkeypatch.setattr(parallel, 'MIN_SHARDED_SIZE', 256)  # the tiny kernels count as large
+    tiny = llama.LlamaConfig(vocab_size=64, width=32, depth=2, heads=4, kv_heads=2, mlp_width=48)
+    monkeypatch.setattr(llama, 'smollm2_135m', lambda: tiny)  # SmolLM2's shapes, shrunk
+    result = llm_step.main(['--context=16', '--steps=1', '--warmup=0', '--devices=8'])
+    assert result['prunable_weights'] == 2 * (3 * 32 * 48 + 2 * 32 * 32 + 2 * 32 * 16)
+    assert result['search']['ms_median'] > 0 and result['dense']['ms_median'] > 0
+    ratio = result['search']['ms_median'] / result['dense']['ms_median']
+    assert result['search_over_dense_wall'] == pytest.approx(ratio)
+    one, eight = result['memory']['rows']
+    assert (one['fsdp'], eight['fsdp']) == (1, 8)
+    assert eight['state_bytes'] < one['state_bytes']  # each device holds 1/8 of the state
+    assert '"search_over_dense_wall"' in capsys.readouterr().out
+
+
 def test_benchmarks_import_the_package_and_themselves_only():
     """A benchmark runs from a checkout without the tests: no import of tests/."""
     folder = os.path.dirname(search_step.__file__)
