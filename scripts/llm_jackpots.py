@@ -160,7 +160,7 @@ def main() -> None:
         masks = {}
         for method, build in rows.items():
             key = f'{name}/{method}'
-            needed = 'search' in stages or (method == 'wanda' and 'generate' in stages)
+            needed = bool({'search', 'swaps'} & stages) or (method == 'wanda' and 'generate' in stages)
             if method in stages or (method in ('magnitude', 'wanda') and needed):
                 masks[method] = build()
                 if key not in results and method in stages:
@@ -180,11 +180,7 @@ def main() -> None:
                 )  # fmt: skip
                 probe[lr] = jackpot.report['epochs'][-1]['validation_loss']
             results.put('lr_probe', {'validation_loss': probe, 'chosen': min(probe, key=probe.get)})
-        if 'search' not in stages:
-            if 'generate' in stages and name == '50%':
-                run_generations(results, args.out, model, params, tok, masks['wanda'])
-            continue
-        for origin in args.origins.split(','):
+        for origin in args.origins.split(',') if 'search' in stages else ():
             key = f'{name}/jackpot_from_{origin}'
             if key in results:
                 continue
@@ -219,6 +215,15 @@ def main() -> None:
             })  # fmt: skip
         if 'generate' in stages and name == '50%':
             run_generations(results, args.out, model, params, tok, masks['wanda'])
+        if 'swaps' in stages:
+            for origin in args.origins.split(','):
+                run_swaps(results, args.out, name, origin, model, params, masks, calibration)
+                start_loss = f'{name}/{origin}_validation_loss'  # the search's epoch 0
+                if start_loss not in results:
+                    masked = sparsity.masked_params(params, masks[origin])
+                    logits_fn = jax.jit(apply_fn)
+                    losses = [lm_loss(logits_fn(masked, b[0]), b)[0] for b in validation]
+                    results.put(start_loss, float(np.mean(losses)))
 
 
 ROWS = (
@@ -307,6 +312,40 @@ def run_generations(results, out, model, params, tok, masks_50) -> None:
             for prompt in PROMPTS
         ]
     results.put('generations', {'prompts': list(PROMPTS), 'new_tokens': NEW_TOKENS, **texts})
+
+
+def run_swaps(results, out, name, origin, model, params, masks, calibration) -> None:
+    """Which weights a jackpot swapped against its first masks, ranked by the first masks'
+    own criterion (Wanda's |w| ||X_j|| or |w|) among the kept weights of their layer:
+    ``evicted`` (kept at the start, pruned in the jackpot) and ``admitted`` (the reverse)."""
+    from jackpot_jax.core import trees
+    from jackpot_jax.io import checkpoint
+
+    key, folder = f'{name}/swaps_from_{origin}', os.path.join(out, 'search', f'{_slug(name)}_{origin}')
+    if key in results or not os.path.isdir(os.path.join(folder, 'jackpot')):
+        return
+    _, found, _, _ = checkpoint.read_jackpot_bundle(os.path.join(folder, 'jackpot'))
+    paths = sorted(found)
+    kernels = trees.kernels_at(params, paths)
+    if origin == 'wanda':
+        norms = wanda.activation_norms(model, params, {}, paths, calibration)
+        criterion = wanda.wanda_keep_scores(kernels, norms)
+    else:
+        criterion = {p: np.abs(np.asarray(w)) for p, w in kernels.items()}
+    evicted, admitted = [], []
+    for p in paths:
+        start, end, c = np.asarray(masks[origin][p]), np.asarray(found[p]), np.asarray(criterion[p])
+        kept = np.sort(c[start])
+        for which, out_list in (((start & ~end), evicted), ((end & ~start), admitted)):
+            for value in c[which]:  # the fraction of the layer's kept weights ranked below
+                out_list.append((p, float(np.searchsorted(kept, value) / kept.size)))
+    percentiles = lambda rows: sorted(round(q, 4) for _, q in rows)  # noqa: E731
+    results.put(key, {
+        'evicted': len(evicted), 'admitted': len(admitted),
+        'evicted_rank_among_kept': percentiles(evicted),
+        'admitted_rank_among_kept': percentiles(admitted),
+        'layers': sorted({p for p, _ in evicted + admitted}),
+    })  # fmt: skip
 
 
 def run_sparsegpt(results, name, model, params, plan, pattern, calibration, test_ppl) -> None:
