@@ -260,8 +260,11 @@ def write_report(results: Results, out: str) -> None:
                 continue
             ppl = [math.exp(v) for v in row['validation_loss']]
             per_epoch = row['steps'] // len(ppl)
-            ax.plot([per_epoch * (i + 1) for i in range(len(ppl))], ppl, marker='o',
-                    label=f'{name} from {origin}')  # fmt: skip
+            steps = [per_epoch * (i + 1) for i in range(len(ppl))]
+            start = rows.get(f'{name}/{origin}_validation_loss')  # the start masks: step 0
+            if start is not None:
+                steps, ppl = [0, *steps], [math.exp(start), *ppl]
+            ax.plot(steps, ppl, marker='o', label=f'{name} from {origin}')
             shared = row['shared_kept']
             lines.append(
                 f"| {name} from {origin} | {row['chosen_epoch']} | "
