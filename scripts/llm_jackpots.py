@@ -216,12 +216,12 @@ def main() -> None:
         if 'generate' in stages and name == '50%':
             run_generations(results, args.out, model, params, tok, masks['wanda'])
         if 'swaps' in stages:
+            logits_fn = jax.jit(apply_fn)
             for origin in args.origins.split(','):
                 run_swaps(results, args.out, name, origin, model, params, masks, calibration)
                 start_loss = f'{name}/{origin}_validation_loss'  # the search's epoch 0
                 if start_loss not in results:
                     masked = sparsity.masked_params(params, masks[origin])
-                    logits_fn = jax.jit(apply_fn)
                     losses = [lm_loss(logits_fn(masked, b[0]), b)[0] for b in validation]
                     results.put(start_loss, float(np.mean(losses)))
 
@@ -335,19 +335,19 @@ def run_swaps(results, out, name, origin, model, params, masks, calibration) -> 
         criterion = wanda.wanda_keep_scores(kernels, norms)
     else:
         criterion = {p: np.abs(np.asarray(w)) for p, w in kernels.items()}
-    evicted, admitted = [], []
+    ranks = {'evicted': [], 'admitted': []}  # the fraction of the layer's kept weights below
+    layers = set()
     for p in paths:
         start, end, c = np.asarray(masks[origin][p]), np.asarray(found[p]), np.asarray(criterion[p])
         kept = np.sort(c[start])
-        for which, out_list in (((start & ~end), evicted), ((end & ~start), admitted)):
-            for value in c[which]:  # the fraction of the layer's kept weights ranked below
-                out_list.append((p, float(np.searchsorted(kept, value) / kept.size)))
-    percentiles = lambda rows: sorted(round(q, 4) for _, q in rows)  # noqa: E731
+        for kind, which in (('evicted', start & ~end), ('admitted', end & ~start)):
+            ranks[kind].extend(np.searchsorted(kept, c[which]) / kept.size)
+            layers.update([p] if which.any() else [])
     results.put(key, {
-        'evicted': len(evicted), 'admitted': len(admitted),
-        'evicted_rank_among_kept': percentiles(evicted),
-        'admitted_rank_among_kept': percentiles(admitted),
-        'layers': sorted({p for p, _ in evicted + admitted}),
+        **{kind: len(r) for kind, r in ranks.items()},
+        **{f'{kind}_rank_among_kept': sorted(round(float(q), 4) for q in r)
+           for kind, r in ranks.items()},
+        'layers': sorted(layers),
     })  # fmt: skip
 
 
