@@ -44,6 +44,7 @@ _EXPORTS = {
     'sgd_optimizer': 'core.step',
     'masked_params': 'core.sparsity',
     'sparsity_report': 'core.sparsity',
+    'ranked_scores': 'core.sparsity',
     'update_masks': 'core.sparsity',
 }
 __all__ = sorted(_EXPORTS)

@@ -112,6 +112,11 @@ def main() -> None:
     parser.add_argument('--settings', default='50%,2:4')
     parser.add_argument('--origins', default='wanda,magnitude', help='masks the searches start from')
     parser.add_argument(
+        '--ranked_start', type=float, default=0.0,
+        help='> 0: the first scores keep the start masks and order them by their criterion '
+        '(ranked_scores with this spread; rows keyed jackpot_from_ORIGIN_ranked); 0: 1.0 / 0.99',
+    )  # fmt: skip
+    parser.add_argument(
         '--stages',
         default='dense,magnitude,random,wanda,sparsegpt,lr_probe,search,generate,report',
     )
@@ -181,18 +186,27 @@ def main() -> None:
                 probe[lr] = jackpot.report['epochs'][-1]['validation_loss']
             results.put('lr_probe', {'validation_loss': probe, 'chosen': min(probe, key=probe.get)})
         for origin in args.origins.split(',') if 'search' in stages else ():
-            key = f'{name}/jackpot_from_{origin}'
+            suffix = '_ranked' if args.ranked_start else ''
+            key = f'{name}/jackpot_from_{origin}{suffix}'
             if key in results:
                 continue
             start = time.time()
+            start_masks = {p: np.array(m) for p, m in masks[origin].items()}
+            initial_scores = None
+            if args.ranked_start:
+                criterion = rank_criterion(origin, model, params, plan.paths, calibration)
+                initial_scores = sparsity.ranked_scores(
+                    start_masks, criterion, spread=args.ranked_start
+                )
             jackpot = jackpot_jax.find_jackpot(
                 model, {'params': params}, train,
                 validation_batches=validation,
                 steps_per_epoch=args.steps_per_epoch,
                 loss_fn=lm_loss,
-                workdir=os.path.join(args.out, 'search', f'{_slug(name)}_{origin}'),
+                workdir=os.path.join(args.out, 'search', f'{_slug(name)}_{origin}{suffix}'),
                 checkpoint_every=10,
-                initial_masks={p: np.array(m) for p, m in masks[origin].items()},
+                initial_masks=start_masks,
+                initial_scores=initial_scores,
                 sparsity=0.5, allocation='uniform', pattern=pattern or '',
                 epochs=args.epochs,
                 learning_rate=float(results.rows['lr_probe']['chosen']),
@@ -212,6 +226,7 @@ def main() -> None:
                 'tokens': args.epochs * args.steps_per_epoch * args.batch_size * (args.context - 1),
                 'seconds': time.time() - start,
                 'shared_kept': shared,
+                'ranked_start': args.ranked_start,
             })  # fmt: skip
         if 'generate' in stages and name == '50%':
             run_generations(results, args.out, model, params, tok, masks['wanda'])
@@ -317,11 +332,21 @@ def run_generations(results, out, model, params, tok, masks_50) -> None:
     results.put('generations', {'prompts': list(PROMPTS), 'new_tokens': NEW_TOKENS, **texts})
 
 
+def rank_criterion(origin, model, params, paths, calibration) -> dict[str, np.ndarray]:
+    """What the start masks rank weights by: Wanda's |w| ||X_j||, or |w|."""
+    from jackpot_jax.core import trees
+
+    kernels = trees.kernels_at(params, sorted(paths))
+    if origin == 'wanda':
+        norms = wanda.activation_norms(model, params, {}, sorted(paths), calibration)
+        return {p: np.asarray(v) for p, v in wanda.wanda_keep_scores(kernels, norms).items()}
+    return {p: np.abs(np.asarray(w)) for p, w in kernels.items()}
+
+
 def run_swaps(results, out, name, origin, model, params, masks, calibration) -> None:
     """Which weights a jackpot swapped against its first masks, ranked by the first masks'
     own criterion (Wanda's |w| ||X_j|| or |w|) among the kept weights of their layer:
     ``evicted`` (kept at the start, pruned in the jackpot) and ``admitted`` (the reverse)."""
-    from jackpot_jax.core import trees
     from jackpot_jax.io import checkpoint
 
     key, folder = f'{name}/swaps_from_{origin}', os.path.join(out, 'search', f'{_slug(name)}_{origin}')
@@ -329,12 +354,7 @@ def run_swaps(results, out, name, origin, model, params, masks, calibration) -> 
         return
     _, found, _, _ = checkpoint.read_jackpot_bundle(os.path.join(folder, 'jackpot'))
     paths = sorted(found)
-    kernels = trees.kernels_at(params, paths)
-    if origin == 'wanda':
-        norms = wanda.activation_norms(model, params, {}, paths, calibration)
-        criterion = wanda.wanda_keep_scores(kernels, norms)
-    else:
-        criterion = {p: np.abs(np.asarray(w)) for p, w in kernels.items()}
+    criterion = rank_criterion(origin, model, params, paths, calibration)
     ranks = {'evicted': [], 'admitted': []}  # the fraction of the layer's kept weights below
     layers = set()
     for p in paths:

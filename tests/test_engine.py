@@ -349,6 +349,45 @@ def test_a_search_can_start_from_other_masks_at_the_plans_counts():
     assert (jackpot.masks['hidden/kernel'] != start.masks['hidden/kernel']).any()
 
 
+def test_ranked_scores_keep_the_masks_and_order_each_group_by_the_criterion():
+    masks = {'w': np.array([[True, False, True], [False, True, False]])}
+    criterion = {'w': np.array([[5.0, 9.0, 1.0], [0.5, 3.0, 2.0]])}
+    scores = np.asarray(sparsity.ranked_scores(masks, criterion, 0.9, spread=0.03)['w'])
+    # kept 5, 1, 3 -> ranks 2, 0, 1 of 3; pruned 9, 0.5, 2 -> ranks 2, 0, 1 of 3
+    golden = np.array([[1.02, 0.89, 1.0], [0.87, 1.01, 0.88]], np.float32)
+    np.testing.assert_allclose(scores, golden, atol=1e-6)
+    picked = sparsity.masks_from_scores({'w': scores}, {'w': 3})
+    np.testing.assert_array_equal(picked['w'], masks['w'])
+    with pytest.raises(ValueError, match='spread=0'):
+        sparsity.ranked_scores(masks, criterion, spread=0)
+
+
+def test_a_search_can_start_from_given_scores():
+    model, variables = _variables()
+    kernel = np.asarray(variables['params']['hidden']['kernel'])
+    keep = np.abs(kernel) >= np.quantile(np.abs(kernel), 0.75)  # the 25 % largest
+    masks = {'hidden/kernel': keep}
+    ranked = sparsity.ranked_scores(masks, {'hidden/kernel': np.abs(kernel)})
+    one_epoch = {**SETTINGS, 'epochs': 1}
+    plain = jackpot_jax.find_jackpot(model, variables, _batches(), initial_masks=masks, **one_epoch)
+    jackpot = jackpot_jax.find_jackpot(
+        model, variables, _batches(), initial_masks=masks, initial_scores=ranked, **one_epoch
+    )
+    assert int(jackpot.masks['hidden/kernel'].sum()) == kernel.size // 4
+    assert not np.array_equal(plain.scores['hidden/kernel'], jackpot.scores['hidden/kernel'])
+    alone = jackpot_jax.find_jackpot(model, variables, _batches(), initial_scores=ranked, **one_epoch)
+    np.testing.assert_array_equal(alone.scores['hidden/kernel'], jackpot.scores['hidden/kernel'])
+    inverted = {'hidden/kernel': -np.asarray(ranked['hidden/kernel'])}
+    with pytest.raises(ValueError, match="initial_scores pick other masks than initial_masks in \\['hidden/kernel'\\]"):
+        jackpot_jax.find_jackpot(
+            model, variables, _batches(), initial_masks=masks, initial_scores=inverted, **one_epoch
+        )
+    with pytest.raises(ValueError, match="initial_scores\\['hidden/kernel'\\] has shape \\(3,\\)"):
+        jackpot_jax.find_jackpot(
+            model, variables, _batches(), initial_scores={'hidden/kernel': np.ones(3)}, **one_epoch
+        )
+
+
 def test_a_resumed_search_still_has_the_epoch_its_rule_keeps(tmp_path):
     """An epoch the rule may still keep survives a restart and the saves after it (the
     checkpoints kept are worked out from the epoch records, not the process's memory)."""

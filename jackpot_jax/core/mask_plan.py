@@ -211,6 +211,45 @@ class MaskPlan:
         return out
 
 
+    def checked_scores(
+        self,
+        scores: Mapping[str, Any],
+        params: Mapping,
+        masks: Mapping[str, Any] | None = None,
+        mask_update: str = 'short_restriction',
+    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+        """Given first scores (e.g. :func:`sparsity.ranked_scores`), ``(masks, scores)``
+        checked against the plan: the masks are those the update rule picks from the
+        scores, and ``masks`` given (checked already) must be those, or the first update
+        would change them before any gradient. The scores are float32 copies."""
+        kernels = self.kernels(params)
+        if not isinstance(scores, Mapping) or set(scores) != set(kernels):
+            got = sorted(scores) if isinstance(scores, Mapping) else type(scores).__name__
+            raise ValueError(
+                f'initial_scores cover {got}, but the search prunes {sorted(kernels)}; give '
+                'one float array per prunable kernel, keyed by its path'
+            )
+        out = {}
+        for path, value in scores.items():
+            out[path] = jnp.array(value, jnp.float32)
+            if out[path].shape != kernels[path].shape:
+                raise ValueError(
+                    f'initial_scores[{path!r}] has shape {out[path].shape}; the kernel has '
+                    f'{kernels[path].shape}'
+                )
+        picked = _jitted(_masks_from_scores, self.counts, pattern=self.pattern,
+                         mask_update=mask_update)(out)  # fmt: skip
+        if masks is not None:
+            moved = sorted(p for p in picked if not bool(jnp.array_equal(picked[p], masks[p])))
+            if moved:
+                raise ValueError(
+                    f'initial_scores pick other masks than initial_masks in {moved[:3]}: every '
+                    'kept weight must outscore every pruned one of its layer (of its group '
+                    'under N:M); build them with ranked_scores(initial_masks, criterion)'
+                )
+        return picked, out
+
+
 def plan_masks(
     params: Mapping,
     sparsity: float,

@@ -393,6 +393,42 @@ def init_scores(masks: Mapping[str, Array], pruned_score: float = 0.99) -> FlatT
     return {p: jnp.where(m, jnp.float32(1.0), jnp.float32(pruned_score)) for p, m in masks.items()}
 
 
+def ranked_scores(
+    masks: Mapping[str, Array],
+    criterion: Mapping[str, Array],
+    pruned_score: float = 0.99,
+    spread: float = 0.01,
+) -> FlatTree:
+    """First scores that keep ``masks`` and order each layer's kept weights, and its pruned
+    ones, by ``criterion`` (higher = more important, e.g. Wanda's |w| * ||X_j||).
+
+    A kept weight of rank q in [0, 1) among its layer's kept weights scores 1 + spread * q;
+    a pruned one, pruned_score - spread * (1 - q) among the pruned. Under
+    :func:`init_scores` every kept weight starts at 1.0, so the first drops are whichever
+    weights the gradient pushes down 1 - pruned_score, often the criterion's best; here the
+    best have ``spread`` more to lose. Every kept score stays above every pruned one, so the
+    first masks are ``masks``.
+    """
+    if spread <= 0 or pruned_score - spread >= 1.0:
+        raise ValueError(f'spread={spread!r} must be > 0 (pruned_score={pruned_score!r} < 1)')
+    out = {}
+    for path, mask in masks.items():
+        mask = jnp.asarray(mask, bool).reshape(-1)
+        order = jnp.argsort(jnp.asarray(criterion[path], jnp.float32).reshape(-1), stable=True)
+        kept_sorted = mask[order]
+        kept_rank = jnp.cumsum(kept_sorted) - 1  # rank among the kept, in sorted order
+        pruned_rank = jnp.cumsum(~kept_sorted) - 1
+        kept_n, pruned_n = jnp.maximum(jnp.sum(mask), 1), jnp.maximum(jnp.sum(~mask), 1)
+        sorted_scores = jnp.where(
+            kept_sorted,
+            1.0 + spread * kept_rank / kept_n,
+            pruned_score - spread * (1.0 - pruned_rank / pruned_n),
+        )
+        scores = jnp.zeros(mask.shape, jnp.float32).at[order].set(sorted_scores)
+        out[path] = scores.reshape(jnp.shape(masks[path]))
+    return out
+
+
 def kaiming_scores(rng: Array, kernels: Mapping[str, Array]) -> FlatTree:
     """Edge-popup's score init: Kaiming uniform with a = sqrt(5), i.e. U(-b, b), b = 1/sqrt(fan_in).
 

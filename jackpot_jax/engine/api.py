@@ -205,6 +205,7 @@ def find_jackpot(
     train_kwargs: Mapping[str, Any] | None = None,
     eval_kwargs: Mapping[str, Any] | None = None,
     initial_masks: Mapping[str, Any] | None = None,
+    initial_scores: Mapping[str, Any] | None = None,
     settings: SearchSettings | None = None,
     overwrite: bool = False,
     same_search: bool = False,
@@ -234,7 +235,10 @@ def find_jackpot(
     feeds drawn score inits and dropout. ``train_kwargs`` / ``eval_kwargs``: the model's
     train/eval-mode keywords (default: read from its signature). ``initial_masks`` (flat
     ``{path: bool array}`` at the plan's per-layer counts, e.g. another criterion's masks)
-    start the search instead of the magnitude masks.
+    start the search instead of the magnitude masks, scored 1.0 where kept and
+    ``pruned_score`` where pruned; ``initial_scores`` (float arrays) replace those scores,
+    e.g. :func:`~jackpot_jax.core.sparsity.ranked_scores` keeping the masks' criterion's
+    order, and alone start from the masks the update rule picks from them.
 
     A resume (or a finished ``workdir`` called again) goes on only when everything that
     decides the result matches the search that wrote the checkpoints: the settings, the
@@ -245,8 +249,9 @@ def find_jackpot(
     ``overwrite=True``.
     """
     settings, custom_optimizer = _settings(
-        settings, options, validation_batches is not None, initial_masks is not None
-    )
+        settings, options, validation_batches is not None,
+        initial_masks is not None or initial_scores is not None,
+    )  # fmt: skip
     forward, params, statistics, split = adapters.as_forward(
         model, variables, train_kwargs=train_kwargs, eval_kwargs=eval_kwargs
     )
@@ -281,6 +286,11 @@ def find_jackpot(
     planned = loop.plan(task.params, settings, output_paths)
     if initial_masks is not None:  # checked (and copied) before any work
         task.initial_masks = jax.tree.map(np.asarray, planned.checked_masks(initial_masks, params))
+    if initial_scores is not None:
+        picked = planned.checked_scores(
+            initial_scores, params, task.initial_masks, settings.mask_update
+        )
+        task.initial_masks, task.initial_scores = jax.tree.map(np.asarray, picked)
     fingerprint = checkpoint.weights_fingerprint(params)
     outcome = _run(
         task, settings, planned, workdir, checkpoint_every, fingerprint, overwrite=overwrite,
@@ -359,7 +369,7 @@ def _run(
         },
         planned.counts,
         fingerprint,
-        task.initial_masks and checkpoint.weights_fingerprint(task.initial_masks),
+        _start_fingerprint(task.initial_masks, task.initial_scores),
     )
     persistence = persistence_lib.Persistence(workdir, identity, every_steps=every)
     workdir_lib.prepare(workdir)
@@ -368,6 +378,12 @@ def _run(
         return loop.run(task, settings, planned, persistence)
     finally:
         workdir_lib.unlock(workdir)
+
+
+def _start_fingerprint(masks: Any, scores: Any) -> str | None:
+    """The first masks' fingerprint (None: the plan's own), and their first scores'."""
+    prints = [checkpoint.weights_fingerprint(t) for t in (masks, scores) if t is not None]
+    return ':'.join(prints) or None
 
 
 def _report(outcome, settings, params, output_paths) -> dict[str, Any]:
@@ -417,8 +433,7 @@ def _settings(
     if has_initial_masks and resolved.score_init != 'magnitude':
         raise ValueError(
             f'score_init={resolved.score_init!r} draws the first scores, but initial_masks '
-            'set them (1.0 where kept, pruned_score where pruned); drop score_init, or '
-            'initial_masks'
+            'or initial_scores set them; drop score_init, or those'
         )
     return resolved, custom
 

@@ -78,6 +78,7 @@ class SearchTask:
     # The search's first masks (e.g. another criterion's, such as Wanda's) instead of the
     # magnitude masks: scores 1.0 where kept, settings.pruned_score where pruned.
     initial_masks: dict[str, Any] | None = None
+    initial_scores: dict[str, Any] | None = None  # with initial_masks: their first scores
 
 
 @dataclasses.dataclass
@@ -198,7 +199,9 @@ def _state_and_step(
     init_key, step_key = jax.random.split(task.rng)
     if task.score_init_rng is not None:
         init_key = task.score_init_rng
-    if task.initial_masks is None:
+    if task.initial_scores is not None:  # checked against initial_masks by find_jackpot
+        masks, scores = task.initial_masks, task.initial_scores
+    elif task.initial_masks is None:
         masks, scores = planned.initial_masks_and_scores(
             task.params, s.score_init, mask_update=s.mask_update, pruned_score=s.pruned_score,
             rng=init_key,
