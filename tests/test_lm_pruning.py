@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from test_gpt import _tiny_config  # tests/ is on the path
 from test_text_data import write_corpus
 
+from configs import smollm2
 from jackpot_jax.launch import config_checks, modes, weight_training
 from jackpot_jax.launch.config_checks import resolved
 from jackpot_jax.launch.studies import lm_pruning
@@ -83,3 +85,58 @@ def test_rerun_resumes_every_search(study, capsys):
 def test_bad_sparsities_name_the_value(text, fix):
     with pytest.raises(ValueError, match=fix):
         config_checks.lm_pruning_sparsities(text)
+
+
+@pytest.fixture(scope='module')
+def llama_study(tmp_path_factory):
+    """``configs/smollm2.py:lm_pruning`` on a tiny random LLaMA (GGUF) and a small
+    documentation folder: the real model's study, in miniature."""
+    from test_llama import TINY, random_params, write_gguf
+    from test_prose import write_docs
+
+    root = tmp_path_factory.mktemp('llama_study')
+    write_gguf(root / 'tiny.gguf', TINY, random_params(TINY))
+    config = smollm2.get_config('lm_pruning')
+    config.pretrained = str(root / 'tiny.gguf')
+    config.data.data_dir = write_docs(root, n=120)
+    config.data.cache_dir = str(root / 'cache')
+    config.data.context = 16
+    config.data.max_eval_tokens = 96
+    config.data.eval_batch_size = 8  # over the 8 test devices
+    config.search.batch_size = 8
+    config.lm_pruning.calibration_batches = 1
+    config.lm_pruning.ranked_spread = 0.02
+    config.steps_per_epoch = 2
+    config.search.epochs = 2
+    workdir = str(root / 'run')
+    return config, workdir, modes.MODES['lm_pruning'](resolved(config), workdir)
+
+
+def test_the_llama_study_runs_every_method_on_the_documentation(llama_study):
+    config, workdir, result = llama_study
+    assert result['model'] == 'llama' and result['data'] == 'python_docs'
+    assert [r['sparsity'] for r in result['rows']] == ['0.5', '2:4']
+    for row in result['rows']:
+        assert set(row['methods']) == set(lm_pruning.METHODS) - {'dense'}
+        for name, method in row['methods'].items():
+            assert method['pruned'] == row['counts'], (row['sparsity'], name)
+        mask_only, update = (row['methods'][m] for m in ('sparsegpt_mask', 'sparsegpt_update'))
+        assert mask_only['test_perplexity'] != update['test_perplexity']  # weights updated
+    table = lm_pruning.format_table(result)
+    assert 'SparseGPT with update' in table and table.count('| 2:4 |') == 3
+
+
+def test_the_documentation_parts_are_disjoint_windows_of_the_models_tokens(llama_study):
+    from jackpot_jax.launch import run_context
+
+    config, _, _ = llama_study
+    source = run_context.Setup(resolved(config)).source
+    windows = source.manifest['windows']
+    assert windows['validation'] == windows['test'] == 6  # capped at 96 tokens
+    assert source.calibration_images.shape[1:] == source.train_images.shape[1:] == (16,)
+    np.testing.assert_array_equal(source.train_images[:, 1:], source.train_labels[:, :-1])
+    assert source.num_classes == 300
+    config.data.validation_fraction = 0.2
+    wider = run_context.Setup(resolved(config)).source
+    assert wider.manifest['part_tokens']['test'] == source.manifest['part_tokens']['test']
+    assert wider.manifest['part_tokens']['validation'] > source.manifest['part_tokens']['validation']

@@ -28,7 +28,7 @@ def test_page_text_keeps_the_prose_and_drops_code_navigation_and_marks():
     )
 
 
-def _docs(tmp_path, n=40):
+def write_docs(tmp_path, n=40):
     root = tmp_path / 'html'
     for i in range(n):
         folder = root / ('tutorial' if i % 2 else 'library')
@@ -39,7 +39,7 @@ def _docs(tmp_path, n=40):
 
 
 def test_parts_are_disjoint_stable_and_cover_every_page(tmp_path):
-    docs = prose.read_documents(_docs(tmp_path))
+    docs = prose.read_documents(write_docs(tmp_path))
     assert len(docs) == 40 and 'genindex.html' not in docs
     parts = {name: prose.part_of(name) for name in docs}
     assert set(parts.values()) == set(prose.PARTS)  # 40 pages reach every part
@@ -53,7 +53,7 @@ def test_parts_are_disjoint_stable_and_cover_every_page(tmp_path):
 
 
 def test_tokens_are_cached_and_reused(tmp_path):
-    root, cache, calls = _docs(tmp_path), str(tmp_path / 'cache'), []
+    root, cache, calls = write_docs(tmp_path), str(tmp_path / 'cache'), []
 
     def encode(text):
         calls.append(len(text))

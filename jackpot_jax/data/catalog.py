@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from jackpot_jax.data import sources, text
+from jackpot_jax.data import prose, sources, text
 
-TEXT_DATASETS = ('python_source',)  # byte-level text, see text.py
+# Byte-level text (text.py), and prose tokenized by the model's tokenizer (prose.py).
+TEXT_DATASETS = ('python_source', 'python_docs')
 DATASETS = ('digits', 'fashion_mnist') + TEXT_DATASETS  # in memory, no TensorFlow needed
 TFDS_DATASETS = ('cifar10', 'cifar100', 'imagenet2012')  # see input_pipeline.py
 TFDS_PREFIX = 'tfds:'  # 'tfds:NAME': any tfds image-classification dataset
@@ -50,6 +51,8 @@ def load_source(
         return tfds_source.open_dataset(
             name, data_dir, validation_fraction, threads, **tfds_options(options or {})
         )
+    if name == 'python_docs':
+        return _python_docs(data_dir, options or {}, validation_fraction)
     if name in TEXT_DATASETS:
         context = (options or {}).get('context', 0) or text.DEFAULT_CONTEXT
         return text.load_python_source(data_dir, context, validation_fraction=validation_fraction)
@@ -60,6 +63,22 @@ def load_source(
 
         return tfds_source.TfdsSource(name, data_dir, validation_fraction, threads)
     raise ValueError(f'unknown dataset {name!r}; choose one of {DATASETS + TFDS_DATASETS}')
+
+
+def _python_docs(data_dir: str | None, options: Mapping, validation_fraction: float):
+    """The documentation's prose in the tokens of ``options['tokenizer']`` (the model's)."""
+    if not options.get('tokenizer'):
+        raise ValueError(
+            "data.name='python_docs' is tokenized by a language model's own tokenizer, but "
+            'the model has none; use a LLaMA (--config=configs/smollm2.py) or '
+            "data.name='python_source' (bytes)"
+        )
+    return prose.load_python_docs(
+        options['tokenizer'], data_dir, options.get('context', 0),
+        validation_fraction=validation_fraction,
+        max_eval_tokens=options.get('max_eval_tokens', 0),
+        cache_dir=options.get('cache_dir') or None,
+    )  # fmt: skip
 
 
 def is_tfds_name(name: str) -> bool:

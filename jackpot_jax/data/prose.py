@@ -17,6 +17,7 @@ every machine and does not move when pages are added. Tokenized parts are cached
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import html.parser
@@ -27,12 +28,14 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from jackpot_jax.core.errors import UserError
+from jackpot_jax.data import text, tokenizer as tokenizer_lib
 
 PYTHON_DOCS_GLOB = '/usr/share/doc/python3*/html'
 PYTHON_DOCS_INSTALL = 'apt-get install -y python3-doc'
 # Parts of the corpus and their shares of the pages (by a hash of the page's path).
 PARTS = ('calibration', 'search', 'validation', 'test')
 SHARES = (0.05, 0.75, 0.10, 0.10)
+DEFAULT_CONTEXT = 256  # tokens per window of the 'python_docs' dataset when data.context is 0
 _SKIPPED_TAGS = {'pre', 'script', 'style', 'nav', 'head'}
 _BLOCK_TAGS = {'p', 'div', 'section', 'li', 'dt', 'dd', 'h1', 'h2', 'h3', 'h4', 'h5', 'h6',
                'tr', 'table', 'blockquote', 'br', 'ul', 'ol', 'dl'}  # fmt: skip
@@ -126,8 +129,8 @@ def read_documents(root: str | None = None) -> dict[str, str]:
 
 def part_of(name: str, shares: Sequence[float] = SHARES) -> str:
     """Which part a document belongs to: a stable hash of its name against the shares."""
-    if len(shares) != len(PARTS) or abs(sum(shares) - 1.0) > 1e-9 or min(shares) <= 0:
-        raise ValueError(f'shares {tuple(shares)} must be {len(PARTS)} positive numbers summing to 1')
+    if len(shares) != len(PARTS) or abs(sum(shares) - 1.0) > 1e-9 or min(shares) < 0:
+        raise ValueError(f'shares {tuple(shares)} must be {len(PARTS)} numbers >= 0 summing to 1')
     u = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], 'big') / 2.0**64
     edge = 0.0
     for part, share in zip(PARTS, shares):
@@ -197,3 +200,88 @@ def read_text_file(path: str) -> str:
     if not text.strip():
         raise UserError(f'text file {path!r} is empty; pass a file with text to score')
     return text
+
+
+@dataclasses.dataclass(frozen=True)
+class ProseDataset(text.TextDataset):
+    """Token windows of the parts: 'search' trains, 'validation' chooses, 'test' reports,
+    and the 'calibration' windows feed one-shot criteria (Wanda, SparseGPT)."""
+
+    calibration_images: np.ndarray | None = None
+    calibration_labels: np.ndarray | None = None
+
+
+def default_cache_dir() -> str:
+    """Where tokenized parts are cached: ``$XDG_CACHE_HOME/jackpot_jax`` (~/.cache)."""
+    base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+    return os.path.join(base, 'jackpot_jax')
+
+
+def _windows(tokens: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, next tokens) ``[N, context]``: windows of ``context + 1`` tokens every
+    ``context`` tokens, the tail that fills no window dropped."""
+    count = max(0, (len(tokens) - 1) // context)
+    windows = tokens[np.arange(count)[:, None] * context + np.arange(context + 1)]
+    return windows[:, :-1].astype(np.int32), windows[:, 1:].astype(np.int32)
+
+
+def load_python_docs(
+    tokenizer_path: str,
+    root: str | None = None,
+    context: int = 0,
+    *,
+    validation_fraction: float = 0.0,
+    max_eval_tokens: int = 0,
+    cache_dir: str | None = None,
+) -> ProseDataset:
+    """The ``python_docs`` dataset: windows of ``context`` tokens (0 = 256) of the parts,
+    tokenized by the model's tokenizer (a GGUF file or a ``tokenizer.json``).
+
+    ``validation_fraction`` is the validation part's share of the pages, taken from the
+    search part (0: no validation split); the calibration (5 %) and test (10 %) pages do
+    not move with it. ``max_eval_tokens`` > 0 keeps the first windows of the validation
+    and test parts up to that many tokens, so each evaluation costs a bounded time.
+    """
+    context = context or DEFAULT_CONTEXT
+    if not (isinstance(context, int) and context >= 1):
+        raise ValueError(f'data.context must be a positive integer, got {context!r} (e.g. 256)')
+    if not 0.0 <= validation_fraction < SHARES[1] + SHARES[2]:
+        raise ValueError(
+            f'data.validation_fraction={validation_fraction!r} must be in [0, '
+            f'{SHARES[1] + SHARES[2]}) for python_docs (the search part gives it its pages)'
+        )
+    if not (isinstance(max_eval_tokens, int) and max_eval_tokens >= 0):
+        raise ValueError(f'data.max_eval_tokens must be an int >= 0, got {max_eval_tokens!r}')
+    tok = tokenizer_lib.load_tokenizer(tokenizer_path)
+    shares = (SHARES[0], SHARES[1] + SHARES[2] - validation_fraction, validation_fraction, SHARES[3])
+    with open(tokenizer_path, 'rb') as f:
+        tokenizer_id = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
+    parts = tokenized_parts(
+        tok.encode, f'{tokenizer_id}:{os.path.getsize(tokenizer_path)}',
+        cache_dir or default_cache_dir(), root, shares,
+    )  # fmt: skip
+    arrays = {part: _windows(tokens, context) for part, tokens in parts.items()}
+    for part in ('search', 'test', 'calibration'):
+        if not len(arrays[part][0]):
+            raise ValueError(
+                f'the {part} part of the documentation holds {len(parts[part])} tokens, no '
+                f'window of data.context + 1 = {context + 1}; lower data.context'
+            )
+    if max_eval_tokens:
+        cap = max(1, max_eval_tokens // context)
+        for part in ('validation', 'test'):
+            arrays[part] = tuple(a[:cap] for a in arrays[part])
+    manifest = {
+        'root': python_docs_root(root),
+        'context': context,
+        'shares': dict(zip(PARTS, shares)),
+        'part_tokens': {part: int(len(tokens)) for part, tokens in parts.items()},
+        'windows': {part: int(len(a[0])) for part, a in arrays.items()},
+    }
+    validation = arrays['validation'] if validation_fraction else (None, None)
+    return ProseDataset(
+        *arrays['search'], *arrays['test'], tok.vocab_size, *validation,
+        manifest=manifest,
+        calibration_images=arrays['calibration'][0],
+        calibration_labels=arrays['calibration'][1],
+    )  # fmt: skip

@@ -369,7 +369,7 @@ def _run(
         },
         planned.counts,
         fingerprint,
-        _start_fingerprint(task.initial_masks, task.initial_scores),
+        persistence_lib.start_fingerprint(task.initial_masks, task.initial_scores),
     )
     persistence = persistence_lib.Persistence(workdir, identity, every_steps=every)
     workdir_lib.prepare(workdir)
@@ -378,12 +378,6 @@ def _run(
         return loop.run(task, settings, planned, persistence)
     finally:
         workdir_lib.unlock(workdir)
-
-
-def _start_fingerprint(masks: Any, scores: Any) -> str | None:
-    """The first masks' fingerprint (None: the plan's own), and their first scores'."""
-    prints = [checkpoint.weights_fingerprint(t) for t in (masks, scores) if t is not None]
-    return ':'.join(prints) or None
 
 
 def _report(outcome, settings, params, output_paths) -> dict[str, Any]:

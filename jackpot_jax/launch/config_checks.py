@@ -23,6 +23,7 @@ from jackpot_jax.core import choices, settings as settings_lib, structured
 from jackpot_jax.core.choices import check_choice
 from jackpot_jax.core.settings import SearchSettings
 from jackpot_jax.data import catalog
+from jackpot_jax.io import gguf, llama_weights
 from jackpot_jax.launch.config import (
     CPU_COLLECTIVES,
     FLOAT32_ONLY_MODES,
@@ -227,6 +228,8 @@ def resolved(
     out.data.validation_fraction = fraction
     for name in _SEARCH_FIELDS:
         out.search[name] = getattr(settings, name)
+    if out.model.name == llama_weights.MODEL_NAME and not out.pretrained:
+        out.pretrained = gguf.smollm2_gguf_path()  # a LLaMA's weights are given, never trained
     _check_launcher_fields(out)
     return out
 
@@ -255,6 +258,9 @@ def _check_launcher_fields(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f'sweep.sparsities: {value!r} is not in [0, 1)')
     lm_pruning_sparsities(config.lm_pruning.sparsities)
     _check_positive('lm_pruning.calibration_batches', config.lm_pruning.calibration_batches)
+    spread = config.lm_pruning.ranked_spread
+    if not (isinstance(spread, (int, float)) and spread >= 0):
+        raise ValueError(f'lm_pruning.ranked_spread must be a number >= 0, got {spread!r} (e.g. 0.02)')
     if not 0.0 <= config.search_cost.target <= 1.0:
         raise ValueError(
             f'search_cost.target must be a test top-1 in [0, 1] (0 = the kaiming search\'s '

@@ -6,6 +6,7 @@ BatchNorm re-estimation. Every mode takes the config the launcher resolved at it
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 from collections.abc import Iterator, Mapping
@@ -19,7 +20,7 @@ import numpy as np
 from jackpot_jax.core import adapters, parallel, trees
 from jackpot_jax.data import catalog
 from jackpot_jax.engine import evaluation
-from jackpot_jax.io import checkpoint, workdir as workdir_lib
+from jackpot_jax.io import checkpoint, llama_weights, workdir as workdir_lib
 from jackpot_jax.launch import config as config_lib, config_checks
 from jackpot_jax.models import zoo
 
@@ -36,14 +37,20 @@ class Setup:
                 'leave hosts without devices; use num_devices=0 (all) on multi-host runs'
             )
         self.mesh = parallel.make_mesh(config.num_devices or None, config.fsdp)
+        options = config.data.to_dict()
+        kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
+        if config.model.name == llama_weights.MODEL_NAME:  # the weights say what the model is
+            weights = _llama_weights(config.pretrained)
+            options['tokenizer'] = weights.tokenizer_path
+            fields = dataclasses.asdict(weights.config)
+            kwargs = {**{k: v for k, v in fields.items() if k != 'vocab_size'}, **kwargs}
         self.source = catalog.load_source(
             config.data.name,
             config.data.data_dir or None,
-            config.data.to_dict(),
+            options,
             validation_fraction=config.data.validation_fraction,
             threads=config.data.threads,
         )
-        kwargs = {k: v for k, v in config.model.items() if k not in ('name', 'dtype')}
         dtype = zoo.compute_dtype(config.model.get('dtype', 'float32'))
         self.model = zoo.get_model(
             config.model.name, self.source.num_classes, dtype=dtype, **kwargs
@@ -95,7 +102,11 @@ class Setup:
     def load_weights(self, path: str) -> tuple[dict, dict, str]:
         """Weights checked leaf by leaf against the model, placed on the mesh
         (:func:`parallel.shard_state`); and their fingerprint."""
-        params, statistics, meta = checkpoint.load_weights(path)
+        if self.config.model.name == llama_weights.MODEL_NAME and not llama_weights.is_converted(path):
+            params, statistics = _llama_weights(path).params, {}  # a GGUF file or HF folder
+            meta = {'model': {'name': llama_weights.MODEL_NAME}}
+        else:
+            params, statistics, meta = checkpoint.load_weights(path)
         saved_model = meta.get('model', {}).get('name')
         if saved_model != self.config.model.name:
             raise ValueError(
@@ -149,6 +160,12 @@ class Setup:
                 + f'): it was saved for another model or an item of it was damaged: {fix}'
             )
         return masks, statistics, meta
+
+
+@functools.lru_cache(maxsize=1)
+def _llama_weights(path: str) -> llama_weights.LlamaWeights:
+    """A LLaMA's weights, read once per process for every run context of the same file."""
+    return llama_weights.load_llama(path)
 
 
 @functools.lru_cache(maxsize=None)

@@ -81,12 +81,16 @@ def score_init_key(config: ml_collections.ConfigDict) -> jax.Array:
 
 
 def run_search(
-    config: ml_collections.ConfigDict, workdir: str, initial_masks: dict[str, Any] | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    initial_masks: dict[str, Any] | None = None,
+    initial_scores: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Searches a jackpot in the frozen weights; resumes from WORKDIR/checkpoints if present.
 
     ``initial_masks`` (flat path -> bool mask at the plan's per-layer counts, e.g. Wanda's)
-    start the search instead of the magnitude masks; a resume must be given the same ones.
+    start the search instead of the magnitude masks, ``initial_scores`` (which must pick
+    them) instead of 1.0 / ``search.pruned_score``; a resume must be given the same ones.
     """
     setup = rc.Setup(config)
     weights_path = workdir_lib.pretrained_path(workdir, config.pretrained)
@@ -97,6 +101,11 @@ def run_search(
         task.initial_masks = {
             p: np.asarray(parallel.to_host(m), bool) for p, m in initial_masks.items()
         }
+    if initial_scores is not None:
+        picked = planned.checked_scores(
+            initial_scores, params, task.initial_masks, config.search.mask_update
+        )
+        task.initial_masks, task.initial_scores = jax.tree.map(np.asarray, picked)
     identity = persistence_lib.search_identity(
         # The config fields a resumed search must share with the one that wrote the
         # checkpoint (every field not marked resumable in jackpot_jax.launch.config),
@@ -104,7 +113,7 @@ def run_search(
         {k.replace('.', '/'): v for k, v in config_lib.search_identity(config).items()},
         planned.counts,
         fingerprint,
-        task.initial_masks and checkpoint.weights_fingerprint(task.initial_masks),
+        persistence_lib.start_fingerprint(task.initial_masks, task.initial_scores),
         weights_path=os.path.abspath(weights_path),
     )
     persistence = persistence_lib.Persistence(

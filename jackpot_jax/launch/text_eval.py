@@ -16,33 +16,19 @@ from typing import Any
 
 import ml_collections
 
-from jackpot_jax.core.errors import UserError
 from jackpot_jax.data import prose, tokenizer as tokenizer_lib
 from jackpot_jax.engine import perplexity
-from jackpot_jax.io import checkpoint, gguf, llama_weights, workdir as workdir_lib
-from jackpot_jax.models.llama import Llama, LlamaConfig
+from jackpot_jax.io import llama_weights, workdir as workdir_lib
+from jackpot_jax.models.llama import Llama
 
 DEFAULT_CONTEXT = 2048
 
 
 def load_language_model(path: str) -> tuple[Llama, dict[str, Any], Any, str]:
     """``(model, params, tokenizer, source)`` of the weights at ``path`` ('' = SmolLM2)."""
-    path = path or gguf.smollm2_gguf_path()
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, '_CHECKPOINT_METADATA')):
-        params, _, meta = checkpoint.load_weights(path)
-        model = dict(meta.get('model', {}))
-        if model.pop('name', None) != llama_weights.MODEL_NAME or 'tokenizer' not in meta:
-            raise UserError(
-                f'{path!r} holds weights of model {meta.get("model")!r}, not a LLaMA converted '
-                'by `jackpot-jax-convert llama`; pass a LLaMA (GGUF, Hugging Face folder, or '
-                'converted weights)'
-            )
-        config, tokenizer_path, source = LlamaConfig(**model), meta['tokenizer'], meta['source']
-    else:
-        weights = llama_weights.read_llama_weights(path)
-        config, params, source = weights.config, weights.params, weights.source
-        tokenizer_path = weights.tokenizer_path
-    return Llama(config), params, tokenizer_lib.load_tokenizer(tokenizer_path), source
+    weights = llama_weights.load_llama(path)
+    tokenizer = tokenizer_lib.load_tokenizer(weights.tokenizer_path)
+    return Llama(weights.config), weights.params, tokenizer, weights.source
 
 
 def run_text_perplexity(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -216,7 +216,7 @@ def ensure_pretrained(config: ml_collections.ConfigDict, workdir: str) -> None:
     ``config.pretrained`` given is read, never written: a path that is not there is an
     error (a typo would otherwise be pre-trained into)."""
     weights = workdir_lib.pretrained_path(workdir, config.pretrained)
-    if os.path.isdir(weights):
+    if os.path.exists(weights):  # a folder, or a LLaMA's GGUF file
         logging.info('using the pre-trained weights at %s', weights)
     elif config.pretrained:
         raise UserError(

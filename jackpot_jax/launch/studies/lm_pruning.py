@@ -6,10 +6,18 @@ N:M pattern such as ``2:4``) the frozen pre-trained weights are masked by:
 
 * ``magnitude``: the largest |w| of each layer kept;
 * ``random``: a uniformly random mask (``jax.random.key(seed + 1)``);
-* ``wanda``: |w| * ||X_j|| ranked within each output row, the input norms ||X_j|` gathered
-  over ``config.lm_pruning.calibration_batches`` batches of the training split;
+* ``wanda``: |w| * ||X_j|| ranked within each output row, the input norms ||X_j|| gathered
+  over ``config.lm_pruning.calibration_batches`` calibration batches (the dataset's
+  calibration part where it has one, else the first batches of the training split);
+* ``sparsegpt_mask``, ``sparsegpt_update``: SparseGPT's masks (the layer-wise OBS solver,
+  block by block, on the same calibration batches) on the original weights, and with its
+  weight update: the one row here that changes weights;
 * ``jackpot_magnitude``: the jackpot searched from the magnitude masks (the paper's start);
 * ``jackpot_wanda``: the jackpot searched from Wanda's masks.
+
+``lm_pruning.ranked_spread`` > 0 starts each search from scores that keep its first masks
+in the order of their criterion (|w|, or Wanda's), :func:`jackpot_jax.core.sparsity.ranked_scores`,
+instead of 1.0 for every kept weight and ``search.pruned_score`` for every pruned one.
 
 Every mask prunes the same count k_l of each layer (allocation 'uniform', or the N:M
 pattern's counts). Both searches keep the epoch with the lowest VALIDATION perplexity
@@ -30,7 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jackpot_jax.baselines import wanda
+from jackpot_jax.baselines import sparsegpt, wanda
 from jackpot_jax.core import parallel, sparsity, structured
 from jackpot_jax.launch import config_checks, run_context as rc
 from jackpot_jax.launch.search_mode import run_search, search_plan
@@ -42,7 +50,7 @@ STUDY = 'lm_pruning'
 FIGURE = 'lm_pruning.png'
 SELECTION_METRIC = 'perplexity'
 # Row order of the table and the figure.
-BASELINES = ('magnitude', 'random', 'wanda')
+BASELINES = ('magnitude', 'random', 'wanda', 'sparsegpt_mask', 'sparsegpt_update')
 STARTS = ('magnitude', 'wanda')
 METHODS = ('dense', *BASELINES, *(f'jackpot_{s}' for s in STARTS))
 LABELS = {
@@ -50,6 +58,8 @@ LABELS = {
     'magnitude': 'magnitude',
     'random': 'random',
     'wanda': 'Wanda',
+    'sparsegpt_mask': 'SparseGPT mask only',
+    'sparsegpt_update': 'SparseGPT with update',
     'jackpot_magnitude': 'jackpot from magnitude',
     'jackpot_wanda': 'jackpot from Wanda',
 }
@@ -91,17 +101,35 @@ def _wanda_masks(scores, counts, pattern):
 
 
 def _calibration_batches(config: ml_collections.ConfigDict, setup: rc.Setup) -> list:
-    """The first ``lm_pruning.calibration_batches`` batches (``search.batch_size``) of the
-    training split's first epoch, on the host."""
-    wanted = config.lm_pruning.calibration_batches
-    stream = setup.source.train_epoch(config.search.batch_size, config.seed, 0, 0)
+    """``lm_pruning.calibration_batches`` batches (``search.batch_size``) on the host: the
+    first of the dataset's calibration part if it has one (disjoint from the search's
+    batches), else of the training split's first epoch."""
+    wanted, size = config.lm_pruning.calibration_batches, config.search.batch_size
+    part = getattr(setup.source, 'calibration_images', None)
+    if part is not None:
+        labels = setup.source.calibration_labels
+        stream = ((part[i : i + size], labels[i : i + size]) for i in range(0, len(part) - size + 1, size))
+        where = 'calibration part'
+    else:
+        stream = setup.source.train_epoch(size, config.seed, 0, 0)
+        where = 'training split'
     batches = list(itertools.islice(stream, wanted))
     if len(batches) < wanted:
         raise ValueError(
-            f'lm_pruning.calibration_batches={wanted} but the training split gives only '
-            f'{len(batches)} batches of {config.search.batch_size}; lower it'
+            f'lm_pruning.calibration_batches={wanted} but the {where} gives only '
+            f'{len(batches)} batches of {size}; lower it'
         )
     return batches
+
+
+def _first_scores(config, masks, criterion):
+    """Scores ranked by the start's criterion (``lm_pruning.ranked_spread`` > 0), else None:
+    1.0 where kept, ``search.pruned_score`` where pruned."""
+    spread = config.lm_pruning.ranked_spread
+    if not spread:
+        return None
+    magnitude = jax.tree.map(abs, parallel.to_host(dict(criterion)))
+    return sparsity.ranked_scores(masks, magnitude, config.search.pruned_score, spread)
 
 
 def _history(records) -> list[dict[str, Any]]:
@@ -152,13 +180,19 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         paths = tuple(sorted(counts))
         if norms is None:
             norms = wanda.activation_norms(setup.model, params, statistics, paths, calibration)
+        wanda_scores = wanda.wanda_keep_scores(plan.kernels(params), norms)
+        sparsegpt_masks, updated = sparsegpt.prune_model(
+            setup.model, parallel.to_host(params), calibration, counts=counts,
+            pattern=pattern or None, statistics=parallel.to_host(statistics),
+        )  # fmt: skip
         masks = {
             'magnitude': plan.magnitude_masks(params),
             'random': plan.random_masks(params, jax.random.key(config.seed + 1)),
-            'wanda': _wanda_masks(
-                wanda.wanda_keep_scores(plan.kernels(params), norms), counts, pattern
-            ),
+            'wanda': _wanda_masks(wanda_scores, counts, pattern),
+            'sparsegpt_mask': sparsegpt_masks,
+            'sparsegpt_update': sparsegpt_masks,
         }
+        weights = {'sparsegpt_update': updated}  # the others mask the original weights
         row: dict[str, Any] = {
             'sparsity': label,
             'search_sparsity': value,
@@ -170,7 +204,9 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         }
         for name, m in masks.items():
             _check_counts(name, m, counts)
-            evaluated = setup.split_metrics(sparsity.masked_params(params, m), statistics)
+            evaluated = setup.split_metrics(
+                sparsity.masked_params(weights.get(name, params), m), statistics
+            )
             row['methods'][name] = {
                 'test_perplexity': evaluated['perplexity'],
                 'test_top1': evaluated['top1'],
@@ -182,9 +218,13 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
         for start in STARTS:
             folder = common.variant_folder(workdir, STUDY, _folder_name(label, start))
             rc.print_main(f'{STUDY}: searching {label} from {start} in {folder}')
+            start_masks = masks[start]
+            criteria = {'magnitude': plan.kernels(params), 'wanda': wanda_scores}
+            paper_start = start == 'magnitude' and not config.lm_pruning.ranked_spread
             found = run_search(
-                sub, folder, initial_masks=None if start == 'magnitude' else masks['wanda']
-            )
+                sub, folder, initial_masks=None if paper_start else start_masks,
+                initial_scores=_first_scores(config, start_masks, criteria[start]),
+            )  # fmt: skip
             jackpot, _, _ = setup.read_jackpot(rc.jackpot_path(sub, folder))
             _check_counts(f'jackpot from {start}', jackpot, counts)
             history = found['history']
