@@ -45,6 +45,7 @@ _EXPORTS = {
     'masked_params': 'core.sparsity',
     'sparsity_report': 'core.sparsity',
     'ranked_scores': 'core.sparsity',
+    'scaled_scores': 'core.sparsity',
     'update_masks': 'core.sparsity',
 }
 __all__ = sorted(_EXPORTS)

@@ -112,9 +112,10 @@ def main() -> None:
     parser.add_argument('--settings', default='50%,2:4')
     parser.add_argument('--origins', default='wanda,magnitude', help='masks the searches start from')
     parser.add_argument(
-        '--ranked_start', type=float, default=0.0,
-        help='> 0: the first scores keep the start masks and order them by their criterion '
-        '(ranked_scores with this spread; rows keyed jackpot_from_ORIGIN_ranked); 0: 1.0 / 0.99',
+        '--start_scores', default='flat',
+        help="the searches' first scores: 'flat' (1.0 kept, 0.99 pruned), 'ranked:SPREAD' "
+        "(ranked_scores: the start's criterion's order) or 'scaled' (scaled_scores: its "
+        'values, per column); rows other than flat are keyed jackpot_from_ORIGIN_ranked / _scaled',
     )  # fmt: skip
     parser.add_argument(
         '--stages',
@@ -186,18 +187,22 @@ def main() -> None:
                 probe[lr] = jackpot.report['epochs'][-1]['validation_loss']
             results.put('lr_probe', {'validation_loss': probe, 'chosen': min(probe, key=probe.get)})
         for origin in args.origins.split(',') if 'search' in stages else ():
-            suffix = '_ranked' if args.ranked_start else ''
+            kind = args.start_scores.split(':')[0]
+            suffix = '' if kind == 'flat' else f'_{kind}'
             key = f'{name}/jackpot_from_{origin}{suffix}'
             if key in results:
                 continue
             start = time.time()
             start_masks = {p: np.array(m) for p, m in masks[origin].items()}
             initial_scores = None
-            if args.ranked_start:
+            if kind != 'flat':
                 criterion = rank_criterion(origin, model, params, plan.paths, calibration)
-                initial_scores = sparsity.ranked_scores(
-                    start_masks, criterion, spread=args.ranked_start
-                )
+                initial_scores = (
+                    sparsity.scaled_scores(start_masks, criterion) if kind == 'scaled'
+                    else sparsity.ranked_scores(
+                        start_masks, criterion, spread=float(args.start_scores.split(':')[1])
+                    )
+                )  # fmt: skip
             jackpot = jackpot_jax.find_jackpot(
                 model, {'params': params}, train,
                 validation_batches=validation,
@@ -226,7 +231,7 @@ def main() -> None:
                 'tokens': args.epochs * args.steps_per_epoch * args.batch_size * (args.context - 1),
                 'seconds': time.time() - start,
                 'shared_kept': shared,
-                'ranked_start': args.ranked_start,
+                'start_scores': args.start_scores,
             })  # fmt: skip
         if 'generate' in stages and name == '50%':
             run_generations(results, args.out, model, params, tok, masks['wanda'])

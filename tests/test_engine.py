@@ -362,6 +362,18 @@ def test_ranked_scores_keep_the_masks_and_order_each_group_by_the_criterion():
         sparsity.ranked_scores(masks, criterion, spread=0)
 
 
+def test_scaled_scores_divide_each_column_by_its_boundary():
+    masks = {'w': np.array([[True, False], [False, True], [True, True]])}
+    criterion = {'w': np.array([[4.0, 1.0], [2.0, 5.0], [6.0, 3.0]])}
+    scores = np.asarray(sparsity.scaled_scores(masks, criterion)['w'])
+    # column 0: kept 4, 6, pruned 2 -> boundary 3; column 1: kept 5, 3, pruned 1 -> 2
+    np.testing.assert_allclose(scores, [[4 / 3, 0.5], [2 / 3, 2.5], [2.0, 1.5]], rtol=1e-6)
+    picked = sparsity.masks_from_scores({'w': scores}, {'w': 2})
+    np.testing.assert_array_equal(picked['w'], masks['w'])
+    with pytest.raises(ValueError, match="criterion of 'w' has no positive boundary"):
+        sparsity.scaled_scores(masks, {'w': -criterion['w']})
+
+
 def test_a_search_can_start_from_given_scores():
     model, variables = _variables()
     kernel = np.asarray(variables['params']['hidden']['kernel'])

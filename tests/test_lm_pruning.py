@@ -79,6 +79,13 @@ def test_rerun_resumes_every_search(study, capsys):
     assert '| sparsity |' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize('text', ['ranked', 'ranked:0', 'ranked:x', 'scaled:1', 'wide'])
+def test_bad_start_scores_name_the_value(text):
+    with pytest.raises(ValueError, match=f"start_scores={text!r}"):
+        config_checks.start_scores(text)
+    assert config_checks.start_scores('ranked:0.02') == ('ranked', 0.02)
+
+
 @pytest.mark.parametrize(
     'text, fix', [('0.5,1.5', '1.5'), ('0.5,x', "'x'"), ('3:2', '3:2'), ('0.5,0.50', 'twice')]
 )
@@ -105,7 +112,7 @@ def llama_study(tmp_path_factory):
     config.data.eval_batch_size = 8  # over the 8 test devices
     config.search.batch_size = 8
     config.lm_pruning.calibration_batches = 1
-    config.lm_pruning.ranked_spread = 0.02
+    config.lm_pruning.start_scores = 'ranked:0.02'
     config.steps_per_epoch = 2
     config.search.epochs = 2
     workdir = str(root / 'run')

@@ -429,6 +429,35 @@ def ranked_scores(
     return out
 
 
+def scaled_scores(masks: Mapping[str, Array], criterion: Mapping[str, Array]) -> FlatTree:
+    """First scores proportional to ``criterion`` (>= 0, e.g. |w| or Wanda's |w| * ||X_j||):
+    each output column's values (the kernel's last axis) divided by the midpoint between
+    its smallest kept and largest pruned value (the layer's, for a column with none of one).
+
+    Kept weights then score above 1 and pruned ones below wherever the masks separate
+    the criterion within a column (row-wise masks like Wanda's included), so the first
+    masks are ``masks``; and a weight's score is its criterion in units of its column's
+    boundary, so a gradient step moves each weight by a fraction of its own importance:
+    the criterion's outliers (an LLM's largest weights) are never the first to go.
+    """
+    out = {}
+    for path, mask in masks.items():
+        mask = jnp.asarray(mask, bool)
+        c = jnp.asarray(criterion[path], jnp.float32)
+        lowest_kept = jnp.min(jnp.where(mask, c, jnp.inf), axis=tuple(range(c.ndim - 1)))
+        highest_pruned = jnp.max(jnp.where(mask, -jnp.inf, c), axis=tuple(range(c.ndim - 1)))
+        layer = (jnp.min(jnp.where(mask, c, jnp.inf)) + jnp.max(jnp.where(mask, -jnp.inf, c))) / 2
+        both = jnp.isfinite(lowest_kept) & jnp.isfinite(highest_pruned)
+        boundary = jnp.where(both, (lowest_kept + highest_pruned) / 2, layer)
+        if not bool(jnp.all(jnp.isfinite(boundary) & (boundary > 0))):
+            raise ValueError(
+                f'scaled_scores: the criterion of {path!r} has no positive boundary between '
+                'its kept and pruned weights; pass a criterion >= 0 that keeps what the masks keep'
+            )
+        out[path] = c / boundary
+    return out
+
+
 def kaiming_scores(rng: Array, kernels: Mapping[str, Array]) -> FlatTree:
     """Edge-popup's score init: Kaiming uniform with a = sqrt(5), i.e. U(-b, b), b = 1/sqrt(fan_in).
 

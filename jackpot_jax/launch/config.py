@@ -251,9 +251,10 @@ def _add_studies(config: ml_collections.ConfigDict) -> None:
     config.lm_pruning = ml_collections.ConfigDict()
     config.lm_pruning.sparsities = '0.5,0.7,2:4'  # fractions pruned per layer, or N:M patterns.
     config.lm_pruning.calibration_batches = 8  # Wanda's and SparseGPT's calibration batches.
-    # > 0: each search's first scores keep its first masks in their criterion's order
-    # (ranked_scores with this spread); 0: 1.0 where kept, search.pruned_score where pruned.
-    config.lm_pruning.ranked_spread = 0.0
+    # Each search's first scores: 'flat' (1.0 where kept, search.pruned_score where pruned),
+    # 'ranked:SPREAD' (ranked_scores: the start masks' criterion's order, e.g. ranked:0.02)
+    # or 'scaled' (scaled_scores: the criterion itself, per column of its boundary).
+    config.lm_pruning.start_scores = 'flat'
 
 
 # A search resumes from WORKDIR/checkpoints only under the config it started with: its

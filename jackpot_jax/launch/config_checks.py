@@ -109,6 +109,24 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f'{name} must be positive, got {value!r}')
 
 
+def start_scores(text: str) -> tuple[str, float]:
+    """``lm_pruning.start_scores`` as ``(kind, spread)``: 'flat', 'ranked:SPREAD' (> 0)
+    or 'scaled'."""
+    kind, _, spread = str(text).partition(':')
+    try:
+        value = float(spread) if kind == 'ranked' else 0.0
+    except ValueError:
+        value = -1.0
+    if kind not in ('flat', 'ranked', 'scaled') or (kind == 'ranked') != (value > 0) or (
+        kind != 'ranked' and spread
+    ):
+        raise ValueError(
+            f"lm_pruning.start_scores={text!r}: write 'flat', 'ranked:SPREAD' (a spread > 0, "
+            "e.g. ranked:0.02) or 'scaled'"
+        )
+    return kind, value
+
+
 def lm_pruning_sparsities(text: str) -> tuple[tuple[str, float, str], ...]:
     """``'0.5,0.7,2:4'`` -> ``(label, search.sparsity, search.pattern)`` per entry."""
     out = []
@@ -258,9 +276,7 @@ def _check_launcher_fields(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f'sweep.sparsities: {value!r} is not in [0, 1)')
     lm_pruning_sparsities(config.lm_pruning.sparsities)
     _check_positive('lm_pruning.calibration_batches', config.lm_pruning.calibration_batches)
-    spread = config.lm_pruning.ranked_spread
-    if not (isinstance(spread, (int, float)) and spread >= 0):
-        raise ValueError(f'lm_pruning.ranked_spread must be a number >= 0, got {spread!r} (e.g. 0.02)')
+    start_scores(config.lm_pruning.start_scores)
     if not 0.0 <= config.search_cost.target <= 1.0:
         raise ValueError(
             f'search_cost.target must be a test top-1 in [0, 1] (0 = the kaiming search\'s '

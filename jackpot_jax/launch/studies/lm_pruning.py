@@ -15,9 +15,11 @@ N:M pattern such as ``2:4``) the frozen pre-trained weights are masked by:
 * ``jackpot_magnitude``: the jackpot searched from the magnitude masks (the paper's start);
 * ``jackpot_wanda``: the jackpot searched from Wanda's masks.
 
-``lm_pruning.ranked_spread`` > 0 starts each search from scores that keep its first masks
-in the order of their criterion (|w|, or Wanda's), :func:`jackpot_jax.core.sparsity.ranked_scores`,
-instead of 1.0 for every kept weight and ``search.pruned_score`` for every pruned one.
+``lm_pruning.start_scores`` sets each search's first scores: 'flat' (1.0 for every kept
+weight and ``search.pruned_score`` for every pruned one), 'ranked:SPREAD'
+(:func:`jackpot_jax.core.sparsity.ranked_scores`: the first masks in the order of their
+criterion, |w| or Wanda's) or 'scaled' (:func:`jackpot_jax.core.sparsity.scaled_scores`:
+the criterion's values).
 
 Every mask prunes the same count k_l of each layer (allocation 'uniform', or the N:M
 pattern's counts). Both searches keep the epoch with the lowest VALIDATION perplexity
@@ -123,12 +125,14 @@ def _calibration_batches(config: ml_collections.ConfigDict, setup: rc.Setup) -> 
 
 
 def _first_scores(config, masks, criterion):
-    """Scores ranked by the start's criterion (``lm_pruning.ranked_spread`` > 0), else None:
-    1.0 where kept, ``search.pruned_score`` where pruned."""
-    spread = config.lm_pruning.ranked_spread
-    if not spread:
+    """The first scores ``lm_pruning.start_scores`` names from the start's criterion; None
+    for 'flat' (1.0 where kept, ``search.pruned_score`` where pruned)."""
+    kind, spread = config_checks.start_scores(config.lm_pruning.start_scores)
+    if kind == 'flat':
         return None
     magnitude = jax.tree.map(abs, parallel.to_host(dict(criterion)))
+    if kind == 'scaled':
+        return sparsity.scaled_scores(masks, magnitude)
     return sparsity.ranked_scores(masks, magnitude, config.search.pruned_score, spread)
 
 
@@ -220,7 +224,7 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
             rc.print_main(f'{STUDY}: searching {label} from {start} in {folder}')
             start_masks = masks[start]
             criteria = {'magnitude': plan.kernels(params), 'wanda': wanda_scores}
-            paper_start = start == 'magnitude' and not config.lm_pruning.ranked_spread
+            paper_start = start == 'magnitude' and config.lm_pruning.start_scores == 'flat'
             found = run_search(
                 sub, folder, initial_masks=None if paper_start else start_masks,
                 initial_scores=_first_scores(config, start_masks, criteria[start]),
