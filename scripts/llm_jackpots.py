@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -250,7 +251,11 @@ ROWS = (
     ('dense', 'dense'), ('magnitude', 'magnitude'), ('random', 'random'), ('wanda', 'Wanda'),
     ('sparsegpt_mask_only', 'SparseGPT mask only'), ('sparsegpt_update', 'SparseGPT with update'),
     ('jackpot_from_magnitude', 'jackpot from magnitude'), ('jackpot_from_wanda', 'jackpot from Wanda'),
+    ('jackpot_from_magnitude_scaled', 'jackpot from magnitude, scaled scores'),
+    ('jackpot_from_wanda_ranked', 'jackpot from Wanda, ranked scores'),
+    ('jackpot_from_wanda_scaled', 'jackpot from Wanda, scaled scores'),
 )  # fmt: skip
+START_SCORES = ('', '_ranked', '_scaled')  # row suffixes of --start_scores
 
 
 def write_report(results: Results, out: str) -> None:
@@ -265,6 +270,8 @@ def write_report(results: Results, out: str) -> None:
     settings = [name for name in SETTINGS if any(k.startswith(name + '/') for k in rows)]
     lines = ['| method | ' + ' | '.join(settings) + ' |', '|---|' + '---|' * len(settings)]
     for key, label in ROWS:
+        if key != 'dense' and not any(f'{name}/{key}' in rows for name in settings):
+            continue
         cells = []
         for name in settings:
             row = rows.get('dense' if key == 'dense' else f'{name}/{key}')
@@ -274,8 +281,8 @@ def write_report(results: Results, out: str) -> None:
               'seconds | kept weights shared with magnitude / Wanda |', '|---|---|---|---|---|---|---|---|']  # fmt: skip
     fig, ax = plt.subplots(figsize=(6, 4))
     for name in settings:
-        for origin in ('magnitude', 'wanda'):
-            row = rows.get(f'{name}/jackpot_from_{origin}')
+        for origin, suffix in itertools.product(('magnitude', 'wanda'), START_SCORES):
+            row = rows.get(f'{name}/jackpot_from_{origin}{suffix}')
             if not row:
                 continue
             ppl = [math.exp(v) for v in row['validation_loss']]
@@ -284,10 +291,11 @@ def write_report(results: Results, out: str) -> None:
             start = rows.get(f'{name}/{origin}_validation_loss')  # the start masks: step 0
             if start is not None:
                 steps, ppl = [0, *steps], [math.exp(start), *ppl]
-            ax.plot(steps, ppl, marker='o', label=f'{name} from {origin}')
+            label = f"{name} from {origin}{suffix.replace('_', ', ')}"
+            ax.plot(steps, ppl, marker='o', label=label)
             shared = row['shared_kept']
             lines.append(
-                f"| {name} from {origin} | {row['chosen_epoch']} | "
+                f"| {label} | {row['chosen_epoch']} | "
                 + ', '.join(f'{p:.2f}' for p in ppl)
                 + f" | {row['perplexity']:.2f} | {row['steps']} | {row['tokens']:,} | "
                 f"{row['seconds']:.0f} | {shared['magnitude']:.2%} / {shared['wanda']:.2%} |"
@@ -317,7 +325,10 @@ def run_generations(results, out, model, params, tok, masks_50) -> None:
 
     if 'generations' in results:
         return
-    searched = [o for o in ('magnitude', 'wanda') if f'50%/jackpot_from_{o}' in results]
+    searched = [
+        f'{o}{suffix}' for o, suffix in itertools.product(('magnitude', 'wanda'), START_SCORES)
+        if f'50%/jackpot_from_{o}{suffix}' in results
+    ]  # fmt: skip
     best = min(searched, key=lambda o: min(results.rows[f'50%/jackpot_from_{o}']['validation_loss']))
     jackpot = jackpot_jax.load_jackpot(
         os.path.join(out, 'search', f'50pct_{best}', 'jackpot'), model, {'params': params}
