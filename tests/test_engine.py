@@ -387,10 +387,13 @@ def test_a_search_can_start_from_given_scores():
     )
     assert int(jackpot.masks['hidden/kernel'].sum()) == kernel.size // 4
     assert not np.array_equal(plain.scores['hidden/kernel'], jackpot.scores['hidden/kernel'])
-    alone = jackpot_jax.find_jackpot(model, variables, _batches(), initial_scores=ranked, **one_epoch)
+    alone = jackpot_jax.find_jackpot(
+        model, variables, _batches(), initial_scores=ranked, **one_epoch
+    )
     np.testing.assert_array_equal(alone.scores['hidden/kernel'], jackpot.scores['hidden/kernel'])
     inverted = {'hidden/kernel': -np.asarray(ranked['hidden/kernel'])}
-    with pytest.raises(ValueError, match="initial_scores pick other masks than initial_masks in \\['hidden/kernel'\\]"):
+    moved = "initial_scores pick other masks than initial_masks in \\['hidden/kernel'\\]"
+    with pytest.raises(ValueError, match=moved):
         jackpot_jax.find_jackpot(
             model, variables, _batches(), initial_masks=masks, initial_scores=inverted, **one_epoch
         )

@@ -146,4 +146,5 @@ def test_the_documentation_parts_are_disjoint_windows_of_the_models_tokens(llama
     config.data.validation_fraction = 0.2
     wider = run_context.Setup(resolved(config)).source
     assert wider.manifest['part_tokens']['test'] == source.manifest['part_tokens']['test']
-    assert wider.manifest['part_tokens']['validation'] > source.manifest['part_tokens']['validation']
+    tokens = wider.manifest['part_tokens']
+    assert tokens['validation'] > source.manifest['part_tokens']['validation']

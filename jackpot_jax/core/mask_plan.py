@@ -210,7 +210,6 @@ class MaskPlan:
             out[path] = mask
         return out
 
-
     def checked_scores(
         self,
         scores: Mapping[str, Any],
@@ -245,7 +244,8 @@ class MaskPlan:
                 raise ValueError(
                     f'initial_scores pick other masks than initial_masks in {moved[:3]}: every '
                     'kept weight must outscore every pruned one of its layer (of its group '
-                    'under N:M); build them with ranked_scores(initial_masks, criterion)'
+                    'under N:M); build them with ranked_scores(initial_masks, criterion) or '
+                    'scaled_scores'
                 )
         return picked, out
 

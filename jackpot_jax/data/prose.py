@@ -253,7 +253,8 @@ def load_python_docs(
     if not (isinstance(max_eval_tokens, int) and max_eval_tokens >= 0):
         raise ValueError(f'data.max_eval_tokens must be an int >= 0, got {max_eval_tokens!r}')
     tok = tokenizer_lib.load_tokenizer(tokenizer_path)
-    shares = (SHARES[0], SHARES[1] + SHARES[2] - validation_fraction, validation_fraction, SHARES[3])
+    search = SHARES[1] + SHARES[2] - validation_fraction
+    shares = (SHARES[0], search, validation_fraction, SHARES[3])
     with open(tokenizer_path, 'rb') as f:
         tokenizer_id = hashlib.sha256(f.read(1 << 20)).hexdigest()[:16]
     parts = tokenized_parts(

@@ -102,8 +102,9 @@ class Setup:
     def load_weights(self, path: str) -> tuple[dict, dict, str]:
         """Weights checked leaf by leaf against the model, placed on the mesh
         (:func:`parallel.shard_state`); and their fingerprint."""
-        if self.config.model.name == llama_weights.MODEL_NAME and not llama_weights.is_converted(path):
-            params, statistics = _llama_weights(path).params, {}  # a GGUF file or HF folder
+        llama = self.config.model.name == llama_weights.MODEL_NAME
+        if llama and not llama_weights.is_converted(path):  # a GGUF file or HF folder
+            params, statistics = _llama_weights(path).params, {}
             meta = {'model': {'name': llama_weights.MODEL_NAME}}
         else:
             params, statistics, meta = checkpoint.load_weights(path)

@@ -110,7 +110,8 @@ def _calibration_batches(config: ml_collections.ConfigDict, setup: rc.Setup) -> 
     part = getattr(setup.source, 'calibration_images', None)
     if part is not None:
         labels = setup.source.calibration_labels
-        stream = ((part[i : i + size], labels[i : i + size]) for i in range(0, len(part) - size + 1, size))
+        starts = range(0, len(part) - size + 1, size)
+        stream = ((part[i : i + size], labels[i : i + size]) for i in starts)
         where = 'calibration part'
     else:
         stream = setup.source.train_epoch(size, config.seed, 0, 0)
