@@ -82,8 +82,10 @@ def test_rerun_resumes_every_search(study, capsys):
 @pytest.mark.parametrize('text', ['ranked', 'ranked:0', 'ranked:x', 'scaled:1', 'wide'])
 def test_bad_start_scores_name_the_value(text):
     with pytest.raises(ValueError, match=f"start_scores={text!r}"):
-        config_checks.start_scores(text)
+        config_checks.start_scores_list(f'flat,{text}')
     assert config_checks.start_scores('ranked:0.02') == ('ranked', 0.02)
+    with pytest.raises(ValueError, match='names one twice'):
+        config_checks.start_scores_list('scaled,flat,scaled')
 
 
 @pytest.mark.parametrize(
@@ -112,7 +114,7 @@ def llama_study(tmp_path_factory):
     config.data.eval_batch_size = 8  # over the 8 test devices
     config.search.batch_size = 8
     config.lm_pruning.calibration_batches = 1
-    config.lm_pruning.start_scores = 'ranked:0.02'
+    config.lm_pruning.start_scores = 'ranked:0.02,scaled'
     config.steps_per_epoch = 2
     config.search.epochs = 2
     workdir = str(root / 'run')
@@ -129,6 +131,14 @@ def test_the_llama_study_runs_every_method_on_the_documentation(llama_study):
             assert method['pruned'] == row['counts'], (row['sparsity'], name)
         mask_only, update = (row['methods'][m] for m in ('sparsegpt_mask', 'sparsegpt_update'))
         assert mask_only['test_perplexity'] != update['test_perplexity']  # weights updated
+        for start in lm_pruning.STARTS:  # each start searched with both first scores
+            j = row['methods'][f'jackpot_{start}']
+            candidates = j['candidates']
+            assert set(candidates) == {'ranked:0.02', 'scaled'}
+            best = min(candidates, key=lambda c: candidates[c]['validation_perplexity'])
+            assert j['start_scores'] == best and j['workdir'] == candidates[best]['workdir']
+            assert j['test_perplexity'] == candidates[best]['test_perplexity']
+            assert len({c['workdir'] for c in candidates.values()}) == 2
     table = lm_pruning.format_table(result)
     assert 'SparseGPT with update' in table and table.count('| 2:4 |') == 3
 

@@ -253,7 +253,8 @@ def _add_studies(config: ml_collections.ConfigDict) -> None:
     config.lm_pruning.calibration_batches = 8  # Wanda's and SparseGPT's calibration batches.
     # Each search's first scores: 'flat' (1.0 where kept, search.pruned_score where pruned),
     # 'ranked:SPREAD' (ranked_scores: the start masks' criterion's order, e.g. ranked:0.02)
-    # or 'scaled' (scaled_scores: the criterion itself, per column of its boundary).
+    # or 'scaled' (scaled_scores: the criterion itself, per column of its boundary); a
+    # comma-separated list searches each and keeps the lowest validation perplexity.
     config.lm_pruning.start_scores = 'flat'
 
 

@@ -127,6 +127,16 @@ def start_scores(text: str) -> tuple[str, float]:
     return kind, value
 
 
+def start_scores_list(text: str) -> tuple[str, ...]:
+    """``lm_pruning.start_scores``: one or more comma-separated :func:`start_scores`."""
+    items = parse_list('lm_pruning.start_scores', text)
+    for item in items:
+        start_scores(item)
+    if len(set(items)) != len(items):
+        raise ValueError(f'lm_pruning.start_scores={text!r} names one twice; list each once')
+    return tuple(items)
+
+
 def lm_pruning_sparsities(text: str) -> tuple[tuple[str, float, str], ...]:
     """``'0.5,0.7,2:4'`` -> ``(label, search.sparsity, search.pattern)`` per entry."""
     out = []
@@ -276,7 +286,7 @@ def _check_launcher_fields(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f'sweep.sparsities: {value!r} is not in [0, 1)')
     lm_pruning_sparsities(config.lm_pruning.sparsities)
     _check_positive('lm_pruning.calibration_batches', config.lm_pruning.calibration_batches)
-    start_scores(config.lm_pruning.start_scores)
+    start_scores_list(config.lm_pruning.start_scores)
     if not 0.0 <= config.search_cost.target <= 1.0:
         raise ValueError(
             f'search_cost.target must be a test top-1 in [0, 1] (0 = the kaiming search\'s '

@@ -15,11 +15,12 @@ N:M pattern such as ``2:4``) the frozen pre-trained weights are masked by:
 * ``jackpot_magnitude``: the jackpot searched from the magnitude masks (the paper's start);
 * ``jackpot_wanda``: the jackpot searched from Wanda's masks.
 
-``lm_pruning.start_scores`` sets each search's first scores: 'flat' (1.0 for every kept
+``lm_pruning.start_scores`` lists each search's first scores: 'flat' (1.0 for every kept
 weight and ``search.pruned_score`` for every pruned one), 'ranked:SPREAD'
 (:func:`jackpot_jax.core.sparsity.ranked_scores`: the first masks in the order of their
 criterion, |w| or Wanda's) or 'scaled' (:func:`jackpot_jax.core.sparsity.scaled_scores`:
-the criterion's values).
+the criterion's values). With more than one, each start is searched with each, and the
+jackpot is the one of lowest validation perplexity (all are recorded as candidates).
 
 Every mask prunes the same count k_l of each layer (allocation 'uniform', or the N:M
 pattern's counts). Both searches keep the epoch with the lowest VALIDATION perplexity
@@ -125,16 +126,53 @@ def _calibration_batches(config: ml_collections.ConfigDict, setup: rc.Setup) -> 
     return batches
 
 
-def _first_scores(config, masks, criterion):
-    """The first scores ``lm_pruning.start_scores`` names from the start's criterion; None
-    for 'flat' (1.0 where kept, ``search.pruned_score`` where pruned)."""
-    kind, spread = config_checks.start_scores(config.lm_pruning.start_scores)
+_CANDIDATE_KEYS = ('validation_perplexity', 'test_perplexity', 'chosen_epoch', 'workdir')
+
+
+def _first_scores(config, masks, criterion, start_scores):
+    """The first scores ``start_scores`` names from the start's criterion; None for 'flat'
+    (1.0 where kept, ``search.pruned_score`` where pruned)."""
+    kind, spread = config_checks.start_scores(start_scores)
     if kind == 'flat':
         return None
     magnitude = jax.tree.map(abs, parallel.to_host(dict(criterion)))
     if kind == 'scaled':
         return sparsity.scaled_scores(masks, magnitude)
     return sparsity.ranked_scores(masks, magnitude, config.search.pruned_score, spread)
+
+
+def _search_from(config, sub, setup, workdir, label, start, start_scores, masks, criterion,
+                 counts) -> dict[str, Any]:  # fmt: skip
+    """One resumable search from ``masks[start]`` with the first scores ``start_scores``,
+    and its record: the epoch chosen on validation perplexity, its test perplexity."""
+    suffix = '' if start_scores == 'flat' else '_' + start_scores.replace(':', '')
+    folder = common.variant_folder(workdir, STUDY, _folder_name(label, start) + suffix)
+    rc.print_main(f'{STUDY}: searching {label} from {start} ({start_scores}) in {folder}')
+    paper_start = start == 'magnitude' and start_scores == 'flat'
+    found = run_search(
+        sub, folder, initial_masks=None if paper_start else masks[start],
+        initial_scores=_first_scores(config, masks[start], criterion, start_scores),
+    )  # fmt: skip
+    jackpot, _, _ = setup.read_jackpot(rc.jackpot_path(sub, folder))
+    _check_counts(f'jackpot from {start}', jackpot, counts)
+    history = found['history']
+    chosen = history[found['jackpot_epoch'] - 1]
+    return {
+        'test_perplexity': chosen['test_perplexity'],
+        'test_top1': chosen['test_top1'],
+        'validation_perplexity': chosen['validation_perplexity'],
+        'chosen_epoch': found['jackpot_epoch'],
+        'choice': found['jackpot_choice'],
+        'selection_metric': f"validation_{sub.search.selection_metric}",
+        'epochs': len(history),
+        'steps': history[-1]['step'],
+        'search_seconds': found['search_seconds'],
+        'pruned': _pruned(jackpot),
+        'overlap_wanda': mask_overlap(jackpot, masks['wanda'])['overall'],
+        'overlap_magnitude': mask_overlap(jackpot, masks['magnitude'])['overall'],
+        'history': _history(history),
+        'workdir': folder,
+    }
 
 
 def _history(records) -> list[dict[str, Any]]:
@@ -220,40 +258,27 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
             rc.print_main(
                 f"lm_pruning {label}: {name} test perplexity {evaluated['perplexity']:.3f}"
             )
+        criteria = {'magnitude': plan.kernels(params), 'wanda': wanda_scores}
         for start in STARTS:
-            folder = common.variant_folder(workdir, STUDY, _folder_name(label, start))
-            rc.print_main(f'{STUDY}: searching {label} from {start} in {folder}')
-            start_masks = masks[start]
-            criteria = {'magnitude': plan.kernels(params), 'wanda': wanda_scores}
-            paper_start = start == 'magnitude' and config.lm_pruning.start_scores == 'flat'
-            found = run_search(
-                sub, folder, initial_masks=None if paper_start else start_masks,
-                initial_scores=_first_scores(config, start_masks, criteria[start]),
-            )  # fmt: skip
-            jackpot, _, _ = setup.read_jackpot(rc.jackpot_path(sub, folder))
-            _check_counts(f'jackpot from {start}', jackpot, counts)
-            history = found['history']
-            chosen = history[found['jackpot_epoch'] - 1]
-            row['methods'][f'jackpot_{start}'] = {
-                'test_perplexity': chosen['test_perplexity'],
-                'test_top1': chosen['test_top1'],
-                'validation_perplexity': chosen['validation_perplexity'],
-                'chosen_epoch': found['jackpot_epoch'],
-                'choice': found['jackpot_choice'],
-                'selection_metric': f"validation_{sub.search.selection_metric}",
-                'epochs': len(history),
-                'steps': history[-1]['step'],
-                'search_seconds': found['search_seconds'],
-                'pruned': _pruned(jackpot),
-                'overlap_wanda': mask_overlap(jackpot, masks['wanda'])['overall'],
-                'overlap_magnitude': mask_overlap(jackpot, masks['magnitude'])['overall'],
-                'history': _history(history),
-                'workdir': folder,
+            candidates = {
+                kind: _search_from(config, sub, setup, workdir, label, start, kind, masks,
+                                   criteria[start], counts)  # fmt: skip
+                for kind in config_checks.start_scores_list(config.lm_pruning.start_scores)
             }
+            kind = min(candidates, key=lambda c: candidates[c]['validation_perplexity'])
+            row['methods'][f'jackpot_{start}'] = {
+                **candidates[kind],
+                'start_scores': kind,
+                'candidates': {
+                    c: {k: v for k, v in r.items() if k in _CANDIDATE_KEYS}
+                    for c, r in candidates.items()
+                },
+            }
+            j = row['methods'][f'jackpot_{start}']
             rc.print_main(
                 f"lm_pruning {label}: jackpot from {start} test perplexity "
-                f"{chosen['test_perplexity']:.3f} (epoch {found['jackpot_epoch']} chosen on "
-                f"validation perplexity {chosen['validation_perplexity']:.3f})"
+                f"{j['test_perplexity']:.3f} (epoch {j['chosen_epoch']}, first scores {kind}, "
+                f"chosen on validation perplexity {j['validation_perplexity']:.3f})"
             )
         result['rows'].append(row)
         # Written after every sparsity, so a stopped run leaves the rows it finished.
@@ -288,15 +313,16 @@ def format_table(result: Mapping[str, Any]) -> str:
         lines.append(f"| {row['sparsity']} | " + ' | '.join(cells) + ' |')
     lines += [
         '',
-        '| sparsity | start | chosen epoch / epochs | validation ppl (chosen) | test ppl | steps '
-        '| search s | shared kept with Wanda | shared kept with magnitude |',
-        '|---' * 9 + '|',
+        '| sparsity | start | first scores | chosen epoch / epochs | validation ppl (chosen) '
+        '| test ppl | steps | search s | shared kept with Wanda | shared kept with magnitude |',
+        '|---' * 10 + '|',
     ]
     for row in result['rows']:
         for start in STARTS:
             j = row['methods'][f'jackpot_{start}']
             lines.append(
-                f"| {row['sparsity']} | {start} | {j['chosen_epoch']} / {j['epochs']} | "
+                f"| {row['sparsity']} | {start} | {j.get('start_scores', 'flat')} | "
+                f"{j['chosen_epoch']} / {j['epochs']} | "
                 f"{_ppl(j['validation_perplexity'])} | {_ppl(j['test_perplexity'])} | "
                 f"{j['steps']} | {j['search_seconds']:.0f} | "
                 f"{j['overlap_wanda']['shared_kept_fraction']:.2%} | "
