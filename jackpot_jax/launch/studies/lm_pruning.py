@@ -20,7 +20,8 @@ weight and ``search.pruned_score`` for every pruned one), 'ranked:SPREAD'
 (:func:`jackpot_jax.core.sparsity.ranked_scores`: the first masks in the order of their
 criterion, |w| or Wanda's) or 'scaled' (:func:`jackpot_jax.core.sparsity.scaled_scores`:
 the criterion's values). With more than one, each start is searched with each, and the
-jackpot is the one of lowest validation perplexity (all are recorded as candidates).
+jackpot is the one of lowest validation perplexity (all are recorded as candidates); if
+no search beats its first masks on validation, the jackpot is those masks (epoch 0).
 
 Every mask prunes the same count k_l of each layer (allocation 'uniform', or the N:M
 pattern's counts). Both searches keep the epoch with the lowest VALIDATION perplexity
@@ -255,6 +256,10 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                 'test_top1': evaluated['top1'],
                 'pruned': _pruned(m),
             }
+            if name in STARTS:  # what each search must beat on validation
+                masked = sparsity.masked_params(params, m)
+                validation = setup.split_metrics(masked, statistics, 'validation')
+                row['methods'][name]['validation_perplexity'] = validation['perplexity']
             rc.print_main(
                 f"lm_pruning {label}: {name} test perplexity {evaluated['perplexity']:.3f}"
             )
@@ -266,19 +271,26 @@ def run_lm_pruning(config: ml_collections.ConfigDict, workdir: str) -> dict[str,
                 for kind in config_checks.start_scores_list(config.lm_pruning.start_scores)
             }
             kind = min(candidates, key=lambda c: candidates[c]['validation_perplexity'])
+            best = candidates[kind]
+            origin = row['methods'][start]
+            if origin['validation_perplexity'] <= best['validation_perplexity']:
+                # No search beat its first masks on validation: the jackpot is its start.
+                kind = 'none (the start masks)'
+                best = {**best, 'chosen_epoch': 0, 'pruned': origin['pruned'],
+                        **{k: origin[k] for k in ('test_perplexity', 'test_top1',
+                                                  'validation_perplexity')}}  # fmt: skip
             row['methods'][f'jackpot_{start}'] = {
-                **candidates[kind],
+                **best,
                 'start_scores': kind,
                 'candidates': {
                     c: {k: v for k, v in r.items() if k in _CANDIDATE_KEYS}
                     for c, r in candidates.items()
                 },
             }
-            j = row['methods'][f'jackpot_{start}']
             rc.print_main(
                 f"lm_pruning {label}: jackpot from {start} test perplexity "
-                f"{j['test_perplexity']:.3f} (epoch {j['chosen_epoch']}, first scores {kind}, "
-                f"chosen on validation perplexity {j['validation_perplexity']:.3f})"
+                f"{best['test_perplexity']:.3f} (epoch {best['chosen_epoch']}, first scores "
+                f"{kind}, chosen on validation perplexity {best['validation_perplexity']:.3f})"
             )
         result['rows'].append(row)
         # Written after every sparsity, so a stopped run leaves the rows it finished.
