@@ -284,13 +284,8 @@ def find_jackpot(
     )
     output_paths = checker.output_kernels() if settings.dense_output_layer else ()
     planned = loop.plan(task.params, settings, output_paths)
-    if initial_masks is not None:  # checked (and copied) before any work
-        task.initial_masks = jax.tree.map(np.asarray, planned.checked_masks(initial_masks, params))
-    if initial_scores is not None:
-        picked = planned.checked_scores(
-            initial_scores, params, task.initial_masks, settings.mask_update
-        )
-        task.initial_masks, task.initial_scores = jax.tree.map(np.asarray, picked)
+    # Checked (and copied) before any work.
+    task.set_start(planned, params, initial_masks, initial_scores, settings.mask_update)
     fingerprint = checkpoint.weights_fingerprint(params)
     outcome = _run(
         task, settings, planned, workdir, checkpoint_every, fingerprint, overwrite=overwrite,

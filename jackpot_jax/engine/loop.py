@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -79,6 +79,22 @@ class SearchTask:
     # magnitude masks: scores 1.0 where kept, settings.pruned_score where pruned.
     initial_masks: dict[str, Any] | None = None
     initial_scores: dict[str, Any] | None = None  # with initial_masks: their first scores
+
+    def set_start(
+        self,
+        planned: mask_plan.MaskPlan,
+        params: Any,
+        masks: Mapping[str, Any] | None,
+        scores: Mapping[str, Any] | None,
+        mask_update: str,
+    ) -> None:
+        """The first masks and scores, checked against the plan (host copies): ``masks``
+        at its per-layer counts, and ``scores`` picking them (or, alone, the first masks)."""
+        if masks is not None:
+            self.initial_masks = jax.tree.map(np.asarray, planned.checked_masks(masks, params))
+        if scores is not None:
+            picked = planned.checked_scores(scores, params, self.initial_masks, mask_update)
+            self.initial_masks, self.initial_scores = jax.tree.map(np.asarray, picked)
 
 
 @dataclasses.dataclass

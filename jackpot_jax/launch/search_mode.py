@@ -97,15 +97,8 @@ def run_search(
     params, statistics, fingerprint = setup.load_weights(weights_path)
     task = search_task(config, setup, params, statistics)
     planned = search_plan(config, setup, params, statistics)
-    if initial_masks is not None:
-        task.initial_masks = {
-            p: np.asarray(parallel.to_host(m), bool) for p, m in initial_masks.items()
-        }
-    if initial_scores is not None:
-        picked = planned.checked_scores(
-            initial_scores, params, task.initial_masks, config.search.mask_update
-        )
-        task.initial_masks, task.initial_scores = jax.tree.map(np.asarray, picked)
+    host = None if initial_masks is None else parallel.to_host(dict(initial_masks))
+    task.set_start(planned, params, host, initial_scores, config.search.mask_update)
     identity = persistence_lib.search_identity(
         # The config fields a resumed search must share with the one that wrote the
         # checkpoint (every field not marked resumable in jackpot_jax.launch.config),
